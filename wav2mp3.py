@@ -794,12 +794,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable(size)
         return max(size - suffix, 0), size - 1
     first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
-        return None
+    if last_text and int(last_text) < first:
+        return None  # invalid range-spec: ignored
     if first >= size:
         raise RangeNotSatisfiable(size)
-    return first, min(last, size - 1)
+    return first, min(int(last_text), size - 1) if last_text else size - 1
 
 
 def etag_matches(header: str | None, etag: str) -> bool:

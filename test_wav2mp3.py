@@ -1,0 +1,947 @@
+"""wav2mp3 through its real HTTP interface and a real database.
+
+Runs on SQLite by default; set TEST_DATABASE_URL=postgresql://... to run on PostgreSQL.
+Most tests drive the app in-process with httpx's ASGI transport; the streaming, early-answer,
+disconnect and memory tests run `python wav2mp3.py` as a real uvicorn server on loopback.
+WAVs are generated here with struct/numpy; MP3s are decoded with miniaudio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+import miniaudio
+import numpy as np
+import pytest
+
+import wav2mp3
+from wav2mp3 import Settings, create_app
+
+HERE = Path(__file__).parent
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# WAV building ####################################################################
+
+KSDATAFORMAT_SUFFIX = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+TAGS = {"pcm": 1, "float": 3, "alaw": 6, "mulaw": 7}
+
+
+def sine(seconds: float, rate: int, channels: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    """(frames x channels) floats in [-1, 1]; channel k plays freq * (k + 1) so channels differ."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    return np.stack([amplitude * np.sin(2 * np.pi * freq * (k + 1) * t) for k in range(channels)], axis=1)
+
+
+def mulaw_encode(x: np.ndarray) -> np.ndarray:
+    """ITU-T G.711 mu-law from 16-bit PCM (the classic Sun g711.c algorithm, vectorised)."""
+    pcm = x.astype(np.int32)
+    sign = np.where(pcm < 0, 0x80, 0)
+    magnitude = np.minimum(np.abs(pcm), 32635) + 0x84
+    exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
+
+
+def alaw_encode(x: np.ndarray) -> np.ndarray:
+    """ITU-T G.711 A-law from 16-bit PCM (Sun g711.c: 13-bit magnitude, segment, 4-bit step)."""
+    pcm = x.astype(np.int32) >> 3
+    mask = np.where(pcm >= 0, 0xD5, 0x55)
+    magnitude = np.where(pcm >= 0, pcm, -pcm - 1)
+    segment = np.clip(np.floor(np.log2(np.maximum(magnitude, 1))).astype(np.int32) - 4, 0, 7)
+    segment = np.where(magnitude < 32, 0, segment)
+    step = np.where(segment < 2, magnitude >> 1, magnitude >> segment) & 0x0F
+    code = np.where(magnitude > 0xFFF, 0x7F, (segment << 4) | step)
+    return ((code ^ mask) & 0xFF).astype(np.uint8)
+
+
+def encode_samples(signal: np.ndarray, encoding: str, bits: int) -> bytes:
+    """Interleave and encode (frames x channels) floats as a WAV data chunk would hold them."""
+    x = signal.reshape(-1)
+    if encoding == "float":
+        return x.astype("<f4" if bits == 32 else "<f8").tobytes()
+    pcm16 = np.round(x * 32767).astype(np.int16)
+    if encoding == "alaw":
+        return alaw_encode(pcm16).tobytes()
+    if encoding == "mulaw":
+        return mulaw_encode(pcm16).tobytes()
+    if bits == 8:
+        return (np.round(x * 127) + 128).astype(np.uint8).tobytes()
+    if bits == 16:
+        return pcm16.astype("<i2").tobytes()
+    if bits == 24:
+        wide = np.round(x * 8388607).astype("<i4")
+        return wide.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+    return np.round(x * 2147483647).astype("<i4").tobytes()
+
+
+def riff_chunk(name: bytes, payload: bytes, size: int | None = None) -> bytes:
+    pad = b"\x00" if len(payload) % 2 else b""  # RIFF chunks are word-aligned
+    return name + struct.pack("<L", len(payload) if size is None else size) + payload + pad
+
+
+def fmt_chunk(tag: int, channels: int, rate: int, bits: int, extensible: bool = False, mask: int = 0) -> bytes:
+    block = channels * ((bits + 7) // 8)
+    if extensible:
+        payload = struct.pack("<HHLLHHHHL", 0xFFFE, channels, rate, rate * block, block, bits, 22, bits, mask)
+        payload += struct.pack("<H", tag) + KSDATAFORMAT_SUFFIX
+    else:
+        payload = struct.pack("<HHLLHH", tag, channels, rate, rate * block, block, bits)
+    return riff_chunk(b"fmt ", payload)
+
+
+def make_wav(
+    seconds: float = 1.0,
+    rate: int = 44100,
+    channels: int = 1,
+    encoding: str = "pcm",
+    bits: int = 16,
+    *,
+    freq: float = 440.0,
+    amplitude: float = 0.5,
+    extensible: bool = False,
+    mask: int = 0,
+    before_data: bytes = b"",
+    after_data: bytes = b"",
+    data_size: int | None = None,
+    riff_size: int | None = None,
+) -> bytes:
+    data = encode_samples(sine(seconds, rate, channels, freq, amplitude), encoding, bits)
+    body = b"WAVE" + fmt_chunk(TAGS[encoding], channels, rate, bits, extensible, mask) + before_data
+    body += riff_chunk(b"data", data, data_size) + after_data
+    return b"RIFF" + struct.pack("<L", len(body) if riff_size is None else riff_size) + body
+
+
+def patch(wav: bytes, offset: int, replacement: bytes) -> bytes:
+    """Overwrite bytes of a canonical 44-byte-header WAV (format tag at 20, channels at 22...)."""
+    return wav[:offset] + replacement + wav[offset + len(replacement) :]
+
+
+def wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
+    return b"RIFF" + struct.pack("<L", 36 + data_bytes) + b"WAVE" + fmt_chunk(1, channels, rate, 16) + b"data" + struct.pack("<L", data_bytes)
+
+
+def big_wav_stream(seconds: float, rate: int = 44100, channels: int = 2, block_seconds: float = 1.0) -> Iterator[bytes]:
+    """A long 16-bit WAV generated block by block, so the test itself holds little memory."""
+    frames = int(seconds * rate)
+    yield wav_header(rate, channels, frames * channels * 2)
+    block = (sine(block_seconds, rate, channels) * 32767).astype("<i2").tobytes()
+    frame_bytes = channels * 2
+    remaining = frames * frame_bytes
+    while remaining > 0:
+        piece = block[: min(len(block), remaining)]
+        remaining -= len(piece)
+        yield piece
+    _ = frame_bytes
+
+
+# MP3 decoding ####################################################################
+
+
+def decode(mp3: bytes) -> tuple[int, int, np.ndarray]:
+    """(sample rate, channels, (frames x channels) int16) of an MP3, decoded in-process."""
+    sound = miniaudio.mp3_read_s16(mp3)
+    samples = np.frombuffer(sound.samples, dtype=np.int16).reshape(-1, sound.nchannels)
+    return sound.sample_rate, sound.nchannels, samples
+
+
+def dominant_frequency(channel: np.ndarray, rate: int) -> float:
+    middle = channel[len(channel) // 4 : 3 * len(channel) // 4].astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(middle * np.hanning(len(middle))))
+    return float(np.argmax(spectrum) * rate / len(middle))
+
+
+def rms_dbfs(channel: np.ndarray) -> float:
+    middle = channel[len(channel) // 4 : 3 * len(channel) // 4].astype(np.float64) / 32768
+    return 20 * math.log10(max(float(np.sqrt(np.mean(middle**2))), 1e-9))
+
+
+def assert_duration(decoded_frames: int, rate: int, seconds: float) -> None:
+    # LAME adds its delay and pads the last frame: up to ~2 MP3 frames of 1152 samples.
+    duration = decoded_frames / rate
+    assert seconds - 0.1 <= duration <= seconds + 0.1 + 2304 / rate, (duration, seconds)
+
+
+# Fixtures ########################################################################
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'wav2mp3.db'}"
+
+
+async def start_app(database_url: str, **overrides: Any) -> tuple[Any, Any]:
+    app = create_app(Settings(database_url=database_url, **overrides))
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    return app, lifespan
+
+
+@pytest.fixture
+async def app(database_url: str) -> AsyncIterator[Any]:
+    app, lifespan = await start_app(database_url)
+    yield app
+    await lifespan.__aexit__(None, None, None)
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=60)
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(app) as client:
+        yield client
+
+
+async def table_counts(database_url: str) -> dict[str, int]:
+    tables = ("users", "records", "record_chunks")
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
+            return {t: connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+    connection = await asyncpg.connect(database_url)
+    try:
+        return {t: await connection.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
+    finally:
+        await connection.close()
+
+
+async def db_rows(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
+            return connection.execute(query.replace("$1", "?"), args).fetchall()
+    connection = await asyncpg.connect(database_url)
+    try:
+        return [tuple(row) for row in await connection.fetch(query, *args)]
+    finally:
+        await connection.close()
+
+
+def unique_name(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def new_user(client: httpx.AsyncClient) -> dict[str, str]:
+    response = await client.post("/users", json={"name": unique_name()})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def upload_form(user: dict[str, str], wav: bytes, filename: str = "call.wav", **fields: str) -> dict[str, Any]:
+    data = {"data": json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}), **fields}
+    return {"data": data, "files": {"audio_file": (filename, wav, "audio/wav")}}
+
+
+async def upload(client: httpx.AsyncClient, user: dict[str, str], wav: bytes, filename: str = "call.wav", **fields: str) -> httpx.Response:
+    return await client.post("/users/wav", **upload_form(user, wav, filename, **fields))
+
+
+def record_path(url: str) -> str:
+    return "/record" + url.split("/record", 1)[1]
+
+
+async def uploaded(client: httpx.AsyncClient, wav: bytes, filename: str = "call.wav", **fields: str) -> tuple[dict[str, Any], bytes]:
+    """Upload with a new user; return the 201 body and the downloaded MP3."""
+    user = await new_user(client)
+    response = await upload(client, user, wav, filename, **fields)
+    assert response.status_code == 201, response.text
+    download = await client.get(record_path(response.json()["url"]))
+    assert download.status_code == 200
+    return response.json(), download.content
+
+
+# Users ###########################################################################
+
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+async def test_create_user_returns_201_with_uuid4_id_and_token(client: httpx.AsyncClient) -> None:
+    response = await client.post("/users", json={"name": unique_name()})
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"user_id", "access_token"}
+    assert UUID4.match(body["user_id"]) and UUID4.match(body["access_token"])
+    assert body["user_id"] != body["access_token"]
+
+
+async def test_create_user_duplicate_name_is_200_with_seed_error(client: httpx.AsyncClient) -> None:
+    name = unique_name()
+    assert (await client.post("/users", json={"name": name})).status_code == 201
+    response = await client.post("/users", json={"name": name})
+    assert response.status_code == 200
+    assert response.json() == {"error_name": "user with name already is"}
+
+
+async def test_create_user_strips_whitespace_and_is_case_sensitive(client: httpx.AsyncClient) -> None:
+    name = unique_name()
+    assert (await client.post("/users", json={"name": f"  {name}\t"})).status_code == 201
+    assert (await client.post("/users", json={"name": name})).json() == {"error_name": "user with name already is"}
+    assert (await client.post("/users", json={"name": name.upper()})).status_code == 201
+
+
+async def test_create_user_accepts_json_whatever_the_content_type(client: httpx.AsyncClient) -> None:
+    body = json.dumps({"name": unique_name()})
+    response = await client.post("/users", content=body, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 201
+
+
+async def test_create_user_name_of_128_unicode_characters_is_accepted(client: httpx.AsyncClient) -> None:
+    name = ("é" * 116) + uuid.uuid4().hex[:12]
+    assert len(name) == 128
+    assert (await client.post("/users", json={"name": name})).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'"name"',
+        b"{}",
+        b'{"name": 5}',
+        b'{"name": null}',
+        b'{"name": ""}',
+        b'{"name": "   "}',
+        json.dumps({"name": "x" * 129}).encode(),
+        b'{"name": "a\\nb"}',
+        b'{"name": "nul\\u0000"}',
+        b'{"name": "del\\u007f"}',
+        b'{"name": "\\ud800"}',
+        b"[" * 50000,
+    ],
+    ids=lambda b: b[:24].decode("latin-1"),
+)
+async def test_create_user_invalid_body_is_422_and_stores_nothing(client: httpx.AsyncClient, database_url: str, body: bytes) -> None:
+    before = await table_counts(database_url)
+    response = await client.post("/users", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert isinstance(response.json()["error"], str)
+    assert await table_counts(database_url) == before
+
+
+async def test_create_user_body_over_64_kib_is_413(client: httpx.AsyncClient) -> None:
+    response = await client.post("/users", json={"name": "x", "padding": "y" * 70000})
+    assert response.status_code == 413
+    assert "error" in response.json()
+
+
+async def test_create_user_30_parallel_creates_of_one_name_give_one_201(client: httpx.AsyncClient) -> None:
+    name = unique_name()
+    responses = await asyncio.gather(*(client.post("/users", json={"name": name}) for _ in range(30)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 29 + [201]
+    assert all(r.json() == {"error_name": "user with name already is"} for r in responses if r.status_code == 200)
+
+
+async def test_access_token_is_stored_only_as_its_sha256(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    rows = await db_rows(database_url, "SELECT id, name, token_sha256, created_at FROM users WHERE id = $1", user["user_id"])
+    assert rows[0][2] == hashlib.sha256(user["access_token"].encode()).hexdigest()
+    assert all(user["access_token"] not in str(value) for value in rows[0])
+
+
+# Upload: success ################################################################
+
+
+async def test_upload_returns_201_with_link_location_and_metadata(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(2.0, 44100, 2)
+    response = await upload(client, user, wav, "meeting.wav")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert re.fullmatch(r"http://testserver/record\?id=[0-9a-f-]{36}&user=" + user["user_id"], body["url"])
+    assert response.headers["location"] == body["url"]
+    assert body["record_id"] in body["url"] and body["user_id"] == user["user_id"]
+    assert body["filename"] == "meeting.mp3"
+    assert body["duration_seconds"] == pytest.approx(2.0)
+    mp3 = (await client.get(record_path(body["url"]))).content
+    assert body["size_bytes"] == len(mp3)
+    assert body["sha256"] == hashlib.sha256(mp3).hexdigest()
+
+
+async def test_upload_link_uses_the_request_host_and_port(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    response = await client.post("http://example.org:8123/users/wav", **upload_form(user, make_wav(0.5)))
+    assert response.json()["url"].startswith("http://example.org:8123/record?id=")
+
+
+async def test_upload_link_uses_public_url_when_configured(database_url: str) -> None:
+    app, lifespan = await start_app(database_url, public_url="https://audio.example.com")
+    try:
+        async with asgi_client(app) as client:
+            user = await new_user(client)
+            response = await upload(client, user, make_wav(0.5))
+            assert response.json()["url"].startswith("https://audio.example.com/record?id=")
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+async def test_upload_mp3_has_the_wav_duration_channels_and_rate(client: httpx.AsyncClient, channels: int, rate: int) -> None:
+    body, mp3 = await uploaded(client, make_wav(1.5, rate, channels))
+    mp3_rate, mp3_channels, samples = decode(mp3)
+    assert (mp3_rate, mp3_channels) == (rate, channels)
+    assert_duration(len(samples), mp3_rate, 1.5)
+    assert body["duration_seconds"] == pytest.approx(1.5)
+    assert dominant_frequency(samples[:, 0], mp3_rate) == pytest.approx(440, abs=5)
+
+
+@pytest.mark.parametrize("rate", [96000, 192000])
+async def test_upload_high_sample_rate_is_resampled_by_lame(client: httpx.AsyncClient, rate: int) -> None:
+    _, mp3 = await uploaded(client, make_wav(1.0, rate, 2))
+    mp3_rate, _, samples = decode(mp3)
+    assert mp3_rate == 48000
+    assert_duration(len(samples), mp3_rate, 1.0)
+
+
+async def test_upload_bitrate_field_sets_the_mp3_bitrate(client: httpx.AsyncClient) -> None:
+    wav = make_wav(4.0, 44100, 2)
+    body_64, _ = await uploaded(client, wav, bitrate="64")
+    body_256, _ = await uploaded(client, wav, bitrate="256")
+    # CBR: bytes = kbps * 1000 / 8 * seconds (+ padding frames)
+    assert body_64["size_bytes"] == pytest.approx(64000 / 8 * 4.0, rel=0.1)
+    assert body_256["size_bytes"] == pytest.approx(256000 / 8 * 4.0, rel=0.1)
+
+
+async def test_upload_accepts_parts_in_any_order(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    boundary = "b0undary"
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
+    body = multipart_body(boundary, [("audio_file", "late.wav", make_wav(0.5)), ("data", None, credentials.encode())])
+    response = await client.post("/users/wav", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 201, response.text
+
+
+def multipart_body(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    out = b""
+    for name, filename, payload in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + payload + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+async def test_upload_strips_directories_from_the_file_name(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    response = await upload(client, user, make_wav(0.5), "C:\\calls\\2024/monday.wav")
+    assert response.json()["filename"] == "monday.mp3"
+    assert (await upload(client, user, make_wav(0.5), "monday.wav")).status_code == 409
+
+
+# Upload: refusals ###############################################################
+
+
+async def test_upload_wrong_token_or_unknown_user_is_403_with_one_message(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    before = await table_counts(database_url)
+    wrong_token = {**user, "access_token": str(uuid.uuid4())}
+    unknown_user = {**user, "user_id": str(uuid.uuid4())}
+    first = await upload(client, wrong_token, make_wav(0.5))
+    second = await upload(client, unknown_user, make_wav(0.5))
+    assert first.status_code == second.status_code == 403
+    assert first.json() == second.json() == {"error": "unknown user_id or wrong access_token"}
+    assert await table_counts(database_url) == before
+
+
+async def test_upload_duplicate_file_name_is_409_but_another_user_may_use_it(client: httpx.AsyncClient, database_url: str) -> None:
+    alice, bob = await new_user(client), await new_user(client)
+    assert (await upload(client, alice, make_wav(0.5), "standup.wav")).status_code == 201
+    before = await table_counts(database_url)
+    again = await upload(client, alice, make_wav(0.7), "standup.wav")
+    assert again.status_code == 409
+    assert "standup.wav" in again.json()["error"]
+    assert await table_counts(database_url) == before
+    assert (await upload(client, alice, make_wav(0.5), "Standup.wav")).status_code == 201  # case-sensitive
+    assert (await upload(client, bob, make_wav(0.5), "standup.wav")).status_code == 201
+
+
+async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    assert (await upload(client, user, make_wav(0.5), "a.wav")).status_code == 201
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    body = multipart_body("xyz", [("audio_file", "a.wav", make_wav(0.5)), ("data", None, credentials)])
+    response = await client.post("/users/wav", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 409
+
+
+@pytest.mark.parametrize(
+    "wav, status, message",
+    [
+        (b"ID3\x03\x00\x00\x00" + bytes(2000), 415, "not a RIFF/WAVE file"),
+        (b"RIFF\x24\x00\x00\x00AVI LIST" + bytes(100), 415, "not a RIFF/WAVE file"),
+        (patch(make_wav(0.2), 20, struct.pack("<H", 2)), 415, "MS ADPCM (format tag 0x0002)"),
+        (b"", 422, "empty"),
+        (b"RIFF\x00\x00", 422, "truncated"),
+        (make_wav(0.2)[:30], 422, "corrupt"),
+        (b"RIFF\x04\x00\x00\x00WAVE" + riff_chunk(b"data", bytes(100)), 422, "fmt"),
+        (make_wav(0.0), 422, "no audio frames"),
+        (make_wav(0.1, rate=4000), 422, "4000 Hz"),
+        (make_wav(0.1, rate=200000), 422, "200000 Hz"),
+        (patch(make_wav(0.2), 22, struct.pack("<H", 0)), 422, "zero channels"),
+        (make_wav(1.0)[:-1000], 422, "truncated"),
+    ],
+    ids=["id3", "avi", "adpcm", "empty", "short-riff", "short-fmt", "no-fmt", "no-frames", "rate-low", "rate-high", "zero-channels", "truncated-data"],
+)
+async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
+    client: httpx.AsyncClient, database_url: str, wav: bytes, status: int, message: str
+) -> None:
+    user = await new_user(client)
+    before = await table_counts(database_url)
+    response = await upload(client, user, wav)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert await table_counts(database_url) == before
+
+
+def raw_form(boundary: str = "bnd", **parts: bytes) -> tuple[bytes, dict[str, str]]:
+    body = b"".join(f"--{boundary}\r\n".encode() + header_and_payload + b"\r\n" for header_and_payload in parts.values())
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def data_part(payload: bytes) -> bytes:
+    return b'Content-Disposition: form-data; name="data"\r\n\r\n' + payload
+
+
+def audio_part(payload: bytes, filename: str | None = "a.wav") -> bytes:
+    name = b'form-data; name="audio_file"' + (f'; filename="{filename}"'.encode() if filename is not None else b"")
+    return b"Content-Disposition: " + name + b"\r\n\r\n" + payload
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no-data", "no-audio", "data-not-json", "data-array", "ids-not-uuids", "ids-not-strings", "audio-without-filename",
+     "empty-filename", "bad-bitrate", "late-bitrate", "not-multipart", "no-closing-boundary", "two-audio-parts",
+     "filename-control-char", "filename-too-long"],
+)  # fmt: skip
+async def test_upload_malformed_request_is_422_and_stores_nothing(client: httpx.AsyncClient, database_url: str, case: str) -> None:
+    user = await new_user(client)
+    good = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    wav = make_wav(0.3)
+    cases: dict[str, tuple[bytes, dict[str, str]]] = {
+        "no-data": raw_form(audio=audio_part(wav)),
+        "no-audio": raw_form(data=data_part(good)),
+        "data-not-json": raw_form(data=data_part(b"{nope"), audio=audio_part(wav)),
+        "data-array": raw_form(data=data_part(b"[1]"), audio=audio_part(wav)),
+        "ids-not-uuids": raw_form(data=data_part(b'{"user_id": "1", "access_token": "2"}'), audio=audio_part(wav)),
+        "ids-not-strings": raw_form(data=data_part(b'{"user_id": 1, "access_token": {}}'), audio=audio_part(wav)),
+        "audio-without-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename=None)),
+        "empty-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename="")),
+        "bad-bitrate": raw_form(bitrate=b'Content-Disposition: form-data; name="bitrate"\r\n\r\n100', data=data_part(good), audio=audio_part(wav)),
+        "late-bitrate": raw_form(data=data_part(good), audio=audio_part(wav), bitrate=b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'),
+        "not-multipart": (good, {"Content-Type": "application/json"}),
+        "no-closing-boundary": (raw_form(data=data_part(good), audio=audio_part(wav))[0][:-10], raw_form()[1]),
+        "two-audio-parts": raw_form(data=data_part(good), audio=audio_part(wav), audio2=audio_part(wav, "b.wav")),
+        "filename-control-char": raw_form(data=data_part(good), audio=audio_part(wav, filename="a\x00b.wav")),
+        "filename-too-long": raw_form(data=data_part(good), audio=audio_part(wav, filename="é" * 128 + ".wav")),
+    }
+    body, headers = cases[case]
+    before = await table_counts(database_url)
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert isinstance(response.json()["error"], str)
+    assert await table_counts(database_url) == before
+
+
+async def test_upload_over_the_size_limit_is_413_with_and_without_content_length(database_url: str) -> None:
+    app, lifespan = await start_app(database_url, max_upload_bytes=1024 * 1024)
+    try:
+        async with asgi_client(app) as client:
+            user = await new_user(client)
+            before = await table_counts(database_url)
+            response = await upload(client, user, make_wav(20.0))
+            assert response.status_code == 413
+            assert "limit" in response.json()["error"]
+
+            body, headers = raw_form(data=data_part(b"{}"), audio=audio_part(make_wav(20.0)))
+
+            async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+                for i in range(0, len(body), 65536):
+                    yield body[i : i + 65536]
+
+            response = await client.post("/users/wav", content=chunked(), headers=headers)
+            assert response.status_code == 413
+            assert await table_counts(database_url) == before
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
+async def test_upload_wav_that_breaks_half_way_stores_nothing(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    wav = make_wav(6.0, 44100, 2)
+    broken = wav[: len(wav) // 2]  # the data chunk declares twice what arrives
+    before = await table_counts(database_url)
+    response = await upload(client, user, broken, "half.wav")
+    assert response.status_code == 422
+    assert "truncated" in response.json()["error"]
+    assert await table_counts(database_url) == before
+    assert (await upload(client, user, wav, "half.wav")).status_code == 201  # the name stayed free
+
+
+# Download #######################################################################
+
+
+@pytest.fixture
+async def long_record(client: httpx.AsyncClient) -> tuple[dict[str, Any], bytes]:
+    """A record of several 256 KiB chunks, and its bytes."""
+    body, mp3 = await uploaded(client, make_wav(40.0, 44100, 2), "Łódź café «notes».wav")
+    assert len(mp3) > 2 * wav2mp3.CHUNK_BYTES
+    return body, mp3
+
+
+async def test_download_headers(client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes]) -> None:
+    body, mp3 = long_record
+    response = await client.get(record_path(body["url"]))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert response.headers["content-length"] == str(len(mp3))
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["etag"] == f'"{body["sha256"]}"'
+    assert response.headers["content-disposition"] == (
+        "attachment; filename=\"_odz cafe _notes_.mp3\"; filename*=UTF-8''" + quote("Łódź café «notes».mp3", safe="")
+    )
+
+
+async def test_download_ascii_name_still_gets_filename_star(client: httpx.AsyncClient) -> None:
+    body, _ = await uploaded(client, make_wav(0.3), "plain.wav")
+    response = await client.get(record_path(body["url"]))
+    assert response.headers["content-disposition"] == "attachment; filename=\"plain.mp3\"; filename*=UTF-8''plain.mp3"
+
+
+@pytest.mark.parametrize(
+    "header, first, last",
+    [("bytes=0-99", 0, 99), ("bytes=262000-262300", 262000, 262300), ("bytes=500000-", 500000, None), ("bytes=-1000", None, None)],
+)
+async def test_download_single_range_is_206_with_exactly_those_bytes(
+    client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes], header: str, first: int | None, last: int | None
+) -> None:
+    body, mp3 = long_record
+    size = len(mp3)
+    if first is None:
+        first, last = size - 1000, size - 1
+    last = size - 1 if last is None else last
+    response = await client.get(record_path(body["url"]), headers={"Range": header})
+    assert response.status_code == 206
+    assert response.headers["content-range"] == f"bytes {first}-{last}/{size}"
+    assert response.headers["content-length"] == str(last - first + 1)
+    assert response.content == mp3[first : last + 1]
+
+
+async def test_download_range_past_the_end_is_416_with_content_range(client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes]) -> None:
+    body, mp3 = long_record
+    response = await client.get(record_path(body["url"]), headers={"Range": f"bytes={len(mp3)}-"})
+    assert response.status_code == 416
+    assert response.headers["content-range"] == f"bytes */{len(mp3)}"
+    assert "error" in response.json()
+
+
+async def test_download_multiple_or_malformed_ranges_get_the_whole_body(client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes]) -> None:
+    body, mp3 = long_record
+    for header in ("bytes=0-1,5-6", "bytes=abc", "items=0-5", "bytes=9-3"):
+        response = await client.get(record_path(body["url"]), headers={"Range": header})
+        assert response.status_code == 200 and response.content == mp3
+
+
+@pytest.mark.parametrize("header", ["{etag}", 'W/{etag}', '"other", {etag}', "*"])
+async def test_download_matching_if_none_match_is_304_with_etag(client: httpx.AsyncClient, header: str) -> None:
+    body, _ = await uploaded(client, make_wav(0.3))
+    etag = f'"{body["sha256"]}"'
+    response = await client.get(record_path(body["url"]), headers={"If-None-Match": header.format(etag=etag)})
+    assert response.status_code == 304
+    assert response.headers["etag"] == etag
+    assert response.content == b""
+
+
+async def test_download_other_if_none_match_is_200(client: httpx.AsyncClient) -> None:
+    body, mp3 = await uploaded(client, make_wav(0.3))
+    response = await client.get(record_path(body["url"]), headers={"If-None-Match": '"something-else"'})
+    assert response.status_code == 200 and response.content == mp3
+
+
+async def test_download_head_has_the_headers_and_no_body(client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes]) -> None:
+    body, mp3 = long_record
+    response = await client.head(record_path(body["url"]))
+    assert response.status_code == 200
+    assert response.headers["content-length"] == str(len(mp3))
+    assert response.headers["etag"] == f'"{body["sha256"]}"'
+    assert response.content == b""
+    ranged = await client.head(record_path(body["url"]), headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 206 and ranged.headers["content-length"] == "10"
+
+
+async def test_download_of_another_users_record_is_404(client: httpx.AsyncClient) -> None:
+    body, _ = await uploaded(client, make_wav(0.3))
+    stranger = await new_user(client)
+    response = await client.get(f"/record?id={body['record_id']}&user={stranger['user_id']}")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such record for this user"}
+
+
+@pytest.mark.parametrize("query", ["id=nope&user=nope", "id={record}&user=1", f"id={uuid.uuid4()}&user={{user}}"])
+async def test_download_unknown_or_malformed_ids_are_404(client: httpx.AsyncClient, query: str) -> None:
+    body, _ = await uploaded(client, make_wav(0.3))
+    response = await client.get("/record?" + query.format(record=body["record_id"], user=body["user_id"]))
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize("query", ["", "id=x", "user=x"])
+async def test_download_missing_parameters_are_422(client: httpx.AsyncClient, query: str) -> None:
+    response = await client.get("/record?" + query)
+    assert response.status_code == 422
+    assert "error" in response.json()
+
+
+async def test_health_is_200_ok(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+# A real server ###################################################################
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file."""
+
+    def __init__(self, directory: Path, database_url: str, *args: str) -> None:
+        self.directory = directory
+        self.tmp = directory / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.log = directory / "server.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.database_url = database_url
+        env = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not start: " + self.log.read_text()[-2000:])
+
+    def proc_status(self, field: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def temp_files(self) -> list[str]:
+        """Files the server holds open in its TMPDIR (spooled MP3s are unnamed: only /proc sees them)."""
+        found = []
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith(str(self.tmp)):
+                    found.append(target)
+        return found
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the server log")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    directory = tmp_path_factory.mktemp("live")
+    server = LiveServer(directory, TEST_DATABASE_URL or f"sqlite:///{directory / 'live.db'}")
+    yield server
+    server.stop()
+
+
+def live_user(live: LiveServer) -> dict[str, str]:
+    response = httpx.post(live.url + "/users", json={"name": unique_name()})
+    assert response.status_code == 201
+    return response.json()
+
+
+def streamed_form(user: dict[str, str], wav_pieces: Iterator[bytes], filename: str = "stream.wav", data_first: bool = True) -> tuple[Iterator[bytes], dict[str, str]]:
+    boundary = uuid.uuid4().hex
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    data = f'--{boundary}\r\nContent-Disposition: form-data; name="data"\r\n\r\n'.encode() + credentials + b"\r\n"
+    audio = f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n\r\n'.encode()
+    end = f"\r\n--{boundary}--\r\n".encode()
+
+    def body() -> Iterator[bytes]:
+        if data_first:
+            yield data
+        yield audio
+        yield from wav_pieces
+        if data_first:
+            yield end
+        else:
+            yield b"\r\n" + data[:-2] + end
+
+    return body(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_live_conversion_runs_while_the_upload_arrives(live: LiveServer) -> None:
+    """Before the last byte is sent, the server has already spent the CPU of encoding what it got."""
+    user = live_user(live)
+    seconds = 30.0
+    wav = make_wav(seconds, 44100, 2)
+    held_back = 4096
+    encode_cpu_start = time.process_time()
+    wav2mp3.convert_wav(io.BytesIO(wav), io.BytesIO(), 128, 3)
+    encode_cpu = time.process_time() - encode_cpu_start
+    observed: dict[str, float] = {}
+
+    def pieces() -> Iterator[bytes]:
+        before = live.cpu_seconds()
+        for i in range(0, len(wav) - held_back, 65536):
+            yield wav[i : min(i + 65536, len(wav) - held_back)]
+        # Wait for the server to go idle, then see how much work it has done.
+        previous, deadline = -1.0, time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = live.cpu_seconds()
+            if now == previous:
+                break
+            previous = now
+        observed["cpu_before_last_byte"] = live.cpu_seconds() - before
+        yield wav[len(wav) - held_back :]
+
+    body, headers = streamed_form(user, pieces())
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
+    assert response.status_code == 201, response.text
+    # Buffering the upload would cost next to nothing; converting it costs about one bare encode.
+    assert observed["cpu_before_last_byte"] > 0.5 * encode_cpu, (observed, encode_cpu)
+
+
+def test_live_wrong_token_sent_first_is_403_without_decoding_the_audio(live: LiveServer) -> None:
+    user = {**live_user(live), "access_token": str(uuid.uuid4())}
+    wav = make_wav(60.0, 44100, 2)
+    cpu_before = live.cpu_seconds()
+    body, headers = streamed_form(user, iter([wav]))
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
+    refused_cpu = live.cpu_seconds() - cpu_before
+    assert response.status_code == 403
+    assert response.json() == {"error": "unknown user_id or wrong access_token"}
+    encode_cpu_start = time.process_time()
+    wav2mp3.convert_wav(io.BytesIO(wav), io.BytesIO(), 128, 3)
+    encode_cpu = time.process_time() - encode_cpu_start
+    assert refused_cpu < 0.3 * encode_cpu, (refused_cpu, encode_cpu)
+
+
+def test_live_wrong_token_sent_after_the_audio_is_still_403(live: LiveServer) -> None:
+    user = {**live_user(live), "access_token": str(uuid.uuid4())}
+    body, headers = streamed_form(user, iter([make_wav(2.0)]), data_first=False)
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=60)
+    assert response.status_code == 403
+
+
+def test_live_duplicate_name_sent_first_is_409_after_the_body(live: LiveServer) -> None:
+    user = live_user(live)
+    body, headers = streamed_form(user, iter([make_wav(1.0)]), "dup.wav")
+    assert httpx.post(live.url + "/users/wav", content=body, headers=headers).status_code == 201
+    body, headers = streamed_form(user, big_wav_stream(120.0), "dup.wav")
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
+    assert response.status_code == 409
+
+
+async def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: LiveServer) -> None:
+    user = live_user(live)
+    before = await table_counts(live.database_url)
+    wav_bytes = 100 * 1024 * 1024  # its MP3 outgrows the in-memory spool and goes to TMPDIR
+    boundary = "cut"
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n{credentials}\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio_file\"; filename=\"cut.wav\"\r\n\r\n"
+    ).encode() + wav_header(44100, 2, wav_bytes)
+    request = (
+        f"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(head) + wav_bytes + 100}\r\n\r\n"
+    ).encode()
+    block = (sine(1.0, 44100, 2) * 32767).astype("<i2").tobytes()
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(request + head)
+        sent = 0
+        while sent < wav_bytes * 0.8:
+            sock.sendall(block)
+            sent += len(block)
+        deadline = time.monotonic() + 20
+        while not live.temp_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spooled = live.temp_files()
+    live.wait_for_log("client disconnected mid-upload")
+    time.sleep(0.5)
+    assert spooled, "the MP3 should have been spooled to disk before the disconnect"
+    assert live.temp_files() == []
+    assert list(live.tmp.iterdir()) == []
+    assert await table_counts(live.database_url) == before
+
+
+def test_live_large_upload_keeps_server_memory_flat(live: LiveServer) -> None:
+    """About 300 MB of WAV: the server's peak RSS grows by far less than the file."""
+    user = live_user(live)
+    rss_before = live.proc_status("VmHWM")  # KiB
+    seconds = 30 * 60.0
+    body, headers = streamed_form(user, big_wav_stream(seconds), "long.wav")
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=600)
+    assert response.status_code == 201, response.text
+    assert response.json()["duration_seconds"] == pytest.approx(seconds)
+    growth_mib = (live.proc_status("VmHWM") - rss_before) / 1024
+    assert growth_mib < 60, growth_mib
+
+
+def test_live_413_is_seen_by_a_client_still_sending(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'small.db'}", "--max-upload-mb", "1")
+    try:
+        user = live_user(server)
+        body, headers = streamed_form(user, iter([make_wav(30.0)]))
+        response = httpx.post(server.url + "/users/wav", content=b"".join(body), headers=headers, timeout=60)
+        assert response.status_code == 413
+        assert "1 MiB" in response.json()["error"]
+    finally:
+        server.stop()

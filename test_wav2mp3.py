@@ -106,13 +106,14 @@ def riff_chunk(name: bytes, payload: bytes, size: int | None = None) -> bytes:
     return name + struct.pack("<L", len(payload) if size is None else size) + payload + pad
 
 
-def fmt_chunk(tag: int, channels: int, rate: int, bits: int, extensible: bool = False, mask: int = 0) -> bytes:
+def fmt_chunk(tag: int, channels: int, rate: int, bits: int, extensible: bool = False, mask: int = 0, extra: bytes = b"") -> bytes:
+    """`extra` follows the 16 common bytes, e.g. the cbSize=0 that scipy and libsndfile write for float."""
     block = channels * ((bits + 7) // 8)
     if extensible:
         payload = struct.pack("<HHLLHHHHL", 0xFFFE, channels, rate, rate * block, block, bits, 22, bits, mask)
         payload += struct.pack("<H", tag) + KSDATAFORMAT_SUFFIX
     else:
-        payload = struct.pack("<HHLLHH", tag, channels, rate, rate * block, block, bits)
+        payload = struct.pack("<HHLLHH", tag, channels, rate, rate * block, block, bits) + extra
     return riff_chunk(b"fmt ", payload)
 
 
@@ -127,13 +128,14 @@ def make_wav(
     amplitude: float = 0.5,
     extensible: bool = False,
     mask: int = 0,
+    fmt_extra: bytes = b"",
     before_data: bytes = b"",
     after_data: bytes = b"",
     data_size: int | None = None,
     riff_size: int | None = None,
 ) -> bytes:
     data = encode_samples(sine(seconds, rate, channels, freq, amplitude), encoding, bits)
-    body = b"WAVE" + fmt_chunk(TAGS[encoding], channels, rate, bits, extensible, mask) + before_data
+    body = b"WAVE" + fmt_chunk(TAGS[encoding], channels, rate, bits, extensible, mask, fmt_extra) + before_data
     body += riff_chunk(b"data", data, data_size) + after_data
     return b"RIFF" + struct.pack("<L", len(body) if riff_size is None else riff_size) + body
 
@@ -945,3 +947,161 @@ def test_live_413_is_seen_by_a_client_still_sending(tmp_path: Path) -> None:
         assert "1 MiB" in response.json()["error"]
     finally:
         server.stop()
+
+
+# Every real-world WAV (formats) #################################################
+
+FORMATS = {
+    # id: (encoding, bits, extensible, WAV writer it stands for)
+    "pcm-u8": ("pcm", 8, False),
+    "pcm-16": ("pcm", 16, False),
+    "pcm-24": ("pcm", 24, False),
+    "pcm-32": ("pcm", 32, False),
+    "float-32": ("float", 32, False),
+    "float-64": ("float", 64, False),
+    "alaw": ("alaw", 8, False),
+    "mulaw": ("mulaw", 8, False),
+    "extensible-pcm-16": ("pcm", 16, True),
+    "extensible-pcm-24": ("pcm", 24, True),
+    "extensible-pcm-32": ("pcm", 32, True),
+    "extensible-float-32": ("float", 32, True),
+    "extensible-float-64": ("float", 64, True),
+    "extensible-mulaw": ("mulaw", 8, True),
+}
+# A sine at half scale has an RMS of -9.03 dBFS; G.711 and 8-bit quantisation stay close to it.
+HALF_SCALE_DBFS = 20 * math.log10(0.5 / math.sqrt(2))
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("name", list(FORMATS))
+async def test_format_converts_with_duration_channels_rate_and_sine_intact(client: httpx.AsyncClient, name: str, channels: int) -> None:
+    encoding, bits, extensible = FORMATS[name]
+    rate = 8000 if encoding in ("alaw", "mulaw") else 44100
+    wav = make_wav(2.0, rate, channels, encoding, bits, extensible=extensible, mask=(1 << channels) - 1 if extensible else 0)
+    body, mp3 = await uploaded(client, wav, f"{name}.wav")
+    assert body["duration_seconds"] == pytest.approx(2.0)
+    mp3_rate, mp3_channels, samples = decode(mp3)
+    assert (mp3_rate, mp3_channels) == (rate, channels)
+    assert_duration(len(samples), mp3_rate, 2.0)
+    for k in range(channels):  # channel k carries 440 * (k + 1) Hz
+        assert dominant_frequency(samples[:, k], mp3_rate) == pytest.approx(440 * (k + 1), abs=4)
+        assert rms_dbfs(samples[:, k]) == pytest.approx(HALF_SCALE_DBFS, abs=1.5)
+
+
+@pytest.mark.parametrize(
+    "name, wav",
+    [
+        # scipy.io.wavfile and libsndfile write float with an 18-byte fmt (cbSize=0) and a fact chunk.
+        ("scipy-float32", make_wav(1.0, 44100, 2, "float", 32, fmt_extra=b"\x00\x00", before_data=riff_chunk(b"fact", struct.pack("<L", 44100)))),
+        ("soundfile-float64", make_wav(1.0, 48000, 1, "float", 64, fmt_extra=b"\x00\x00",
+                                       before_data=riff_chunk(b"fact", struct.pack("<L", 48000)) + riff_chunk(b"PEAK", bytes(24)))),
+        # Broadcast WAV from a field recorder: bext (602 bytes) and iXML before the audio.
+        ("bwf-24", make_wav(1.0, 48000, 2, "pcm", 24, before_data=riff_chunk(b"bext", bytes(602)) + riff_chunk(b"iXML", b"<BWFXML/>"))),
+        # DAW export: LIST/INFO before and after the data, an odd-sized chunk with its pad byte.
+        ("daw-list", make_wav(1.0, 44100, 2, before_data=riff_chunk(b"LIST", b"INFOISFT" + struct.pack("<L", 5) + b"Lavf\x00")
+                              + riff_chunk(b"junk", b"odd"), after_data=riff_chunk(b"LIST", b"INFOICMT" + struct.pack("<L", 3) + b"hi\x00"))),
+        # Telephony: 8 kHz A-law with an 18-byte fmt and a fact chunk.
+        ("telephony-alaw", make_wav(1.0, 8000, 1, "alaw", 8, fmt_extra=b"\x00\x00", before_data=riff_chunk(b"fact", struct.pack("<L", 8000)))),
+        # Live recorders that write the header before they know the length.
+        ("streamed-data-0", make_wav(1.0, 16000, 1, data_size=0, riff_size=0)),
+        ("streamed-data-ffffffff", make_wav(1.0, 16000, 1, data_size=0xFFFFFFFF, riff_size=0xFFFFFFFF)),
+        ("riff-size-lies", make_wav(1.0, 16000, 1, riff_size=100)),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+async def test_real_world_wav_shapes_convert(client: httpx.AsyncClient, name: str, wav: bytes) -> None:
+    body, mp3 = await uploaded(client, wav, f"{name}.wav")
+    assert body["duration_seconds"] == pytest.approx(1.0, abs=0.001)
+    rate, _, samples = decode(mp3)
+    assert_duration(len(samples), rate, 1.0)
+    assert dominant_frequency(samples[:, 0], rate) == pytest.approx(440, abs=4)
+
+
+async def test_streamed_wav_with_a_trailing_partial_frame_converts_whole_frames(client: httpx.AsyncClient) -> None:
+    wav = make_wav(1.0, 16000, 2, data_size=0xFFFFFFFF, riff_size=0xFFFFFFFF) + b"\x01"
+    body, _ = await uploaded(client, wav)
+    assert body["duration_seconds"] == pytest.approx(1.0)
+
+
+async def test_surround_51_is_downmixed_to_stereo_keeping_left_and_right(client: httpx.AsyncClient) -> None:
+    # Channel k plays 440*(k+1) Hz: FL 440, FR 880, FC 1320, LFE 1760, BL 2200, BR 2640.
+    wav = make_wav(2.0, 48000, 6, "pcm", 24, extensible=True, mask=0x3F, amplitude=0.3)
+    _, mp3 = await uploaded(client, wav, "surround.wav")
+    rate, channels, samples = decode(mp3)
+    assert channels == 2
+    left, right = samples[:, 0].astype(float), samples[:, 1].astype(float)
+    assert dominant_frequency(samples[:, 0], rate) == pytest.approx(440, abs=4)
+    assert dominant_frequency(samples[:, 1], rate) == pytest.approx(880, abs=4)
+
+    def level(channel: np.ndarray, freq: float) -> float:
+        spectrum = np.abs(np.fft.rfft(channel[rate // 2 : rate // 2 + rate]))
+        return float(spectrum[int(freq)])  # 1 s window: bin k is k Hz
+
+    assert level(left, 1320) > 0.5 * level(left, 440)  # centre at -3 dB in both sides
+    assert level(right, 1320) > 0.5 * level(right, 880)
+    assert level(left, 2200) > 0.5 * level(left, 440)  # back left into the left only
+    assert level(right, 2200) < 0.05 * level(right, 880)
+    assert level(left, 1760) < 0.05 * level(left, 440)  # LFE dropped
+    assert level(right, 1760) < 0.05 * level(right, 880)
+
+
+def test_downmix_clips_instead_of_wrapping() -> None:
+    fmt = wav2mp3.WavFormat(wav2mp3.WAVE_FORMAT_PCM, 6, 48000, 2, 0x3F)
+    loud = np.array([[30000, -30000, 0, 30000, 30000, -30000]] * 4, dtype="<i2").tobytes()
+    stereo = np.frombuffer(wav2mp3.to_pcm16(loud, fmt), dtype="<i2").reshape(-1, 2)
+    assert (stereo[:, 0] == 32767).all() and (stereo[:, 1] == -32768).all()
+
+
+def test_multichannel_without_a_mask_uses_the_standard_order() -> None:
+    fmt = wav2mp3.WavFormat(wav2mp3.WAVE_FORMAT_PCM, 4, 48000, 2, 0)  # FL FR FC LFE
+    frame = np.array([[1000, 2000, 3000, 4000]], dtype="<i2").tobytes()
+    left, right = np.frombuffer(wav2mp3.to_pcm16(frame, fmt), dtype="<i2")
+    assert left == int(1000 + 0.7071 * 3000) and right == int(2000 + 0.7071 * 3000)
+
+
+def test_float_samples_are_clipped_and_nan_is_silence() -> None:
+    fmt = wav2mp3.WavFormat(wav2mp3.WAVE_FORMAT_IEEE_FLOAT, 1, 48000, 4)
+    floats = np.array([2.0, -3.0, np.nan, 0.5, np.inf], dtype="<f4").tobytes()
+    assert list(np.frombuffer(wav2mp3.to_pcm16(floats, fmt), dtype="<i2")) == [32767, -32767, 0, 16383, 32767]
+
+
+def test_g711_tables_match_the_itu_reference_values() -> None:
+    # G.711 tables: mu-law 0x00 -> -32124, 0x80 -> 32124, 0xFF -> 0; A-law 0x55 -> -8, 0xD5 -> 8, 0x2A -> -32256.
+    assert (wav2mp3.MULAW_TO_PCM16[0x00], wav2mp3.MULAW_TO_PCM16[0x80], wav2mp3.MULAW_TO_PCM16[0xFF]) == (-32124, 32124, 0)
+    assert (wav2mp3.ALAW_TO_PCM16[0x55], wav2mp3.ALAW_TO_PCM16[0xD5], wav2mp3.ALAW_TO_PCM16[0x2A]) == (-8, 8, -32256)
+
+
+@pytest.mark.parametrize(
+    "tag, name",
+    [(0x0002, "MS ADPCM (format tag 0x0002)"), (0x0011, "IMA ADPCM (format tag 0x0011)"), (0x0031, "GSM 6.10 (format tag 0x0031)"),
+     (0x0055, "MPEG Layer 3 (format tag 0x0055)"), (0x1234, "unknown encoding (format tag 0x1234)")],
+)  # fmt: skip
+async def test_unsupported_format_tag_is_415_naming_it(client: httpx.AsyncClient, database_url: str, tag: int, name: str) -> None:
+    user = await new_user(client)
+    before = await table_counts(database_url)
+    response = await upload(client, user, patch(make_wav(0.3), 20, struct.pack("<H", tag)))
+    assert response.status_code == 415
+    assert name in response.json()["error"]
+    assert await table_counts(database_url) == before
+
+
+@pytest.mark.parametrize(
+    "wav, message",
+    [
+        (make_wav(0.3, extensible=True, mask=1).replace(KSDATAFORMAT_SUFFIX, bytes(14), 1), "sub-format"),
+        (make_wav(0.3, extensible=True, mask=1).replace(b"\x01\x00" + KSDATAFORMAT_SUFFIX, b"\x02\x00" + KSDATAFORMAT_SUFFIX, 1), "MS ADPCM"),
+        (patch(make_wav(0.3, encoding="float", bits=32), 34, struct.pack("<H", 16)), "16-bit IEEE float"),
+        (patch(make_wav(0.3, bits=32), 34, struct.pack("<H", 40)), "40-bit PCM"),
+    ],
+    ids=["extensible-unknown-guid", "extensible-adpcm", "float-16", "pcm-40"],
+)
+async def test_unsupported_encodings_are_415_naming_them(client: httpx.AsyncClient, wav: bytes, message: str) -> None:
+    response = await upload(client, await new_user(client), wav)
+    assert response.status_code == 415
+    assert message in response.json()["error"]
+
+
+async def test_block_align_that_contradicts_the_format_is_422(client: httpx.AsyncClient) -> None:
+    response = await upload(client, await new_user(client), patch(make_wav(0.3), 32, struct.pack("<H", 3)))
+    assert response.status_code == 422
+    assert "block align" in response.json()["error"]

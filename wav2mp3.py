@@ -402,19 +402,26 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat) -> bytes:
             return bytes(frames)
         samples = np.frombuffer(frames, dtype="<i2")
     elif encoding == WAVE_FORMAT_PCM and width == 3:
-        # The two high bytes of each little-endian 24-bit sample are its 16-bit value.
-        samples = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3)[:, 1:].copy().view("<i2").ravel()
+        # The two high bytes of each little-endian 24-bit sample are its 16-bit value
+        # (column copies: several times faster than one fancy-indexed copy).
+        triples = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3)
+        pairs = np.empty((len(triples), 2), dtype=np.uint8)
+        pairs[:, 0], pairs[:, 1] = triples[:, 1], triples[:, 2]
+        samples = pairs.view("<i2").ravel()
     elif encoding == WAVE_FORMAT_PCM and width == 4:
         samples = np.frombuffer(frames, dtype="<i2")[1::2]
-    else:  # IEEE float, 32 or 64 bit: clip to [-1, 1], NaN to silence
-        floats = np.frombuffer(frames, dtype="<f4" if width == 4 else "<f8")
-        scaled = np.nan_to_num(floats, nan=0.0, posinf=1.0, neginf=-1.0).clip(-1.0, 1.0) * 32767.0
-        samples = scaled.astype(np.int16)
+    else:  # IEEE float, 32 or 64 bit: NaN to silence, clip to [-1, 1], scale in place
+        samples = np.frombuffer(frames, dtype="<f4" if width == 4 else "<f8").astype(np.float32)
+        np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.clip(samples, -1.0, 1.0, out=samples)
+        np.multiply(samples, 32767.0, out=samples)
     if fmt.channels > 2:
         matrix = downmix_matrix(fmt.channels, fmt.channel_mask)
-        stereo = samples.reshape(-1, fmt.channels).astype(np.float32) @ matrix
-        samples = stereo.clip(-32768.0, 32767.0).astype(np.int16)
-    return samples.astype("<i2", copy=False).tobytes()
+        surround = samples.reshape(-1, fmt.channels).astype(np.float32, copy=False)
+        stereo = np.empty((len(surround), 2), dtype=np.float32)
+        np.dot(surround, matrix, out=stereo)  # BLAS; `@` takes a slow path for this shape
+        samples = np.clip(stereo, -32768.0, 32767.0, out=stereo).astype(np.int16)  # clipped, not wrapped
+    return samples.astype("<i2", copy=False).tobytes()  # float samples are already in range
 
 
 # Encoding ###########################################################################

@@ -78,6 +78,7 @@ log = logging.getLogger("wav2mp3")
 MIB = 1024 * 1024
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
+USER_BATCH = 64  # users created by one INSERT (group commit)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
 READ_BLOCK_BYTES = 256 * 1024  # PCM handed to LAME per call: amortises the thread and numpy overhead
 PIPE_CAPACITY = 4 * READ_BLOCK_BYTES  # upload bytes buffered ahead of the converter
@@ -575,7 +576,10 @@ def convert_upload(pipe: AudioPipe, bitrate: int, quality: int) -> tuple[Convers
 # SQL ################################################################################
 # Portable text: the same statements run on SQLite and PostgreSQL (see schema.sql).
 
-SQL_INSERT_USER = "INSERT INTO users (id, name, token_sha256, created_at) VALUES (:id, :name, :token_sha256, :created_at)"
+# Users are created in batches (see Store.create_user): one statement, one commit for all the
+# requests that arrived together; RETURNING names the rows that were new.
+SQL_INSERT_USERS = "INSERT INTO users (id, name, token_sha256, created_at) VALUES {rows} ON CONFLICT (name) DO NOTHING RETURNING id"
+SQL_INSERT_USERS_ROW = "(:id{n}, :name{n}, :token_sha256{n}, :created_at{n})"
 SQL_USER_TOKEN = "SELECT token_sha256 FROM users WHERE id = :id"
 SQL_RECORD_NAME_TAKEN = "SELECT 1 FROM records WHERE user_id = :user_id AND filename = :filename"
 SQL_INSERT_RECORD = (
@@ -670,6 +674,8 @@ class Store:
         self.url = url
         self.timeout = timeout
         self.is_sqlite = url.startswith("sqlite")
+        self._pending_users: list[tuple[dict[str, str], asyncio.Future[bool]]] = []
+        self._user_writer: asyncio.Task[None] | None = None
         # SQLite has one writer at a time; queueing our writes here spares them the busy
         # handler's sleeps (it polls with growing naps). Other processes still meet the
         # 30 s busy timeout. PostgreSQL takes concurrent writers as they come.
@@ -719,7 +725,8 @@ class Store:
     async def _call(self, operation: Awaitable[T]) -> T:
         """One database call, bounded in time; an outage becomes 503, a constraint stays itself."""
         try:
-            return await asyncio.wait_for(operation, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await operation
         except UNIQUE_VIOLATIONS:
             raise
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as error:
@@ -730,15 +737,37 @@ class Store:
         await self._call(self.database.fetch_val(SQL_PING))
 
     async def create_user(self, name: str) -> tuple[str, str] | None:
-        """(user id, access token) of a new user, or None if the name is taken."""
+        """(user id, access token) of a new user, or None if the name is taken.
+
+        Group commit: requests that arrive while a batch is being written wait for the next
+        one, so a burst costs one INSERT and one commit (one fsync) per batch instead of per
+        user. The UNIQUE constraint still decides every race, also across processes.
+        """
         user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
         values = {"id": user_id, "name": name, "token_sha256": _hash_token(token), "created_at": _now()}
-        try:
-            async with self.write_lock:
-                await self._call(self.database.execute(SQL_INSERT_USER, values))
-        except UNIQUE_VIOLATIONS:
-            return None
-        return user_id, token
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending_users.append((values, created))
+        if self._user_writer is None or self._user_writer.done():
+            self._user_writer = asyncio.create_task(self._write_users())
+        return (user_id, token) if await created else None
+
+    async def _write_users(self) -> None:
+        while self._pending_users:
+            batch = self._pending_users[:USER_BATCH]
+            del self._pending_users[:USER_BATCH]
+            rows = ", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(batch)))
+            values = {f"{key}{n}": value for n, (row, _) in enumerate(batch) for key, value in row.items()}
+            try:
+                async with self.write_lock:
+                    inserted = {row["id"] for row in await self._call(self.database.fetch_all(SQL_INSERT_USERS.format(rows=rows), values))}
+            except Exception as error:  # every waiting request gets the same answer (503)
+                for _, created in batch:
+                    if not created.done():
+                        created.set_exception(error)
+                continue
+            for row, created in batch:
+                if not created.done():  # its request may have been cancelled meanwhile
+                    created.set_result(row["id"] in inserted)
 
     async def check_credentials(self, user_id: str, token: str) -> bool:
         stored = await self._call(self.database.fetch_val(SQL_USER_TOKEN, {"id": user_id}))

@@ -80,7 +80,7 @@ MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 USER_BATCH = 64  # users created by one INSERT (group commit)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
-READ_BLOCK_BYTES = 256 * 1024  # PCM handed to LAME per call: amortises the thread and numpy overhead
+READ_BLOCK_BYTES = 1024 * 1024  # PCM handed to LAME per call: amortises the thread and numpy overhead
 PIPE_CAPACITY = 4 * READ_BLOCK_BYTES  # upload bytes buffered ahead of the converter
 SPOOL_MEMORY_BYTES = 4 * MIB  # an MP3 larger than this is spooled to a temporary file
 MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
@@ -534,17 +534,17 @@ class AudioPipe:
                 self._cond.wait()
             if self._aborted:
                 raise UploadAborted()
-            out = bytearray()
-            while self._chunks and len(out) < want:
+            pieces, taken = [], 0
+            while self._chunks and taken < want:
                 chunk = self._chunks.popleft()
-                take = want - len(out)
-                if len(chunk) > take:
-                    self._chunks.appendleft(chunk[take:])
-                    chunk = chunk[:take]
-                out += chunk
-            self._buffered -= len(out)
+                if len(chunk) > want - taken:
+                    self._chunks.appendleft(chunk[want - taken :])
+                    chunk = chunk[: want - taken]
+                pieces.append(chunk)
+                taken += len(chunk)
+            self._buffered -= taken
             self._wake_writer()
-            return bytes(out)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def reader_done(self) -> None:
         with self._cond:
@@ -1022,7 +1022,8 @@ class Upload:
         stream = self.request.stream().__aiter__()
         while True:
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), self.services.settings.upload_idle_timeout)
+                async with asyncio.timeout(self.services.settings.upload_idle_timeout):
+                    chunk = await stream.__anext__()
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:

@@ -256,6 +256,25 @@ def b2_paced_tail(server: Server, seconds: float) -> Figure:
     return Figure("B2", what, f"{ratio:.4f}", "<= 0.05", ratio <= 0.05)
 
 
+def parallel_encode_ceiling(runs: int) -> float:
+    """How two bare LAME encodes in two threads scale on this machine: the most B3 and B8 can show."""
+    wav = Wav(60.0)
+
+    def ratio() -> float:
+        started = time.perf_counter()
+        bare_encode_seconds(wav)
+        one = time.perf_counter() - started
+        threads = [threading.Thread(target=bare_encode_seconds, args=(wav,)) for _ in range(2)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return 2 * one / (time.perf_counter() - started)
+
+    return median_of(runs, ratio)
+
+
 def b3_b4_parallel(server: Server, rounds: int) -> tuple[Figure, Figure]:
     wav = Wav(60.0)
     users = [new_user(server.port) for _ in range(2)]
@@ -454,6 +473,8 @@ def main() -> None:
             figures.append(b5_big_upload_rss(server, 0.125 if quick else 1.0))
         finally:
             server.stop()
+        ceiling = parallel_encode_ceiling(1 if quick else 3)
+        figures.append(Figure("B3c", "ceiling for B3/B8: two bare LAME encodes in two threads vs one", f"{ceiling:.2f}", "(machine)", None))
         one, two = b8_workers(directory, 4 if quick else 12)
         figures.append(Figure("B8", f"--workers 2 vs 1, 4 clients: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", ">= 1.8", two / one >= 1.8))
         one, two = b8_workers(directory, 4 if quick else 12, ("--max-conversions", "1"))

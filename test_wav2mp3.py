@@ -16,11 +16,14 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import struct
 import subprocess
+import threading
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -1105,3 +1108,441 @@ async def test_block_align_that_contradicts_the_format_is_422(client: httpx.Asyn
     response = await upload(client, await new_user(client), patch(make_wav(0.3), 32, struct.pack("<H", 3)))
     assert response.status_code == 422
     assert "block align" in response.json()["error"]
+
+
+# Hardening: OpenAPI and fuzzing ##################################################
+
+import hypothesis  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+import schemathesis  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+
+
+async def test_openapi_describes_every_route_of_the_contract(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    operations = {(path, method) for path, item in spec["paths"].items() for method in item}
+    assert operations == {("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/health", "get")}
+    assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
+    assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
+
+
+async def test_unknown_route_and_method_answer_json_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/nope")
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong_method = await client.delete("/users")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+OPERATIONS_WITH_INPUT = [("POST", "/users"), ("POST", "/users/wav"), ("GET", "/record"), ("HEAD", "/record")]
+FUZZED = [(*operation, "positive") for operation in [*OPERATIONS_WITH_INPUT, ("GET", "/health")]]
+FUZZED += [(*operation, "negative") for operation in OPERATIONS_WITH_INPUT]  # /health takes nothing to break
+
+
+@pytest.mark.parametrize("method, path, mode", FUZZED)
+def test_fuzz_api_never_5xx_and_conforms_to_its_schema(live: LiveServer, method: str, path: str, mode: str) -> None:
+    """schemathesis drives the live server from its own /openapi.json: data that fits the schema
+    and data that does not; every answer must be a documented status with a documented body."""
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    operation = schema[path][method]
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance, response_headers_conformance]
+
+    @hypothesis.given(case=operation.as_strategy(schemathesis.GenerationMode(mode)))
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(hypothesis.HealthCheck), database=None)
+    def fuzz(case: Any) -> None:
+        response = case.call_and_validate(base_url=live.url, checks=checks)
+        assert "Traceback" not in response.text and "SELECT" not in response.text
+
+    fuzz()
+
+
+def seed_wavs() -> list[bytes]:
+    """Small valid WAVs of every kind, for the mutating fuzzers to start from."""
+    return [
+        make_wav(0.05, 8000, 1),
+        make_wav(0.05, 44100, 2, "pcm", 24),
+        make_wav(0.05, 22050, 2, "float", 32, fmt_extra=b"\x00\x00", before_data=riff_chunk(b"fact", struct.pack("<L", 1102))),
+        make_wav(0.05, 8000, 1, "mulaw", 8),
+        make_wav(0.05, 48000, 6, "pcm", 16, extensible=True, mask=0x3F),
+        make_wav(0.05, 16000, 1, before_data=riff_chunk(b"LIST", b"INFOx"), data_size=0xFFFFFFFF),
+    ]
+
+
+SIZE_VALUES = st.sampled_from([0, 1, 2, 3, 15, 16, 17, 18, 40, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]) | st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def mutated_wavs(draw: st.DrawFn) -> bytes:
+    wav = bytearray(draw(st.sampled_from(seed_wavs())))
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["byte", "size", "truncate", "insert", "field16"]))
+        if kind == "byte" and wav:
+            wav[draw(st.integers(0, min(len(wav), 80) - 1))] = draw(st.integers(0, 255))
+        elif kind == "size" and len(wav) >= 8:
+            offset = draw(st.sampled_from([4, 16, 40, 36 + 8 * draw(st.integers(0, 4))]))
+            if offset + 4 <= len(wav):
+                wav[offset : offset + 4] = struct.pack("<L", draw(SIZE_VALUES))
+        elif kind == "field16" and len(wav) >= 36:
+            offset = draw(st.sampled_from([20, 22, 32, 34]))  # tag, channels, block align, bits
+            wav[offset : offset + 2] = struct.pack("<H", draw(st.integers(0, 0xFFFF)))
+        elif kind == "truncate":
+            del wav[draw(st.integers(0, len(wav))) :]
+        elif kind == "insert":
+            at = draw(st.integers(12, max(12, min(len(wav), 60))))
+            wav[at:at] = draw(st.binary(min_size=0, max_size=64))
+    return bytes(wav)
+
+
+class CountingReader:
+    def __init__(self, data: bytes) -> None:
+        self.source = io.BytesIO(data)
+        self.consumed = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.source.read(size)
+        self.consumed += len(chunk)
+        return chunk
+
+
+@hypothesis.given(st.one_of(mutated_wavs(), st.binary(max_size=300)))
+@hypothesis.settings(max_examples=FUZZ_EXAMPLES * 10, deadline=5000, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+def test_fuzz_wav_reader_converts_or_refuses_with_415_or_422(wav: bytes) -> None:
+    try:
+        conversion = wav2mp3.convert_wav(CountingReader(wav), io.BytesIO(), 32, 9)
+    except wav2mp3.HTTPError as error:
+        assert error.status in (415, 422), error
+        assert error.message
+    else:
+        assert conversion.frames > 0 and conversion.mp3_bytes > 0
+
+
+@hypothesis.given(
+    declared=st.integers(0, 4000), trailing=st.binary(max_size=200), encoding=st.sampled_from([("pcm", 16), ("pcm", 24), ("float", 64), ("alaw", 8)])
+)
+@hypothesis.settings(max_examples=FUZZ_EXAMPLES * 3, deadline=5000)
+def test_fuzz_wav_reader_never_reads_past_a_declared_data_chunk(declared: int, trailing: bytes, encoding: tuple[str, int]) -> None:
+    wav = make_wav(0.05, 16000, 2, encoding[0], encoding[1])
+    data_start = wav.index(b"data") + 8
+    if declared in (0,):
+        declared = 1  # 0 means "streamed": read to the end, by design
+    wav = wav[: data_start - 4] + struct.pack("<L", declared) + wav[data_start:] + trailing
+    reader = CountingReader(wav)
+    with contextlib.suppress(wav2mp3.HTTPError):
+        wav2mp3.convert_wav(reader, io.BytesIO(), 32, 9)
+    assert reader.consumed <= data_start + declared + (declared & 1)  # RIFF: an odd chunk has a pad byte
+
+
+@hypothesis.given(wav=mutated_wavs())
+@hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+def test_fuzz_upload_of_mutated_wavs_is_201_415_or_422(live: LiveServer, wav: bytes) -> None:
+    user = live_fuzz_user(live)
+    response = httpx.post(live.url + "/users/wav", **upload_form(user, wav, f"{uuid.uuid4().hex}.wav"), timeout=60)
+    assert response.status_code in (201, 415, 422), response.text
+    assert set(response.json()) == ({"url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"}
+                                    if response.status_code == 201 else {"error"})  # fmt: skip
+
+
+_fuzz_users: dict[str, dict[str, str]] = {}
+
+
+def live_fuzz_user(live: LiveServer) -> dict[str, str]:
+    if live.url not in _fuzz_users:
+        _fuzz_users[live.url] = live_user(live)
+    return _fuzz_users[live.url]
+
+
+# Hardening: limits ##############################################################
+
+
+async def test_upload_with_too_many_parts_is_422(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    parts = {f"extra{i}": f'Content-Disposition: form-data; name="extra{i}"\r\n\r\nx'.encode() for i in range(20)}
+    body, headers = raw_form(data=data_part(credentials), **parts, audio=audio_part(make_wav(0.2)))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422 and "parts" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [(b'{"user_id": "' + b"x" * 70000 + b'"}', "larger than"), (b"[" * 20000 + b"]" * 20000, "nested too deeply"), (b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested too deeply")],
+    ids=["huge", "deep-array", "deep-object"],
+)
+async def test_upload_data_part_too_large_or_too_deep_is_422(client: httpx.AsyncClient, payload: bytes, message: str) -> None:
+    body, headers = raw_form(data=data_part(payload), audio=audio_part(make_wav(0.2)))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422
+    assert message in response.json()["error"]
+
+
+def test_live_client_that_stalls_is_cut_off_and_leaves_nothing(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'stall.db'}", "--upload-idle-timeout", "1")
+    try:
+        user = live_user(server)
+        credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
+        head = (
+            f'--s\r\nContent-Disposition: form-data; name="data"\r\n\r\n{credentials}\r\n'
+            f'--s\r\nContent-Disposition: form-data; name="audio_file"; filename="stall.wav"\r\n\r\n'
+        ).encode() + make_wav(5.0)[:200000]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(
+                f"POST /users/wav HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=s\r\nContent-Length: {len(head) + 10**6}\r\n\r\n".encode()
+                + head
+            )
+            answer = b""  # the server speaks first, although the client never finished, then closes
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"stalled" in answer
+        assert server.temp_files() == []
+        assert asyncio.run(db_rows(server.database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
+    finally:
+        server.stop()
+
+
+# Hardening: races ###############################################################
+
+
+async def assert_no_orphans(database_url: str) -> None:
+    """Every chunk belongs to a record, and every record's chunks add up to its size, in sequence."""
+    orphans = await db_rows(database_url, "SELECT count(*) FROM record_chunks c LEFT JOIN records r ON r.id = c.record_id WHERE r.id IS NULL")
+    assert orphans[0][0] == 0
+    sizes = await db_rows(
+        database_url,
+        "SELECT r.id, r.size_bytes, COALESCE(SUM(LENGTH(c.data)), 0), COUNT(c.seq), COALESCE(MAX(c.seq), -1)"
+        " FROM records r LEFT JOIN record_chunks c ON c.record_id = r.id GROUP BY r.id, r.size_bytes",
+    )
+    for record_id, size, stored, count, last in sizes:
+        assert (size, count) == (stored, last + 1), record_id
+
+
+async def test_parallel_uploads_of_one_file_name_give_one_201_and_409s(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    wav = make_wav(3.0, 44100, 2)
+    responses = await asyncio.gather(*(upload(client, user, wav, "race.wav") for _ in range(8)))
+    assert sorted(r.status_code for r in responses) == [201] + [409] * 7
+    rows = await db_rows(database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"])
+    assert rows[0][0] == 1
+    await assert_no_orphans(database_url)
+
+
+async def test_parallel_downloads_while_uploading_all_succeed(client: httpx.AsyncClient, database_url: str) -> None:
+    body, mp3 = await uploaded(client, make_wav(20.0, 44100, 2))
+    user = await new_user(client)
+    uploads = [upload(client, user, make_wav(10.0, 44100, 2), f"u{i}.wav") for i in range(3)]
+    downloads = [client.get(record_path(body["url"])) for _ in range(12)]
+    results = await asyncio.gather(*uploads, *downloads)
+    assert [r.status_code for r in results[:3]] == [201] * 3
+    assert all(r.status_code == 200 and r.content == mp3 for r in results[3:])
+    await assert_no_orphans(database_url)
+
+
+# Hardening: crash safety ########################################################
+
+
+def test_sigkill_mid_batch_loses_no_acknowledged_upload(tmp_path: Path) -> None:
+    database_url = TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'crash.db'}"
+    server = LiveServer(tmp_path, database_url)
+    user = live_user(server)
+    acknowledged: list[dict[str, Any]] = []
+    wavs = [make_wav(4.0 + i * 0.25, 44100, 2) for i in range(16)]
+    killed = threading.Event()
+
+    def client(indexes: list[int]) -> None:
+        for i in indexes:
+            try:
+                response = httpx.post(server.url + "/users/wav", **upload_form(user, wavs[i], f"crash{i}.wav"), timeout=60)
+            except httpx.HTTPError:
+                continue  # the server died under this request
+            if response.status_code == 201:
+                acknowledged.append(response.json())
+                if len(acknowledged) == 5:
+                    server.process.kill()  # SIGKILL: no shutdown, no cleanup
+                    killed.set()
+
+    threads = [threading.Thread(target=client, args=(list(range(k, 16, 3)),)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert killed.is_set() and 5 <= len(acknowledged) < 16
+    server.process.wait()
+    restarted = LiveServer(tmp_path, database_url)
+    try:
+        for body in acknowledged:
+            download = httpx.get(restarted.url + record_path(body["url"]), timeout=60)
+            assert download.status_code == 200
+            assert hashlib.sha256(download.content).hexdigest() == body["sha256"] == download.headers["etag"].strip('"')
+        stored = asyncio.run(db_rows(database_url, "SELECT id, sha256 FROM records WHERE user_id = $1", user["user_id"]))
+        # Anything else stored was committed just before the kill, unanswered: it must be whole too.
+        for record_id, sha256 in stored:
+            download = httpx.get(f"{restarted.url}/record?id={record_id}&user={user['user_id']}", timeout=60)
+            assert hashlib.sha256(download.content).hexdigest() == sha256
+        assert {b["record_id"] for b in acknowledged} <= {row[0] for row in stored}
+        asyncio.run(assert_no_orphans(database_url))
+    finally:
+        restarted.stop()
+
+
+# Hardening: database outage #####################################################
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL 15 cluster the test can stop and start (run as the postgres user)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.data = directory / "pgdata"
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "postgres", str(directory)], check=True)
+        subprocess.run([*self.as_postgres, str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.data / "log"), "-w", "start"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    if not (PG_BIN / "initdb").exists() or (os.geteuid() != 0 and Path.home().name != "postgres"):
+        pytest.skip("needs PostgreSQL 15 binaries and root (CI has both)")
+    # pytest's own temporary directories are private to root: the postgres user needs its own.
+    directory = Path(tempfile.mkdtemp(prefix="wav2mp3-test-pg-"))
+    database = PrivatePostgres(directory)
+    yield database
+    with contextlib.suppress(subprocess.CalledProcessError):
+        database.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postgres_outage_is_503_everywhere_and_the_service_recovers_by_itself(tmp_path: Path, private_postgres: PrivatePostgres) -> None:
+    server = LiveServer(tmp_path / "app", private_postgres.url, "--db-timeout", "3")
+    try:
+        user = live_user(server)
+        created = httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(1.0)), timeout=30)
+        assert created.status_code == 201
+        record = record_path(created.json()["url"])
+
+        private_postgres.stop()
+        calls = [
+            ("GET", "/health", {}),
+            ("POST", "/users", {"json": {"name": unique_name()}}),
+            ("POST", "/users/wav", upload_form(user, make_wav(1.0), "during-outage.wav")),
+            ("GET", record, {}),
+        ]
+        for method, path, kwargs in calls:
+            started = time.monotonic()
+            response = httpx.request(method, server.url + path, timeout=30, **kwargs)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json() == {"error": "database unavailable"}
+            assert time.monotonic() - started < 15, path  # bounded by DB_TIMEOUT, not a hang
+
+        private_postgres.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not recover"
+            time.sleep(0.2)
+        assert httpx.post(server.url + "/users", json={"name": unique_name()}).status_code == 201
+        assert httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(1.0), "after.wav"), timeout=30).status_code == 201
+        assert httpx.get(server.url + record, timeout=30).content == httpx.get(server.url + record, timeout=30).content
+        assert httpx.get(server.url + record, timeout=30).status_code == 200
+    finally:
+        server.stop()
+
+
+# Hardening: security ############################################################
+
+
+@pytest.mark.parametrize(
+    "filename",
+    ['say "hi".wav', "../../etc/passwd.wav", "..\\..\\boot.ini.wav", 'x"; filename*=UTF-8\'\'evil.wav', "semi;colon, comma.wav",
+     "%41%0d%0aX-Evil: 1.wav", "тест 测试 🎧.wav", "é" * 120 + ".wav"],
+)  # fmt: skip
+async def test_hostile_file_names_cannot_break_content_disposition(client: httpx.AsyncClient, filename: str) -> None:
+    user = await new_user(client)
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"')  # quoted-string escapes, sent raw
+    audio = b'Content-Disposition: form-data; name="audio_file"; filename="' + quoted.encode() + b'"\r\n\r\n' + make_wav(0.2)
+    body_bytes, headers = raw_form(data=data_part(credentials), audio=audio)
+    created = await client.post("/users/wav", content=body_bytes, headers=headers)
+    assert created.status_code == 201, created.text
+    response = await client.get(record_path(created.json()["url"]))
+    disposition = response.headers["content-disposition"]
+    match = re.fullmatch(r'attachment; filename="([ -~]*)"; filename\*=UTF-8\'\'([A-Za-z0-9%._~-]*)', disposition)
+    assert match, disposition
+    assert '"' not in match.group(1) and "\\" not in match.group(1)
+    stem = re.split(r"[/\\]", filename)[-1].rsplit(".", 1)[0]
+    from urllib.parse import unquote
+
+    assert unquote(match.group(2)) == stem + ".mp3"
+    assert "x-evil" not in {k.lower() for k in response.headers}
+
+
+@pytest.mark.parametrize("filename", ["a\x00b.wav", "line\rbreak.wav", "tab\there.wav", "é" * 128 + ".wav"])
+async def test_file_names_with_control_characters_or_over_255_bytes_are_422(client: httpx.AsyncClient, filename: str) -> None:
+    user = await new_user(client)
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    disposition = b'form-data; name="audio_file"; filename="' + filename.encode() + b'"'
+    body, headers = raw_form(data=data_part(credentials), audio=b"Content-Disposition: " + disposition + b"\r\n\r\n" + make_wav(0.2))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422
+
+
+SQL_INJECTIONS = ["'; DROP TABLE users; --", "x' OR '1'='1", "\"); DELETE FROM records; --", "1; SELECT pg_sleep(5)"]
+
+
+@pytest.mark.parametrize("attack", SQL_INJECTIONS)
+async def test_sql_injection_strings_are_inert_in_every_field(client: httpx.AsyncClient, database_url: str, attack: str) -> None:
+    created = await client.post("/users", json={"name": attack + uuid.uuid4().hex[:6]})
+    assert created.status_code == 201
+    user = created.json()
+    response = await upload(client, user, make_wav(0.2), attack + ".wav")
+    # httpx sends a quote in a file name as %22 (the HTML form rule), and the name is kept as sent
+    assert response.status_code == 201 and response.json()["filename"] == attack.replace('"', "%22") + ".mp3"
+    forged = {"user_id": attack, "access_token": attack}
+    assert (await upload(client, forged, make_wav(0.2))).status_code == 422
+    assert (await client.get("/record", params={"id": attack, "user": attack})).status_code == 404
+    assert (await client.get("/record", params={"id": response.json()["record_id"], "user": attack})).status_code == 404
+    counts = await table_counts(database_url)
+    assert counts["users"] >= 1 and counts["records"] >= 1
+    await assert_no_orphans(database_url)
+
+
+async def test_error_bodies_never_carry_traces_or_sql(client: httpx.AsyncClient) -> None:
+    responses = [
+        await client.post("/users", content=b"{"),
+        await client.post("/users/wav", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"}),
+        await client.get("/record?id=1&user=2"),
+        await client.get("/record"),
+    ]
+    for response in responses:
+        assert list(response.json()) == ["error"]
+        assert not re.search(r"Traceback|File \"|SELECT|INSERT|sqlite|asyncpg", response.text), response.text
+
+
+# Benchmark ######################################################################
+
+
+def test_benchmark_quick_mode_runs_and_prints_every_figure() -> None:
+    # Its values are for people to read: timing assertions do not belong in tests.
+    result = subprocess.run([sys.executable, str(HERE / "bench_wav2mp3.py"), "--quick"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
+    assert {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= figures
+    for name in ("PCM 8-bit", "PCM 16-bit", "PCM 24-bit", "PCM 32-bit", "float 32", "float 64", "A-law", "mu-law", "5.1 PCM 24-bit -> stereo"):
+        assert name in figures

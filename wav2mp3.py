@@ -59,6 +59,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
+import anyio
 import asyncpg
 import databases
 import lameenc
@@ -67,6 +68,7 @@ import uvicorn
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -838,8 +840,10 @@ def parse_uuid(value: str) -> str | None:
 def parse_json(body: bytes | bytearray, what: str) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+    except ValueError:
         raise Invalid(f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise Invalid(f"{what} is JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise Invalid(f"{what} must be a JSON object")
     return value
@@ -1281,6 +1285,160 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+# OpenAPI ############################################################################
+# The contract (../shared/contract.md) as OpenAPI 3.0, for clients and for the fuzzer in
+# the test suite: every route, parameter, body, status code and header.
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json({"$ref": "#/components/schemas/Error"}, description)
+
+
+_UNAVAILABLE = _error("the database is unreachable")
+_RECORD_HEADERS = {
+    "ETag": {"schema": {"type": "string"}, "description": "strong: the MP3's sha256 in quotes"},
+    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+    "Content-Disposition": {"schema": {"type": "string"}, "description": "RFC 6266: ASCII filename and filename*"},
+    "Content-Length": {"schema": {"type": "integer"}},
+}
+_RECORD_PARAMETERS = [
+    {"name": "id", "in": "query", "required": True, "schema": {"type": "string"}, "description": "record UUID"},
+    {"name": "user", "in": "query", "required": True, "schema": {"type": "string"}, "description": "owner's user UUID"},
+    {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}, "description": "one bytes= range"},
+    {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+]
+
+
+def _record_responses(body: bool) -> dict[str, Any]:
+    audio = {"audio/mpeg": {"schema": {"type": "string", "format": "binary"}}} if body else {}
+    return {
+        "200": {"description": "the MP3", "headers": _RECORD_HEADERS, **({"content": audio} if body else {})},
+        "206": {
+            "description": "the requested byte range",
+            "headers": {**_RECORD_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
+            **({"content": audio} if body else {}),
+        },
+        "304": {"description": "If-None-Match matched", "headers": {"ETag": _RECORD_HEADERS["ETag"]}},
+        "404": _error("no such record for that user, or ids that are not UUIDs"),
+        "416": {**_error("range not satisfiable"), "headers": {"Content-Range": {"schema": {"type": "string"}}}},
+        "422": _error("id or user missing"),
+        "503": _UNAVAILABLE,
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "wav2mp3", "version": "1", "description": "WAV to MP3 conversion over HTTP."},
+    "paths": {
+        "/users": {
+            "post": {
+                "summary": "Create a user; the access token is shown only in this answer",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json({"$ref": "#/components/schemas/NewUser"}, "the new user"),
+                    "200": _json(
+                        {"type": "object", "required": ["error_name"], "properties": {"error_name": {"type": "string"}}},
+                        "a user with that name exists",
+                    ),
+                    "413": _error("body larger than 64 KiB"),
+                    "422": _error("not JSON, not an object, or a bad name"),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/users/wav": {
+            "post": {
+                "summary": "Upload a WAV; answers with the link to its MP3",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["data", "audio_file"],
+                                "properties": {
+                                    "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
+                                    "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
+                                    "bitrate": {"type": "integer", "enum": list(MP3_BITRATES), "description": "CBR kbps"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": {
+                        **_json({"$ref": "#/components/schemas/Record"}, "converted and stored"),
+                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the same link as url"}},
+                    },
+                    "403": _error("unknown user_id or wrong access_token"),
+                    "408": _error("the client stalled mid-upload"),
+                    "409": _error("this user already has a record from a file of that name"),
+                    "413": _error("body larger than MAX_UPLOAD_MB"),
+                    "415": _error("not RIFF/WAVE, or an unsupported encoding (named)"),
+                    "422": _error("malformed parts or data, bad bitrate, or a corrupt, truncated or empty WAV"),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/record": {
+            "get": {"summary": "Download an MP3", "parameters": _RECORD_PARAMETERS, "responses": _record_responses(True)},
+            "head": {"summary": "An MP3's headers", "parameters": _RECORD_PARAMETERS, "responses": _record_responses(False)},
+        },
+        "/health": {
+            "get": {
+                "summary": "Is the database reachable",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}}, "healthy"),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+    },
+    "components": {
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "NewUser": {
+                "type": "object",
+                "required": ["user_id", "access_token"],
+                "properties": {"user_id": {"type": "string", "format": "uuid"}, "access_token": {"type": "string", "format": "uuid"}},
+            },
+            "Record": {
+                "type": "object",
+                "required": ["url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "record_id": {"type": "string", "format": "uuid"},
+                    "user_id": {"type": "string", "format": "uuid"},
+                    "filename": {"type": "string"},
+                    "duration_seconds": {"type": "number"},
+                    "size_bytes": {"type": "integer"},
+                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                },
+            },
+        }
+    },
+}
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
+
+
 # Application ########################################################################
 
 
@@ -1289,6 +1447,12 @@ async def handle_http_error(request: Request, error: Exception) -> Response:
     if error.status != 304:
         log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, error.message)
     return error_response(error)
+
+
+async def handle_starlette_error(request: Request, error: Exception) -> Response:
+    # Starlette's own 404/405 (unknown path or method) in our JSON shape.
+    assert isinstance(error, StarletteHTTPException)
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
 
 async def handle_unexpected(request: Request, error: Exception) -> Response:
@@ -1305,6 +1469,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = Store(settings.database_url, settings.db_timeout)
         await store.connect(time.monotonic() + settings.db_startup_timeout)
         converters = ThreadPoolExecutor(settings.max_conversions, thread_name_prefix="convert")
+        # anyio imports its asyncio backend on first use (StreamingResponse's task group):
+        # pay for that here rather than in the first download.
+        async with anyio.create_task_group():
+            pass
         app.state.services = Services(settings, store, converters)
         try:
             yield
@@ -1317,8 +1485,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/users/wav", upload_wav, methods=["POST"]),
         Route("/record", get_record, methods=["GET", "HEAD"]),
         Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    handlers = {HTTPError: handle_http_error, Exception: handle_unexpected}
+    handlers = {HTTPError: handle_http_error, StarletteHTTPException: handle_starlette_error, Exception: handle_unexpected}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
 
 

@@ -1156,11 +1156,11 @@ class Upload:
 
     async def drain(self, limit: int) -> None:
         """Read and drop up to `limit` more bytes, so a client still sending can read our answer."""
-        with contextlib.suppress(Exception):
-            async for chunk in self.request.stream():
-                limit -= len(chunk)
-                if limit < 0:
-                    return
+        stream = self.request.stream().__aiter__()
+        with contextlib.suppress(Exception):  # a stall or a disconnect ends the favour
+            while limit >= 0:
+                async with asyncio.timeout(self.services.settings.upload_idle_timeout):
+                    limit -= len(await stream.__anext__())
 
 
 # Endpoints ##########################################################################

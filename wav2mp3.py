@@ -1530,6 +1530,9 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             os.environ[variable] = value
+    if args.workers > 1 and not os.environ.get("MAX_CONVERSIONS"):
+        # The cap is per process: share the CPUs between the workers rather than oversubscribe them.
+        os.environ["MAX_CONVERSIONS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     Settings.from_env()  # fail now, with the message, on a bad setting
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The workers import this module afresh and read the settings from the environment.

@@ -23,7 +23,7 @@ Environment (command-line flags override them):
     MAX_UPLOAD_MB         largest request body accepted, in MiB (default 4096)
     MP3_BITRATE           CBR kbps (default 128); the form field `bitrate` overrides it per upload
     MP3_QUALITY           LAME -q, 0 (best, slowest) .. 9 (default 3, as lame and ffmpeg)
-    MAX_CONVERSIONS       conversions running at once per process (default: CPU count)
+    MAX_CONVERSIONS       conversions running at once per process (default: CPU count / workers)
     UPLOAD_IDLE_TIMEOUT   seconds a client may stall mid-upload before it is cut off (default 60)
     DB_TIMEOUT            seconds a database call may take before the answer is 503 (default 10)
     DB_STARTUP_TIMEOUT    seconds to wait for the database at start-up (default 120)
@@ -261,10 +261,13 @@ class _Prefixed:
         self._file = file
 
     def read(self, size: int = -1) -> bytes:
-        if self._prefix:
-            head, self._prefix = self._prefix[:size], self._prefix[size:]
-            return head + self._file.read(size - len(head)) if size > len(head) else head
-        return self._file.read(size)
+        if not self._prefix:
+            return self._file.read(size)
+        if size < 0:
+            head, self._prefix = self._prefix, b""
+            return head + self._file.read()
+        head, self._prefix = self._prefix[:size], self._prefix[size:]
+        return head + self._file.read(size - len(head)) if size > len(head) else head
 
 
 class WavReader(wave.Wave_read):

@@ -213,6 +213,7 @@ async def app(database_url: str) -> AsyncIterator[Any]:
     app, lifespan = await start_app(database_url)
     yield app
     await lifespan.__aexit__(None, None, None)
+    await assert_no_orphans(database_url)  # after every test: no chunk without its record, no record short of chunks
 
 
 def asgi_client(app: Any) -> httpx.AsyncClient:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import socket
@@ -113,7 +112,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, directory: Path, database_url: str, *args: str) -> None:
         self.port = free_port()
-        self.log = open(directory / f"server-{self.port}.log", "wb")
+        self.log = open(directory / f"server-{self.port}.log", "wb")  # noqa: SIM115 -- closed in stop()
         command = [sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
         env = {**os.environ, "TMPDIR": str(directory)}
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -239,7 +238,11 @@ def b1_upload_vs_encode(server: Server, runs: int) -> Figure:
     wav = Wav(60.0)
     user = new_user(server.port)
     bare = median_of(runs, lambda: bare_encode_seconds(wav))
-    served = median_of(runs, lambda: (lambda u: u.answered - u.started)(upload(server.port, user, wav)))
+    def served_seconds() -> float:
+        result = upload(server.port, user, wav)
+        return result.answered - result.started
+
+    served = median_of(runs, served_seconds)
     ratio = served / bare
     return Figure("B1", f"60 s stereo upload->link {served:.3f} s / bare encode {bare:.3f} s", f"{ratio:.3f}", "<= 1.10", ratio <= 1.10)
 
@@ -394,7 +397,10 @@ def b8_workers(directory: Path, uploads: int, extra: tuple[str, ...] = ()) -> tu
             upload(server.port, users[0], wav)  # warm-up
             counter = iter(range(uploads))
             started = time.perf_counter()
-            threads = [threading.Thread(target=lambda u=u: [upload(server.port, u, wav) for _ in counter]) for u in users]
+            threads = [
+                threading.Thread(target=lambda u=u, port=server.port, uploads_left=counter: [upload(port, u, wav) for _ in uploads_left])
+                for u in users
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -21,21 +21,31 @@ import socket
 import sqlite3
 import struct
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import asyncpg
 import httpx
+import hypothesis
+import hypothesis.strategies as st
 import miniaudio
 import numpy as np
 import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 import wav2mp3
 from wav2mp3 import Settings, create_app
@@ -58,7 +68,7 @@ TAGS = {"pcm": 1, "float": 3, "alaw": 6, "mulaw": 7}
 
 def sine(seconds: float, rate: int, channels: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
     """(frames x channels) floats in [-1, 1]; channel k plays freq * (k + 1) so channels differ."""
-    t = np.arange(int(round(seconds * rate))) / rate
+    t = np.arange(round(seconds * rate)) / rate
     return np.stack([amplitude * np.sin(2 * np.pi * freq * (k + 1) * t) for k in range(channels)], axis=1)
 
 
@@ -157,13 +167,11 @@ def big_wav_stream(seconds: float, rate: int = 44100, channels: int = 2, block_s
     frames = int(seconds * rate)
     yield wav_header(rate, channels, frames * channels * 2)
     block = (sine(block_seconds, rate, channels) * 32767).astype("<i2").tobytes()
-    frame_bytes = channels * 2
-    remaining = frames * frame_bytes
+    remaining = frames * channels * 2
     while remaining > 0:
         piece = block[: min(len(block), remaining)]
         remaining -= len(piece)
         yield piece
-    _ = frame_bytes
 
 
 # MP3 decoding ####################################################################
@@ -895,9 +903,9 @@ def test_live_duplicate_name_sent_first_is_409_after_the_body(live: LiveServer) 
     assert response.status_code == 409
 
 
-async def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: LiveServer) -> None:
+def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: LiveServer) -> None:
     user = live_user(live)
-    before = await table_counts(live.database_url)
+    before = asyncio.run(table_counts(live.database_url))
     wav_bytes = 100 * 1024 * 1024  # its MP3 outgrows the in-memory spool and goes to TMPDIR
     boundary = "cut"
     credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
@@ -925,7 +933,7 @@ async def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: Live
     assert spooled, "the MP3 should have been spooled to disk before the disconnect"
     assert live.temp_files() == []
     assert list(live.tmp.iterdir()) == []
-    assert await table_counts(live.database_url) == before
+    assert asyncio.run(table_counts(live.database_url)) == before
 
 
 def test_live_large_upload_keeps_server_memory_flat(live: LiveServer) -> None:
@@ -1113,16 +1121,6 @@ async def test_block_align_that_contradicts_the_format_is_422(client: httpx.Asyn
 
 # Hardening: OpenAPI and fuzzing ##################################################
 
-import hypothesis  # noqa: E402
-import hypothesis.strategies as st  # noqa: E402
-import schemathesis  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
@@ -1488,8 +1486,6 @@ async def test_hostile_file_names_cannot_break_content_disposition(client: httpx
     assert match, disposition
     assert '"' not in match.group(1) and "\\" not in match.group(1)
     stem = re.split(r"[/\\]", filename)[-1].rsplit(".", 1)[0]
-    from urllib.parse import unquote
-
     assert unquote(match.group(2)) == stem + ".mp3"
     assert "x-evil" not in {k.lower() for k in response.headers}
 
@@ -1541,7 +1537,8 @@ async def test_error_bodies_never_carry_traces_or_sql(client: httpx.AsyncClient)
 
 def test_benchmark_quick_mode_runs_and_prints_every_figure() -> None:
     # Its values are for people to read: timing assertions do not belong in tests.
-    result = subprocess.run([sys.executable, str(HERE / "bench_wav2mp3.py"), "--quick"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    command = [sys.executable, str(HERE / "bench_wav2mp3.py"), "--quick"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
     assert {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= figures

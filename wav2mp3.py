@@ -53,7 +53,7 @@ import wave
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
@@ -566,7 +566,7 @@ class AudioPipe:
 
 def convert_upload(pipe: AudioPipe, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
     """Worker-thread side of an upload: the MP3 lands in a spooled temporary file."""
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115 -- the caller closes it
     try:
         conversion = convert_wav(pipe, spool, bitrate, quality)  # type: ignore[arg-type]
         spool.seek(0)
@@ -606,7 +606,7 @@ T = TypeVar("T")
 # creating the same tables at the same moment (PostgreSQL's catalog then reports a duplicate).
 RETRY_AT_STARTUP = (
     OSError,
-    asyncio.TimeoutError,
+    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
@@ -620,7 +620,7 @@ def _hash_token(token: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class _SQLiteConnection(sqlite3.Connection):
@@ -745,7 +745,7 @@ class Store:
                 return await operation
         except UNIQUE_VIOLATIONS:
             raise
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as error:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as error:
             log.error("database call failed: %r", error)
             raise Unavailable("database unavailable") from None
 
@@ -776,7 +776,7 @@ class Store:
             try:
                 async with self.write_lock:
                     inserted = {row["id"] for row in await self._call(self.database.fetch_all(SQL_INSERT_USERS.format(rows=rows), values))}
-            except Exception as error:  # every waiting request gets the same answer (503)
+            except Exception as error:  # noqa: BLE001 -- every waiting request gets the batch's answer (503)
                 for _, created in batch:
                     if not created.done():
                         created.set_exception(error)
@@ -1044,7 +1044,7 @@ class Upload:
                     chunk = await stream.__anext__()
             except StopAsyncIteration:
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Stalled(f"upload stalled for {self.services.settings.upload_idle_timeout:g} s") from None
             received += len(chunk)
             if received > limit:

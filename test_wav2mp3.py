@@ -1107,10 +1107,13 @@ async def test_unsupported_format_tag_is_415_naming_it(client: httpx.AsyncClient
     ],
     ids=["extensible-unknown-guid", "extensible-adpcm", "float-16", "pcm-40"],
 )
-async def test_unsupported_encodings_are_415_naming_them(client: httpx.AsyncClient, wav: bytes, message: str) -> None:
-    response = await upload(client, await new_user(client), wav)
+async def test_unsupported_encodings_are_415_naming_them(client: httpx.AsyncClient, database_url: str, wav: bytes, message: str) -> None:
+    user = await new_user(client)
+    before = await table_counts(database_url)
+    response = await upload(client, user, wav)
     assert response.status_code == 415
     assert message in response.json()["error"]
+    assert await table_counts(database_url) == before
 
 
 async def test_block_align_that_contradicts_the_format_is_422(client: httpx.AsyncClient) -> None:

@@ -444,6 +444,31 @@ async def test_upload_bitrate_field_sets_the_mp3_bitrate(client: httpx.AsyncClie
     assert body_256["size_bytes"] == pytest.approx(256000 / 8 * 4.0, rel=0.1)
 
 
+async def test_upload_bitrate_sent_after_the_audio_is_honoured(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    bitrate = b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'
+    body, headers = raw_form(audio=audio_part(make_wav(4.0, 44100, 2)), bitrate=bitrate, data=data_part(credentials))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 201, response.text
+    assert response.json()["size_bytes"] == pytest.approx(64000 / 8 * 4.0, rel=0.1)
+    mp3 = (await client.get(record_path(response.json()["url"]))).content
+    assert hashlib.sha256(mp3).hexdigest() == response.json()["sha256"]
+    rate, _, samples = decode(mp3)
+    assert_duration(len(samples), rate, 4.0)
+
+
+async def test_upload_late_bitrate_for_a_file_too_large_to_keep_is_422(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wav2mp3, "KEEP_WAV_BYTES", 100_000)
+    user = await new_user(client)
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    bitrate = b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'
+    body, headers = raw_form(data=data_part(credentials), audio=audio_part(make_wav(2.0, 44100, 2)), bitrate=bitrate)
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422
+    assert "before audio_file" in response.json()["error"]
+
+
 async def test_upload_accepts_parts_in_any_order(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
     boundary = "b0undary"
@@ -550,7 +575,7 @@ def audio_part(payload: bytes, filename: str | None = "a.wav") -> bytes:
 @pytest.mark.parametrize(
     "case",
     ["no-data", "no-audio", "data-not-json", "data-array", "ids-not-uuids", "ids-not-strings", "audio-without-filename",
-     "empty-filename", "bad-bitrate", "late-bitrate", "not-multipart", "no-closing-boundary", "two-audio-parts",
+     "empty-filename", "bad-bitrate", "not-multipart", "no-closing-boundary", "two-audio-parts",
      "filename-control-char", "filename-too-long"],
 )  # fmt: skip
 async def test_upload_malformed_request_is_422_and_stores_nothing(client: httpx.AsyncClient, database_url: str, case: str) -> None:
@@ -567,7 +592,6 @@ async def test_upload_malformed_request_is_422_and_stores_nothing(client: httpx.
         "audio-without-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename=None)),
         "empty-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename="")),
         "bad-bitrate": raw_form(bitrate=b'Content-Disposition: form-data; name="bitrate"\r\n\r\n100', data=data_part(good), audio=audio_part(wav)),
-        "late-bitrate": raw_form(data=data_part(good), audio=audio_part(wav), bitrate=b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'),
         "not-multipart": (good, {"Content-Type": "application/json"}),
         "no-closing-boundary": (raw_form(data=data_part(good), audio=audio_part(wav))[0][:-10], raw_form()[1]),
         "two-audio-parts": raw_form(data=data_part(good), audio=audio_part(wav), audio2=audio_part(wav, "b.wav")),

@@ -85,6 +85,7 @@ CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory
 READ_BLOCK_BYTES = 1024 * 1024  # PCM handed to LAME per call: amortises the thread and numpy overhead
 PIPE_CAPACITY = 4 * READ_BLOCK_BYTES  # upload bytes buffered ahead of the converter
 SPOOL_MEMORY_BYTES = 4 * MIB  # an MP3 larger than this is spooled to a temporary file
+KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for a `bitrate` sent after them
 MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
 MAX_FIELD_BYTES = 64 * 1024  # size of a non-file part (`data`, `bitrate`)
 MAX_JSON_BODY = 64 * 1024  # body of POST /users
@@ -564,18 +565,72 @@ class AudioPipe:
             self._loop.call_soon_threadsafe(self._space.set)
 
 
-def convert_upload(pipe: AudioPipe, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
-    """Worker-thread side of an upload: the MP3 lands in a spooled temporary file."""
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115 -- the caller closes it
+def _spool() -> IO[bytes]:
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115 -- its owner closes it
+
+
+class _KeepingCopy:
+    """Reads from `source` and keeps a copy of what it read, up to `limit` bytes.
+
+    Parts may come in any order, so `bitrate` can arrive after the audio has been encoded at
+    the default: the copy lets the WAV be encoded again (files up to `limit` only).
+    """
+
+    def __init__(self, source: AudioPipe, limit: int) -> None:
+        self._source, self._limit = source, limit
+        self.copy: IO[bytes] | None = _spool()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        if self.copy is not None:
+            if self.copy.tell() + len(data) > self._limit:
+                self.copy.close()
+                self.copy = None
+            else:
+                self.copy.write(data)
+        return data
+
+
+@dataclasses.dataclass
+class Converted:
+    """A finished conversion: its figures, the MP3, and maybe a copy of the WAV it came from."""
+
+    conversion: Conversion
+    mp3: IO[bytes]
+    wav_copy: IO[bytes] | None = None
+
+    def close(self) -> None:
+        self.mp3.close()
+        if self.wav_copy is not None:
+            self.wav_copy.close()
+
+
+def convert_to_spool(source: IO[bytes] | AudioPipe | _KeepingCopy, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
+    mp3 = _spool()
     try:
-        conversion = convert_wav(pipe, spool, bitrate, quality)  # type: ignore[arg-type]
-        spool.seek(0)
-        return conversion, spool
+        conversion = convert_wav(source, mp3, bitrate, quality)  # type: ignore[arg-type]
     except BaseException:
-        spool.close()
+        mp3.close()
+        raise
+    mp3.seek(0)
+    return conversion, mp3
+
+
+def convert_upload(pipe: AudioPipe, bitrate: int, quality: int, keep_wav: bool) -> Converted:
+    """Worker-thread side of an upload: the MP3 lands in a spooled temporary file."""
+    source = _KeepingCopy(pipe, KEEP_WAV_BYTES) if keep_wav else pipe
+    try:
+        conversion, mp3 = convert_to_spool(source, bitrate, quality)
+    except BaseException:
+        if isinstance(source, _KeepingCopy) and source.copy is not None:
+            source.copy.close()
         raise
     finally:
         pipe.reader_done()
+    wav_copy = source.copy if isinstance(source, _KeepingCopy) else None
+    if wav_copy is not None:
+        wav_copy.seek(0)
+    return Converted(conversion, mp3, wav_copy)
 
 
 # SQL ################################################################################
@@ -986,11 +1041,13 @@ class Upload:
         self.part: str | None = None  # name of the part being received, if one we use
         self.field = bytearray()
         self.parts = 0
+        self.received = 0  # body bytes read so far
         self.complete = False
         self.refusal: HTTPError | None = None
         self.user_id: str | None = None
         self.credentials_ok = False
-        self.bitrate: int | None = None
+        self.bitrate: int | None = None  # from the form, if sent
+        self.encoded_bitrate = 0  # what the conversion under way uses
         self.filename: str | None = None
         self.pipe: AudioPipe | None = None
         self.conversion: asyncio.Future[tuple[Conversion, IO[bytes]]] | None = None
@@ -1036,7 +1093,6 @@ class Upload:
         declared = self.request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise TooLarge(f"request body is larger than the {limit // MIB} MiB limit")
-        received = 0
         stream = self.request.stream().__aiter__()
         while True:
             try:
@@ -1046,8 +1102,8 @@ class Upload:
                 break
             except TimeoutError:
                 raise Stalled(f"upload stalled for {self.services.settings.upload_idle_timeout:g} s") from None
-            received += len(chunk)
-            if received > limit:
+            self.received += len(chunk)
+            if self.received > limit:
                 raise TooLarge(f"request body is larger than the {limit // MIB} MiB limit")
             if self.parser is None:
                 continue
@@ -1110,8 +1166,6 @@ class Upload:
         elif part == "data":
             await self._check_credentials(bytes(self.field))
         elif part == "bitrate":
-            if self.pipe is not None:
-                raise Invalid("the bitrate part must come before audio_file")
             text = self.field.decode("latin-1").strip()
             if not text.isdigit() or int(text) not in MP3_BITRATES:
                 raise Invalid(f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))}")
@@ -1142,11 +1196,17 @@ class Upload:
     def _start_conversion(self) -> None:
         settings = self.services.settings
         self.pipe = AudioPipe()
+        self.encoded_bitrate = self.bitrate or settings.mp3_bitrate
         self.conversion = asyncio.get_running_loop().run_in_executor(
-            self.services.converters, convert_upload, self.pipe, self.bitrate or settings.mp3_bitrate, settings.mp3_quality
+            self.services.converters,
+            convert_upload,
+            self.pipe,
+            self.encoded_bitrate,
+            settings.mp3_quality,
+            self.bitrate is None,  # no bitrate yet: one may still come, keep the WAV
         )
 
-    async def result(self) -> tuple[Conversion, IO[bytes]]:
+    async def result(self) -> Converted:
         """After the body: the finished conversion, or the error that answers the request."""
         if self.refusal is not None:
             raise self.refusal
@@ -1156,17 +1216,28 @@ class Upload:
             raise Invalid("the data part is missing")
         if self.conversion is None:
             raise Invalid("the audio_file part is missing")
-        return await self.conversion
+        converted = await self.conversion
+        if self.bitrate is None or self.bitrate == self.encoded_bitrate:
+            return converted
+        # `bitrate` came after the audio: encode the kept WAV again, at the asked bitrate.
+        if converted.wav_copy is None:
+            raise Invalid(f"send the bitrate part before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
+        converted.mp3.close()
+        loop = asyncio.get_running_loop()
+        quality = self.services.settings.mp3_quality
+        converted.conversion, converted.mp3 = await loop.run_in_executor(
+            self.services.converters, convert_to_spool, converted.wav_copy, self.bitrate, quality
+        )
+        return converted
 
     async def discard(self) -> None:
-        """Whatever happened, leave nothing behind: stop the converter and drop its spool."""
+        """Whatever happened, leave nothing behind: stop the converter and drop its spools."""
         if self.conversion is None:
             return
         if self.pipe is not None and not self.conversion.done():
             self.pipe.abort()
         with contextlib.suppress(BaseException):
-            _, spool = await self.conversion
-            spool.close()
+            (await self.conversion).close()
 
     async def drain(self, limit: int) -> None:
         """Read and drop up to `limit` more bytes, so a client still sending can read our answer."""
@@ -1215,14 +1286,17 @@ async def upload_wav(request: Request) -> Response:
     """Upload a WAV (multipart: data, audio_file, optional bitrate): 201 with the MP3's link."""
     services = services_of(request)
     upload = Upload(request, services)
-    spool: IO[bytes] | None = None
     try:
         try:
             await upload.receive()
         except TooLarge:
-            await upload.drain(DRAIN_LIMIT_BYTES)
+            # A client that asked "Expect: 100-continue" waits for our verdict before sending
+            # the body: answer at once. Any other client is mid-body: read some of it first.
+            if request.headers.get("expect", "").lower() != "100-continue" or upload.received:
+                await upload.drain(DRAIN_LIMIT_BYTES)
             raise
-        conversion, spool = await upload.result()
+        converted = await upload.result()
+        conversion = converted.conversion
         assert upload.user_id is not None and upload.filename is not None and upload.pipe is not None
         record_id = str(uuid.uuid4())
         record = {
@@ -1234,13 +1308,11 @@ async def upload_wav(request: Request) -> Response:
             "sha256": conversion.sha256,
             "created_at": _now(),
         }
-        await services.store.save_record(record, spool)
+        await services.store.save_record(record, converted.mp3)
     except ClientDisconnect:
         log.info("upload abandoned: client disconnected mid-upload; nothing stored")
         return Response(status_code=400)
     finally:
-        if spool is not None:
-            spool.close()
         await upload.discard()
     log.info(
         "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",

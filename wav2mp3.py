@@ -566,7 +566,8 @@ class AudioPipe:
 
 
 def _spool() -> IO[bytes]:
-    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115 -- its owner closes it
+    """In memory up to SPOOL_MEMORY_BYTES, then an unnamed file on disk; its owner closes it."""
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
 
 
 class _KeepingCopy:

@@ -750,10 +750,12 @@ class Store:
         self._user_writer: asyncio.Task[None] | None = None
         # SQLite has one writer at a time; queueing our writes here spares them the busy
         # handler's sleeps (it polls with growing naps). Other processes still meet the
-        # 30 s busy timeout. PostgreSQL takes concurrent writers as they come.
+        # busy timeout. PostgreSQL takes concurrent writers as they come.
         self.write_lock: asyncio.Lock | contextlib.AbstractAsyncContextManager[None]
         if self.is_sqlite:
-            options: dict[str, Any] = {"factory": _SQLiteConnection, "timeout": 30.0}
+            # The busy timeout ends a blocked statement a little before `_call` gives up on it, so
+            # nothing commits after its request has been answered 503.
+            options: dict[str, Any] = {"factory": _SQLiteConnection, "timeout": 0.9 * timeout}
             self.database = databases.Database(url)
             self.sqlite_pool = _SQLitePool(databases.DatabaseURL(url).database, 32, **options)
             self.database._backend._pool = self.sqlite_pool  # type: ignore[attr-defined]

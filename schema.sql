@@ -1,4 +1,5 @@
 -- wav2mp3 schema: applied at every start-up, so every statement is idempotent.
+-- The service splits this file on semicolons: keep them out of comments.
 -- Portable: the same text runs on SQLite and PostgreSQL. UUIDs and timestamps (ISO 8601,
 -- UTC) are TEXT, BYTEA is PostgreSQL's binary type, and SQLite stores the bytes as a BLOB.
 

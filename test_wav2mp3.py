@@ -1053,6 +1053,25 @@ async def test_real_world_wav_shapes_convert(client: httpx.AsyncClient, name: st
     assert dominant_frequency(samples[:, 0], rate) == pytest.approx(440, abs=4)
 
 
+def rf64(wav: bytes, magic: bytes = b"RF64") -> bytes:
+    """A canonical WAV rewritten as RF64/BW64: sizes 0xFFFFFFFF, the real ones in a ds64 chunk."""
+    data_at = wav.index(b"data")
+    data_size = struct.unpack("<L", wav[data_at + 4 : data_at + 8])[0]
+    ds64 = riff_chunk(b"ds64", struct.pack("<QQQL", len(wav) - 8, data_size, data_size // 4, 0))
+    return magic + b"\xff\xff\xff\xffWAVE" + ds64 + wav[12:data_at] + b"data\xff\xff\xff\xff" + wav[data_at + 8 :]
+
+
+@pytest.mark.parametrize("magic", [b"RF64", b"BW64"])
+async def test_rf64_and_bw64_use_the_ds64_data_size(client: httpx.AsyncClient, magic: bytes) -> None:
+    # A LIST chunk after the data: read as audio it would lengthen the file.
+    wav = rf64(make_wav(1.5, 48000, 2, after_data=riff_chunk(b"LIST", b"INFO" + bytes(4000))), magic)
+    body, mp3 = await uploaded(client, wav, "long-take.wav")
+    assert body["duration_seconds"] == pytest.approx(1.5)
+    rate, channels, samples = decode(mp3)
+    assert (rate, channels) == (48000, 2)
+    assert_duration(len(samples), rate, 1.5)
+
+
 async def test_streamed_wav_with_a_trailing_partial_frame_converts_whole_frames(client: httpx.AsyncClient) -> None:
     wav = make_wav(1.0, 16000, 2, data_size=0xFFFFFFFF, riff_size=0xFFFFFFFF) + b"\x01"
     body, _ = await uploaded(client, wav)
@@ -1198,6 +1217,7 @@ def seed_wavs() -> list[bytes]:
         make_wav(0.05, 8000, 1, "mulaw", 8),
         make_wav(0.05, 48000, 6, "pcm", 16, extensible=True, mask=0x3F),
         make_wav(0.05, 16000, 1, before_data=riff_chunk(b"LIST", b"INFOx"), data_size=0xFFFFFFFF),
+        rf64(make_wav(0.05, 16000, 2)),
     ]
 
 

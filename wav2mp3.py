@@ -231,6 +231,9 @@ ENCODINGS = {
     WAVE_FORMAT_ALAW: ("A-law", (1,)),
     WAVE_FORMAT_MULAW: ("mu-law", (1,)),
 }
+# RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are WAV with 64-bit sizes, for files past 4 GiB.
+RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64")
+MAX_DS64_BYTES = 4096  # 28 bytes and a table of 12-byte entries, empty in practice
 MIN_RATE, MAX_RATE = 8000, 192000
 STREAMED_SIZES = (0, 0xFFFFFFFF)  # what recorders write before they know the length
 UNBOUNDED = 1 << 62
@@ -288,24 +291,47 @@ class WavReader(wave.Wave_read):
         head = file.read(12)
         if not head:
             raise InvalidWav("audio_file is empty (0 bytes)")
-        if head[:4] != b"RIFF"[: len(head)] or (len(head) >= 12 and head[8:12] != b"WAVE"):
+        magic = head[:4]
+        if not any(known.startswith(magic) for known in RIFF_MAGICS) or (len(head) >= 12 and head[8:12] != b"WAVE"):
             raise UnsupportedWav("audio_file is not a RIFF/WAVE file")
         if len(head) < 12:
             raise InvalidWav("WAV header is truncated")
         # The RIFF size only bounds the chunk walk, and streamed or stale files get it wrong:
         # let the walk run to the end of the upload instead.
+        prefix = b"RIFF\xff\xff\xff\xffWAVE"
+        ds64_data_bytes = None
+        if magic != b"RIFF":
+            ds64_data_bytes, unread = self._read_ds64(file)
+            prefix += unread
         try:
-            super().initfp(_Prefixed(b"RIFF\xff\xff\xff\xffWAVE", file))
+            super().initfp(_Prefixed(prefix, file))
         except (wave.Error, EOFError) as error:
             missing = "missing fmt chunk" if not getattr(self, "_fmt_chunk_read", 0) else str(error)
             raise InvalidWav(f"WAV header is corrupt or truncated: {missing}") from None
         self._file.chunksize = UNBOUNDED
         data = self._data_chunk
+        if data.chunksize == 0xFFFFFFFF and ds64_data_bytes is not None:
+            data.chunksize = ds64_data_bytes
         if data.chunksize in STREAMED_SIZES:
             data.chunksize = UNBOUNDED
             self.declared_data_bytes = None
         else:
             self.declared_data_bytes = data.chunksize
+
+    @staticmethod
+    def _read_ds64(file: IO[bytes]) -> tuple[int | None, bytes]:
+        """RF64/BW64 keep 64-bit sizes in a ds64 chunk right after the header (EBU Tech 3306 §2):
+        the data size, or None, and any bytes read that were not a ds64 chunk."""
+        chunk_head = file.read(8)
+        if chunk_head[:4] != b"ds64" or len(chunk_head) < 8:
+            return None, chunk_head
+        size = struct.unpack("<L", chunk_head[4:])[0]
+        if not 16 <= size <= MAX_DS64_BYTES:
+            raise InvalidWav(f"WAV header is corrupt: ds64 chunk of {size} bytes")
+        ds64 = file.read(size + (size & 1))
+        if len(ds64) < 16:
+            raise InvalidWav("WAV header is truncated: ds64 chunk")
+        return struct.unpack("<Q", ds64[8:16])[0], b""
 
     def _read_fmt_chunk(self, chunk: Any) -> None:
         # WAVEFORMATEX, then for EXTENSIBLE: cbSize, valid bits, channel mask, sub-format GUID.

@@ -276,6 +276,20 @@ async def upload(client: httpx.AsyncClient, user: dict[str, str], wav: bytes, fi
     return await client.post("/users/wav", **upload_form(user, wav, filename, **fields))
 
 
+def raw_form(boundary: str = "bnd", **parts: bytes) -> tuple[bytes, dict[str, str]]:
+    body = b"".join(f"--{boundary}\r\n".encode() + header_and_payload + b"\r\n" for header_and_payload in parts.values())
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def data_part(payload: bytes) -> bytes:
+    return b'Content-Disposition: form-data; name="data"\r\n\r\n' + payload
+
+
+def audio_part(payload: bytes, filename: str | None = "a.wav") -> bytes:
+    name = b'form-data; name="audio_file"' + (f'; filename="{filename}"'.encode() if filename is not None else b"")
+    return b"Content-Disposition: " + name + b"\r\n\r\n" + payload
+
+
 def record_path(url: str) -> str:
     return "/record" + url.split("/record", 1)[1]
 
@@ -471,19 +485,10 @@ async def test_upload_late_bitrate_for_a_file_too_large_to_keep_is_422(client: h
 
 async def test_upload_accepts_parts_in_any_order(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
-    boundary = "b0undary"
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
-    body = multipart_body(boundary, [("audio_file", "late.wav", make_wav(0.5)), ("data", None, credentials.encode())])
-    response = await client.post("/users/wav", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
+    body, headers = raw_form(audio=audio_part(make_wav(0.5), "late.wav"), data=data_part(credentials))
+    response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 201, response.text
-
-
-def multipart_body(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
-    out = b""
-    for name, filename, payload in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
-        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + payload + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
 
 
 async def test_upload_strips_directories_from_the_file_name(client: httpx.AsyncClient) -> None:
@@ -524,8 +529,8 @@ async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: 
     user = await new_user(client)
     assert (await upload(client, user, make_wav(0.5), "a.wav")).status_code == 201
     credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    body = multipart_body("xyz", [("audio_file", "a.wav", make_wav(0.5)), ("data", None, credentials)])
-    response = await client.post("/users/wav", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    body, headers = raw_form(audio=audio_part(make_wav(0.5), "a.wav"), data=data_part(credentials))
+    response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 409
 
 
@@ -556,20 +561,6 @@ async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert await table_counts(database_url) == before
-
-
-def raw_form(boundary: str = "bnd", **parts: bytes) -> tuple[bytes, dict[str, str]]:
-    body = b"".join(f"--{boundary}\r\n".encode() + header_and_payload + b"\r\n" for header_and_payload in parts.values())
-    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def data_part(payload: bytes) -> bytes:
-    return b'Content-Disposition: form-data; name="data"\r\n\r\n' + payload
-
-
-def audio_part(payload: bytes, filename: str | None = "a.wav") -> bytes:
-    name = b'form-data; name="audio_file"' + (f'; filename="{filename}"'.encode() if filename is not None else b"")
-    return b"Content-Disposition: " + name + b"\r\n\r\n" + payload
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,11 @@ class Conflict(HTTPError):
     status = 409
 
 
+class NameTaken(Conflict):
+    def __init__(self, filename: str) -> None:
+        super().__init__(f"this user already has a record from a file named {filename!r}")
+
+
 class TooLarge(HTTPError):
     status = 413
 
@@ -893,7 +898,7 @@ class Store:
                         seq += 1
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
         except UNIQUE_VIOLATIONS:
-            raise Conflict(f"this user already has a record from a file named {record['filename']!r}") from None
+            raise NameTaken(record["filename"]) from None
 
     async def find_record(self, record_id: str, user_id: str) -> StoredRecord | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_RECORD, {"id": record_id, "user_id": user_id}))
@@ -1220,7 +1225,7 @@ class Upload:
         # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
         assert self.user_id is not None and self.filename is not None
         if await self.services.store.record_name_taken(self.user_id, self.filename):
-            raise Conflict(f"this user already has a record from a file named {self.filename!r}")
+            raise NameTaken(self.filename)
 
     def _start_conversion(self) -> None:
         settings = self.services.settings

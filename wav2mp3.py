@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -55,7 +56,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
@@ -118,7 +119,7 @@ class Settings:
         settings = cls(
             database_url=env.get("DATABASE_URL") or defaults.database_url,
             public_url=env.get("PUBLIC_URL", "").rstrip("/"),
-            max_upload_bytes=_env_int(env, "MAX_UPLOAD_MB", 4096) * MIB,
+            max_upload_bytes=_env_int(env, "MAX_UPLOAD_MB", defaults.max_upload_bytes // MIB) * MIB,
             mp3_bitrate=_env_int(env, "MP3_BITRATE", defaults.mp3_bitrate),
             mp3_quality=_env_int(env, "MP3_QUALITY", defaults.mp3_quality),
             max_conversions=_env_int(env, "MAX_CONVERSIONS", defaults.max_conversions),
@@ -249,6 +250,12 @@ def format_name(tag: int) -> str:
     return f"{name} (format tag 0x{tag:04X})"
 
 
+class Readable(Protocol):
+    """All the WAV reader needs from its source: a file, the upload pipe, or a copy of it."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class WavFormat:
     encoding: int  # one of ENCODINGS
@@ -265,7 +272,7 @@ class WavFormat:
 class _Prefixed:
     """Reads `prefix`, then the rest of `file`: how WavReader hands stdlib wave a patched header."""
 
-    def __init__(self, prefix: bytes, file: IO[bytes]) -> None:
+    def __init__(self, prefix: bytes, file: Readable) -> None:
         self._prefix = prefix
         self._file = file
 
@@ -292,7 +299,7 @@ class WavReader(wave.Wave_read):
     format: WavFormat
     declared_data_bytes: int | None  # None: streamed, read to the end
 
-    def initfp(self, file: IO[bytes]) -> None:  # type: ignore[override]
+    def initfp(self, file: Readable) -> None:  # type: ignore[override]
         head = file.read(12)
         if not head:
             raise InvalidWav("audio_file is empty (0 bytes)")
@@ -309,12 +316,13 @@ class WavReader(wave.Wave_read):
             ds64_data_bytes, unread = self._read_ds64(file)
             prefix += unread
         try:
-            super().initfp(_Prefixed(prefix, file))
+            super().initfp(_Prefixed(prefix, file))  # type: ignore[misc]  # typeshed omits initfp
         except (wave.Error, EOFError) as error:
             missing = "missing fmt chunk" if not getattr(self, "_fmt_chunk_read", 0) else str(error)
             raise InvalidWav(f"WAV header is corrupt or truncated: {missing}") from None
-        self._file.chunksize = UNBOUNDED
-        data = self._data_chunk
+        # stdlib's private chunk objects (the same in 3.11's chunk.Chunk and 3.13's wave._Chunk)
+        self._file.chunksize = UNBOUNDED  # type: ignore[attr-defined]
+        data = self._data_chunk  # type: ignore[attr-defined]
         if data.chunksize == 0xFFFFFFFF and ds64_data_bytes is not None:
             data.chunksize = ds64_data_bytes
         if data.chunksize in STREAMED_SIZES:
@@ -324,7 +332,7 @@ class WavReader(wave.Wave_read):
             self.declared_data_bytes = data.chunksize
 
     @staticmethod
-    def _read_ds64(file: IO[bytes]) -> tuple[int | None, bytes]:
+    def _read_ds64(file: Readable) -> tuple[int | None, bytes]:
         """RF64/BW64 keep 64-bit sizes in a ds64 chunk right after the header (EBU Tech 3306 §2):
         the data size, or None, and any bytes read that were not a ds64 chunk."""
         chunk_head = file.read(8)
@@ -423,6 +431,7 @@ SPEAKER_GAINS = {
 }
 
 
+@functools.lru_cache(maxsize=64)
 def downmix_matrix(channels: int, mask: int) -> np.ndarray:
     """(channels x 2) gains folding any layout to stereo; channels beyond the mask go to both sides."""
     bits = [bit for bit in range(32) if mask >> bit & 1] if mask else list(range(channels))
@@ -470,7 +479,6 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat) -> bytes:
 class Conversion:
     frames: int
     rate: int
-    channels: int
     mp3_bytes: int
     sha256: str
     seconds: float  # wall time of the conversion
@@ -480,10 +488,10 @@ class Conversion:
         return self.frames / self.rate
 
 
-def convert_wav(source: IO[bytes], sink: IO[bytes], bitrate: int, quality: int) -> Conversion:
+def convert_wav(source: Readable, sink: IO[bytes], bitrate: int, quality: int) -> Conversion:
     """Read a WAV from `source` (read(n) only), write its MP3 to `sink`, block by block."""
     started = time.perf_counter()
-    reader = WavReader(source)
+    reader = WavReader(source)  # type: ignore[arg-type]  # wave only calls read()
     fmt = reader.format
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate)
@@ -512,7 +520,7 @@ def convert_wav(source: IO[bytes], sink: IO[bytes], bitrate: int, quality: int) 
     if frames == 0:
         raise InvalidWav("WAV has no audio frames")
     emit(encoder.flush())
-    return Conversion(frames, fmt.rate, fmt.channels, mp3_bytes, digest.hexdigest(), time.perf_counter() - started)
+    return Conversion(frames, fmt.rate, mp3_bytes, digest.hexdigest(), time.perf_counter() - started)
 
 
 # Streaming plumbing #################################################################
@@ -608,19 +616,29 @@ class _KeepingCopy:
     the default: the copy lets the WAV be encoded again (files up to `limit` only).
     """
 
-    def __init__(self, source: AudioPipe, limit: int) -> None:
+    def __init__(self, source: Readable, limit: int) -> None:
         self._source, self._limit = source, limit
         self.copy: IO[bytes] | None = _spool()
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1, /) -> bytes:
         data = self._source.read(size)
         if self.copy is not None:
             if self.copy.tell() + len(data) > self._limit:
-                self.copy.close()
-                self.copy = None
+                self.discard()
             else:
                 self.copy.write(data)
         return data
+
+    def discard(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+            self.copy = None
+
+    def rewound(self) -> IO[bytes] | None:
+        """The whole WAV, ready to read again, or None if it outgrew `limit`."""
+        if self.copy is not None:
+            self.copy.seek(0)
+        return self.copy
 
 
 @dataclasses.dataclass
@@ -637,10 +655,10 @@ class Converted:
             self.wav_copy.close()
 
 
-def convert_to_spool(source: IO[bytes] | AudioPipe | _KeepingCopy, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
+def convert_to_spool(source: Readable, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
     mp3 = _spool()
     try:
-        conversion = convert_wav(source, mp3, bitrate, quality)  # type: ignore[arg-type]
+        conversion = convert_wav(source, mp3, bitrate, quality)
     except BaseException:
         mp3.close()
         raise
@@ -650,19 +668,16 @@ def convert_to_spool(source: IO[bytes] | AudioPipe | _KeepingCopy, bitrate: int,
 
 def convert_upload(pipe: AudioPipe, bitrate: int, quality: int, keep_wav: bool) -> Converted:
     """Worker-thread side of an upload: the MP3 lands in a spooled temporary file."""
-    source = _KeepingCopy(pipe, KEEP_WAV_BYTES) if keep_wav else pipe
+    keeper = _KeepingCopy(pipe, KEEP_WAV_BYTES) if keep_wav else None
     try:
-        conversion, mp3 = convert_to_spool(source, bitrate, quality)
+        conversion, mp3 = convert_to_spool(keeper or pipe, bitrate, quality)
     except BaseException:
-        if isinstance(source, _KeepingCopy) and source.copy is not None:
-            source.copy.close()
+        if keeper is not None:
+            keeper.discard()
         raise
     finally:
         pipe.reader_done()
-    wav_copy = source.copy if isinstance(source, _KeepingCopy) else None
-    if wav_copy is not None:
-        wav_copy.seek(0)
-    return Converted(conversion, mp3, wav_copy)
+    return Converted(conversion, mp3, keeper.rewound() if keeper is not None else None)
 
 
 # SQL ################################################################################
@@ -1068,7 +1083,7 @@ class Upload:
         self.header_value = bytearray()
         try:
             self.parser: MultipartParser | None = MultipartParser(
-                boundary, self._callbacks(), max_header_count=16, max_header_size=8192
+                boundary, self._callbacks(), max_header_count=16, max_header_size=8192  # type: ignore[arg-type]
             )
         except ValueError:
             raise Invalid("multipart boundary is invalid") from None
@@ -1084,7 +1099,7 @@ class Upload:
         self.encoded_bitrate = 0  # what the conversion under way uses
         self.filename: str | None = None
         self.pipe: AudioPipe | None = None
-        self.conversion: asyncio.Future[tuple[Conversion, IO[bytes]]] | None = None
+        self.conversion: asyncio.Future[Converted] | None = None
 
     def _callbacks(self) -> dict[str, Callable[..., None]]:
         events = self.events

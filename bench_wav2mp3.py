@@ -20,8 +20,6 @@ import json
 import os
 import socket
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +33,7 @@ import lameenc
 import numpy as np
 
 import wav2mp3
+from conftest import LiveServer, credentials, form_part, music, pcm16, wav_header
 
 HERE = Path(__file__).parent
 RATE, CHANNELS = 44100, 2
@@ -44,31 +43,17 @@ BITRATE, QUALITY = 128, 3
 # WAV generation ##################################################################
 
 
-def pcm_block(seconds: float, rate: int = RATE, channels: int = CHANNELS) -> bytes:
-    """Music-like test audio (two tones and a little noise), 16-bit interleaved."""
-    t = np.arange(int(seconds * rate)) / rate
-    rng = np.random.default_rng(1)
-    mono = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t) + 0.05 * rng.standard_normal(len(t))
-    return (np.repeat(mono[:, None], channels, axis=1) * 32767).astype("<i2").tobytes()
-
-
-def wav_header(data_bytes: int, rate: int = RATE, channels: int = CHANNELS) -> bytes:
-    block = channels * 2
-    fmt = struct.pack("<HHLLHH", 1, channels, rate, rate * block, block, 16)
-    return b"RIFF" + struct.pack("<L", 36 + data_bytes) + b"WAVEfmt " + struct.pack("<L", 16) + fmt + b"data" + struct.pack("<L", data_bytes)
-
-
 class Wav:
-    """A WAV of `seconds`, produced piece by piece from one repeated block of audio."""
+    """A WAV of `seconds` of music-like audio, produced piece by piece from one repeated block."""
 
     def __init__(self, seconds: float, rate: int = RATE, channels: int = CHANNELS) -> None:
         self.rate, self.channels = rate, channels
-        self.block = pcm_block(min(seconds, 10.0), rate, channels)
+        self.block = pcm16(music(min(seconds, 10.0), rate, channels))
         self.data_bytes = int(seconds * rate) * channels * 2
-        self.header = wav_header(self.data_bytes, rate, channels)
+        self.header = wav_header(rate, channels, self.data_bytes)
         self.size = len(self.header) + self.data_bytes
 
-    def pieces(self, piece: int = 256 * 1024) -> Iterator[bytes]:
+    def pieces(self, piece: int = 256 * 1024) -> Iterator[bytes | memoryview]:
         yield self.header
         remaining = self.data_bytes
         view = memoryview(self.block)
@@ -79,7 +64,7 @@ class Wav:
             remaining -= take
             offset = (offset + take) % len(view)
 
-    def pcm_pieces(self, piece: int = wav2mp3.READ_BLOCK_BYTES) -> Iterator[bytes]:
+    def pcm_pieces(self, piece: int = wav2mp3.ENCODE_BLOCK_BYTES) -> Iterator[bytes | memoryview]:
         chunks = self.pieces(piece)
         next(chunks)
         return chunks
@@ -103,45 +88,11 @@ def bare_encode_seconds(wav: Wav) -> float:
 # The server and raw HTTP ########################################################
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, directory: Path, database_url: str, *args: str) -> None:
-        self.port = free_port()
-        self.log = open(directory / f"server-{self.port}.log", "wb")  # noqa: SIM115 -- closed in stop()
-        command = [sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
-        env = {**os.environ, "TMPDIR": str(directory)}
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if request(self.port, "GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
+class Server(LiveServer):
+    """The service on a loopback port (conftest's LiveServer), measured through /proc."""
 
     def status_kib(self, field: str) -> int:
-        """VmHWM/VmRSS of the server process (summed over its worker children with --workers)."""
-        pids = [self.process.pid]
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
-        total = 0
-        for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
-        return total
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-        self.log.close()
+        return self.proc_status(field)
 
 
 def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
@@ -189,19 +140,16 @@ class Upload:
 def upload(port: int, user: dict[str, str], wav: Wav, pace_bytes_per_second: float | None = None) -> Upload:
     """POST /users/wav from a raw socket; optionally paced like a slow client."""
     boundary = uuid.uuid4().hex
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="data"\r\n\r\n{credentials}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{uuid.uuid4().hex}.wav"\r\n'
-        "Content-Type: audio/wav\r\n\r\n"
-    ).encode()
+    head = f"--{boundary}\r\n".encode() + form_part("data", credentials(user)) + f"\r\n--{boundary}\r\n".encode()
+    head += form_part("audio_file", b"", f"{uuid.uuid4().hex}.wav")
     tail = f"\r\n--{boundary}--\r\n".encode()
     length = len(head) + wav.size + len(tail)
     with socket.create_connection(("127.0.0.1", port)) as sock:
         started = time.perf_counter()
         sock.sendall(
             f"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {length}\r\n\r\n".encode() + head
+            f"Content-Length: {length}\r\n\r\n".encode()
+            + head
         )
         sent = 0
         for piece in wav.pieces():
@@ -299,9 +247,7 @@ def b3_b4_parallel(server: Server, rounds: int) -> tuple[Figure, Figure]:
 
     def seconds_for(parallel: int) -> float:
         """`parallel` clients each uploading `rounds` times back to back: steady-state throughput."""
-        threads = [
-            threading.Thread(target=lambda user=users[i]: [upload(server.port, user, wav) for _ in range(rounds)]) for i in range(parallel)
-        ]
+        threads = [threading.Thread(target=lambda user=users[i]: [upload(server.port, user, wav) for _ in range(rounds)]) for i in range(parallel)]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -323,7 +269,9 @@ def b3_b4_parallel(server: Server, rounds: int) -> tuple[Figure, Figure]:
     p99 = float(np.percentile(latencies, 99)) * 1000
     return (
         Figure("B3", f"two 60 s uploads at once vs one: {two:.2f} vs {one:.2f} uploads/s", f"{ratio:.2f}", ">= 1.8", ratio >= 1.8),
-        Figure("B4", f"GET /health p99 during B3 ({len(latencies)} probes, max {max(latencies) * 1000:.1f} ms)", f"{p99:.1f} ms", "<= 25 ms", p99 <= 25),
+        Figure(
+            "B4", f"GET /health p99 during B3 ({len(latencies)} probes, max {max(latencies) * 1000:.1f} ms)", f"{p99:.1f} ms", "<= 25 ms", p99 <= 25
+        ),
     )
 
 
@@ -445,7 +393,7 @@ def conversion_costs(seconds: float) -> list[tuple[str, float, float]]:
             raw = (rng.uniform(-0.5, 0.5, frames * channels)).astype("<f4" if width == 4 else "<f8").tobytes()
         else:
             raw = rng.integers(0, 256, frames * channels * width, dtype=np.uint8).tobytes()
-        step = max(1, wav2mp3.READ_BLOCK_BYTES // fmt.frame_size) * fmt.frame_size
+        step = max(1, wav2mp3.ENCODE_BLOCK_BYTES // fmt.frame_size) * fmt.frame_size
         started = time.perf_counter()
         pcm = [wav2mp3.to_pcm16(memoryview(raw)[i : i + step], fmt) for i in range(0, len(raw), step)]
         converted = time.perf_counter() - started
@@ -491,7 +439,9 @@ def main() -> None:
         one, two = b8_workers(directory, 4 if quick else 12)
         figures.append(Figure("B8", f"--workers 2 vs 1, 4 clients: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", ">= 1.8", two / one >= 1.8))
         one, two = b8_workers(directory, 4 if quick else 12, ("--max-conversions", "1"))
-        figures.append(Figure("B8b", f"same, one conversion per worker: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", "process scaling", None))
+        figures.append(
+            Figure("B8b", f"same, one conversion per worker: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", "process scaling", None)
+        )
 
     print(f"wav2mp3 benchmark ({'quick' if quick else 'full'}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     print(f"{'id':4} | {'value':>10} | {'goal':<32} | {'met':4} | what")

@@ -2,8 +2,8 @@
 
 Runs on SQLite by default; set TEST_DATABASE_URL=postgresql://... to run on PostgreSQL.
 Most tests drive the app in-process with httpx's ASGI transport; the streaming, early-answer,
-disconnect and memory tests run `python wav2mp3.py` as a real uvicorn server on loopback.
-WAVs are generated here with struct/numpy; MP3s are decoded with miniaudio.
+disconnect, memory and fuzzing tests run `python wav2mp3.py` as a real uvicorn server on
+loopback. WAVs are generated in code (conftest.py); MP3s are decoded with miniaudio.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
-import json
-import math
+import logging
 import os
 import re
 import shutil
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -31,11 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-import asyncpg
+import aiosqlite
 import httpx
 import hypothesis
 import hypothesis.strategies as st
-import miniaudio
 import numpy as np
 import pytest
 import schemathesis
@@ -46,262 +42,44 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from starlette.exceptions import HTTPException
 
 import wav2mp3
-from wav2mp3 import Settings, create_app
+from conftest import (
+    HERE,
+    KSDATAFORMAT_SUFFIX,
+    TEST_DATABASE_URL,
+    LiveServer,
+    assert_duration,
+    assert_no_orphans,
+    convert,
+    credentials,
+    db_rows,
+    decode,
+    dominant_frequency,
+    form_part,
+    free_port,
+    long_wav,
+    make_wav,
+    multipart,
+    new_user,
+    patch,
+    record_path,
+    rf64,
+    riff_chunk,
+    rms_dbfs,
+    running_app,
+    sine,
+    streamed_upload,
+    table_counts,
+    unique_name,
+    upload,
+    upload_form,
+    uploaded,
+    wav_header,
+)
 
-HERE = Path(__file__).parent
-TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-# WAV building ####################################################################
-
-KSDATAFORMAT_SUFFIX = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
-TAGS = {"pcm": 1, "float": 3, "alaw": 6, "mulaw": 7}
-
-
-def sine(seconds: float, rate: int, channels: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
-    """(frames x channels) floats in [-1, 1]; channel k plays freq * (k + 1) so channels differ."""
-    t = np.arange(round(seconds * rate)) / rate
-    return np.stack([amplitude * np.sin(2 * np.pi * freq * (k + 1) * t) for k in range(channels)], axis=1)
-
-
-def mulaw_encode(x: np.ndarray) -> np.ndarray:
-    """ITU-T G.711 mu-law from 16-bit PCM (the classic Sun g711.c algorithm, vectorised)."""
-    pcm = x.astype(np.int32)
-    sign = np.where(pcm < 0, 0x80, 0)
-    magnitude = np.minimum(np.abs(pcm), 32635) + 0x84
-    exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
-    mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
-
-
-def alaw_encode(x: np.ndarray) -> np.ndarray:
-    """ITU-T G.711 A-law from 16-bit PCM (Sun g711.c: 13-bit magnitude, segment, 4-bit step)."""
-    pcm = x.astype(np.int32) >> 3
-    mask = np.where(pcm >= 0, 0xD5, 0x55)
-    magnitude = np.where(pcm >= 0, pcm, -pcm - 1)
-    segment = np.clip(np.floor(np.log2(np.maximum(magnitude, 1))).astype(np.int32) - 4, 0, 7)
-    segment = np.where(magnitude < 32, 0, segment)
-    step = np.where(segment < 2, magnitude >> 1, magnitude >> segment) & 0x0F
-    code = np.where(magnitude > 0xFFF, 0x7F, (segment << 4) | step)
-    return ((code ^ mask) & 0xFF).astype(np.uint8)
-
-
-def encode_samples(signal: np.ndarray, encoding: str, bits: int) -> bytes:
-    """Interleave and encode (frames x channels) floats as a WAV data chunk would hold them."""
-    x = signal.reshape(-1)
-    if encoding == "float":
-        return x.astype("<f4" if bits == 32 else "<f8").tobytes()
-    pcm16 = np.round(x * 32767).astype(np.int16)
-    if encoding == "alaw":
-        return alaw_encode(pcm16).tobytes()
-    if encoding == "mulaw":
-        return mulaw_encode(pcm16).tobytes()
-    if bits == 8:
-        return (np.round(x * 127) + 128).astype(np.uint8).tobytes()
-    if bits == 16:
-        return pcm16.astype("<i2").tobytes()
-    if bits == 24:
-        wide = np.round(x * 8388607).astype("<i4")
-        return wide.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    return np.round(x * 2147483647).astype("<i4").tobytes()
-
-
-def riff_chunk(name: bytes, payload: bytes, size: int | None = None) -> bytes:
-    pad = b"\x00" if len(payload) % 2 else b""  # RIFF chunks are word-aligned
-    return name + struct.pack("<L", len(payload) if size is None else size) + payload + pad
-
-
-def fmt_chunk(tag: int, channels: int, rate: int, bits: int, extensible: bool = False, mask: int = 0, extra: bytes = b"") -> bytes:
-    """`extra` follows the 16 common bytes, e.g. the cbSize=0 that scipy and libsndfile write for float."""
-    block = channels * ((bits + 7) // 8)
-    if extensible:
-        payload = struct.pack("<HHLLHHHHL", 0xFFFE, channels, rate, rate * block, block, bits, 22, bits, mask)
-        payload += struct.pack("<H", tag) + KSDATAFORMAT_SUFFIX
-    else:
-        payload = struct.pack("<HHLLHH", tag, channels, rate, rate * block, block, bits) + extra
-    return riff_chunk(b"fmt ", payload)
-
-
-def make_wav(
-    seconds: float = 1.0,
-    rate: int = 44100,
-    channels: int = 1,
-    encoding: str = "pcm",
-    bits: int = 16,
-    *,
-    freq: float = 440.0,
-    amplitude: float = 0.5,
-    extensible: bool = False,
-    mask: int = 0,
-    fmt_extra: bytes = b"",
-    before_data: bytes = b"",
-    after_data: bytes = b"",
-    data_size: int | None = None,
-    riff_size: int | None = None,
-) -> bytes:
-    data = encode_samples(sine(seconds, rate, channels, freq, amplitude), encoding, bits)
-    body = b"WAVE" + fmt_chunk(TAGS[encoding], channels, rate, bits, extensible, mask, fmt_extra) + before_data
-    body += riff_chunk(b"data", data, data_size) + after_data
-    return b"RIFF" + struct.pack("<L", len(body) if riff_size is None else riff_size) + body
-
-
-def patch(wav: bytes, offset: int, replacement: bytes) -> bytes:
-    """Overwrite bytes of a canonical 44-byte-header WAV (format tag at 20, channels at 22...)."""
-    return wav[:offset] + replacement + wav[offset + len(replacement) :]
-
-
-def wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
-    return b"RIFF" + struct.pack("<L", 36 + data_bytes) + b"WAVE" + fmt_chunk(1, channels, rate, 16) + b"data" + struct.pack("<L", data_bytes)
-
-
-def big_wav_stream(seconds: float, rate: int = 44100, channels: int = 2, block_seconds: float = 1.0) -> Iterator[bytes]:
-    """A long 16-bit WAV generated block by block, so the test itself holds little memory."""
-    frames = int(seconds * rate)
-    yield wav_header(rate, channels, frames * channels * 2)
-    block = (sine(block_seconds, rate, channels) * 32767).astype("<i2").tobytes()
-    remaining = frames * channels * 2
-    while remaining > 0:
-        piece = block[: min(len(block), remaining)]
-        remaining -= len(piece)
-        yield piece
-
-
-# MP3 decoding ####################################################################
-
-
-def decode(mp3: bytes) -> tuple[int, int, np.ndarray]:
-    """(sample rate, channels, (frames x channels) int16) of an MP3, decoded in-process."""
-    sound = miniaudio.mp3_read_s16(mp3)
-    samples = np.frombuffer(sound.samples, dtype=np.int16).reshape(-1, sound.nchannels)
-    return sound.sample_rate, sound.nchannels, samples
-
-
-def dominant_frequency(channel: np.ndarray, rate: int) -> float:
-    middle = channel[len(channel) // 4 : 3 * len(channel) // 4].astype(np.float64)
-    spectrum = np.abs(np.fft.rfft(middle * np.hanning(len(middle))))
-    return float(np.argmax(spectrum) * rate / len(middle))
-
-
-def rms_dbfs(channel: np.ndarray) -> float:
-    middle = channel[len(channel) // 4 : 3 * len(channel) // 4].astype(np.float64) / 32768
-    return 20 * math.log10(max(float(np.sqrt(np.mean(middle**2))), 1e-9))
-
-
-def assert_duration(decoded_frames: int, rate: int, seconds: float) -> None:
-    # LAME adds its delay and pads the last frame: up to ~2 MP3 frames of 1152 samples.
-    duration = decoded_frames / rate
-    assert seconds - 0.1 <= duration <= seconds + 0.1 + 2304 / rate, (duration, seconds)
-
-
-# Fixtures ########################################################################
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'wav2mp3.db'}"
-
-
-async def start_app(database_url: str, **overrides: Any) -> tuple[Any, Any]:
-    app = create_app(Settings(database_url=database_url, **overrides))
-    lifespan = app.router.lifespan_context(app)
-    await lifespan.__aenter__()
-    return app, lifespan
-
-
-@pytest.fixture
-async def app(database_url: str) -> AsyncIterator[Any]:
-    app, lifespan = await start_app(database_url)
-    yield app
-    await lifespan.__aexit__(None, None, None)
-    await assert_no_orphans(database_url)  # after every test: no chunk without its record, no record short of chunks
-
-
-def asgi_client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=60)
-
-
-@pytest.fixture
-async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(app) as client:
-        yield client
-
-
-async def table_counts(database_url: str) -> dict[str, int]:
-    tables = ("users", "records", "record_chunks")
-    if database_url.startswith("sqlite"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
-            return {t: connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
-    connection = await asyncpg.connect(database_url)
-    try:
-        return {t: await connection.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
-    finally:
-        await connection.close()
-
-
-async def db_rows(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    if database_url.startswith("sqlite"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
-            return connection.execute(query.replace("$1", "?"), args).fetchall()
-    connection = await asyncpg.connect(database_url)
-    try:
-        return [tuple(row) for row in await connection.fetch(query, *args)]
-    finally:
-        await connection.close()
-
-
-def unique_name(prefix: str = "user") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-async def new_user(client: httpx.AsyncClient) -> dict[str, str]:
-    response = await client.post("/users", json={"name": unique_name()})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def upload_form(user: dict[str, str], wav: bytes, filename: str = "call.wav", **fields: str) -> dict[str, Any]:
-    data = {"data": json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}), **fields}
-    return {"data": data, "files": {"audio_file": (filename, wav, "audio/wav")}}
-
-
-async def upload(client: httpx.AsyncClient, user: dict[str, str], wav: bytes, filename: str = "call.wav", **fields: str) -> httpx.Response:
-    return await client.post("/users/wav", **upload_form(user, wav, filename, **fields))
-
-
-def raw_form(boundary: str = "bnd", **parts: bytes) -> tuple[bytes, dict[str, str]]:
-    body = b"".join(f"--{boundary}\r\n".encode() + header_and_payload + b"\r\n" for header_and_payload in parts.values())
-    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def data_part(payload: bytes) -> bytes:
-    return b'Content-Disposition: form-data; name="data"\r\n\r\n' + payload
-
-
-def audio_part(payload: bytes, filename: str | None = "a.wav") -> bytes:
-    name = b'form-data; name="audio_file"' + (f'; filename="{filename}"'.encode() if filename is not None else b"")
-    return b"Content-Disposition: " + name + b"\r\n\r\n" + payload
-
-
-def record_path(url: str) -> str:
-    return "/record" + url.split("/record", 1)[1]
-
-
-async def uploaded(client: httpx.AsyncClient, wav: bytes, filename: str = "call.wav", **fields: str) -> tuple[dict[str, Any], bytes]:
-    """Upload with a new user; return the 201 body and the downloaded MP3."""
-    user = await new_user(client)
-    response = await upload(client, user, wav, filename, **fields)
-    assert response.status_code == 201, response.text
-    download = await client.get(record_path(response.json()["url"]))
-    assert download.status_code == 200
-    return response.json(), download.content
 
 
 # Users ###########################################################################
@@ -334,8 +112,7 @@ async def test_create_user_strips_whitespace_and_is_case_sensitive(client: httpx
 
 
 async def test_create_user_accepts_json_whatever_the_content_type(client: httpx.AsyncClient) -> None:
-    body = json.dumps({"name": unique_name()})
-    response = await client.post("/users", content=body, headers={"Content-Type": "text/plain"})
+    response = await client.post("/users", content=f'{{"name": "{unique_name()}"}}', headers={"Content-Type": "text/plain"})
     assert response.status_code == 201
 
 
@@ -356,7 +133,7 @@ async def test_create_user_name_of_128_unicode_characters_is_accepted(client: ht
         b'{"name": null}',
         b'{"name": ""}',
         b'{"name": "   "}',
-        json.dumps({"name": "x" * 129}).encode(),
+        b'{"name": "' + b"x" * 129 + b'"}',
         b'{"name": "a\\nb"}',
         b'{"name": "nul\\u0000"}',
         b'{"name": "del\\u007f"}',
@@ -399,8 +176,7 @@ async def test_access_token_is_stored_only_as_its_sha256(client: httpx.AsyncClie
 
 async def test_upload_returns_201_with_link_location_and_metadata(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
-    wav = make_wav(2.0, 44100, 2)
-    response = await upload(client, user, wav, "meeting.wav")
+    response = await upload(client, user, make_wav(2.0, 44100, 2), "meeting.wav")
     assert response.status_code == 201, response.text
     body = response.json()
     assert re.fullmatch(r"http://testserver/record\?id=[0-9a-f-]{36}&user=" + user["user_id"], body["url"])
@@ -420,14 +196,9 @@ async def test_upload_link_uses_the_request_host_and_port(client: httpx.AsyncCli
 
 
 async def test_upload_link_uses_public_url_when_configured(database_url: str) -> None:
-    app, lifespan = await start_app(database_url, public_url="https://audio.example.com")
-    try:
-        async with asgi_client(app) as client:
-            user = await new_user(client)
-            response = await upload(client, user, make_wav(0.5))
-            assert response.json()["url"].startswith("https://audio.example.com/record?id=")
-    finally:
-        await lifespan.__aexit__(None, None, None)
+    async with running_app(database_url, public_url="https://audio.example.com") as client:
+        response = await upload(client, await new_user(client), make_wav(0.5))
+        assert response.json()["url"].startswith("https://audio.example.com/record?id=")
 
 
 @pytest.mark.parametrize("channels", [1, 2])
@@ -460,9 +231,9 @@ async def test_upload_bitrate_field_sets_the_mp3_bitrate(client: httpx.AsyncClie
 
 async def test_upload_bitrate_sent_after_the_audio_is_honoured(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    bitrate = b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'
-    body, headers = raw_form(audio=audio_part(make_wav(4.0, 44100, 2)), bitrate=bitrate, data=data_part(credentials))
+    body, headers = multipart(
+        form_part("audio_file", make_wav(4.0, 44100, 2), "a.wav"), form_part("bitrate", b"64"), form_part("data", credentials(user))
+    )
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 201, response.text
     assert response.json()["size_bytes"] == pytest.approx(64000 / 8 * 4.0, rel=0.1)
@@ -475,9 +246,9 @@ async def test_upload_bitrate_sent_after_the_audio_is_honoured(client: httpx.Asy
 async def test_upload_late_bitrate_for_a_file_too_large_to_keep_is_422(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wav2mp3, "KEEP_WAV_BYTES", 100_000)
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    bitrate = b'Content-Disposition: form-data; name="bitrate"\r\n\r\n64'
-    body, headers = raw_form(data=data_part(credentials), audio=audio_part(make_wav(2.0, 44100, 2)), bitrate=bitrate)
+    body, headers = multipart(
+        form_part("data", credentials(user)), form_part("audio_file", make_wav(2.0, 44100, 2), "a.wav"), form_part("bitrate", b"64")
+    )
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 422
     assert "before audio_file" in response.json()["error"]
@@ -485,8 +256,7 @@ async def test_upload_late_bitrate_for_a_file_too_large_to_keep_is_422(client: h
 
 async def test_upload_accepts_parts_in_any_order(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    body, headers = raw_form(audio=audio_part(make_wav(0.5), "late.wav"), data=data_part(credentials))
+    body, headers = multipart(form_part("audio_file", make_wav(0.5), "late.wav"), form_part("data", credentials(user)))
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 201, response.text
 
@@ -504,10 +274,8 @@ async def test_upload_strips_directories_from_the_file_name(client: httpx.AsyncC
 async def test_upload_wrong_token_or_unknown_user_is_403_with_one_message(client: httpx.AsyncClient, database_url: str) -> None:
     user = await new_user(client)
     before = await table_counts(database_url)
-    wrong_token = {**user, "access_token": str(uuid.uuid4())}
-    unknown_user = {**user, "user_id": str(uuid.uuid4())}
-    first = await upload(client, wrong_token, make_wav(0.5))
-    second = await upload(client, unknown_user, make_wav(0.5))
+    first = await upload(client, {**user, "access_token": str(uuid.uuid4())}, make_wav(0.5))
+    second = await upload(client, {**user, "user_id": str(uuid.uuid4())}, make_wav(0.5))
     assert first.status_code == second.status_code == 403
     assert first.json() == second.json() == {"error": "unknown user_id or wrong access_token"}
     assert await table_counts(database_url) == before
@@ -528,10 +296,8 @@ async def test_upload_duplicate_file_name_is_409_but_another_user_may_use_it(cli
 async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
     assert (await upload(client, user, make_wav(0.5), "a.wav")).status_code == 201
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    body, headers = raw_form(audio=audio_part(make_wav(0.5), "a.wav"), data=data_part(credentials))
-    response = await client.post("/users/wav", content=body, headers=headers)
-    assert response.status_code == 409
+    body, headers = multipart(form_part("audio_file", make_wav(0.5), "a.wav"), form_part("data", credentials(user)))
+    assert (await client.post("/users/wav", content=body, headers=headers)).status_code == 409
 
 
 @pytest.mark.parametrize(
@@ -550,7 +316,20 @@ async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: 
         (patch(make_wav(0.2), 22, struct.pack("<H", 0)), 422, "zero channels"),
         (make_wav(1.0)[:-1000], 422, "truncated"),
     ],
-    ids=["id3", "avi", "adpcm", "empty", "short-riff", "short-fmt", "no-fmt", "no-frames", "rate-low", "rate-high", "zero-channels", "truncated-data"],
+    ids=[
+        "id3",
+        "avi",
+        "adpcm",
+        "empty",
+        "short-riff",
+        "short-fmt",
+        "no-fmt",
+        "no-frames",
+        "rate-low",
+        "rate-high",
+        "zero-channels",
+        "truncated-data",
+    ],
 )
 async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
     client: httpx.AsyncClient, database_url: str, wav: bytes, status: int, message: str
@@ -563,6 +342,28 @@ async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
     assert await table_counts(database_url) == before
 
 
+def malformed_upload(case: str, user: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    good, wav = credentials(user), make_wav(0.3)
+    audio = form_part("audio_file", wav, "a.wav")
+    cases = {
+        "no-data": multipart(audio),
+        "no-audio": multipart(form_part("data", good)),
+        "data-not-json": multipart(form_part("data", b"{nope"), audio),
+        "data-array": multipart(form_part("data", b"[1]"), audio),
+        "ids-not-uuids": multipart(form_part("data", b'{"user_id": "1", "access_token": "2"}'), audio),
+        "ids-not-strings": multipart(form_part("data", b'{"user_id": 1, "access_token": {}}'), audio),
+        "audio-without-filename": multipart(form_part("data", good), form_part("audio_file", wav)),
+        "empty-filename": multipart(form_part("data", good), form_part("audio_file", wav, "")),
+        "bad-bitrate": multipart(form_part("bitrate", b"100"), form_part("data", good), audio),
+        "not-multipart": (good, {"Content-Type": "application/json"}),
+        "no-closing-boundary": (multipart(form_part("data", good), audio)[0][:-10], multipart()[1]),
+        "two-audio-parts": multipart(form_part("data", good), audio, form_part("audio_file", wav, "b.wav")),
+        "filename-control-char": multipart(form_part("data", good), form_part("audio_file", wav, "a\x00b.wav")),
+        "filename-too-long": multipart(form_part("data", good), form_part("audio_file", wav, "é" * 128 + ".wav")),
+    }
+    return cases[case]
+
+
 @pytest.mark.parametrize(
     "case",
     ["no-data", "no-audio", "data-not-json", "data-array", "ids-not-uuids", "ids-not-strings", "audio-without-filename",
@@ -570,26 +371,7 @@ async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
      "filename-control-char", "filename-too-long"],
 )  # fmt: skip
 async def test_upload_malformed_request_is_422_and_stores_nothing(client: httpx.AsyncClient, database_url: str, case: str) -> None:
-    user = await new_user(client)
-    good = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    wav = make_wav(0.3)
-    cases: dict[str, tuple[bytes, dict[str, str]]] = {
-        "no-data": raw_form(audio=audio_part(wav)),
-        "no-audio": raw_form(data=data_part(good)),
-        "data-not-json": raw_form(data=data_part(b"{nope"), audio=audio_part(wav)),
-        "data-array": raw_form(data=data_part(b"[1]"), audio=audio_part(wav)),
-        "ids-not-uuids": raw_form(data=data_part(b'{"user_id": "1", "access_token": "2"}'), audio=audio_part(wav)),
-        "ids-not-strings": raw_form(data=data_part(b'{"user_id": 1, "access_token": {}}'), audio=audio_part(wav)),
-        "audio-without-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename=None)),
-        "empty-filename": raw_form(data=data_part(good), audio=audio_part(wav, filename="")),
-        "bad-bitrate": raw_form(bitrate=b'Content-Disposition: form-data; name="bitrate"\r\n\r\n100', data=data_part(good), audio=audio_part(wav)),
-        "not-multipart": (good, {"Content-Type": "application/json"}),
-        "no-closing-boundary": (raw_form(data=data_part(good), audio=audio_part(wav))[0][:-10], raw_form()[1]),
-        "two-audio-parts": raw_form(data=data_part(good), audio=audio_part(wav), audio2=audio_part(wav, "b.wav")),
-        "filename-control-char": raw_form(data=data_part(good), audio=audio_part(wav, filename="a\x00b.wav")),
-        "filename-too-long": raw_form(data=data_part(good), audio=audio_part(wav, filename="é" * 128 + ".wav")),
-    }
-    body, headers = cases[case]
+    body, headers = malformed_upload(case, await new_user(client))
     before = await table_counts(database_url)
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 422, response.text
@@ -598,34 +380,28 @@ async def test_upload_malformed_request_is_422_and_stores_nothing(client: httpx.
 
 
 async def test_upload_over_the_size_limit_is_413_with_and_without_content_length(database_url: str) -> None:
-    app, lifespan = await start_app(database_url, max_upload_bytes=1024 * 1024)
-    try:
-        async with asgi_client(app) as client:
-            user = await new_user(client)
-            before = await table_counts(database_url)
-            response = await upload(client, user, make_wav(20.0))
-            assert response.status_code == 413
-            assert "limit" in response.json()["error"]
+    async with running_app(database_url, max_upload_mb=1) as client:
+        user = await new_user(client)
+        before = await table_counts(database_url)
+        response = await upload(client, user, make_wav(20.0))
+        assert response.status_code == 413
+        assert "1 MiB limit" in response.json()["error"]
+        body, headers = multipart(form_part("data", b"{}"), form_part("audio_file", make_wav(20.0), "a.wav"))
 
-            body, headers = raw_form(data=data_part(b"{}"), audio=audio_part(make_wav(20.0)))
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
 
-            async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
-                for i in range(0, len(body), 65536):
-                    yield body[i : i + 65536]
-
-            response = await client.post("/users/wav", content=chunked(), headers=headers)
-            assert response.status_code == 413
-            assert await table_counts(database_url) == before
-    finally:
-        await lifespan.__aexit__(None, None, None)
+        response = await client.post("/users/wav", content=chunked(), headers=headers)
+        assert response.status_code == 413
+        assert await table_counts(database_url) == before
 
 
 async def test_upload_wav_that_breaks_half_way_stores_nothing(client: httpx.AsyncClient, database_url: str) -> None:
     user = await new_user(client)
     wav = make_wav(6.0, 44100, 2)
-    broken = wav[: len(wav) // 2]  # the data chunk declares twice what arrives
     before = await table_counts(database_url)
-    response = await upload(client, user, broken, "half.wav")
+    response = await upload(client, user, wav[: len(wav) // 2], "half.wav")  # the data chunk declares twice what arrives
     assert response.status_code == 422
     assert "truncated" in response.json()["error"]
     assert await table_counts(database_url) == before
@@ -662,18 +438,15 @@ async def test_download_ascii_name_still_gets_filename_star(client: httpx.AsyncC
     assert response.headers["content-disposition"] == "attachment; filename=\"plain.mp3\"; filename*=UTF-8''plain.mp3"
 
 
-@pytest.mark.parametrize(
-    "header, first, last",
-    [("bytes=0-99", 0, 99), ("bytes=262000-262300", 262000, 262300), ("bytes=500000-", 500000, None), ("bytes=-1000", None, None)],
-)
+@pytest.mark.parametrize("spec", ["0-99", "100-", "-500", "262100-262200", "0-0", "{last}-"])
 async def test_download_single_range_is_206_with_exactly_those_bytes(
-    client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes], header: str, first: int | None, last: int | None
+    client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes], spec: str
 ) -> None:
     body, mp3 = long_record
     size = len(mp3)
-    if first is None:
-        first, last = size - 1000, size - 1
-    last = size - 1 if last is None else last
+    header = "bytes=" + spec.format(last=size - 1)
+    first_text, _, last_text = header[6:].partition("-")
+    first, last = (size - int(last_text), size - 1) if not first_text else (int(first_text), int(last_text) if last_text else size - 1)
     response = await client.get(record_path(body["url"]), headers={"Range": header})
     assert response.status_code == 206
     assert response.headers["content-range"] == f"bytes {first}-{last}/{size}"
@@ -696,7 +469,15 @@ async def test_download_multiple_or_malformed_ranges_get_the_whole_body(client: 
         assert response.status_code == 200 and response.content == mp3
 
 
-@pytest.mark.parametrize("header", ["{etag}", 'W/{etag}', '"other", {etag}', "*"])
+async def test_download_if_range_with_another_etag_gets_the_whole_body(client: httpx.AsyncClient, long_record: tuple[dict[str, Any], bytes]) -> None:
+    body, mp3 = long_record
+    response = await client.get(record_path(body["url"]), headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+    assert response.status_code == 200 and response.content == mp3
+    response = await client.get(record_path(body["url"]), headers={"Range": "bytes=0-9", "If-Range": f'"{body["sha256"]}"'})
+    assert response.status_code == 206 and response.content == mp3[:10]
+
+
+@pytest.mark.parametrize("header", ["{etag}", "W/{etag}", '"other", {etag}', "*"])
 async def test_download_matching_if_none_match_is_304_with_etag(client: httpx.AsyncClient, header: str) -> None:
     body, _ = await uploaded(client, make_wav(0.3))
     etag = f'"{body["sha256"]}"'
@@ -753,116 +534,19 @@ async def test_health_is_200_ok(client: httpx.AsyncClient) -> None:
 # A real server ###################################################################
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LiveServer:
-    """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file."""
-
-    def __init__(self, directory: Path, database_url: str, *args: str) -> None:
-        self.directory = directory
-        self.tmp = directory / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.log = directory / "server.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.database_url = database_url
-        env = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not start: " + self.log.read_text()[-2000:])
-
-    def proc_status(self, field: str) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def temp_files(self) -> list[str]:
-        """Files the server holds open in its TMPDIR (spooled MP3s are unnamed: only /proc sees them)."""
-        found = []
-        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith(str(self.tmp)):
-                    found.append(target)
-        return found
-
-    def wait_for_log(self, text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log.read_text():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not in the server log")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    directory = tmp_path_factory.mktemp("live")
-    server = LiveServer(directory, TEST_DATABASE_URL or f"sqlite:///{directory / 'live.db'}")
-    yield server
-    server.stop()
-
-
-def live_user(live: LiveServer) -> dict[str, str]:
-    response = httpx.post(live.url + "/users", json={"name": unique_name()})
-    assert response.status_code == 201
-    return response.json()
-
-
-def streamed_form(user: dict[str, str], wav_pieces: Iterator[bytes], filename: str = "stream.wav", data_first: bool = True) -> tuple[Iterator[bytes], dict[str, str]]:
-    boundary = uuid.uuid4().hex
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    data = f'--{boundary}\r\nContent-Disposition: form-data; name="data"\r\n\r\n'.encode() + credentials + b"\r\n"
-    audio = f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n\r\n'.encode()
-    end = f"\r\n--{boundary}--\r\n".encode()
-
-    def body() -> Iterator[bytes]:
-        if data_first:
-            yield data
-        yield audio
-        yield from wav_pieces
-        if data_first:
-            yield end
-        else:
-            yield b"\r\n" + data[:-2] + end
-
-    return body(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+def encode_cpu_seconds(wav: bytes) -> float:
+    """CPU time of converting `wav` in this process: what the server's work is measured against."""
+    started = time.process_time()
+    convert(wav).close()
+    return time.process_time() - started
 
 
 def test_live_conversion_runs_while_the_upload_arrives(live: LiveServer) -> None:
     """Before the last byte is sent, the server has already spent the CPU of encoding what it got."""
-    user = live_user(live)
-    seconds = 30.0
-    wav = make_wav(seconds, 44100, 2)
+    user = live.new_user()
+    wav = make_wav(30.0, 44100, 2)
     held_back = 4096
-    encode_cpu_start = time.process_time()
-    wav2mp3.convert_wav(io.BytesIO(wav), io.BytesIO(), 128, 3)
-    encode_cpu = time.process_time() - encode_cpu_start
+    encode_cpu = encode_cpu_seconds(wav)
     observed: dict[str, float] = {}
 
     def pieces() -> Iterator[bytes]:
@@ -880,7 +564,7 @@ def test_live_conversion_runs_while_the_upload_arrives(live: LiveServer) -> None
         observed["cpu_before_last_byte"] = live.cpu_seconds() - before
         yield wav[len(wav) - held_back :]
 
-    body, headers = streamed_form(user, pieces())
+    body, headers = streamed_upload(user, pieces())
     response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
     assert response.status_code == 201, response.text
     # Buffering the upload would cost next to nothing; converting it costs about one bare encode.
@@ -888,53 +572,46 @@ def test_live_conversion_runs_while_the_upload_arrives(live: LiveServer) -> None
 
 
 def test_live_wrong_token_sent_first_is_403_without_decoding_the_audio(live: LiveServer) -> None:
-    user = {**live_user(live), "access_token": str(uuid.uuid4())}
+    user = {**live.new_user(), "access_token": str(uuid.uuid4())}
     wav = make_wav(60.0, 44100, 2)
     cpu_before = live.cpu_seconds()
-    body, headers = streamed_form(user, iter([wav]))
+    body, headers = streamed_upload(user, iter([wav]))
     response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
     refused_cpu = live.cpu_seconds() - cpu_before
     assert response.status_code == 403
     assert response.json() == {"error": "unknown user_id or wrong access_token"}
-    encode_cpu_start = time.process_time()
-    wav2mp3.convert_wav(io.BytesIO(wav), io.BytesIO(), 128, 3)
-    encode_cpu = time.process_time() - encode_cpu_start
-    assert refused_cpu < 0.3 * encode_cpu, (refused_cpu, encode_cpu)
+    assert refused_cpu < 0.3 * encode_cpu_seconds(wav), refused_cpu
 
 
 def test_live_wrong_token_sent_after_the_audio_is_still_403(live: LiveServer) -> None:
-    user = {**live_user(live), "access_token": str(uuid.uuid4())}
-    body, headers = streamed_form(user, iter([make_wav(2.0)]), data_first=False)
-    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=60)
-    assert response.status_code == 403
+    user = {**live.new_user(), "access_token": str(uuid.uuid4())}
+    body, headers = streamed_upload(user, iter([make_wav(2.0)]), data_first=False)
+    assert httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=60).status_code == 403
 
 
 def test_live_duplicate_name_sent_first_is_409_after_the_body(live: LiveServer) -> None:
-    user = live_user(live)
-    body, headers = streamed_form(user, iter([make_wav(1.0)]), "dup.wav")
+    user = live.new_user()
+    body, headers = streamed_upload(user, iter([make_wav(1.0)]), "dup.wav")
     assert httpx.post(live.url + "/users/wav", content=body, headers=headers).status_code == 201
-    body, headers = streamed_form(user, big_wav_stream(120.0), "dup.wav")
-    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120)
-    assert response.status_code == 409
+    body, headers = streamed_upload(user, long_wav(120.0), "dup.wav")
+    assert httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=120).status_code == 409
+
+
+def raw_upload_head(user: dict[str, str], filename: str, wav_head: bytes, length: int, boundary: str = "cut") -> bytes:
+    """A request line, headers and the multipart head of an upload, for clients that misbehave on a raw socket."""
+    head = f"--{boundary}\r\n".encode() + form_part("data", credentials(user)) + f"\r\n--{boundary}\r\n".encode()
+    head += form_part("audio_file", b"", filename) + wav_head
+    request = f"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+    return (request + f"Content-Length: {len(head) + length}\r\n\r\n").encode() + head
 
 
 def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: LiveServer) -> None:
-    user = live_user(live)
+    user = live.new_user()
     before = asyncio.run(table_counts(live.database_url))
     wav_bytes = 100 * 1024 * 1024  # its MP3 outgrows the in-memory spool and goes to TMPDIR
-    boundary = "cut"
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
-    head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n{credentials}\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio_file\"; filename=\"cut.wav\"\r\n\r\n"
-    ).encode() + wav_header(44100, 2, wav_bytes)
-    request = (
-        f"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(head) + wav_bytes + 100}\r\n\r\n"
-    ).encode()
     block = (sine(1.0, 44100, 2) * 32767).astype("<i2").tobytes()
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
-        sock.sendall(request + head)
+        sock.sendall(raw_upload_head(user, "cut.wav", wav_header(44100, 2, wav_bytes), wav_bytes + 100))
         sent = 0
         while sent < wav_bytes * 0.8:
             sock.sendall(block)
@@ -953,10 +630,10 @@ def test_live_client_that_disconnects_mid_upload_leaves_nothing(live: LiveServer
 
 def test_live_large_upload_keeps_server_memory_flat(live: LiveServer) -> None:
     """About 300 MB of WAV: the server's peak RSS grows by far less than the file."""
-    user = live_user(live)
+    user = live.new_user()
     rss_before = live.proc_status("VmHWM")  # KiB
     seconds = 30 * 60.0
-    body, headers = streamed_form(user, big_wav_stream(seconds), "long.wav")
+    body, headers = streamed_upload(user, long_wav(seconds), "long.wav")
     response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=600)
     assert response.status_code == 201, response.text
     assert response.json()["duration_seconds"] == pytest.approx(seconds)
@@ -967,8 +644,7 @@ def test_live_large_upload_keeps_server_memory_flat(live: LiveServer) -> None:
 def test_live_413_is_seen_by_a_client_still_sending(tmp_path: Path) -> None:
     server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'small.db'}", "--max-upload-mb", "1")
     try:
-        user = live_user(server)
-        body, headers = streamed_form(user, iter([make_wav(30.0)]))
+        body, headers = streamed_upload(server.new_user(), iter([make_wav(30.0)]))
         response = httpx.post(server.url + "/users/wav", content=b"".join(body), headers=headers, timeout=60)
         assert response.status_code == 413
         assert "1 MiB" in response.json()["error"]
@@ -976,10 +652,27 @@ def test_live_413_is_seen_by_a_client_still_sending(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_live_client_that_stalls_is_cut_off_and_leaves_nothing(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'stall.db'}", "--upload-idle-timeout", "1")
+    try:
+        user = server.new_user()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(raw_upload_head(user, "stall.wav", make_wav(5.0)[:200000], 10**6))
+            answer = b""  # the server speaks first, although the client never finished, then closes
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"stalled" in answer
+        assert server.temp_files() == []
+        assert asyncio.run(db_rows(server.database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
+    finally:
+        server.stop()
+
+
 # Every real-world WAV (formats) #################################################
 
 FORMATS = {
-    # id: (encoding, bits, extensible, WAV writer it stands for)
+    # id: (encoding, bits, extensible)
     "pcm-u8": ("pcm", 8, False),
     "pcm-16": ("pcm", 16, False),
     "pcm-24": ("pcm", 24, False),
@@ -996,7 +689,7 @@ FORMATS = {
     "extensible-mulaw": ("mulaw", 8, True),
 }
 # A sine at half scale has an RMS of -9.03 dBFS; G.711 and 8-bit quantisation stay close to it.
-HALF_SCALE_DBFS = 20 * math.log10(0.5 / math.sqrt(2))
+HALF_SCALE_DBFS = 20 * np.log10(0.5 / np.sqrt(2))
 
 
 @pytest.mark.parametrize("channels", [1, 2])
@@ -1035,21 +728,13 @@ async def test_format_converts_with_duration_channels_rate_and_sine_intact(clien
         ("riff-size-lies", make_wav(1.0, 16000, 1, riff_size=100)),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
-)
+)  # fmt: skip
 async def test_real_world_wav_shapes_convert(client: httpx.AsyncClient, name: str, wav: bytes) -> None:
     body, mp3 = await uploaded(client, wav, f"{name}.wav")
     assert body["duration_seconds"] == pytest.approx(1.0, abs=0.001)
     rate, _, samples = decode(mp3)
     assert_duration(len(samples), rate, 1.0)
     assert dominant_frequency(samples[:, 0], rate) == pytest.approx(440, abs=4)
-
-
-def rf64(wav: bytes, magic: bytes = b"RF64") -> bytes:
-    """A canonical WAV rewritten as RF64/BW64: sizes 0xFFFFFFFF, the real ones in a ds64 chunk."""
-    data_at = wav.index(b"data")
-    data_size = struct.unpack("<L", wav[data_at + 4 : data_at + 8])[0]
-    ds64 = riff_chunk(b"ds64", struct.pack("<QQQL", len(wav) - 8, data_size, data_size // 4, 0))
-    return magic + b"\xff\xff\xff\xffWAVE" + ds64 + wav[12:data_at] + b"data\xff\xff\xff\xff" + wav[data_at + 8 :]
 
 
 @pytest.mark.parametrize("magic", [b"RF64", b"BW64"])
@@ -1067,6 +752,18 @@ async def test_streamed_wav_with_a_trailing_partial_frame_converts_whole_frames(
     wav = make_wav(1.0, 16000, 2, data_size=0xFFFFFFFF, riff_size=0xFFFFFFFF) + b"\x01"
     body, _ = await uploaded(client, wav)
     assert body["duration_seconds"] == pytest.approx(1.0)
+
+
+def test_frames_past_4_gib_are_read_through_a_new_wave_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    # stdlib wave's chunk sizes are 32-bit; a smaller segment stands in for 4 GiB here.
+    fmt = wav2mp3.WavFormat(wav2mp3.WAVE_FORMAT_PCM, 2, 8000, 2)
+    frames = wav2mp3.WavFrames(fmt)
+    frames._segment = 1000 * fmt.frame_size  # private on purpose: the 4 GiB case without 4 GiB of audio
+    frames._view = frames._new_view()
+    audio = np.arange(2500 * 2, dtype="<i2").tobytes()
+    frames.append(audio)
+    read = b"".join(frames.read(frames.available) for _ in range(4))
+    assert read == audio and frames.frames == 2500
 
 
 async def test_surround_51_is_downmixed_to_stereo_keeping_left_and_right(client: httpx.AsyncClient) -> None:
@@ -1158,11 +855,10 @@ async def test_block_align_that_contradicts_the_format_is_422(client: httpx.Asyn
 
 # Hardening: OpenAPI and fuzzing ##################################################
 
-
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
 
-async def test_openapi_describes_every_route_of_the_contract(client: httpx.AsyncClient) -> None:
+async def test_openapi_describes_every_route_with_its_statuses(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     operations = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert operations == {("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/health", "get")}
@@ -1173,16 +869,18 @@ async def test_openapi_describes_every_route_of_the_contract(client: httpx.Async
 async def test_unknown_route_and_method_answer_json_errors(client: httpx.AsyncClient) -> None:
     missing = await client.get("/nope")
     assert missing.status_code == 404 and "error" in missing.json()
-    wrong_method = await client.delete("/users")
+    wrong_method = await client.put("/users")
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
 
 
-OPERATIONS_WITH_INPUT = [("POST", "/users"), ("POST", "/users/wav"), ("GET", "/record"), ("HEAD", "/record")]
-FUZZED = [(*operation, "positive") for operation in [*OPERATIONS_WITH_INPUT, ("GET", "/health")]]
-FUZZED += [(*operation, "negative") for operation in OPERATIONS_WITH_INPUT]  # /health takes nothing to break
+def fuzzed_operations() -> list[tuple[str, str, str]]:
+    """Every documented operation with data that fits its schema, and those that take input with data that does not."""
+    operations = [(op.method, op.path) for op in wav2mp3.API.operations]
+    with_input = [(method, path) for method, path in operations if path != "/health"]
+    return [(*operation, "positive") for operation in operations] + [(*operation, "negative") for operation in with_input]
 
 
-@pytest.mark.parametrize("method, path, mode", FUZZED)
+@pytest.mark.parametrize("method, path, mode", fuzzed_operations())
 def test_fuzz_api_never_5xx_and_conforms_to_its_schema(live: LiveServer, method: str, path: str, mode: str) -> None:
     """schemathesis drives the live server from its own /openapi.json: data that fits the schema
     and data that does not; every answer must be a documented status with a documented body."""
@@ -1237,43 +935,31 @@ def mutated_wavs(draw: st.DrawFn) -> bytes:
     return bytes(wav)
 
 
-class CountingReader:
-    def __init__(self, data: bytes) -> None:
-        self.source = io.BytesIO(data)
-        self.consumed = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.source.read(size)
-        self.consumed += len(chunk)
-        return chunk
-
-
 @hypothesis.given(st.one_of(mutated_wavs(), st.binary(max_size=300)))
 @hypothesis.settings(max_examples=FUZZ_EXAMPLES * 10, deadline=5000, suppress_health_check=[hypothesis.HealthCheck.too_slow])
 def test_fuzz_wav_reader_converts_or_refuses_with_415_or_422(wav: bytes) -> None:
     try:
-        conversion = wav2mp3.convert_wav(CountingReader(wav), io.BytesIO(), 32, 9)
-    except wav2mp3.HTTPError as error:
-        assert error.status in (415, 422), error
-        assert error.message
+        mp3 = convert(wav, bitrate=32, quality=9)
+    except HTTPException as refusal:
+        assert refusal.status_code in (415, 422), refusal
+        assert refusal.detail
     else:
-        assert conversion.frames > 0 and conversion.mp3_bytes > 0
+        assert mp3.duration_seconds > 0 and mp3.size > 0
+        mp3.close()
 
 
 @hypothesis.given(
-    declared=st.integers(0, 4000), trailing=st.binary(max_size=200), encoding=st.sampled_from([("pcm", 16), ("pcm", 24), ("float", 64), ("alaw", 8)])
+    declared=st.integers(1, 4000), trailing=st.binary(max_size=200), encoding=st.sampled_from([("pcm", 16), ("pcm", 24), ("float", 64), ("alaw", 8)])
 )
 @hypothesis.settings(max_examples=FUZZ_EXAMPLES * 3, deadline=5000)
 def test_fuzz_wav_reader_never_reads_past_a_declared_data_chunk(declared: int, trailing: bytes, encoding: tuple[str, int]) -> None:
+    # (a declared size of 0 means "streamed": read to the end, by design)
     wav = make_wav(0.05, 16000, 2, encoding[0], encoding[1])
     data_start = wav.index(b"data") + 8
-    if declared in (0,):
-        declared = 1  # 0 means "streamed": read to the end, by design
     wav = wav[: data_start - 4] + struct.pack("<L", declared) + wav[data_start:] + trailing
-    reader = CountingReader(wav)
-    with contextlib.suppress(wav2mp3.HTTPError):
-        wav2mp3.convert_wav(reader, io.BytesIO(), 32, 9)
-    assert reader.consumed <= data_start + declared + (declared & 1)  # RIFF: an odd chunk has a pad byte
+    parser = wav2mp3.WavParser()
+    audio = b"".join(parser.feed(wav[i : i + 97]) for i in range(0, len(wav), 97))
+    assert audio == wav[data_start : data_start + declared]
 
 
 @hypothesis.given(wav=mutated_wavs())
@@ -1291,7 +977,7 @@ _fuzz_users: dict[str, dict[str, str]] = {}
 
 def live_fuzz_user(live: LiveServer) -> dict[str, str]:
     if live.url not in _fuzz_users:
-        _fuzz_users[live.url] = live_user(live)
+        _fuzz_users[live.url] = live.new_user()
     return _fuzz_users[live.url]
 
 
@@ -1300,64 +986,29 @@ def live_fuzz_user(live: LiveServer) -> dict[str, str]:
 
 async def test_upload_with_too_many_parts_is_422(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    parts = {f"extra{i}": f'Content-Disposition: form-data; name="extra{i}"\r\n\r\nx'.encode() for i in range(20)}
-    body, headers = raw_form(data=data_part(credentials), **parts, audio=audio_part(make_wav(0.2)))
+    extras = [form_part(f"extra{i}", b"x") for i in range(20)]
+    body, headers = multipart(form_part("data", credentials(user)), *extras, form_part("audio_file", make_wav(0.2), "a.wav"))
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 422 and "parts" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
     "payload, message",
-    [(b'{"user_id": "' + b"x" * 70000 + b'"}', "larger than"), (b"[" * 20000 + b"]" * 20000, "nested too deeply"), (b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested too deeply")],
+    [
+        (b'{"user_id": "' + b"x" * 70000 + b'"}', "larger than"),
+        (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+        (b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested too deeply"),
+    ],
     ids=["huge", "deep-array", "deep-object"],
 )
 async def test_upload_data_part_too_large_or_too_deep_is_422(client: httpx.AsyncClient, payload: bytes, message: str) -> None:
-    body, headers = raw_form(data=data_part(payload), audio=audio_part(make_wav(0.2)))
+    body, headers = multipart(form_part("data", payload), form_part("audio_file", make_wav(0.2), "a.wav"))
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 422
     assert message in response.json()["error"]
 
 
-def test_live_client_that_stalls_is_cut_off_and_leaves_nothing(tmp_path: Path) -> None:
-    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'stall.db'}", "--upload-idle-timeout", "1")
-    try:
-        user = live_user(server)
-        credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]})
-        head = (
-            f'--s\r\nContent-Disposition: form-data; name="data"\r\n\r\n{credentials}\r\n'
-            f'--s\r\nContent-Disposition: form-data; name="audio_file"; filename="stall.wav"\r\n\r\n'
-        ).encode() + make_wav(5.0)[:200000]
-        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
-            sock.sendall(
-                f"POST /users/wav HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=s\r\nContent-Length: {len(head) + 10**6}\r\n\r\n".encode()
-                + head
-            )
-            answer = b""  # the server speaks first, although the client never finished, then closes
-            while chunk := sock.recv(65536):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert b"stalled" in answer
-        assert server.temp_files() == []
-        assert asyncio.run(db_rows(server.database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
-    finally:
-        server.stop()
-
-
 # Hardening: races ###############################################################
-
-
-async def assert_no_orphans(database_url: str) -> None:
-    """Every chunk belongs to a record, and every record's chunks add up to its size, in sequence."""
-    orphans = await db_rows(database_url, "SELECT count(*) FROM record_chunks c LEFT JOIN records r ON r.id = c.record_id WHERE r.id IS NULL")
-    assert orphans[0][0] == 0
-    sizes = await db_rows(
-        database_url,
-        "SELECT r.id, r.size_bytes, COALESCE(SUM(LENGTH(c.data)), 0), COUNT(c.seq), COALESCE(MAX(c.seq), -1)"
-        " FROM records r LEFT JOIN record_chunks c ON c.record_id = r.id GROUP BY r.id, r.size_bytes",
-    )
-    for record_id, size, stored, count, last in sizes:
-        assert (size, count) == (stored, last + 1), record_id
 
 
 async def test_parallel_uploads_of_one_file_name_give_one_201_and_409s(client: httpx.AsyncClient, database_url: str) -> None:
@@ -1387,7 +1038,7 @@ async def test_parallel_downloads_while_uploading_all_succeed(client: httpx.Asyn
 def test_sigkill_mid_batch_loses_no_acknowledged_upload(tmp_path: Path) -> None:
     database_url = TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'crash.db'}"
     server = LiveServer(tmp_path, database_url)
-    user = live_user(server)
+    user = server.new_user()
     acknowledged: list[dict[str, Any]] = []
     wavs = [make_wav(4.0 + i * 0.25, 44100, 2) for i in range(16)]
     killed = threading.Event()
@@ -1442,13 +1093,19 @@ class PrivatePostgres:
         self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "postgres", str(directory)], check=True)
-        subprocess.run([*self.as_postgres, str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+        subprocess.run(
+            [*self.as_postgres, str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
+        )
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self.start()
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
-        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.data / "log"), "-w", "start"], check=True, capture_output=True)
+        subprocess.run(
+            [*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.data / "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
         subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"], check=True, capture_output=True)
@@ -1470,7 +1127,7 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
 def test_postgres_outage_is_503_everywhere_and_the_service_recovers_by_itself(tmp_path: Path, private_postgres: PrivatePostgres) -> None:
     server = LiveServer(tmp_path / "app", private_postgres.url, "--db-timeout", "3")
     try:
-        user = live_user(server)
+        user = server.new_user()
         created = httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(1.0)), timeout=30)
         assert created.status_code == 201
         record = record_path(created.json()["url"])
@@ -1496,8 +1153,9 @@ def test_postgres_outage_is_503_everywhere_and_the_service_recovers_by_itself(tm
             time.sleep(0.2)
         assert httpx.post(server.url + "/users", json={"name": unique_name()}).status_code == 201
         assert httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(1.0), "after.wav"), timeout=30).status_code == 201
-        assert httpx.get(server.url + record, timeout=30).content == httpx.get(server.url + record, timeout=30).content
-        assert httpx.get(server.url + record, timeout=30).status_code == 200
+        download = httpx.get(server.url + record, timeout=30)
+        assert download.status_code == 200
+        assert hashlib.sha256(download.content).hexdigest() == created.json()["sha256"]  # the record outlived the outage whole
     finally:
         server.stop()
 
@@ -1512,11 +1170,9 @@ def test_postgres_outage_is_503_everywhere_and_the_service_recovers_by_itself(tm
 )  # fmt: skip
 async def test_hostile_file_names_cannot_break_content_disposition(client: httpx.AsyncClient, filename: str) -> None:
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
     quoted = filename.replace("\\", "\\\\").replace('"', '\\"')  # quoted-string escapes, sent raw
-    audio = b'Content-Disposition: form-data; name="audio_file"; filename="' + quoted.encode() + b'"\r\n\r\n' + make_wav(0.2)
-    body_bytes, headers = raw_form(data=data_part(credentials), audio=audio)
-    created = await client.post("/users/wav", content=body_bytes, headers=headers)
+    body, headers = multipart(form_part("data", credentials(user)), form_part("audio_file", make_wav(0.2), quoted))
+    created = await client.post("/users/wav", content=body, headers=headers)
     assert created.status_code == 201, created.text
     response = await client.get(record_path(created.json()["url"]))
     disposition = response.headers["content-disposition"]
@@ -1531,18 +1187,16 @@ async def test_hostile_file_names_cannot_break_content_disposition(client: httpx
 @pytest.mark.parametrize("filename", ["a\x00b.wav", "line\rbreak.wav", "tab\there.wav", "é" * 128 + ".wav"])
 async def test_file_names_with_control_characters_or_over_255_bytes_are_422(client: httpx.AsyncClient, filename: str) -> None:
     user = await new_user(client)
-    credentials = json.dumps({"user_id": user["user_id"], "access_token": user["access_token"]}).encode()
-    disposition = b'form-data; name="audio_file"; filename="' + filename.encode() + b'"'
-    body, headers = raw_form(data=data_part(credentials), audio=b"Content-Disposition: " + disposition + b"\r\n\r\n" + make_wav(0.2))
-    response = await client.post("/users/wav", content=body, headers=headers)
-    assert response.status_code == 422
+    body, headers = multipart(form_part("data", credentials(user)), form_part("audio_file", make_wav(0.2), filename))
+    assert (await client.post("/users/wav", content=body, headers=headers)).status_code == 422
 
 
-SQL_INJECTIONS = ["'; DROP TABLE users; --", "x' OR '1'='1", "\"); DELETE FROM records; --", "1; SELECT pg_sleep(5)"]
+SQL_INJECTIONS = ["'; DROP TABLE users; --", "x' OR '1'='1", '"); DELETE FROM records; --', "1; SELECT pg_sleep(5)"]
 
 
 @pytest.mark.parametrize("attack", SQL_INJECTIONS)
 async def test_sql_injection_strings_are_inert_in_every_field(client: httpx.AsyncClient, database_url: str, attack: str) -> None:
+    before = await table_counts(database_url)
     created = await client.post("/users", json={"name": attack + uuid.uuid4().hex[:6]})
     assert created.status_code == 201
     user = created.json()
@@ -1553,9 +1207,8 @@ async def test_sql_injection_strings_are_inert_in_every_field(client: httpx.Asyn
     assert (await upload(client, forged, make_wav(0.2))).status_code == 422
     assert (await client.get("/record", params={"id": attack, "user": attack})).status_code == 404
     assert (await client.get("/record", params={"id": response.json()["record_id"], "user": attack})).status_code == 404
-    counts = await table_counts(database_url)
-    assert counts["users"] >= 1 and counts["records"] >= 1
-    await assert_no_orphans(database_url)
+    after = await table_counts(database_url)
+    assert (after["users"], after["records"]) == (before["users"] + 1, before["records"] + 1)  # nothing dropped, nothing more
 
 
 async def test_error_bodies_never_carry_traces_or_sql(client: httpx.AsyncClient) -> None:
@@ -1570,13 +1223,81 @@ async def test_error_bodies_never_carry_traces_or_sql(client: httpx.AsyncClient)
         assert not re.search(r"Traceback|File \"|SELECT|INSERT|sqlite|asyncpg", response.text), response.text
 
 
+# Work-arounds of library internals, pinned ######################################
+
+
+async def test_sqlite_connections_are_reused(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """databases 0.9 opens an SQLite connection (and a thread) per request; Store installs a pool over its private
+    `_backend._pool`. If that stops taking effect, connections are opened again per request and this fails."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only")
+    opened = []
+    real_connect = aiosqlite.connect
+    monkeypatch.setattr(aiosqlite, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        body, _ = await uploaded(client, make_wav(0.5))
+        for _ in range(20):
+            assert (await client.get(record_path(body["url"]))).status_code == 200
+            assert (await client.get("/health")).status_code == 200
+        await upload(client, user, make_wav(0.3))
+    assert 1 <= len(opened) <= 3, len(opened)
+
+
+async def test_chunk_arguments_are_not_formatted(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    """databases formats every query's arguments for its debug log, debug on or off; a stored chunk must show
+    as a short Blob, never as 256 KiB of bytes (the cost was 1.5 ms of event loop per chunk)."""
+    with caplog.at_level(logging.DEBUG, logger="databases"):
+        await uploaded(client, make_wav(20.0, 44100, 2))
+    messages = [record.getMessage() for record in caplog.records if record.name == "databases" and "record_chunks" in record.getMessage()]
+    assert messages, "databases no longer logs its queries: Blob may be unneeded"
+    assert all(len(message) < 2000 for message in messages), max(map(len, messages))
+
+
+# Documents agree with the code ##################################################
+
+
+def test_readme_configuration_table_is_the_settings() -> None:
+    readme = (HERE / "README.md").read_text()
+    assert wav2mp3.settings_table() in readme, "regenerate README's table: python -c 'import wav2mp3; print(wav2mp3.settings_table())'"
+
+
+def test_every_flag_sets_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = {}
+    monkeypatch.setattr(wav2mp3.uvicorn, "run", lambda *args, **kwargs: ran.update(kwargs))
+    monkeypatch.setattr(os, "environ", {})
+    wav2mp3.main(["--db-startup-timeout", "5", "--port", "9001", "--mp3-bitrate", "64"])
+    assert wav2mp3.Settings.from_env() == wav2mp3.Settings(db_startup_timeout=5.0, port=9001, mp3_bitrate=64)
+    assert ran["port"] == 9001
+
+
+def test_api_reference_documents_every_operation_and_status() -> None:
+    reference = (HERE / "docs" / "API.md").read_text()
+    for operation in wav2mp3.API.operations:
+        heading = f"## {operation.method} {operation.path}" if operation.method != "HEAD" else f"{operation.method} {operation.path}"
+        assert heading in reference, heading
+        section = reference.split(f"## {'GET' if operation.method == 'HEAD' else operation.method} {operation.path}", 1)[1].split("\n## ", 1)[0]
+        for status in operation.answers:
+            assert f"**{status}**" in section, (operation.method, operation.path, status)
+    assert "/openapi.json" in reference
+
+
+def test_nothing_in_the_repository_points_outside_it() -> None:
+    files = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        path = HERE / name
+        if path.suffix in (".py", ".md", ".sql", ".toml", ".yml", ".conf", "") and path.is_file():
+            assert ".." + "/shared" not in path.read_text(errors="replace"), name
+
+
 # Benchmark ######################################################################
 
 
 def test_benchmark_quick_mode_runs_and_prints_every_figure() -> None:
     # Its values are for people to read: timing assertions do not belong in tests.
-    command = [sys.executable, str(HERE / "bench_wav2mp3.py"), "--quick"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE, check=False)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--quick"], capture_output=True, text=True, timeout=300, cwd=HERE, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
     assert {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= figures

@@ -1,33 +1,23 @@
 """wav2mp3: a small HTTP service that turns WAV recordings into MP3.
 
 Create a user, upload a WAV with the user's id and access token, get back a link that
-downloads the MP3 from the database:
+downloads the MP3 from the database. The routes, their answers and their documents are
+declared once, in the chapter "Routes" below, and docs/API.md describes them for people.
 
-    POST /users                 {"name": ...}  -> 201 {"user_id", "access_token"}
-    POST /users/wav             multipart: data={"user_id", "access_token"}, audio_file=<wav>
-                                -> 201 {"url": "http://host:port/record?id=...&user=...", ...}
-    GET  /record?id=...&user=...  -> the MP3 (Range, ETag, HEAD)
-    GET  /health                -> {"status": "ok"} or 503
+The upload is parsed as it arrives: the WAV's chunk list is read here with struct, its frames
+through the stdlib `wave` module, and whole blocks of audio go to a shared pool of LAME
+(lameenc) threads, so the MP3 is ready when the upload ends and memory stays flat whatever
+the file size. The MP3 is stored in the database (SQLite or PostgreSQL) in one transaction,
+as 256 KiB chunks, only when the whole request has succeeded.
 
-The upload is parsed as it arrives; the audio bytes flow through a bounded pipe to a worker
-thread that reads them with the stdlib `wave` module and encodes them with LAME (lameenc),
-so the MP3 is ready when the upload ends and memory stays flat whatever the file size.
-The MP3 is written to the database (SQLite or PostgreSQL) in one transaction, as 256 KiB
-chunks, only when the whole request has succeeded.
+Run:  python wav2mp3.py [--host H] [--port P] [--database-url URL] [--workers N] ...
+Every setting is an environment variable and a command-line flag: see `Settings` below, or
+the configuration table in README.md (a test keeps the two equal).
 
-Run:  python wav2mp3.py [--host H] [--port P] [--database-url URL] [--workers N]
-
-Environment (command-line flags override them):
-    DATABASE_URL          sqlite:///./wav2mp3.db (default) or postgresql://user:pw@host/db
-    PUBLIC_URL            base of the links returned; default: the request's own scheme://host:port
-    MAX_UPLOAD_MB         largest request body accepted, in MiB (default 4096)
-    MP3_BITRATE           CBR kbps (default 128); the form field `bitrate` overrides it per upload
-    MP3_QUALITY           LAME -q, 0 (best, slowest) .. 9 (default 3, as lame and ffmpeg)
-    MAX_CONVERSIONS       conversions running at once per process (default: CPU count / workers)
-    UPLOAD_IDLE_TIMEOUT   seconds a client may stall mid-upload before it is cut off (default 60)
-    DB_TIMEOUT            seconds a database call may take before the answer is 503 (default 10)
-    DB_STARTUP_TIMEOUT    seconds to wait for the database at start-up (default 120)
-    HOST, PORT, WORKERS   where and with how many processes `python wav2mp3.py` serves
+The chapters follow a request down the file: settings, errors, the routes (each endpoint one
+screen), then what POST /users/wav does in the order it does it (read the body, split the
+multipart parts, authenticate, convert: WAV -> samples -> LAME -> MP3 file), storage, the
+download response, the API documents, and the application that ties them together.
 """
 
 from __future__ import annotations
@@ -46,87 +36,92 @@ import re
 import sqlite3
 import struct
 import tempfile
-import threading
 import time
 import unicodedata
 import uuid
 import wave
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Literal, TypeVar, cast
 from urllib.parse import quote
 
 import aiosqlite
 import anyio
 import asyncpg
 import databases
+import databases.backends.sqlite
 import lameenc
 import numpy as np
 import uvicorn
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 log = logging.getLogger("wav2mp3")
+T = TypeVar("T")
 
 # Settings ###########################################################################
 
 MIB = 1024 * 1024
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
-CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
-USER_BATCH = 64  # users created by one INSERT (group commit)
-CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
-READ_BLOCK_BYTES = 1024 * 1024  # PCM handed to LAME per call: amortises the thread and numpy overhead
-PIPE_CAPACITY = 4 * READ_BLOCK_BYTES  # upload bytes buffered ahead of the converter
-SPOOL_MEMORY_BYTES = 4 * MIB  # an MP3 larger than this is spooled to a temporary file
-KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for a `bitrate` sent after them
-MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
-MAX_FIELD_BYTES = 64 * 1024  # size of a non-file part (`data`, `bitrate`)
 MAX_JSON_BODY = 64 * 1024  # body of POST /users
 MAX_NAME_CHARS = 128
+MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
+MAX_FIELD_BYTES = 64 * 1024  # size of a non-file part (`data`, `bitrate`)
 MAX_FILENAME_BYTES = 255  # as most file systems allow
-DRAIN_LIMIT_BYTES = 64 * MIB  # how much of a refused oversized body is read so the client sees 413
+DRAIN_BYTES = 64 * MIB  # how much of a refused, oversized body is read so that the client sees the answer
+ENCODE_BLOCK_BYTES = 1024 * 1024  # WAV audio handed to LAME at once: amortises the hand-over to a thread
+SPOOL_MEMORY_BYTES = 4 * MIB  # an MP3 larger than this is spooled to a temporary file
+KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for an option sent after them
+CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
+CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
+USER_BATCH = 64  # users created by one INSERT (group commit)
+SQLITE_CONNECTIONS = 32  # idle SQLite connections kept open between requests
 
 
-def _env_int(env: dict[str, str], name: str, default: int) -> int:
-    value = env.get(name, "").strip()
-    return int(value) if value else default
+def _setting(default: T, meaning: str, parse: Callable[[str], Any] | None = None) -> T:
+    """A field of Settings: its environment variable is its name in capitals, its flag --its-name."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "parse": parse or type(default)})
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    database_url: str = "sqlite:///./wav2mp3.db"
-    public_url: str = ""
-    max_upload_bytes: int = 4096 * MIB
-    mp3_bitrate: int = 128
-    mp3_quality: int = 3
-    max_conversions: int = os.cpu_count() or 1
-    upload_idle_timeout: float = 60.0
-    db_timeout: float = 10.0
-    db_startup_timeout: float = 120.0
+    """Every setting, declared once: README.md's configuration table is generated from these fields."""
+
+    database_url: str = _setting("sqlite:///./wav2mp3.db", "`sqlite:///path` or `postgresql://user:pw@host:5432/db`")
+    public_url: str = _setting(
+        "", "base of the links returned (set it behind a proxy); empty: the request's own scheme://host:port", lambda v: v.rstrip("/")
+    )
+    host: str = _setting("127.0.0.1", "address `python wav2mp3.py` listens on")
+    port: int = _setting(8000, "port it listens on")
+    workers: int = _setting(1, "server processes")
+    max_upload_mb: int = _setting(4096, "largest request body, MiB (413 above it, with or without `Content-Length`)")
+    mp3_bitrate: int = _setting(128, "CBR kbps; the form field `bitrate` overrides it per upload")
+    mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
+    max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
+    upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
+    db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
+    db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        defaults = cls()
-        settings = cls(
-            database_url=env.get("DATABASE_URL") or defaults.database_url,
-            public_url=env.get("PUBLIC_URL", "").rstrip("/"),
-            max_upload_bytes=_env_int(env, "MAX_UPLOAD_MB", defaults.max_upload_bytes // MIB) * MIB,
-            mp3_bitrate=_env_int(env, "MP3_BITRATE", defaults.mp3_bitrate),
-            mp3_quality=_env_int(env, "MP3_QUALITY", defaults.mp3_quality),
-            max_conversions=_env_int(env, "MAX_CONVERSIONS", defaults.max_conversions),
-            upload_idle_timeout=float(env.get("UPLOAD_IDLE_TIMEOUT") or defaults.upload_idle_timeout),
-            db_timeout=float(env.get("DB_TIMEOUT") or defaults.db_timeout),
-            db_startup_timeout=float(env.get("DB_STARTUP_TIMEOUT") or defaults.db_startup_timeout),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values = {}
+        for field in dataclasses.fields(cls):
+            text = env.get(field.name.upper(), "").strip()
+            if text:
+                try:
+                    values[field.name] = field.metadata["parse"](text)
+                except ValueError:
+                    raise ValueError(f"{field.name.upper()}={text!r} is not a valid {field.type}") from None
+        settings = cls(**values)
         settings.validate()
         return settings
 
@@ -135,77 +130,657 @@ class Settings:
             raise ValueError(f"MP3_BITRATE must be one of {MP3_BITRATES}, not {self.mp3_bitrate}")
         if not 0 <= self.mp3_quality <= 9:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
-        if self.max_conversions < 1 or self.max_upload_bytes < 1:
-            raise ValueError("MAX_CONVERSIONS and MAX_UPLOAD_MB must be positive")
+        if self.max_upload_mb < 1 or self.workers < 1 or self.max_conversions < 0:
+            raise ValueError("MAX_UPLOAD_MB and WORKERS must be positive, MAX_CONVERSIONS not negative")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * MIB
+
+    @property
+    def encoder_threads(self) -> int:
+        # The cap is per process: share the CPUs between the workers rather than oversubscribe them.
+        return self.max_conversions or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def settings_table() -> str:
+    """The configuration table of README.md, from the fields above."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(Settings):
+        default = "" if field.default == "" else f"`{field.default}`"
+        rows.append(f"| `{field.name.upper()}` | `--{field.name.replace('_', '-')}` | {default} | {field.metadata['meaning']} |")
+    return "\n".join(rows)
 
 
 # Errors #############################################################################
+# Every refusal is Starlette's HTTPException(status, detail, headers): one handler (`json_error`,
+# at the end) answers {"error": detail}. The few subclasses carry data, not just a status.
+
+FORBIDDEN = "unknown user_id or wrong access_token"  # one message whatever was wrong
+NO_SUCH_RECORD = "no such record for this user"
+CLOSE = {"Connection": "close"}  # the rest of the body will not be read
 
 
-class HTTPError(Exception):
-    """An answer other than success: mapped to {"error": message} in one place (`error_response`)."""
+class DatabaseUnavailable(HTTPException):
+    """The database did not answer in time, or is down: 503, never the client's fault."""
 
-    status = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self) -> None:
+        super().__init__(503, "database unavailable")
 
 
-class Invalid(HTTPError):
-    status = 422
-
-
-class UnsupportedWav(HTTPError):
-    status = 415
-
-
-class InvalidWav(Invalid):
-    pass
-
-
-class Forbidden(HTTPError):
-    status = 403
-
-
-class NotFound(HTTPError):
-    status = 404
-
-
-class Stalled(HTTPError):
-    status = 408
-
-
-class Conflict(HTTPError):
-    status = 409
-
-
-class NameTaken(Conflict):
+class NameTaken(HTTPException):
     def __init__(self, filename: str) -> None:
-        super().__init__(f"this user already has a record from a file named {filename!r}")
+        super().__init__(409, f"this user already has a record from a file named {filename!r}")
 
 
-class TooLarge(HTTPError):
-    status = 413
-
-
-class RangeNotSatisfiable(HTTPError):
-    status = 416
-
+class RangeNotSatisfiable(HTTPException):
     def __init__(self, size: int) -> None:
-        super().__init__(f"range not satisfiable: the record is {size} bytes")
-        self.size = size
+        # RFC 9110 §15.5.17: the 416 tells the client the current length.
+        super().__init__(416, f"range not satisfiable: the record is {size} bytes", {"Content-Range": f"bytes */{size}"})
 
 
-class Unavailable(HTTPError):
-    status = 503
+def too_large(limit: int) -> HTTPException:
+    return HTTPException(
+        413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes", CLOSE
+    )
 
 
-class UploadAborted(Exception):
-    """The request was refused or the client left: the converter stops reading."""
+# Routes #############################################################################
+# The table of contents: each endpoint reads as the list of steps it takes, and the chapters
+# after this one follow those steps in order. Each @API.route line is also the endpoint's
+# OpenAPI entry (statuses, parameters, bodies), so the document cannot drift from the code.
 
 
-# WAV reading ########################################################################
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    answers: Mapping[int, Mapping[str, Any]]  # OpenAPI response objects by status
+    parameters: tuple[Mapping[str, Any], ...]
+    body: Mapping[str, Any] | None
+
+
+class Api:
+    """Routes with their OpenAPI declarations: the one place a route's statuses are written."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+        self.operations: list[Operation] = []
+
+    def route(
+        self,
+        path: str,
+        methods: list[str],
+        summary: str,
+        answers: Mapping[int, Mapping[str, Any]],
+        parameters: tuple[Mapping[str, Any], ...] = (),
+        body: Mapping[str, Any] | None = None,
+        documented: bool = True,
+    ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+        def register(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+            self.routes.append(Route(path, endpoint, methods=methods))
+            if documented:
+                for method in methods:
+                    operation_answers = answers if method != "HEAD" else {status: _headers_only(a) for status, a in answers.items()}
+                    self.operations.append(Operation(method, path, summary, operation_answers, parameters, body))
+            return endpoint
+
+        return register
+
+
+API = Api()
+
+
+def answer(
+    description: str, schema: str | Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None, media: str = "application/json"
+) -> dict[str, Any]:
+    """An OpenAPI response: a description, a body schema (a component name or a schema) and headers."""
+    result: dict[str, Any] = {"description": description}
+    if schema is not None:
+        result["content"] = {media: {"schema": {"$ref": f"#/components/schemas/{schema}"} if isinstance(schema, str) else schema}}
+    if headers:
+        result["headers"] = {
+            name: {"schema": {"type": "integer" if name == "Content-Length" else "string"}, "description": text}
+            for name, text in dict(headers).items()
+        }
+    return result
+
+
+def error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return answer(description, "Error", headers)
+
+
+def _headers_only(response: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in response.items() if key != "content"}
+
+
+def query(name: str, description: str, required: bool = True, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": dict(schema or {"type": "string"}), "description": description}
+
+
+def header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": description}
+
+
+UNAVAILABLE = {503: error("the database is unreachable")}
+BODY_LIMITS = {
+    408: error("the client stalled mid-upload for UPLOAD_IDLE_TIMEOUT"),
+    413: error("body larger than the limit"),
+}
+
+
+@API.route(
+    "/users",
+    ["POST"],
+    "Create a user; the access token is shown only in this answer",
+    {
+        201: answer("the new user", "NewUser"),
+        200: answer("a user with that name exists", {"type": "object", "required": ["error_name"], "properties": {"error_name": {"type": "string"}}}),
+        413: error(f"body larger than {MAX_JSON_BODY // 1024} KiB"),
+        422: error("not JSON, not an object, or a bad name"),
+        **UNAVAILABLE,
+    },
+    body={
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
+            }
+        }
+    },
+)
+async def create_user(request: Request) -> Response:
+    """Create a user: 201 with its id and the access token, shown this once."""
+    services = services_of(request)
+    payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "body")
+    name = valid_name(payload.get("name"))
+    created = await services.users.create(name)
+    if created is None:
+        # The seed's answer, kept as it was for its clients.
+        return JSONResponse({"error_name": "user with name already is"}, status_code=200)
+    user_id, token = created
+    return JSONResponse({"user_id": user_id, "access_token": token}, status_code=201)
+
+
+@API.route(
+    "/users/wav",
+    ["POST"],
+    "Upload a WAV; answers with the link to its MP3",
+    {
+        201: answer("converted and stored", "Record", {"Location": "the same link as url"}),
+        403: error(FORBIDDEN),
+        409: error("this user already has a record from a file of that name"),
+        415: error("not RIFF/WAVE, or an unsupported encoding (named)"),
+        422: error("malformed parts or data, a bad option, or a corrupt, truncated or empty WAV"),
+        **BODY_LIMITS,
+        **UNAVAILABLE,
+    },
+    body={
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["data", "audio_file"],
+                "properties": {
+                    "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
+                    "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
+                    "bitrate": {"type": "integer", "enum": list(MP3_BITRATES), "description": "CBR kbps"},
+                },
+            }
+        }
+    },
+)
+async def upload_wav(request: Request) -> Response:
+    """Upload a WAV (multipart: data, audio_file, options): 201 with the MP3's link."""
+    services = services_of(request)
+    upload = Upload(services, MultipartReader(request.headers.get("content-type", "")))
+    try:
+        await upload.receive(BodyReader(request, services.settings.max_upload_bytes, services.settings))
+        mp3 = await upload.converted()
+        record = await services.store.save_record(upload.new_record(mp3), mp3)
+    finally:
+        upload.close()
+    log.info(
+        "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",
+        record.record_id, record.duration_seconds, upload.bytes_in, record.size_bytes, time.perf_counter() - upload.started,
+    )  # fmt: skip
+    body = record_json(record, base_url(request, services.settings))
+    return JSONResponse(body, status_code=201, headers={"Location": body["url"]})
+
+
+RECORD_HEADERS = {
+    "ETag": "strong: the MP3's sha256 in quotes",
+    "Accept-Ranges": "bytes",
+    "Content-Disposition": "RFC 6266: an ASCII filename and the exact name in filename*",
+    "Content-Length": "bytes in this answer",
+}
+
+
+@API.route(
+    "/record",
+    ["GET", "HEAD"],
+    "Download an MP3 (HEAD: its headers)",
+    {
+        200: answer("the MP3", {"type": "string", "format": "binary"}, RECORD_HEADERS, media="audio/mpeg"),
+        206: answer(
+            "the requested byte range",
+            {"type": "string", "format": "binary"},
+            {**RECORD_HEADERS, "Content-Range": "bytes first-last/size"},
+            media="audio/mpeg",
+        ),
+        304: answer("If-None-Match matched", headers={"ETag": RECORD_HEADERS["ETag"]}),
+        404: error("no such record for that user, or ids that are not UUIDs"),
+        416: error("range not satisfiable", {"Content-Range": "bytes */size"}),
+        422: error("id or user missing"),
+        **UNAVAILABLE,
+    },
+    parameters=(
+        query("id", "record UUID"),
+        query("user", "owner's user UUID"),
+        header("Range", "one bytes= range"),
+        header("If-None-Match", "ETags, or *"),
+        header("If-Range", "the ETag the Range is for"),
+    ),
+)
+async def get_record(request: Request) -> Response:
+    """Download a record's MP3 (GET or HEAD): single byte ranges, ETag and If-None-Match."""
+    store = services_of(request).store
+    record_id, user_id = record_query(request)
+    record = await store.find_record(record_id, user_id) if record_id and user_id else None
+    if record is None:
+        raise HTTPException(404, NO_SUCH_RECORD)
+    return RecordResponse(request, record, store)
+
+
+@API.route("/health", ["GET"], "Is the database reachable", {200: answer("healthy", "Health"), **UNAVAILABLE})
+async def health(request: Request) -> Response:
+    """200 when the database answers, 503 otherwise."""
+    await services_of(request).store.ping()
+    return JSONResponse({"status": "ok"})
+
+
+@API.route("/openapi.json", ["GET"], "", {}, documented=False)
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+# 1. Request bodies ##################################################################
+
+
+class BodyReader:
+    """A request body, chunk by chunk, within the size limit and the idle timeout.
+
+    The one way bodies are read: POST /users reads it whole, POST /users/wav chunk by chunk,
+    and a refused request drains what is left so that the client, still sending, sees the answer.
+    """
+
+    def __init__(self, request: Request, limit: int, settings: Settings) -> None:
+        self.request = request
+        self.limit = limit
+        self.idle_timeout = settings.upload_idle_timeout
+        self.received = 0
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        self._stream = request.stream().__aiter__()
+
+    async def _next(self) -> bytes | None:
+        """The next chunk; None at the end of the body."""
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                return await anext(self._stream)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise HTTPException(408, f"upload stalled for {self.idle_timeout:g} s", CLOSE) from None
+        except ClientDisconnect:
+            raise HTTPException(400, "client disconnected mid-upload; nothing stored", CLOSE) from None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._next()) is not None:
+            self.received += len(chunk)
+            if self.received > self.limit:
+                raise too_large(self.limit)
+            if chunk:
+                yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def drain(self, limit: int) -> None:
+        """Read and drop up to `limit` more bytes, so that a client still sending can read the answer."""
+        if self.request.headers.get("expect", "").lower() == "100-continue" and not self.received:
+            return  # it waits for our verdict before sending its body: answer at once
+        with contextlib.suppress(HTTPException):  # a stall or a disconnect ends the favour
+            while limit > 0 and (chunk := await self._next()) is not None:
+                limit -= len(chunk)
+
+
+def parse_json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise HTTPException(422, f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise HTTPException(422, f"{what} is JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, f"{what} must be a JSON object")
+    return value
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_text(value: str) -> bool:
+    """Encodable as UTF-8 (no lone surrogates from JSON escapes) and free of control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return CONTROL_CHARS.search(value) is None
+
+
+def valid_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise HTTPException(422, "name is required and must be a string")
+    name = value.strip()
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise HTTPException(422, f"name must be 1..{MAX_NAME_CHARS} characters")
+    if not valid_text(name):
+        raise HTTPException(422, "name must not contain control characters")
+    return name
+
+
+# 2. Multipart parts #################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A multipart part: its name, and the parameters of its Content-Disposition (a file's name...)."""
+
+    name: str
+    params: Mapping[bytes, bytes]
+
+
+PartEvent = tuple[Literal["start"], Part] | tuple[Literal["data"], bytes] | tuple[Literal["end"], None]
+
+
+class MultipartReader:
+    """multipart/form-data bytes in, part events out; what a part means is decided elsewhere.
+
+    Like Starlette's own MultiPartParser, on python-multipart's push parser, but it hands the
+    parts over as they stream in instead of collecting them.
+    """
+
+    def __init__(self, content_type: str) -> None:
+        kind, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise HTTPException(422, "request must be multipart/form-data with a boundary")
+        self.complete = False
+        self._events: list[PartEvent] = []
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        callbacks = {
+            "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": lambda data, start, end: self._events.append(("data", data[start:end])),
+            "on_part_end": lambda: self._events.append(("end", None)),
+            "on_end": self._on_end,
+        }
+        try:
+            self._parser = MultipartParser(boundary, callbacks, max_header_count=16, max_header_size=8192)  # type: ignore[arg-type]
+        except ValueError:
+            raise HTTPException(422, "multipart boundary is invalid") from None
+
+    def feed(self, chunk: bytes) -> list[PartEvent]:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError:
+            raise HTTPException(422, "multipart body is malformed") from None
+        events, self._events = self._events, []
+        return events
+
+    def _on_header_end(self) -> None:
+        self._headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition", b"")
+        self._headers = {}
+        kind, params = parse_options_header(disposition)
+        if kind != b"form-data" or b"name" not in params:
+            raise HTTPException(422, "a multipart part has no Content-Disposition: form-data name")
+        self._events.append(("start", Part(params[b"name"].decode("latin-1"), params)))
+
+    def _on_end(self) -> None:
+        self.complete = True
+
+
+def part_filename(params: Mapping[bytes, bytes]) -> str | None:
+    """The file name a client sent, as UTF-8 text; None for a part without one."""
+    raw = params.get(b"filename")
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(422, "audio_file name is not valid UTF-8") from None
+
+
+def clean_filename(name: str) -> str:
+    """The name less any directories; 422 when nothing sensible remains."""
+    name = re.split(r"[/\\]", name)[-1]
+    if name in ("", ".", ".."):
+        raise HTTPException(422, "audio_file has an empty file name")
+    if CONTROL_CHARS.search(name):
+        raise HTTPException(422, "audio_file name contains control characters")
+    if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
+        raise HTTPException(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
+    return name
+
+
+# 3. Authentication ##################################################################
+
+
+def parse_uuid(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def authenticate(store: Store, user_id: str | None, token: str | None) -> str:
+    """The user's id when `token` is its current access token; 403, one message for every reason, otherwise."""
+    stored = await store.token_hash(user_id) if user_id and token else None
+    # Compare even for an unknown user, so the answer takes the same time either way.
+    matches = hmac.compare_digest(stored or "0" * 64, hash_token(token or ""))
+    if not matches or stored is None or user_id is None:
+        raise HTTPException(403, FORBIDDEN)
+    return user_id
+
+
+def data_credentials(body: bytes) -> tuple[str, str]:
+    """The upload's `data` part: {"user_id": uuid, "access_token": uuid}, or 422."""
+    payload = parse_json(body, "data")
+    user_id, token = payload.get("user_id"), payload.get("access_token")
+    if not isinstance(user_id, str) or not isinstance(token, str):
+        raise HTTPException(422, "data must hold string fields user_id and access_token")
+    parsed_user, parsed_token = parse_uuid(user_id), parse_uuid(token)
+    if parsed_user is None or parsed_token is None:
+        raise HTTPException(422, "user_id and access_token must be UUIDs")
+    return parsed_user, parsed_token
+
+
+# 4. The upload ######################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Mp3Options:
+    """How to encode: from the settings, overridden per upload by the form's option parts."""
+
+    bitrate: int
+    quality: int
+
+
+def parse_bitrate(text: str) -> int:
+    if not text.isdigit() or int(text) not in MP3_BITRATES:
+        raise HTTPException(422, f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))}")
+    return int(text)
+
+
+OPTION_PARTS: dict[str, Callable[[str], int]] = {"bitrate": parse_bitrate}
+
+
+class Upload:
+    """What the parts of one POST /users/wav mean, acted on as they arrive.
+
+    Parts may come in any order. When `data` comes before the audio (httpx and curl send fields
+    first) the credentials and the file name are checked before any audio is decoded; a refused
+    request then only reads and discards the rest of its body, and is answered once the body has
+    been read (a client still sending rarely sees an early answer). An option sent after the audio
+    means encoding again, from a copy of the WAV kept for that (files up to KEEP_WAV_BYTES).
+    """
+
+    def __init__(self, services: Services, parts: MultipartReader) -> None:
+        self.services = services
+        self.parts = parts
+        self.started = time.perf_counter()
+        self.refusal: HTTPException | None = None
+        self.user_id: str | None = None
+        self.token: str | None = None
+        self.filename: str | None = None
+        self.options: dict[str, int] = {}
+        self.job: ConversionJob | None = None
+        self.mp3: Mp3File | None = None
+        self.bytes_in = 0
+        self._part: str | None = None  # name of the part being received, if one we use
+        self._field = bytearray()
+        self._count = 0
+
+    async def receive(self, body: BodyReader) -> None:
+        """Read the whole body, acting on each part; a refusal stops the work but not the reading."""
+        try:
+            async for chunk in body.chunks():
+                if self.refusal is not None:
+                    continue
+                try:
+                    for event in self.parts.feed(chunk):
+                        await self._handle(event)
+                except HTTPException as error:
+                    self.refuse(error)
+        except HTTPException as error:
+            if error.status_code == 413:
+                await body.drain(DRAIN_BYTES)
+            raise
+        finally:
+            self.bytes_in = body.received
+        if self.refusal is not None:
+            raise self.refusal
+
+    def refuse(self, error: HTTPException) -> None:
+        """Keep the first refusal and stop converting: the rest of the body is discarded."""
+        self.refusal = error
+        if self.job is not None:
+            self.job.close()
+
+    async def _handle(self, event: PartEvent) -> None:
+        if event[0] == "start":
+            await self._begin_part(event[1])
+        elif event[0] == "data":
+            if self._part == "audio_file":
+                assert self.job is not None
+                await self.job.feed(event[1])
+            elif self._part is not None:
+                self._field += event[1]
+                if len(self._field) > MAX_FIELD_BYTES:
+                    raise HTTPException(422, f"form field {self._part!r} is larger than {MAX_FIELD_BYTES} bytes")
+        else:
+            await self._end_part()
+
+    async def _begin_part(self, part: Part) -> None:
+        self._count += 1
+        if self._count > MAX_PARTS:
+            raise HTTPException(422, f"more than {MAX_PARTS} multipart parts")
+        self._part, self._field = None, bytearray()
+        if part.name == "audio_file":
+            if self.job is not None:
+                raise HTTPException(422, "more than one audio_file part")
+            filename = part_filename(part.params)
+            if filename is None:
+                raise HTTPException(422, "audio_file part has no filename")
+            self.filename = clean_filename(filename)
+            await self._check_name_free()
+            keep_wav = set(self.options) != set(OPTION_PARTS)  # an option may still come
+            self.job = ConversionJob(self.mp3_options(), self.services.encoders, keep_wav)
+            self._part = part.name
+        elif part.name == "data" or part.name in OPTION_PARTS:
+            self._part = part.name
+
+    async def _end_part(self) -> None:
+        part, self._part = self._part, None
+        if part == "audio_file":
+            return
+        if part == "data":
+            if self.user_id is not None:
+                raise HTTPException(422, "more than one data part")
+            user_id, token = data_credentials(bytes(self._field))
+            self.user_id = await authenticate(self.services.store, user_id, token)
+            self.token = token
+            await self._check_name_free()
+        elif part is not None:
+            self.options[part] = OPTION_PARTS[part](self._field.decode("latin-1").strip())
+
+    async def _check_name_free(self) -> None:
+        # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
+        if self.user_id is not None and self.filename is not None and await self.services.store.record_name_taken(self.user_id, self.filename):
+            raise NameTaken(self.filename)
+
+    def mp3_options(self) -> Mp3Options:
+        settings = self.services.settings
+        return Mp3Options(bitrate=self.options.get("bitrate", settings.mp3_bitrate), quality=settings.mp3_quality)
+
+    async def converted(self) -> Mp3File:
+        """After the body: the finished MP3, or the error that answers the request."""
+        if not self.parts.complete:
+            raise HTTPException(422, "multipart body ended before its closing boundary")
+        if self.user_id is None:
+            raise HTTPException(422, "the data part is missing")
+        if self.job is None:
+            raise HTTPException(422, "the audio_file part is missing")
+        self.mp3 = await self.job.finish()
+        if self.job.options != self.mp3_options():
+            # An option came after the audio: encode the kept WAV again with it.
+            self.mp3.close()
+            self.mp3 = None
+            self.mp3 = await self.job.encode_again(self.mp3_options())
+        return self.mp3
+
+    def new_record(self, mp3: Mp3File) -> NewRecord:
+        assert self.user_id is not None and self.filename is not None and self.token is not None
+        return NewRecord(str(uuid.uuid4()), self.user_id, hash_token(self.token), self.filename, mp3.size, mp3.duration_seconds, mp3.sha256, now())
+
+    def close(self) -> None:
+        """Whatever happened, leave nothing behind."""
+        if self.job is not None:
+            self.job.close()
+        if self.mp3 is not None:
+            self.mp3.close()
+
+
+# 5. WAV reading #####################################################################
+# The chunk list is read here with struct, as the bytes arrive; the frames of the data chunk
+# are then read through stdlib `wave`'s public interface (WavFrames). That reads any WAV the
+# recorders of the world write, without seeking, and depends on no private part of `wave`.
 
 # Format tags from the Microsoft registry (mmreg.h / RFC 2361), for the 415 message.
 WAVE_FORMAT_PCM = 0x0001
@@ -239,21 +814,13 @@ ENCODINGS = {
 }
 # RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are WAV with 64-bit sizes, for files past 4 GiB.
 RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64")
-MAX_DS64_BYTES = 4096  # 28 bytes and a table of 12-byte entries, empty in practice
 MIN_RATE, MAX_RATE = 8000, 192000
 STREAMED_SIZES = (0, 0xFFFFFFFF)  # what recorders write before they know the length
-UNBOUNDED = 1 << 62
+MAX_HEADER_CHUNK_BYTES = 1 * MIB  # fmt, ds64 and LIST chunks are read whole; anything larger is skipped
 
 
 def format_name(tag: int) -> str:
-    name = FORMAT_NAMES.get(tag, "unknown encoding")
-    return f"{name} (format tag 0x{tag:04X})"
-
-
-class Readable(Protocol):
-    """All the WAV reader needs from its source: a file, the upload pipe, or a copy of it."""
-
-    def read(self, size: int = -1, /) -> bytes: ...
+    return f"{FORMAT_NAMES.get(tag, 'unknown encoding')} (format tag 0x{tag:04X})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,121 +836,231 @@ class WavFormat:
         return self.channels * self.sample_width
 
 
-class _Prefixed:
-    """Reads `prefix`, then the rest of `file`: how WavReader hands stdlib wave a patched header."""
+def parse_fmt_chunk(payload: bytes) -> WavFormat:
+    """WAVEFORMATEX, then for EXTENSIBLE: cbSize, valid bits, channel mask, sub-format GUID."""
+    if len(payload) < 16:
+        raise HTTPException(422, "WAV header is corrupt: fmt chunk shorter than 16 bytes")
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack("<HHLLHH", payload[:16])
+    mask = 0
+    if tag == WAVE_FORMAT_EXTENSIBLE:
+        if len(payload) < 40:
+            raise HTTPException(422, "WAV header is corrupt: EXTENSIBLE fmt chunk too short")
+        _size, _valid_bits, mask = struct.unpack("<HHL", payload[16:24])
+        guid = payload[24:40]
+        if guid[2:] != KSDATAFORMAT_SUFFIX:
+            raise HTTPException(415, f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
+        tag = struct.unpack("<H", guid[:2])[0]
+    if tag not in ENCODINGS:
+        raise HTTPException(415, f"unsupported WAV encoding: {format_name(tag)}")
+    encoding_name, widths = ENCODINGS[tag]
+    width = (bits + 7) // 8
+    if width not in widths:
+        raise HTTPException(415, f"unsupported WAV encoding: {bits}-bit {encoding_name}")
+    if channels == 0:
+        raise HTTPException(422, "WAV header is corrupt: zero channels")
+    if block_align != channels * width:
+        raise HTTPException(422, f"WAV header is corrupt: block align {block_align} is not {channels} channels x {width} bytes")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise HTTPException(422, f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE}")
+    return WavFormat(tag, channels, rate, width, mask)
 
-    def __init__(self, prefix: bytes, file: Readable) -> None:
-        self._prefix = prefix
-        self._file = file
 
-    def read(self, size: int = -1) -> bytes:
-        if not self._prefix:
-            return self._file.read(size)
-        if size < 0:
-            head, self._prefix = self._prefix, b""
-            return head + self._file.read()
-        head, self._prefix = self._prefix[:size], self._prefix[size:]
-        return head + self._file.read(size - len(head)) if size > len(head) else head
+class WavParser:
+    """A WAV's chunk list, read as its bytes arrive: feed() returns the audio among them.
 
-
-class WavReader(wave.Wave_read):
-    """stdlib `wave`, taught what real-world WAVs hold.
-
-    Python's reader refuses everything but plain integer PCM (3.12 adds EXTENSIBLE PCM only).
-    This subclass reads the `fmt ` chunk itself (float, A-law, mu-law, EXTENSIBLE) and
-    accepts headers from streaming recorders whose RIFF and data sizes are 0, 0xFFFFFFFF or
-    stale; the chunk walking (LIST, bext, fact, pad bytes) stays stdlib's. It reads from any
-    object with `read(n)`, so it works on a stream that cannot seek.
+    RIFF, RF64 and BW64; chunks in any order before `data` (fmt, ds64 and LIST are read,
+    bext, iXML, fact, JUNK... skipped, pad bytes included); a data size of 0 or 0xFFFFFFFF
+    (a recorder that streamed its header) means "to the end of the upload"; chunks after a
+    sized data chunk are read for their LIST too. Nothing is buffered but small header chunks.
     """
 
-    format: WavFormat
-    declared_data_bytes: int | None  # None: streamed, read to the end
+    def __init__(self) -> None:
+        self.format: WavFormat | None = None
+        self.data_bytes: int | None = None  # declared size of the data chunk; None: read to the end
+        self.audio_bytes = 0  # data chunk bytes seen so far
+        self.info: dict[bytes, bytes] = {}  # LIST/INFO texts by their id (INAM, IART...)
+        self._stage: Literal["head", "chunks", "data", "after"] = "head"
+        self._pending = bytearray()  # header bytes not yet parsed
+        self._skip = 0  # bytes of a chunk being skipped
+        self._seen = 0
+        self._ds64_data_bytes: int | None = None
 
-    def initfp(self, file: Readable) -> None:  # type: ignore[override]
-        head = file.read(12)
-        if not head:
-            raise InvalidWav("audio_file is empty (0 bytes)")
-        magic = head[:4]
-        if not any(known.startswith(magic) for known in RIFF_MAGICS) or (len(head) >= 12 and head[8:12] != b"WAVE"):
-            raise UnsupportedWav("audio_file is not a RIFF/WAVE file")
-        if len(head) < 12:
-            raise InvalidWav("WAV header is truncated")
-        # The RIFF size only bounds the chunk walk, and streamed or stale files get it wrong:
-        # let the walk run to the end of the upload instead.
-        prefix = b"RIFF\xff\xff\xff\xffWAVE"
-        ds64_data_bytes = None
-        if magic != b"RIFF":
-            ds64_data_bytes, unread = self._read_ds64(file)
-            prefix += unread
-        try:
-            super().initfp(_Prefixed(prefix, file))  # type: ignore[misc]  # typeshed omits initfp
-        except (wave.Error, EOFError) as error:
-            missing = "missing fmt chunk" if not getattr(self, "_fmt_chunk_read", 0) else str(error)
-            raise InvalidWav(f"WAV header is corrupt or truncated: {missing}") from None
-        # stdlib's private chunk objects (the same in 3.11's chunk.Chunk and 3.13's wave._Chunk)
-        self._file.chunksize = UNBOUNDED  # type: ignore[attr-defined]
-        data = self._data_chunk  # type: ignore[attr-defined]
-        if data.chunksize == 0xFFFFFFFF and ds64_data_bytes is not None:
-            data.chunksize = ds64_data_bytes
-        if data.chunksize in STREAMED_SIZES:
-            data.chunksize = UNBOUNDED
-            self.declared_data_bytes = None
-        else:
-            self.declared_data_bytes = data.chunksize
+    def feed(self, data: bytes) -> bytes:
+        self._seen += len(data)
+        view, audio = memoryview(data), b""
+        while view:
+            if self._stage == "data":
+                take = len(view) if self.data_bytes is None else min(len(view), self.data_bytes - self.audio_bytes)
+                audio, view = bytes(view[:take]), view[take:]
+                self.audio_bytes += take
+                if self.audio_bytes == self.data_bytes:
+                    self._stage, self._skip = "after", self.data_bytes & 1  # the data chunk's pad byte
+            elif self._skip:
+                skipped = min(self._skip, len(view))
+                self._skip -= skipped
+                view = view[skipped:]
+            else:
+                self._pending += view
+                view = memoryview(self._parse())
+        return audio
 
-    @staticmethod
-    def _read_ds64(file: Readable) -> tuple[int | None, bytes]:
-        """RF64/BW64 keep 64-bit sizes in a ds64 chunk right after the header (EBU Tech 3306 §2):
-        the data size, or None, and any bytes read that were not a ds64 chunk."""
-        chunk_head = file.read(8)
-        if chunk_head[:4] != b"ds64" or len(chunk_head) < 8:
-            return None, chunk_head
-        size = struct.unpack("<L", chunk_head[4:])[0]
-        if not 16 <= size <= MAX_DS64_BYTES:
-            raise InvalidWav(f"WAV header is corrupt: ds64 chunk of {size} bytes")
-        ds64 = file.read(size + (size & 1))
-        if len(ds64) < 16:
-            raise InvalidWav("WAV header is truncated: ds64 chunk")
-        return struct.unpack("<Q", ds64[8:16])[0], b""
+    def _parse(self) -> bytes:
+        """Parse what is pending; return the bytes past the point where data or a skip begins."""
+        pending = self._pending
+        if self._stage == "head":
+            if not any(magic.startswith(bytes(pending[:4])) for magic in RIFF_MAGICS) or (len(pending) >= 12 and pending[8:12] != b"WAVE"):
+                raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
+            if len(pending) < 12:
+                return b""
+            del pending[:12]
+            self._stage = "chunks"
+        while len(pending) >= 8:
+            chunk_id, size = bytes(pending[:4]), struct.unpack("<L", pending[4:8])[0]
+            if self._stage == "chunks" and chunk_id == b"data":
+                self._begin_data(size)
+                rest = bytes(pending[8:])
+                pending.clear()
+                return rest
+            wanted = chunk_id in (b"fmt ", b"ds64", b"LIST") and size <= MAX_HEADER_CHUNK_BYTES
+            if self._stage == "after" and chunk_id != b"LIST":
+                wanted = False
+            if not wanted:
+                del pending[:8]
+                self._skip = size + (size & 1)
+                rest = bytes(pending)
+                pending.clear()
+                return rest
+            if len(pending) < 8 + size:
+                return b""
+            self._read_chunk(chunk_id, bytes(pending[8 : 8 + size]))
+            del pending[: 8 + size + (size & 1)]
+        return b""
 
-    def _read_fmt_chunk(self, chunk: Any) -> None:
-        # WAVEFORMATEX, then for EXTENSIBLE: cbSize, valid bits, channel mask, sub-format GUID.
-        header = chunk.read(16)
-        if len(header) < 16:
-            raise InvalidWav("WAV header is corrupt: fmt chunk shorter than 16 bytes")
-        tag, channels, rate, _byte_rate, block_align, bits = struct.unpack("<HHLLHH", header)
-        mask = 0
-        if tag == WAVE_FORMAT_EXTENSIBLE:
-            extension = chunk.read(24)
-            if len(extension) < 24:
-                raise InvalidWav("WAV header is corrupt: EXTENSIBLE fmt chunk too short")
-            _size, _valid_bits, mask = struct.unpack("<HHL", extension[:8])
-            guid = extension[8:]
-            if guid[2:] != KSDATAFORMAT_SUFFIX:
-                raise UnsupportedWav(f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
-            tag = struct.unpack("<H", guid[:2])[0]
-        if tag not in ENCODINGS:
-            raise UnsupportedWav(f"unsupported WAV encoding: {format_name(tag)}")
-        encoding_name, widths = ENCODINGS[tag]
-        width = (bits + 7) // 8
-        if width not in widths:
-            raise UnsupportedWav(f"unsupported WAV encoding: {bits}-bit {encoding_name}")
-        if channels == 0:
-            raise InvalidWav("WAV header is corrupt: zero channels")
-        if block_align != channels * width:
-            raise InvalidWav(
-                f"WAV header is corrupt: block align {block_align} is not {channels} channels x {width} bytes"
-            )
-        if not MIN_RATE <= rate <= MAX_RATE:
-            raise InvalidWav(f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE}")
-        self.format = WavFormat(tag, channels, rate, width, mask)
-        # What the stdlib reader itself needs to walk and count frames.
-        self._nchannels, self._framerate, self._sampwidth = channels, rate, width
-        self._framesize = channels * width
-        self._comptype, self._compname = "NONE", "not compressed"
+    def _read_chunk(self, chunk_id: bytes, payload: bytes) -> None:
+        if chunk_id == b"fmt ":
+            self.format = parse_fmt_chunk(payload)
+        elif chunk_id == b"ds64" and len(payload) >= 16:
+            # EBU Tech 3306 §2: RIFF size, then data size, as 64-bit numbers.
+            self._ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
+        elif chunk_id == b"LIST" and payload[:4] == b"INFO":
+            self.info.update(parse_info(payload[4:]))
+
+    def _begin_data(self, size: int) -> None:
+        if self.format is None:
+            raise HTTPException(422, "WAV header is corrupt or truncated: missing fmt chunk")
+        if size == 0xFFFFFFFF and self._ds64_data_bytes is not None:
+            size = self._ds64_data_bytes
+        self.data_bytes = None if size in STREAMED_SIZES else size
+        self._stage = "data"
+
+    def close(self) -> WavFormat:
+        """The end of the upload: the format, or 422 for a header or data chunk cut short."""
+        if self._stage == "head":
+            raise HTTPException(422, "audio_file is empty (0 bytes)" if self._seen == 0 else "WAV header is truncated")
+        if self._stage == "chunks" or self.format is None:
+            missing = "missing fmt chunk" if self.format is None else "no data chunk"
+            raise HTTPException(422, f"WAV header is corrupt or truncated: {missing}")
+        declared, frame = self.data_bytes, self.format.frame_size
+        if declared is not None and self.audio_bytes < declared - declared % frame:
+            raise HTTPException(422, f"WAV is truncated: data chunk declares {declared} bytes, {self.audio_bytes} arrived")
+        return self.format
 
 
-# Sample conversion ##################################################################
+def parse_info(payload: bytes) -> dict[bytes, bytes]:
+    """The texts of a LIST/INFO chunk (INAM, IART...), NUL padding stripped; a damaged tail is ignored."""
+    texts = {}
+    offset = 0
+    while offset + 8 <= len(payload):
+        text_id, size = payload[offset : offset + 4], struct.unpack("<L", payload[offset + 4 : offset + 8])[0]
+        text = payload[offset + 8 : offset + 8 + size]
+        if len(text) < size:
+            break
+        texts[text_id] = text.split(b"\x00", 1)[0].strip()
+        offset += 8 + size + (size & 1)
+    return texts
+
+
+class _FrameSource:
+    """What `wave` reads: a canonical header, then the data chunk's bytes as they arrive."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[bytes] = deque()
+        self.available = 0
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(data)
+            self.available += len(data)
+
+    def prepend(self, data: bytes) -> None:
+        self._pieces.appendleft(data)
+        self.available += len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.available if size < 0 else min(size, self.available)
+        taken: list[bytes] = []
+        while size > 0:
+            piece = self._pieces.popleft()
+            if len(piece) > size:
+                self._pieces.appendleft(piece[size:])
+                piece = piece[:size]
+            taken.append(piece)
+            size -= len(piece)
+            self.available -= len(piece)
+        return taken[0] if len(taken) == 1 else b"".join(taken)
+
+
+class WavFrames:
+    """Whole frames out of a data chunk, read by stdlib `wave` through its public interface.
+
+    `wave` is given a plain PCM view of the audio (the format was read by WavParser, which knows
+    the encodings `wave` does not): it counts whole frames and keeps partial ones for later. Its
+    chunk sizes are 32-bit, so audio past 4 GiB (RF64, long streams) is read through a new view.
+    """
+
+    def __init__(self, fmt: WavFormat) -> None:
+        self.frame_size = fmt.frame_size
+        self.frames = 0
+        self._source = _FrameSource()
+        bits = 8 * fmt.sample_width
+        # The largest even (no pad byte) whole-frame size a RIFF header can declare around it.
+        self._segment = (0xFFFFFFFF - 44) // fmt.frame_size * fmt.frame_size
+        if self._segment % 2:
+            self._segment -= fmt.frame_size
+        fmt_chunk = struct.pack("<HHLLHH", WAVE_FORMAT_PCM, fmt.channels, fmt.rate, fmt.rate * fmt.frame_size, fmt.frame_size, bits)
+        self._header = (
+            b"RIFF"
+            + struct.pack("<L", 36 + self._segment)
+            + b"WAVEfmt "
+            + struct.pack("<L", 16)
+            + fmt_chunk
+            + b"data"
+            + struct.pack("<L", self._segment)
+        )
+        self._view = self._new_view()
+
+    def _new_view(self) -> wave.Wave_read:
+        self._source.prepend(self._header)
+        return wave.open(cast(IO[bytes], self._source), "rb")
+
+    def append(self, audio: bytes) -> None:
+        self._source.append(audio)
+
+    @property
+    def available(self) -> int:
+        """Whole frames that can be read now."""
+        return self._source.available // self.frame_size
+
+    def read(self, frames: int) -> bytes:
+        if self._view.tell() == self._view.getnframes():
+            self._view = self._new_view()
+        frames = min(frames, self._view.getnframes() - self._view.tell())
+        block = self._view.readframes(frames)
+        self.frames += len(block) // self.frame_size
+        return block
+
+
+# 6. Samples #########################################################################
 # LAME takes interleaved 16-bit PCM in one or two channels. Every conversion below is a
 # table lookup, a strided view or one matrix product: numpy, never a loop per sample.
 
@@ -472,238 +1149,201 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat) -> bytes:
     return samples.astype("<i2", copy=False).tobytes()  # float samples are already in range
 
 
-# Encoding ###########################################################################
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversion:
-    frames: int
-    rate: int
-    mp3_bytes: int
-    sha256: str
-    seconds: float  # wall time of the conversion
-
-    @property
-    def duration_seconds(self) -> float:
-        return self.frames / self.rate
-
-
-def convert_wav(source: Readable, sink: IO[bytes], bitrate: int, quality: int) -> Conversion:
-    """Read a WAV from `source` (read(n) only), write its MP3 to `sink`, block by block."""
-    started = time.perf_counter()
-    reader = WavReader(source)  # type: ignore[arg-type]  # wave only calls read()
-    fmt = reader.format
-    encoder = lameenc.Encoder()
-    encoder.set_bit_rate(bitrate)
-    encoder.set_in_sample_rate(fmt.rate)
-    encoder.set_channels(min(fmt.channels, 2))
-    encoder.set_quality(quality)
-    digest = hashlib.sha256()
-    frames = mp3_bytes = data_bytes = 0
-    block_frames = max(1, READ_BLOCK_BYTES // fmt.frame_size)
-
-    def emit(mp3: bytes) -> None:
-        nonlocal mp3_bytes
-        sink.write(mp3)
-        digest.update(mp3)
-        mp3_bytes += len(mp3)
-
-    while block := reader.readframes(block_frames):
-        data_bytes += len(block)
-        whole = len(block) - len(block) % fmt.frame_size  # a streamed file may end mid-frame
-        if whole:
-            frames += whole // fmt.frame_size
-            emit(encoder.encode(to_pcm16(memoryview(block)[:whole], fmt)))
-    declared = reader.declared_data_bytes
-    if declared is not None and data_bytes < declared - declared % fmt.frame_size:
-        raise InvalidWav(f"WAV is truncated: data chunk declares {declared} bytes, {data_bytes} arrived")
-    if frames == 0:
-        raise InvalidWav("WAV has no audio frames")
-    emit(encoder.flush())
-    return Conversion(frames, fmt.rate, mp3_bytes, digest.hexdigest(), time.perf_counter() - started)
-
-
-# Streaming plumbing #################################################################
-
-
-class AudioPipe:
-    """Bounded byte pipe: the event loop writes the upload, the converter thread reads it.
-
-    When the pipe is full the writer awaits, so the server stops reading the socket and TCP
-    slows the client down: memory stays at PIPE_CAPACITY whatever the file size.
-    """
-
-    def __init__(self, capacity: int = PIPE_CAPACITY) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._capacity = capacity
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._eof = self._aborted = self._reader_gone = self._writer_waiting = False
-        self._cond = threading.Condition()
-        self._space = asyncio.Event()
-        self.bytes_in = 0
-
-    async def write(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        while True:
-            with self._cond:
-                if self._reader_gone or self._aborted:
-                    return  # nobody reads any more: the rest of the part is discarded
-                if self._buffered < self._capacity:
-                    self._chunks.append(data)
-                    self._buffered += len(data)
-                    self._cond.notify()
-                    return
-                self._space.clear()
-                self._writer_waiting = True
-            await self._space.wait()
-
-    def close(self) -> None:
-        """End of the audio part: the reader sees end of file."""
-        with self._cond:
-            self._eof = True
-            self._cond.notify()
-
-    def abort(self) -> None:
-        """The request is refused or gone: the reader raises UploadAborted."""
-        with self._cond:
-            self._aborted = True
-            self._chunks.clear()
-            self._cond.notify()
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to `size` bytes, fewer only at end of file (what wave's chunk reader expects)."""
-        with self._cond:
-            want = self._capacity if size < 0 else min(size, self._capacity)
-            while self._buffered < want and not self._eof and not self._aborted:
-                self._cond.wait()
-            if self._aborted:
-                raise UploadAborted()
-            pieces, taken = [], 0
-            while self._chunks and taken < want:
-                chunk = self._chunks.popleft()
-                if len(chunk) > want - taken:
-                    self._chunks.appendleft(chunk[want - taken :])
-                    chunk = chunk[: want - taken]
-                pieces.append(chunk)
-                taken += len(chunk)
-            self._buffered -= taken
-            self._wake_writer()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def reader_done(self) -> None:
-        with self._cond:
-            self._reader_gone = True
-            self._chunks.clear()
-            self._buffered = 0
-            self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        if self._writer_waiting and self._buffered < self._capacity:
-            self._writer_waiting = False
-            self._loop.call_soon_threadsafe(self._space.set)
-
-
-def _spool() -> IO[bytes]:
-    """In memory up to SPOOL_MEMORY_BYTES, then an unnamed file on disk; its owner closes it."""
-    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
-
-
-class _KeepingCopy:
-    """Reads from `source` and keeps a copy of what it read, up to `limit` bytes.
-
-    Parts may come in any order, so `bitrate` can arrive after the audio has been encoded at
-    the default: the copy lets the WAV be encoded again (files up to `limit` only).
-    """
-
-    def __init__(self, source: Readable, limit: int) -> None:
-        self._source, self._limit = source, limit
-        self.copy: IO[bytes] | None = _spool()
-
-    def read(self, size: int = -1, /) -> bytes:
-        data = self._source.read(size)
-        if self.copy is not None:
-            if self.copy.tell() + len(data) > self._limit:
-                self.discard()
-            else:
-                self.copy.write(data)
-        return data
-
-    def discard(self) -> None:
-        if self.copy is not None:
-            self.copy.close()
-            self.copy = None
-
-    def rewound(self) -> IO[bytes] | None:
-        """The whole WAV, ready to read again, or None if it outgrew `limit`."""
-        if self.copy is not None:
-            self.copy.seek(0)
-        return self.copy
+# 7. MP3 encoding ####################################################################
 
 
 @dataclasses.dataclass
-class Converted:
-    """A finished conversion: its figures, the MP3, and maybe a copy of the WAV it came from."""
+class Mp3File:
+    """A finished MP3: what comes before its frames (tags), the frames in a spool, and its digest."""
 
-    conversion: Conversion
-    mp3: IO[bytes]
-    wav_copy: IO[bytes] | None = None
+    head: bytes
+    frames: IO[bytes]
+    size: int
+    sha256: str
+    duration_seconds: float
+
+    def read(self, size: int) -> bytes:
+        """The whole file in pieces: the head, then the frames."""
+        if self.head:
+            piece, self.head = self.head[:size], self.head[size:]
+            return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
+        return self.frames.read(size)
 
     def close(self) -> None:
-        self.mp3.close()
-        if self.wav_copy is not None:
-            self.wav_copy.close()
+        self.frames.close()
 
 
-def convert_to_spool(source: Readable, bitrate: int, quality: int) -> tuple[Conversion, IO[bytes]]:
-    mp3 = _spool()
-    try:
-        conversion = convert_wav(source, mp3, bitrate, quality)
-    except BaseException:
-        mp3.close()
-        raise
-    mp3.seek(0)
-    return conversion, mp3
+def spool() -> IO[bytes]:
+    """In memory up to SPOOL_MEMORY_BYTES, then an unnamed file on disk: even a SIGKILL leaves nothing."""
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
 
 
-def convert_upload(pipe: AudioPipe, bitrate: int, quality: int, keep_wav: bool) -> Converted:
-    """Worker-thread side of an upload: the MP3 lands in a spooled temporary file."""
-    keeper = _KeepingCopy(pipe, KEEP_WAV_BYTES) if keep_wav else None
-    try:
-        conversion, mp3 = convert_to_spool(keeper or pipe, bitrate, quality)
-    except BaseException:
-        if keeper is not None:
-            keeper.discard()
-        raise
-    finally:
-        pipe.reader_done()
-    return Converted(conversion, mp3, keeper.rewound() if keeper is not None else None)
+class Mp3Encoder:
+    """LAME for one WAV: blocks of frames in (one at a time, in an encoder thread), MP3 frames to a spool."""
+
+    def __init__(self, fmt: WavFormat, options: Mp3Options) -> None:
+        self.fmt = fmt
+        self.frames_in = 0
+        self._lame = lameenc.Encoder()
+        self._lame.set_bit_rate(options.bitrate)
+        self._lame.set_in_sample_rate(fmt.rate)
+        self._lame.set_channels(min(fmt.channels, 2))
+        self._lame.set_quality(options.quality)
+        self._spool = spool()
+
+    def encode(self, frames: bytes) -> None:
+        self.frames_in += len(frames) // self.fmt.frame_size
+        self._spool.write(self._lame.encode(to_pcm16(frames, self.fmt)))
+
+    def finish(self) -> Mp3File:
+        if self.frames_in == 0:
+            raise HTTPException(422, "WAV has no audio frames")
+        self._spool.write(self._lame.flush())
+        size = self._spool.tell()
+        self._spool.seek(0)
+        digest = hashlib.sha256()
+        while piece := self._spool.read(MIB):
+            digest.update(piece)
+        self._spool.seek(0)
+        return Mp3File(b"", self._spool, size, digest.hexdigest(), self.frames_in / self.fmt.rate)
+
+    def close(self) -> None:
+        self._spool.close()
 
 
-# SQL ################################################################################
-# Portable text: the same statements run on SQLite and PostgreSQL (see schema.sql).
+# 8. Conversion jobs #################################################################
 
-# Users are created in batches (see Store.create_user): one statement, one commit for all the
-# requests that arrived together; RETURNING names the rows that were new.
+
+class Encoders:
+    """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
+
+    def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ConversionJob:
+    """One WAV's conversion, fed the WAV as it arrives; the MP3 comes out of finish().
+
+    Knows nothing of HTTP. The event loop parses and buffers; a whole block goes to the
+    encoder pool, and the next one is gathered while it encodes (one block in flight).
+    """
+
+    def __init__(self, options: Mp3Options, encoders: Encoders, keep_wav: bool) -> None:
+        self.options = options
+        self._encoders = encoders
+        self._wav = WavParser()
+        self._frames: WavFrames | None = None
+        self._encoder: Mp3Encoder | None = None
+        self._in_flight: asyncio.Future[None] | None = None
+        # Parts may come in any order: a copy lets the WAV be encoded again for an option sent after it.
+        self._copy: IO[bytes] | None = tempfile.TemporaryFile() if keep_wav else None  # noqa: SIM115 -- closed in close()
+        self._closed = False
+
+    async def feed(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._keep(data)
+        audio = self._wav.feed(data)
+        if self._frames is None and self._wav.format is not None:
+            self._frames = WavFrames(self._wav.format)
+            self._encoder = Mp3Encoder(self._wav.format, self.options)
+        if audio and self._frames is not None:
+            self._frames.append(audio)
+            block_frames = max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
+            while self._frames.available >= block_frames:
+                await self._encode(self._frames.read(block_frames))
+
+    async def finish(self) -> Mp3File:
+        self._wav.close()
+        assert self._frames is not None and self._encoder is not None
+        if self._frames.available:
+            await self._encode(self._frames.read(self._frames.available))
+        await self._settle()
+        mp3 = await self._encoders.run(self._encoder.finish)
+        self._encoder = None  # the MP3 owns the spool now
+        return mp3
+
+    async def encode_again(self, options: Mp3Options) -> Mp3File:
+        """The kept WAV encoded with other options (files up to KEEP_WAV_BYTES)."""
+        if self._copy is None:
+            raise HTTPException(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
+        copy, self._copy = self._copy, None
+        again = ConversionJob(options, self._encoders, keep_wav=False)
+        try:
+            copy.seek(0)
+            while data := await asyncio.to_thread(copy.read, ENCODE_BLOCK_BYTES):
+                await again.feed(data)
+            return await again.finish()
+        finally:
+            copy.close()
+            again.close()
+
+    def _keep(self, data: bytes) -> None:
+        if self._copy is not None:
+            if self._copy.tell() + len(data) > KEEP_WAV_BYTES:
+                self._copy.close()
+                self._copy = None
+            else:
+                self._copy.write(data)
+
+    async def _encode(self, block: bytes) -> None:
+        await self._settle()  # one block in flight: memory stays at two blocks per upload
+        assert self._encoder is not None
+        self._in_flight = self._encoders.run(self._encoder.encode, block)
+
+    async def _settle(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            await in_flight
+
+    def close(self) -> None:
+        """Drop everything; a block still encoding finishes in its thread and is dropped with it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._copy is not None:
+            self._copy.close()
+        encoder, in_flight = self._encoder, self._in_flight
+        if encoder is None:
+            return
+        if in_flight is None:
+            encoder.close()
+            return
+
+        def close_after(future: asyncio.Future[None]) -> None:
+            if not future.cancelled():
+                future.exception()  # retrieved: the request has its answer already
+            encoder.close()
+
+        in_flight.add_done_callback(close_after)
+
+
+# 9. Storage #########################################################################
+# Portable SQL: the same statements run on SQLite and PostgreSQL (see schema.sql).
+
+# Users are created in batches (UserBatcher): one statement, one commit for all the requests
+# that arrived together; RETURNING names the rows that were new.
 SQL_INSERT_USERS = "INSERT INTO users (id, name, token_sha256, created_at) VALUES {rows} ON CONFLICT (name) DO NOTHING RETURNING id"
 SQL_INSERT_USERS_ROW = "(:id{n}, :name{n}, :token_sha256{n}, :created_at{n})"
 SQL_USER_TOKEN = "SELECT token_sha256 FROM users WHERE id = :id"
 SQL_RECORD_NAME_TAKEN = "SELECT 1 FROM records WHERE user_id = :user_id AND filename = :filename"
+# The record is stored only while the token it was uploaded with is still the user's.
 SQL_INSERT_RECORD = (
     "INSERT INTO records (id, user_id, filename, size_bytes, duration_seconds, sha256, created_at)"
-    " VALUES (:id, :user_id, :filename, :size_bytes, :duration_seconds, :sha256, :created_at)"
+    " SELECT :id, :user_id, :filename, CAST(:size_bytes AS BIGINT), CAST(:duration_seconds AS DOUBLE PRECISION), :sha256, :created_at"
+    " WHERE EXISTS (SELECT 1 FROM users WHERE id = :user_id AND token_sha256 = :token_sha256) RETURNING id"
 )
 SQL_INSERT_CHUNK = "INSERT INTO record_chunks (record_id, seq, data) VALUES (:record_id, :seq, :data)"
-SQL_FIND_RECORD = "SELECT filename, size_bytes, sha256 FROM records WHERE id = :id AND user_id = :user_id"
-SQL_RECORD_CHUNKS = (
-    "SELECT seq, data FROM record_chunks WHERE record_id = :record_id AND seq >= :first AND seq <= :last ORDER BY seq"
-)
+SQL_FIND_RECORD = "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records WHERE id = :id AND user_id = :user_id"
+SQL_RECORD_CHUNKS = "SELECT seq, data FROM record_chunks WHERE record_id = :record_id AND seq >= :first AND seq <= :last ORDER BY seq"
 SQL_PING = "SELECT 1"
 
-
-# Storage ############################################################################
-
-T = TypeVar("T")
 # Worth waiting out at start-up: the database is still starting, or another replica is
 # creating the same tables at the same moment (PostgreSQL's catalog then reports a duplicate).
 RETRY_AT_STARTUP = (
@@ -715,14 +1355,46 @@ RETRY_AT_STARTUP = (
     asyncpg.UniqueViolationError,
 )
 UNIQUE_VIOLATIONS: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+OUTAGES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error)
 
 
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewRecord:
+    record_id: str
+    user_id: str
+    token_sha256: str  # the upload's credentials: checked again as the record is stored
+    filename: str
+    size_bytes: int
+    duration_seconds: float
+    sha256: str
+    created_at: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRecord:
+    record_id: str
+    user_id: str
+    filename: str
+    size_bytes: int
+    duration_seconds: float
+    sha256: str
+    created_at: str
+
+
+class Blob(bytes):
+    """Chunk bytes with a short repr.
+
+    databases 0.9 formats every query's arguments with repr() for its debug log, whether or
+    not debug logging is on (databases/backends/sqlite.py and postgres.py, `_compile`): for a
+    256 KiB chunk that is ~1.5 ms of the event loop. Pinned by test_chunk_arguments_are_not_formatted.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
 
 
 class _SQLiteConnection(sqlite3.Connection):
@@ -733,26 +1405,24 @@ class _SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA foreign_keys = ON")
 
 
-class _SQLitePool:
+class SQLitePool(databases.backends.sqlite.SQLitePool):
     """Keeps SQLite connections open between requests.
 
-    `databases` (0.9) opens a new aiosqlite connection, with a thread of its own, for every
-    request and closes it afterwards; that costs more than the query. This stands in for its
-    pool with the same two methods, keeping up to `size` idle connections.
+    databases 0.9's SQLitePool opens a new aiosqlite connection, with a thread of its own, for
+    every request and closes it afterwards; that costs more than the query. This one keeps up
+    to `size` idle connections. Installed over the backend's private `_pool` (there is no public
+    hook); pinned by test_sqlite_connections_are_reused.
     """
 
-    _memref = None  # read by databases' SQLiteBackend.disconnect
-
-    def __init__(self, path: str, size: int, **options: Any) -> None:
-        self._path, self._size, self._options = path, size, options
+    def __init__(self, url: str, size: int, **options: Any) -> None:
+        super().__init__(databases.DatabaseURL(url), **options)
+        self._size = size
         self._idle: list[aiosqlite.Connection] = []
 
     async def acquire(self) -> aiosqlite.Connection:
         if self._idle:
             return self._idle.pop()
-        connection = aiosqlite.connect(self._path, isolation_level=None, **self._options)
-        await connection.__aenter__()
-        return connection
+        return await super().acquire()
 
     async def release(self, connection: aiosqlite.Connection) -> None:
         if connection.in_transaction:  # a request cancelled mid-transaction
@@ -767,48 +1437,25 @@ class _SQLitePool:
             await self._idle.pop().close()
 
 
-class Blob(bytes):
-    """Chunk bytes with a short repr.
-
-    databases (0.9) formats every query's arguments with repr() for its debug log, whether
-    or not debug logging is on: for a 256 KiB chunk that is ~1.5 ms of the event loop.
-    """
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} bytes>"
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredRecord:
-    filename: str
-    size_bytes: int
-    sha256: str
-
-
 class Store:
-    """Users and records in SQLite or PostgreSQL, through `databases` and raw SQL."""
+    """Users and records in SQLite or PostgreSQL: raw SQL through `databases`, nothing else."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
         self.timeout = timeout
         self.is_sqlite = url.startswith("sqlite")
-        self._pending_users: list[tuple[dict[str, str], asyncio.Future[bool]]] = []
-        self._user_writer: asyncio.Task[None] | None = None
         # SQLite has one writer at a time; queueing our writes here spares them the busy
         # handler's sleeps (it polls with growing naps). Other processes still meet the
         # busy timeout. PostgreSQL takes concurrent writers as they come.
-        self.write_lock: asyncio.Lock | contextlib.AbstractAsyncContextManager[None]
+        self.write_lock: contextlib.AbstractAsyncContextManager[Any]
         if self.is_sqlite:
             # The busy timeout ends a blocked statement a little before `_call` gives up on it, so
             # nothing commits after its request has been answered 503.
-            options: dict[str, Any] = {"factory": _SQLiteConnection, "timeout": 0.9 * timeout}
             self.database = databases.Database(url)
-            self.sqlite_pool = _SQLitePool(databases.DatabaseURL(url).database, 32, **options)
-            self.database._backend._pool = self.sqlite_pool  # type: ignore[attr-defined]
+            self.sqlite_pool = SQLitePool(url, SQLITE_CONNECTIONS, factory=_SQLiteConnection, timeout=0.9 * timeout)
+            self.database._backend._pool = self.sqlite_pool
             self.write_lock = asyncio.Lock()
         else:
-            options = {"min_size": 1, "max_size": 20, "timeout": timeout, "command_timeout": timeout}
-            self.database = databases.Database(url, **options)
+            self.database = databases.Database(url, min_size=1, max_size=20, timeout=timeout, command_timeout=timeout)
             self.write_lock = contextlib.nullcontext()
 
     async def connect(self, deadline: float) -> None:
@@ -831,7 +1478,7 @@ class Store:
         if self.is_sqlite:
             # WAL: readers never block the writer; the mode is stored in the file.
             await self.database.execute("PRAGMA journal_mode = WAL")
-        schema = (Path(__file__).with_name("schema.sql")).read_text()
+        schema = Path(__file__).with_name("schema.sql").read_text()
         for statement in schema.split(";"):
             if statement.strip():
                 await self.database.execute(statement)
@@ -849,77 +1496,52 @@ class Store:
                 return await operation
         except UNIQUE_VIOLATIONS:
             raise
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error) as error:
-            log.error("database call failed: %r", error)
-            raise Unavailable("database unavailable") from None
+        except OUTAGES as failure:
+            log.error("database call failed: %r", failure)
+            raise DatabaseUnavailable() from None
 
     async def ping(self) -> None:
         await self._call(self.database.fetch_val(SQL_PING))
 
-    async def create_user(self, name: str) -> tuple[str, str] | None:
-        """(user id, access token) of a new user, or None if the name is taken.
+    async def insert_users(self, rows: list[dict[str, str]]) -> set[str]:
+        """Insert users whose names are free, in one statement; the ids that were inserted."""
+        sql = SQL_INSERT_USERS.format(rows=", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(rows))))
+        values = {f"{key}{n}": value for n, row in enumerate(rows) for key, value in row.items()}
+        async with self.write_lock:
+            return {row["id"] for row in await self._call(self.database.fetch_all(sql, values))}
 
-        Group commit: requests that arrive while a batch is being written wait for the next
-        one, so a burst costs one INSERT and one commit (one fsync) per batch instead of per
-        user. The UNIQUE constraint still decides every race, also across processes.
-        """
-        user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
-        values = {"id": user_id, "name": name, "token_sha256": _hash_token(token), "created_at": _now()}
-        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending_users.append((values, created))
-        if self._user_writer is None or self._user_writer.done():
-            self._user_writer = asyncio.create_task(self._write_users())
-        return (user_id, token) if await created else None
-
-    async def _write_users(self) -> None:
-        while self._pending_users:
-            batch = self._pending_users[:USER_BATCH]
-            del self._pending_users[:USER_BATCH]
-            rows = ", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(batch)))
-            values = {f"{key}{n}": value for n, (row, _) in enumerate(batch) for key, value in row.items()}
-            try:
-                async with self.write_lock:
-                    inserted = {row["id"] for row in await self._call(self.database.fetch_all(SQL_INSERT_USERS.format(rows=rows), values))}
-            except Exception as error:  # noqa: BLE001 -- every waiting request gets the batch's answer (503)
-                for _, created in batch:
-                    if not created.done():
-                        created.set_exception(error)
-                continue
-            for row, created in batch:
-                if not created.done():  # its request may have been cancelled meanwhile
-                    created.set_result(row["id"] in inserted)
-
-    async def check_credentials(self, user_id: str, token: str) -> bool:
-        stored = await self._call(self.database.fetch_val(SQL_USER_TOKEN, {"id": user_id}))
-        # Compare even for an unknown user, so the answer takes the same time either way.
-        return hmac.compare_digest(stored or "0" * 64, _hash_token(token)) and stored is not None
+    async def token_hash(self, user_id: str) -> str | None:
+        return await self._call(self.database.fetch_val(SQL_USER_TOKEN, {"id": user_id}))
 
     async def record_name_taken(self, user_id: str, filename: str) -> bool:
-        row = await self._call(self.database.fetch_val(SQL_RECORD_NAME_TAKEN, {"user_id": user_id, "filename": filename}))
-        return row is not None
+        return await self._call(self.database.fetch_val(SQL_RECORD_NAME_TAKEN, {"user_id": user_id, "filename": filename})) is not None
 
-    async def save_record(self, record: dict[str, Any], mp3: IO[bytes]) -> None:
-        """The record row and all its chunks in one transaction; Conflict if the name is taken."""
+    async def save_record(self, record: NewRecord, mp3: Mp3File) -> StoredRecord:
+        """The record row and all its chunks in one transaction; 409 if the name is taken, 403 if
+        the token changed meanwhile."""
+        values = dataclasses.asdict(record)
+        values["id"] = values.pop("record_id")
         try:
             async with self.write_lock, self.database.transaction():
                 # The record row first: on SQLite its INSERT takes the write lock (waiting out
                 # the busy timeout), and on a duplicate name nothing else has been written.
-                await self._call(self.database.execute(SQL_INSERT_RECORD, record))
+                if await self._call(self.database.fetch_val(SQL_INSERT_RECORD, values)) is None:
+                    raise HTTPException(403, FORBIDDEN)
                 seq = 0
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
                     rows = []
                     for offset in range(0, len(batch), CHUNK_BYTES):
-                        rows.append({"record_id": record["id"], "seq": seq, "data": Blob(batch[offset : offset + CHUNK_BYTES])})
+                        rows.append({"record_id": record.record_id, "seq": seq, "data": Blob(batch[offset : offset + CHUNK_BYTES])})
                         seq += 1
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
         except UNIQUE_VIOLATIONS:
-            raise NameTaken(record["filename"]) from None
+            raise NameTaken(record.filename) from None
+        fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(StoredRecord)}
+        return StoredRecord(**fields)
 
     async def find_record(self, record_id: str, user_id: str) -> StoredRecord | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_RECORD, {"id": record_id, "user_id": user_id}))
-        if row is None:
-            return None
-        return StoredRecord(row["filename"], int(row["size_bytes"]), row["sha256"])
+        return None if row is None else stored_record(row)
 
     async def record_bytes(self, record_id: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes start..end (inclusive) of a record, reading only the chunks that cover them."""
@@ -934,46 +1556,78 @@ class Store:
                 yield data[lo:hi]
 
 
-# HTTP helpers #######################################################################
-
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def error_response(error: HTTPError) -> JSONResponse:
-    headers = {}
-    if isinstance(error, RangeNotSatisfiable):
-        headers["Content-Range"] = f"bytes */{error.size}"  # RFC 9110 §15.5.17
-    if isinstance(error, (Stalled, TooLarge)):
-        headers["Connection"] = "close"  # the rest of the body is not read
-    return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+def stored_record(row: Any) -> StoredRecord:
+    return StoredRecord(
+        row["id"], row["user_id"], row["filename"], int(row["size_bytes"]), float(row["duration_seconds"]), row["sha256"], row["created_at"]
+    )
 
 
-def parse_uuid(value: str) -> str | None:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        return None
+class UserBatcher:
+    """Group commit for POST /users: requests that arrive while a batch is being written wait
+    for the next one, so a burst costs one INSERT and one commit (one fsync) per batch instead
+    of per user. The UNIQUE constraint still decides every race, also across processes."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[tuple[dict[str, str], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def create(self, name: str) -> tuple[str, str] | None:
+        """(user id, access token) of a new user, or None if the name is taken."""
+        user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
+        row = {"id": user_id, "name": name, "token_sha256": hash_token(token), "created_at": now()}
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, created))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return (user_id, token) if await created else None
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:USER_BATCH], self._pending[USER_BATCH:]
+            try:
+                inserted = await self._store.insert_users([row for row, _ in batch])
+            except Exception as failure:  # noqa: BLE001 -- every waiting request gets the batch's answer (503)
+                for _, created in batch:
+                    if not created.done():
+                        created.set_exception(failure)
+                continue
+            for row, created in batch:
+                if not created.done():  # its request may have been cancelled meanwhile
+                    created.set_result(row["id"] in inserted)
 
 
-def parse_json(body: bytes | bytearray, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise Invalid(f"{what} is not valid JSON") from None
-    except RecursionError:
-        raise Invalid(f"{what} is JSON nested too deeply") from None
-    if not isinstance(value, dict):
-        raise Invalid(f"{what} must be a JSON object")
-    return value
+# 10. Responses ######################################################################
 
 
-def valid_text(value: str) -> bool:
-    """Encodable as UTF-8 (no lone surrogates from JSON escapes) and free of control characters."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return CONTROL_CHARS.search(value) is None
+def base_url(request: Request, settings: Settings) -> str:
+    return settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+
+
+def mp3_name(filename: str) -> str:
+    stem, dot, _suffix = filename.rpartition(".")
+    return f"{stem if dot and stem else filename}.mp3"
+
+
+def record_json(record: StoredRecord, base: str) -> dict[str, Any]:
+    """A record as the upload's 201 shows it."""
+    return {
+        "url": f"{base}/record?id={record.record_id}&user={record.user_id}",
+        "record_id": record.record_id,
+        "user_id": record.user_id,
+        "filename": mp3_name(record.filename),
+        "duration_seconds": round(record.duration_seconds, 6),
+        "size_bytes": record.size_bytes,
+        "sha256": record.sha256,
+    }
+
+
+def record_query(request: Request) -> tuple[str | None, str | None]:
+    """The `id` and `user` query parameters as UUIDs (None when not one); 422 when missing."""
+    record_param, user_param = request.query_params.get("id"), request.query_params.get("user")
+    if record_param is None or user_param is None:
+        raise HTTPException(422, "query parameters id and user are required")
+    return parse_uuid(record_param), parse_uuid(user_param)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -1011,8 +1665,7 @@ def etag_matches(header: str | None, etag: str) -> bool:
         return False
     if header.strip() == "*":
         return True
-    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
-    return etag in tags
+    return etag in [tag.strip().removeprefix("W/") for tag in header.split(",")]
 
 
 def content_disposition(filename: str) -> str:
@@ -1022,577 +1675,99 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def mp3_name(filename: str) -> str:
-    stem, dot, _suffix = filename.rpartition(".")
-    return f"{stem if dot and stem else filename}.mp3"
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
 
 
-def clean_filename(raw: bytes) -> str:
-    """The name a client sent, less any directories; 422 when nothing sensible remains."""
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Invalid("audio_file name is not valid UTF-8") from None
-    name = re.split(r"[/\\]", name)[-1]
-    if name in ("", ".", ".."):
-        raise Invalid("audio_file has an empty file name")
-    if CONTROL_CHARS.search(name):
-        raise Invalid("audio_file name contains control characters")
-    if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
-        raise Invalid(f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
-    return name
+class RecordResponse(StreamingResponse):
+    """A stored MP3 as HTTP: ETag and 304, one Range (206, 416), HEAD, streamed from the database."""
 
-
-def base_url(request: Request, settings: Settings) -> str:
-    if settings.public_url:
-        return settings.public_url
-    return f"{request.url.scheme}://{request.url.netloc}"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes")
-    return bytes(body)
-
-
-# Upload parsing #####################################################################
-
-
-class Upload:
-    """One POST /users/wav, parsed as its bytes arrive.
-
-    Parts may come in any order. When `data` comes before the audio (httpx and curl send
-    fields first) the credentials and the file name are checked before any audio is decoded;
-    a refused request then only reads and discards the rest of its body, and is answered
-    once the body has been read (a client still sending rarely sees an early answer).
-    """
-
-    def __init__(self, request: Request, services: Services) -> None:
-        self.request = request
-        self.services = services
-        content_type, params = parse_options_header(request.headers.get("content-type", ""))
-        boundary = params.get(b"boundary")
-        if content_type != b"multipart/form-data" or not boundary:
-            raise Invalid("request must be multipart/form-data with a boundary")
-        self.events: list[tuple[str, Any]] = []  # what the parser saw in the latest chunk
-        self.headers: dict[bytes, bytes] = {}
-        self.header_field = bytearray()
-        self.header_value = bytearray()
-        try:
-            self.parser: MultipartParser | None = MultipartParser(
-                boundary, self._callbacks(), max_header_count=16, max_header_size=8192  # type: ignore[arg-type]
-            )
-        except ValueError:
-            raise Invalid("multipart boundary is invalid") from None
-        self.part: str | None = None  # name of the part being received, if one we use
-        self.field = bytearray()
-        self.parts = 0
-        self.received = 0  # body bytes read so far
-        self.complete = False
-        self.refusal: HTTPError | None = None
-        self.user_id: str | None = None
-        self.credentials_ok = False
-        self.bitrate: int | None = None  # from the form, if sent
-        self.encoded_bitrate = 0  # what the conversion under way uses
-        self.filename: str | None = None
-        self.pipe: AudioPipe | None = None
-        self.conversion: asyncio.Future[Converted] | None = None
-
-    def _callbacks(self) -> dict[str, Callable[..., None]]:
-        events = self.events
-
-        def on_header_field(data: bytes, start: int, end: int) -> None:
-            self.header_field += data[start:end]
-
-        def on_header_value(data: bytes, start: int, end: int) -> None:
-            self.header_value += data[start:end]
-
-        def on_header_end() -> None:
-            self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
-            self.header_field.clear()
-            self.header_value.clear()
-
-        def on_headers_finished() -> None:
-            events.append(("headers", self.headers))
-            self.headers = {}
-
-        return {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": lambda data, start, end: events.append(("data", data[start:end])),
-            "on_part_end": lambda: events.append(("end", None)),
-            "on_end": lambda: events.append(("done", None)),
-        }
-
-    def refuse(self, error: HTTPError) -> None:
-        """Keep the first refusal, stop converting and parsing: the rest of the body is discarded."""
-        if self.refusal is None:
-            self.refusal = error
-        self.parser = None
-        if self.pipe is not None:
-            self.pipe.abort()
-
-    async def receive(self) -> None:
-        limit = self.services.settings.max_upload_bytes
-        declared = self.request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise TooLarge(f"request body is larger than the {limit // MIB} MiB limit")
-        stream = self.request.stream().__aiter__()
-        while True:
-            try:
-                async with asyncio.timeout(self.services.settings.upload_idle_timeout):
-                    chunk = await stream.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise Stalled(f"upload stalled for {self.services.settings.upload_idle_timeout:g} s") from None
-            self.received += len(chunk)
-            if self.received > limit:
-                raise TooLarge(f"request body is larger than the {limit // MIB} MiB limit")
-            if self.parser is None:
-                continue
-            try:
-                self.parser.write(chunk)
-            except MultipartParseError:
-                self.refuse(Invalid("multipart body is malformed"))
-            try:
-                for kind, value in self.events:
-                    if self.refusal is None:
-                        await self._handle(kind, value)
-            except HTTPError as error:
-                self.refuse(error)
-            finally:
-                self.events.clear()
-
-    async def _handle(self, kind: str, value: Any) -> None:
-        if kind == "headers":
-            await self._begin_part(value)
-        elif kind == "data":
-            if self.part == "audio_file":
-                assert self.pipe is not None
-                await self.pipe.write(value)
-            elif self.part is not None:
-                self.field += value
-                if len(self.field) > MAX_FIELD_BYTES:
-                    raise Invalid(f"form field {self.part!r} is larger than {MAX_FIELD_BYTES} bytes")
-        elif kind == "end":
-            await self._end_part()
-        elif kind == "done":
-            self.complete = True
-
-    async def _begin_part(self, headers: dict[bytes, bytes]) -> None:
-        self.parts += 1
-        if self.parts > MAX_PARTS:
-            raise Invalid(f"more than {MAX_PARTS} multipart parts")
-        disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
-        if disposition != b"form-data" or b"name" not in params:
-            raise Invalid("a multipart part has no Content-Disposition: form-data name")
-        name = params[b"name"].decode("latin-1")
-        self.part, self.field = None, bytearray()
-        if name == "audio_file":
-            if self.pipe is not None:
-                raise Invalid("more than one audio_file part")
-            if b"filename" not in params:
-                raise Invalid("audio_file part has no filename")
-            self.filename = clean_filename(params[b"filename"])
-            if self.credentials_ok:
-                await self._check_name_free()
-            self.part = "audio_file"
-            self._start_conversion()
-        elif name in ("data", "bitrate"):
-            self.part = name
-
-    async def _end_part(self) -> None:
-        part, self.part = self.part, None
-        if part == "audio_file":
-            assert self.pipe is not None
-            self.pipe.close()
-        elif part == "data":
-            await self._check_credentials(bytes(self.field))
-        elif part == "bitrate":
-            text = self.field.decode("latin-1").strip()
-            if not text.isdigit() or int(text) not in MP3_BITRATES:
-                raise Invalid(f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))}")
-            self.bitrate = int(text)
-
-    async def _check_credentials(self, body: bytes) -> None:
-        if self.user_id is not None:
-            raise Invalid("more than one data part")
-        payload = parse_json(body, "data")
-        user_id, token = payload.get("user_id"), payload.get("access_token")
-        if not isinstance(user_id, str) or not isinstance(token, str):
-            raise Invalid("data must hold string fields user_id and access_token")
-        self.user_id, token = parse_uuid(user_id), parse_uuid(token)
-        if self.user_id is None or token is None:
-            raise Invalid("user_id and access_token must be UUIDs")
-        if not await self.services.store.check_credentials(self.user_id, token):
-            raise Forbidden("unknown user_id or wrong access_token")
-        self.credentials_ok = True
-        if self.filename is not None:
-            await self._check_name_free()
-
-    async def _check_name_free(self) -> None:
-        # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
-        assert self.user_id is not None and self.filename is not None
-        if await self.services.store.record_name_taken(self.user_id, self.filename):
-            raise NameTaken(self.filename)
-
-    def _start_conversion(self) -> None:
-        settings = self.services.settings
-        self.pipe = AudioPipe()
-        self.encoded_bitrate = self.bitrate or settings.mp3_bitrate
-        self.conversion = asyncio.get_running_loop().run_in_executor(
-            self.services.converters,
-            convert_upload,
-            self.pipe,
-            self.encoded_bitrate,
-            settings.mp3_quality,
-            self.bitrate is None,  # no bitrate yet: one may still come, keep the WAV
-        )
-
-    async def result(self) -> Converted:
-        """After the body: the finished conversion, or the error that answers the request."""
-        if self.refusal is not None:
-            raise self.refusal
-        if not self.complete:
-            raise Invalid("multipart body ended before its closing boundary")
-        if self.user_id is None:
-            raise Invalid("the data part is missing")
-        if self.conversion is None:
-            raise Invalid("the audio_file part is missing")
-        converted = await self.conversion
-        if self.bitrate is None or self.bitrate == self.encoded_bitrate:
-            return converted
-        # `bitrate` came after the audio: encode the kept WAV again, at the asked bitrate.
-        if converted.wav_copy is None:
-            raise Invalid(f"send the bitrate part before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
-        converted.mp3.close()
-        loop = asyncio.get_running_loop()
-        quality = self.services.settings.mp3_quality
-        converted.conversion, converted.mp3 = await loop.run_in_executor(
-            self.services.converters, convert_to_spool, converted.wav_copy, self.bitrate, quality
-        )
-        return converted
-
-    async def discard(self) -> None:
-        """Whatever happened, leave nothing behind: stop the converter and drop its spools."""
-        if self.conversion is None:
+    def __init__(self, request: Request, record: StoredRecord, store: Store) -> None:
+        etag = f'"{record.sha256}"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
+        # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            super().__init__(_nothing(), 304, headers)
             return
-        if self.pipe is not None and not self.conversion.done():
-            self.pipe.abort()
-        with contextlib.suppress(BaseException):
-            (await self.conversion).close()
-
-    async def drain(self, limit: int) -> None:
-        """Read and drop up to `limit` more bytes, so a client still sending can read our answer."""
-        stream = self.request.stream().__aiter__()
-        with contextlib.suppress(Exception):  # a stall or a disconnect ends the favour
-            while limit >= 0:
-                async with asyncio.timeout(self.services.settings.upload_idle_timeout):
-                    limit -= len(await stream.__anext__())
+        byte_range = parse_range(request.headers.get("range"), record.size_bytes)
+        if_range = request.headers.get("if-range")
+        if byte_range is not None and if_range is not None and if_range.strip() != etag:
+            byte_range = None  # RFC 9110 §13.1.5: the representation changed, send it whole
+        status, (first, last) = (206, byte_range) if byte_range else (200, (0, record.size_bytes - 1))
+        if byte_range:
+            headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
+        headers["Content-Length"] = str(last - first + 1)
+        body = _nothing() if request.method == "HEAD" else store.record_bytes(record.record_id, first, last)
+        super().__init__(body, status, headers, media_type="audio/mpeg")
 
 
-# Endpoints ##########################################################################
+# 11. API documents ##################################################################
+
+COMPONENTS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+    "NewUser": {
+        "type": "object",
+        "required": ["user_id", "access_token"],
+        "properties": {"user_id": {"type": "string", "format": "uuid"}, "access_token": {"type": "string", "format": "uuid"}},
+    },
+    "Record": {
+        "type": "object",
+        "required": ["url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"],
+        "properties": {
+            "url": {"type": "string"},
+            "record_id": {"type": "string", "format": "uuid"},
+            "user_id": {"type": "string", "format": "uuid"},
+            "filename": {"type": "string"},
+            "duration_seconds": {"type": "number"},
+            "size_bytes": {"type": "integer"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        },
+    },
+}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.0 from the route declarations: for clients, /docs and the fuzzer in the tests."""
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in API.operations:
+        entry: dict[str, Any] = {"summary": operation.summary, "responses": {str(status): dict(a) for status, a in operation.answers.items()}}
+        if operation.parameters:
+            entry["parameters"] = [dict(p) for p in operation.parameters]
+        if operation.body is not None:
+            entry["requestBody"] = {"required": True, "content": dict(operation.body)}
+        paths.setdefault(operation.path, {})[operation.method.lower()] = entry
+    info = {"title": "wav2mp3", "version": "2", "description": "WAV to MP3 conversion over HTTP; docs/API.md tells the whole story."}
+    return {"openapi": "3.0.3", "info": info, "paths": paths, "components": {"schemas": COMPONENTS}}
+
+
+# 12. The application ################################################################
 
 
 @dataclasses.dataclass
 class Services:
     settings: Settings
     store: Store
-    converters: ThreadPoolExecutor
+    users: UserBatcher
+    encoders: Encoders
 
 
 def services_of(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-async def create_user(request: Request) -> Response:
-    """Create a user: 201 with its id and the access token, shown this once."""
-    store = services_of(request).store
-    payload = parse_json(await read_body(request, MAX_JSON_BODY), "body")
-    name = payload.get("name")
-    if not isinstance(name, str):
-        raise Invalid("name is required and must be a string")
-    name = name.strip()
-    if not 1 <= len(name) <= MAX_NAME_CHARS:
-        raise Invalid(f"name must be 1..{MAX_NAME_CHARS} characters")
-    if not valid_text(name):
-        raise Invalid("name must not contain control characters")
-    created = await store.create_user(name)
-    if created is None:
-        # The seed's answer, kept as it was for its clients.
-        return JSONResponse({"error_name": "user with name already is"}, status_code=200)
-    user_id, token = created
-    return JSONResponse({"user_id": user_id, "access_token": token}, status_code=201)
+async def json_error(request: Request, failure: Exception) -> Response:
+    """Every refusal, ours or Starlette's (404, 405), as {"error": detail}."""
+    assert isinstance(failure, HTTPException)
+    log.info("refused %s %s: %d %s", request.method, request.url.path, failure.status_code, failure.detail)
+    return JSONResponse({"error": failure.detail}, status_code=failure.status_code, headers=failure.headers)
 
 
-async def upload_wav(request: Request) -> Response:
-    """Upload a WAV (multipart: data, audio_file, optional bitrate): 201 with the MP3's link."""
-    services = services_of(request)
-    upload = Upload(request, services)
-    try:
-        try:
-            await upload.receive()
-        except TooLarge:
-            # A client that asked "Expect: 100-continue" waits for our verdict before sending
-            # the body: answer at once. Any other client is mid-body: read some of it first.
-            if request.headers.get("expect", "").lower() != "100-continue" or upload.received:
-                await upload.drain(DRAIN_LIMIT_BYTES)
-            raise
-        converted = await upload.result()
-        conversion = converted.conversion
-        assert upload.user_id is not None and upload.filename is not None and upload.pipe is not None
-        record_id = str(uuid.uuid4())
-        record = {
-            "id": record_id,
-            "user_id": upload.user_id,
-            "filename": upload.filename,
-            "size_bytes": conversion.mp3_bytes,
-            "duration_seconds": conversion.duration_seconds,
-            "sha256": conversion.sha256,
-            "created_at": _now(),
-        }
-        await services.store.save_record(record, converted.mp3)
-    except ClientDisconnect:
-        log.info("upload abandoned: client disconnected mid-upload; nothing stored")
-        return Response(status_code=400)
-    finally:
-        await upload.discard()
-    log.info(
-        "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",
-        record_id, conversion.duration_seconds, upload.pipe.bytes_in, conversion.mp3_bytes, conversion.seconds,
-    )  # fmt: skip
-    url = f"{base_url(request, services.settings)}/record?id={record_id}&user={upload.user_id}"
-    body = {
-        "url": url,
-        "record_id": record_id,
-        "user_id": upload.user_id,
-        "filename": mp3_name(upload.filename),
-        "duration_seconds": round(conversion.duration_seconds, 6),
-        "size_bytes": conversion.mp3_bytes,
-        "sha256": conversion.sha256,
-    }
-    return JSONResponse(body, status_code=201, headers={"Location": url})
-
-
-async def get_record(request: Request) -> Response:
-    """Download a record's MP3 (GET or HEAD); single byte ranges, ETag and If-None-Match."""
-    store = services_of(request).store
-    record_param, user_param = request.query_params.get("id"), request.query_params.get("user")
-    if record_param is None or user_param is None:
-        raise Invalid("query parameters id and user are required")
-    record_id, user_id = parse_uuid(record_param), parse_uuid(user_param)
-    record = await store.find_record(record_id, user_id) if record_id and user_id else None
-    if record is None or record_id is None:
-        raise NotFound("no such record for this user")
-    etag = f'"{record.sha256}"'
-    headers = {
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Content-Disposition": content_disposition(mp3_name(record.filename)),
-    }
-    # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
-    if etag_matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
-    byte_range = parse_range(request.headers.get("range"), record.size_bytes)
-    if_range = request.headers.get("if-range")
-    if byte_range is not None and if_range is not None and if_range.strip() != etag:
-        byte_range = None  # RFC 9110 §13.1.5: the representation changed, send it whole
-    status = 200
-    first, last = 0, record.size_bytes - 1
-    if byte_range is not None:
-        status, (first, last) = 206, byte_range
-        headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
-    headers["Content-Length"] = str(last - first + 1)
-    if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type="audio/mpeg")
-    return StreamingResponse(store.record_bytes(record_id, first, last), status_code=status, headers=headers, media_type="audio/mpeg")
-
-
-async def health(request: Request) -> Response:
-    """200 when the database answers, 503 otherwise."""
-    await services_of(request).store.ping()
-    return JSONResponse({"status": "ok"})
-
-
-# OpenAPI ############################################################################
-# The contract (../shared/contract.md) as OpenAPI 3.0, for clients and for the fuzzer in
-# the test suite: every route, parameter, body, status code and header.
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _json({"$ref": "#/components/schemas/Error"}, description)
-
-
-_UNAVAILABLE = _error("the database is unreachable")
-_RECORD_HEADERS = {
-    "ETag": {"schema": {"type": "string"}, "description": "strong: the MP3's sha256 in quotes"},
-    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
-    "Content-Disposition": {"schema": {"type": "string"}, "description": "RFC 6266: ASCII filename and filename*"},
-    "Content-Length": {"schema": {"type": "integer"}},
-}
-_RECORD_PARAMETERS = [
-    {"name": "id", "in": "query", "required": True, "schema": {"type": "string"}, "description": "record UUID"},
-    {"name": "user", "in": "query", "required": True, "schema": {"type": "string"}, "description": "owner's user UUID"},
-    {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}, "description": "one bytes= range"},
-    {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
-]
-
-
-def _record_responses(body: bool) -> dict[str, Any]:
-    audio = {"audio/mpeg": {"schema": {"type": "string", "format": "binary"}}} if body else {}
-    return {
-        "200": {"description": "the MP3", "headers": _RECORD_HEADERS, **({"content": audio} if body else {})},
-        "206": {
-            "description": "the requested byte range",
-            "headers": {**_RECORD_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
-            **({"content": audio} if body else {}),
-        },
-        "304": {"description": "If-None-Match matched", "headers": {"ETag": _RECORD_HEADERS["ETag"]}},
-        "404": _error("no such record for that user, or ids that are not UUIDs"),
-        "416": {**_error("range not satisfiable"), "headers": {"Content-Range": {"schema": {"type": "string"}}}},
-        "422": _error("id or user missing"),
-        "503": _UNAVAILABLE,
-    }
-
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "wav2mp3", "version": "1", "description": "WAV to MP3 conversion over HTTP."},
-    "paths": {
-        "/users": {
-            "post": {
-                "summary": "Create a user; the access token is shown only in this answer",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "201": _json({"$ref": "#/components/schemas/NewUser"}, "the new user"),
-                    "200": _json(
-                        {"type": "object", "required": ["error_name"], "properties": {"error_name": {"type": "string"}}},
-                        "a user with that name exists",
-                    ),
-                    "413": _error("body larger than 64 KiB"),
-                    "422": _error("not JSON, not an object, or a bad name"),
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/users/wav": {
-            "post": {
-                "summary": "Upload a WAV; answers with the link to its MP3",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["data", "audio_file"],
-                                "properties": {
-                                    "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
-                                    "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
-                                    "bitrate": {"type": "integer", "enum": list(MP3_BITRATES), "description": "CBR kbps"},
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "201": {
-                        **_json({"$ref": "#/components/schemas/Record"}, "converted and stored"),
-                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the same link as url"}},
-                    },
-                    "403": _error("unknown user_id or wrong access_token"),
-                    "408": _error("the client stalled mid-upload"),
-                    "409": _error("this user already has a record from a file of that name"),
-                    "413": _error("body larger than MAX_UPLOAD_MB"),
-                    "415": _error("not RIFF/WAVE, or an unsupported encoding (named)"),
-                    "422": _error("malformed parts or data, bad bitrate, or a corrupt, truncated or empty WAV"),
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-        "/record": {
-            "get": {"summary": "Download an MP3", "parameters": _RECORD_PARAMETERS, "responses": _record_responses(True)},
-            "head": {"summary": "An MP3's headers", "parameters": _RECORD_PARAMETERS, "responses": _record_responses(False)},
-        },
-        "/health": {
-            "get": {
-                "summary": "Is the database reachable",
-                "responses": {
-                    "200": _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}}, "healthy"),
-                    "503": _UNAVAILABLE,
-                },
-            }
-        },
-    },
-    "components": {
-        "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-            "NewUser": {
-                "type": "object",
-                "required": ["user_id", "access_token"],
-                "properties": {"user_id": {"type": "string", "format": "uuid"}, "access_token": {"type": "string", "format": "uuid"}},
-            },
-            "Record": {
-                "type": "object",
-                "required": ["url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"],
-                "properties": {
-                    "url": {"type": "string"},
-                    "record_id": {"type": "string", "format": "uuid"},
-                    "user_id": {"type": "string", "format": "uuid"},
-                    "filename": {"type": "string"},
-                    "duration_seconds": {"type": "number"},
-                    "size_bytes": {"type": "integer"},
-                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                },
-            },
-        }
-    },
-}
-
-
-async def openapi(request: Request) -> Response:
-    return JSONResponse(OPENAPI)
-
-
-# Application ########################################################################
-
-
-async def handle_http_error(request: Request, error: Exception) -> Response:
-    assert isinstance(error, HTTPError)
-    if error.status != 304:
-        log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, error.message)
-    return error_response(error)
-
-
-async def handle_starlette_error(request: Request, error: Exception) -> Response:
-    # Starlette's own 404/405 (unknown path or method) in our JSON shape.
-    assert isinstance(error, StarletteHTTPException)
-    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
-
-
-async def handle_unexpected(request: Request, error: Exception) -> Response:
+async def internal_error(request: Request, failure: Exception) -> Response:
     # A bug, not the client's fault: log the trace, never send it.
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=failure)
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 
@@ -1603,64 +1778,40 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url, settings.db_timeout)
         await store.connect(time.monotonic() + settings.db_startup_timeout)
-        converters = ThreadPoolExecutor(settings.max_conversions, thread_name_prefix="convert")
+        encoders = Encoders(settings.encoder_threads)
         # anyio imports its asyncio backend on first use (StreamingResponse's task group):
         # pay for that here rather than in the first download.
         async with anyio.create_task_group():
             pass
-        app.state.services = Services(settings, store, converters)
+        app.state.services = Services(settings, store, UserBatcher(store), encoders)
         try:
             yield
         finally:
-            converters.shutdown(wait=True, cancel_futures=True)
+            encoders.shutdown()
             await store.disconnect()
 
-    routes = [
-        Route("/users", create_user, methods=["POST"]),
-        Route("/users/wav", upload_wav, methods=["POST"]),
-        Route("/record", get_record, methods=["GET", "HEAD"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ]
-    handlers = {HTTPError: handle_http_error, StarletteHTTPException: handle_starlette_error, Exception: handle_unexpected}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
+    handlers = {HTTPException: json_error, Exception: internal_error}
+    return Starlette(routes=API.routes, lifespan=lifespan, exception_handlers=handlers)
 
 
 app = create_app()
 
 
-# Command line #######################################################################
+# 13. Command line ###################################################################
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")), help="server processes")
-    flags = {
-        "--database-url": "DATABASE_URL",
-        "--public-url": "PUBLIC_URL",
-        "--max-upload-mb": "MAX_UPLOAD_MB",
-        "--mp3-bitrate": "MP3_BITRATE",
-        "--mp3-quality": "MP3_QUALITY",
-        "--max-conversions": "MAX_CONVERSIONS",
-        "--upload-idle-timeout": "UPLOAD_IDLE_TIMEOUT",
-        "--db-timeout": "DB_TIMEOUT",
-    }
-    for flag, variable in flags.items():
-        parser.add_argument(flag, help=f"overrides ${variable}")
+    parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP (every flag overrides its environment variable)")
+    for field in dataclasses.fields(Settings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", metavar=field.name.upper(), help=field.metadata["meaning"])
     args = parser.parse_args(argv)
-    for flag, variable in flags.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name)
         if value is not None:
-            os.environ[variable] = value
-    if args.workers > 1 and not os.environ.get("MAX_CONVERSIONS"):
-        # The cap is per process: share the CPUs between the workers rather than oversubscribe them.
-        os.environ["MAX_CONVERSIONS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-    Settings.from_env()  # fail now, with the message, on a bad setting
+            os.environ[field.name.upper()] = value  # the workers import this module afresh and read them
+    settings = Settings.from_env()  # fail now, with the message, on a bad setting
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The workers import this module afresh and read the settings from the environment.
-    uvicorn.run("wav2mp3:app", host=args.host, port=args.port, workers=args.workers, timeout_keep_alive=30)
+    uvicorn.run("wav2mp3:app", host=settings.host, port=settings.port, workers=settings.workers, timeout_keep_alive=30)
 
 
 if __name__ == "__main__":

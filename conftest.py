@@ -17,6 +17,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -175,6 +176,25 @@ def rf64(wav: bytes, magic: bytes = b"RF64") -> bytes:
     return magic + b"\xff\xff\xff\xffWAVE" + ds64 + wav[12:data_at] + b"data\xff\xff\xff\xff" + wav[data_at + 8 :]
 
 
+def rifx(seconds: float, rate: int, channels: int, bits: int = 16) -> bytes:
+    """A big-endian RIFX WAVE: sizes, fmt fields and samples all big-endian."""
+    width = bits // 8
+    samples = np.round(sine(seconds, rate, channels).reshape(-1) * (2 ** (bits - 1) - 1)).astype(">i4")
+    data = samples.view(np.uint8).reshape(-1, 4)[:, 4 - width :].tobytes()
+    fmt = struct.pack(">HHLLHH", 1, channels, rate, rate * channels * width, channels * width, bits)
+    body = b"WAVE" + b"fmt " + struct.pack(">L", len(fmt)) + fmt + b"data" + struct.pack(">L", len(data)) + data
+    return b"RIFX" + struct.pack(">L", len(body)) + body
+
+
+def info_list(**texts: str | bytes) -> bytes:
+    """A LIST/INFO chunk: info_list(INAM="Title", IART=b"raw bytes")."""
+    payload = b"INFO"
+    for key, value in texts.items():
+        raw = (value.encode() if isinstance(value, str) else value) + b"\x00"
+        payload += key.encode() + struct.pack("<L", len(raw)) + raw + (b"\x00" if len(raw) % 2 else b"")
+    return riff_chunk(b"LIST", payload)
+
+
 # MP3 decoding ####################################################################
 
 
@@ -202,12 +222,36 @@ def assert_duration(decoded_frames: int, rate: int, seconds: float) -> None:
     assert seconds - 0.1 <= duration <= seconds + 0.1 + 2304 / rate, (duration, seconds)
 
 
+def ffmpeg_decode(mp3: bytes, *args: str) -> tuple[np.ndarray, str]:
+    """(frames x channels) int16 as ffmpeg decodes the file (it honours the LAME tag: gapless), and what it printed."""
+    channels = decode(mp3)[1]
+    with tempfile.NamedTemporaryFile(suffix=".mp3") as file:  # a file, not a pipe: ffmpeg trims the padding only where it can seek
+        file.write(mp3)
+        file.flush()
+        done = subprocess.run(["ffmpeg", "-v", "warning", *args, "-i", file.name, "-f", "s16le", "-"], capture_output=True, check=True)
+    return np.frombuffer(done.stdout, dtype="<i2").reshape(-1, channels), done.stderr.decode()
+
+
+def mp3_frames(mp3: bytes) -> list[bytes]:
+    """The MPEG frames of a file, after any ID3v2 tag (the first is the Info/Xing frame when there is one)."""
+    offset = 0
+    if mp3[:3] == b"ID3":
+        offset = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(mp3[6:10]))  # syncsafe size (ID3v2.4 §3.1)
+    frames = []
+    while offset + 4 <= len(mp3):
+        size = wav2mp3.FRAME_SIZES[int.from_bytes(mp3[offset : offset + 4], "big") >> 9 & 0xFFF]
+        assert size, f"no frame header at {offset}"
+        frames.append(mp3[offset : offset + size])
+        offset += size
+    return frames
+
+
 def convert(wav: bytes, **options: int) -> wav2mp3.Mp3File:
     """A WAV converted in-process, without HTTP: the same job an upload runs."""
 
     async def run() -> wav2mp3.Mp3File:
         encoders = wav2mp3.Encoders(1)
-        job = wav2mp3.ConversionJob(wav2mp3.Mp3Options(**{"bitrate": 128, "quality": 3, **options}), encoders, keep_wav=False)
+        job = wav2mp3.ConversionJob(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders, keep_wav=False)
         try:
             for offset in range(0, len(wav), 65536):
                 await job.feed(wav[offset : offset + 65536])

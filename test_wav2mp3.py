@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import io
+import json
 import logging
 import os
 import re
@@ -32,6 +35,8 @@ import aiosqlite
 import httpx
 import hypothesis
 import hypothesis.strategies as st
+import mutagen.id3
+import mutagen.mp3
 import numpy as np
 import pytest
 import schemathesis
@@ -57,16 +62,21 @@ from conftest import (
     db_rows,
     decode,
     dominant_frequency,
+    ffmpeg_decode,
     form_part,
     free_port,
+    info_list,
     long_wav,
     make_wav,
+    mp3_frames,
     multipart,
+    music,
     new_user,
     patch,
     record_path,
     rf64,
     riff_chunk,
+    rifx,
     rms_dbfs,
     running_app,
     sine,
@@ -851,6 +861,248 @@ async def test_block_align_that_contradicts_the_format_is_422(client: httpx.Asyn
     response = await upload(client, await new_user(client), patch(make_wav(0.3), 32, struct.pack("<H", 3)))
     assert response.status_code == 422
     assert "block align" in response.json()["error"]
+
+
+# MP3 files as good as LAME's own ################################################
+
+needs_ffmpeg = pytest.mark.skipif(
+    not shutil.which("ffmpeg") or not shutil.which("ffprobe"), reason="ffmpeg/ffprobe not installed (.ci/run installs them)"
+)
+needs_lame = pytest.mark.skipif(not shutil.which("lame"), reason="lame not installed (.ci/run installs it)")
+
+
+def lame_tag(mp3: bytes) -> dict[str, Any]:
+    """The fields of a file's Info/Xing frame and LAME extension, read by VbrTag.c's layout."""
+    frame = mp3_frames(mp3)[0]
+    mpeg1, mono = frame[1] >> 3 & 1, frame[3] >> 6 == 3
+    side = (21 if mono else 36) if mpeg1 else (13 if mono else 21)
+    x, e = frame[side:], frame[side + 120 :]
+    number = functools.partial(int.from_bytes, byteorder="big")
+    return {
+        "tag": x[:4].decode(), "flags": number(x[4:8]), "frames": number(x[8:12]), "bytes": number(x[12:16]), "toc": list(x[16:116]),
+        "quality": number(x[116:120]), "version": e[:9].decode(), "method": e[9], "lowpass": e[10] * 100, "replay gain": e[11:19].hex(),
+        "flags2": e[19], "abr": e[20], "delay": e[21] << 4 | e[22] >> 4, "padding": (e[22] & 15) << 8 | e[23], "misc": e[24],
+        "preset": number(e[26:28]), "music length": number(e[28:32]), "music crc": number(e[32:34]), "tag crc": number(e[34:36]),
+        "frame header": frame[:4].hex(), "frame size": len(frame), "crc span": side + 154,
+    }  # fmt: skip
+
+
+def lame_cli(wav: bytes, tmp_path: Path, *options: str) -> bytes:
+    (tmp_path / "in.wav").write_bytes(wav)
+    subprocess.run(["lame", "--quiet", "--noreplaygain", "-q", "3", *options, str(tmp_path / "in.wav"), str(tmp_path / "out.mp3")], check=True)
+    return (tmp_path / "out.mp3").read_bytes()
+
+
+def test_crc16_is_lames_crc():
+    # CRC-16/ARC (x^16 + x^15 + x^2 + 1, reflected), LAME's: its check value, and the vectorised path against the byte loop.
+    assert wav2mp3.crc16(b"123456789") == 0xBB3D
+    data = np.random.default_rng(5).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    assert wav2mp3.crc16(data) == functools.reduce(lambda crc, b: crc >> 8 ^ int(wav2mp3.CRC_TABLE[(crc ^ b) & 0xFF]), data, 0)
+
+
+MODES = {"cbr-128": {}, "cbr-160": {"bitrate": "160"}, "vbr-2": {"vbr_quality": "2"}, "vbr-7": {"vbr_quality": "7"}}
+
+
+@needs_lame
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000])
+async def test_lame_tag_matches_lame_field_by_field(client: httpx.AsyncClient, tmp_path: Path, rate: int, channels: int, mode: str) -> None:
+    wav = make_wav(signal=music(1.3, rate, channels), rate=rate, channels=channels)
+    _, ours = await uploaded(client, wav, **MODES[mode])
+    options = ["-b", MODES[mode].get("bitrate", "128")] if "vbr_quality" not in MODES[mode] else ["-V", MODES[mode]["vbr_quality"]]
+    if mode == "cbr-160" and channels == 2:
+        options += ["-m", "s"]  # lameenc encodes stereo (not joint) above 128 kbps
+    theirs = lame_cli(wav, tmp_path, *options)
+    tag, reference = lame_tag(ours), lame_tag(theirs)
+    # The CRCs differ by design: lameenc's frames carry "LAME4.0" in their filler bytes where lame writes "LAME3.100".
+    assert {k: v for k, v in tag.items() if "crc" not in k} == {k: v for k, v in reference.items() if "crc" not in k}
+    audio = b"".join(mp3_frames(ours)[1:])
+    assert tag["music crc"] == wav2mp3.crc16(audio) and tag["music length"] == len(audio) + tag["frame size"] == tag["bytes"]
+    assert tag["tag crc"] == wav2mp3.crc16(mp3_frames(ours)[0][: tag["crc span"]])
+
+
+@needs_lame
+async def test_low_cbr_bitrate_has_no_tag_as_lame_writes_none(client: httpx.AsyncClient, tmp_path: Path) -> None:
+    # A 32 kbps MPEG-1 stereo frame is too small for the tag: lame writes none either (VbrTag.c InitVbrTag).
+    wav = make_wav(1.0, 44100, 2)
+    _, ours = await uploaded(client, wav, bitrate="32")
+    assert mp3_frames(ours)[0][36:40] not in (b"Info", b"Xing")
+    assert mp3_frames(lame_cli(wav, tmp_path, "-b", "32"))[0][36:40] not in (b"Info", b"Xing")
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("frames", [1152 * 40, 1152 * 40 + 777])
+@pytest.mark.parametrize("mode", ["cbr-128", "vbr-2"])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
+async def test_gapless_decoder_gives_exactly_the_wav_frames(
+    client: httpx.AsyncClient, tmp_path: Path, rate: int, channels: int, mode: str, frames: int
+) -> None:
+    wav = make_wav(signal=music(frames / rate, rate, channels)[:frames], rate=rate, channels=channels)
+    body, mp3 = await uploaded(client, wav, **MODES[mode])
+    samples, warnings = ffmpeg_decode(mp3)
+    assert len(samples) == frames
+    assert body["duration_seconds"] == pytest.approx(frames / rate)
+    (tmp_path / "our.mp3").write_bytes(mp3)
+    probe = subprocess.run(["ffprobe", "-v", "info", str(tmp_path / "our.mp3")], capture_output=True, check=True).stderr.decode()
+    assert "Estimating duration" not in probe and not warnings
+
+
+async def test_mutagen_reads_length_mode_and_encoder_from_the_tag(client: httpx.AsyncClient) -> None:
+    wav = make_wav(signal=music(3.0, 44100, 2), rate=44100, channels=2)
+    for fields, mode, settings in (({}, mutagen.mp3.BitrateMode.CBR, "-b 128"), ({"vbr_quality": "2"}, mutagen.mp3.BitrateMode.VBR, "-V 2")):
+        _, mp3 = await uploaded(client, wav, **fields)
+        info = mutagen.mp3.MP3(io.BytesIO(mp3)).info
+        assert info.length == pytest.approx(3.0, abs=0.001)
+        assert info.bitrate_mode == mode
+        assert info.encoder_info.startswith("LAME 3.100")
+        assert info.encoder_settings == settings
+        assert (info.sample_rate, info.channels) == (44100, 2)
+
+
+@needs_ffmpeg
+async def test_vbr_uses_several_bitrates_and_seeks_through_its_toc(client: httpx.AsyncClient) -> None:
+    # 3 s: the TOC holds byte positions in 256ths of the file, so for longer files any encoder's seek is that coarse.
+    rate, seconds = 44100, 3.0
+    rng = np.random.default_rng(3)  # a chirp and noise under a random envelope: no two places alike
+    t = np.arange(int(seconds * rate)) / rate
+    envelope = np.repeat(rng.uniform(0.05, 1, len(t) // 2000 + 1), 2000)[: len(t)]
+    signal = 0.5 * np.sin(2 * np.pi * (200 * t + 100 * t * t)) + 0.3 * rng.standard_normal(len(t)) * envelope
+    wav = make_wav(signal=np.clip(np.stack([signal, signal], axis=1), -1, 1) * 0.9, rate=rate, channels=2)
+    _, mp3 = await uploaded(client, wav, vbr_quality="2")
+    bitrates = {wav2mp3.BITRATES[1][frame[2] >> 4] for frame in mp3_frames(mp3)[1:]}
+    assert len(bitrates) >= 3, bitrates
+    whole = ffmpeg_decode(mp3)[0][:, 0].astype(np.float64)
+    after_seek = ffmpeg_decode(mp3, "-usetoc", "1", "-ss", str(seconds / 2))[0][:, 0].astype(np.float64)
+    skip, width = 2304, 8192  # the first frames after a seek lack their bit reservoir: match what follows them
+    piece = after_seek[skip : skip + width]
+    correlation = np.correlate(whole, piece, "valid") / (np.sqrt(np.convolve(whole**2, np.ones(width), "valid")) + 1e-9)
+    landed = int(np.argmax(correlation)) - skip
+    # ffmpeg reads the TOC from the end of the tag frame, LAME writes it from its start: up to a frame late.
+    assert abs(landed - len(whole) // 2) <= 1152 + 64, landed - len(whole) // 2
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"bitrate": "128", "vbr_quality": "2"}, "exclude each other"), ({"vbr_quality": "10"}, "vbr_quality"), ({"vbr_quality": "-1"}, "vbr_quality"),
+     ({"vbr_quality": "2.5"}, "vbr_quality"), ({"channels": "3"}, "channels"), ({"channels": "0"}, "channels"), ({"channels": "mono"}, "channels")],
+)  # fmt: skip
+async def test_bad_mp3_options_are_422_with_a_clear_message(
+    client: httpx.AsyncClient, database_url: str, fields: dict[str, str], message: str
+) -> None:
+    user = await new_user(client)
+    before = await table_counts(database_url)
+    response = await upload(client, user, make_wav(0.5), **fields)
+    assert response.status_code == 422 and message in response.json()["error"]
+    assert await table_counts(database_url) == before
+
+
+async def test_vbr_setting_is_the_default_and_the_form_overrides_it(database_url: str) -> None:
+    async with running_app(database_url, mp3_vbr_quality=4) as client:
+        _, vbr = await uploaded(client, make_wav(signal=music(2.0, 44100, 2), rate=44100, channels=2))
+        _, cbr = await uploaded(client, make_wav(signal=music(2.0, 44100, 2), rate=44100, channels=2), bitrate="96")
+    assert lame_tag(vbr)["tag"] == "Xing" and lame_tag(vbr)["quality"] == 100 - 10 * 4  # LAME runs VBR -V4 at -q 0
+    assert lame_tag(cbr)["tag"] == "Info" and lame_tag(cbr)["abr"] == 96
+
+
+@pytest.mark.parametrize("channels, mask", [(2, 0), (6, 0x3F)])
+async def test_channels_1_gives_a_mono_mp3_downmixed(client: httpx.AsyncClient, channels: int, mask: int) -> None:
+    wav = make_wav(2.0, 48000, channels, "pcm", 24, extensible=mask > 0, mask=mask, amplitude=0.3)
+    _, mp3 = await uploaded(client, wav, channels="1")
+    rate, mp3_channels, samples = decode(mp3)
+    assert mp3_channels == 1 and lame_tag(mp3)["misc"] >> 2 & 7 == 0  # LAME's stereo mode field: mono
+    spectrum = np.abs(np.fft.rfft(samples[rate // 2 : rate // 2 + rate, 0].astype(float)))
+    assert spectrum[440] > 0.3 * spectrum.max() and spectrum[880] > 0.3 * spectrum.max()  # left and right both in
+
+
+async def test_channels_2_makes_a_mono_wav_stereo(client: httpx.AsyncClient) -> None:
+    _, mp3 = await uploaded(client, make_wav(1.0, 44100, 1), channels="2")
+    _, channels, samples = decode(mp3)
+    assert channels == 2 and np.abs(samples[:, 0].astype(int) - samples[:, 1]).max() <= 2
+
+
+async def test_options_sent_after_the_audio_are_honoured(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    parts = form_part("audio_file", make_wav(signal=music(2.0, 44100, 2), rate=44100, channels=2), "a.wav"), form_part("vbr_quality", b"3")
+    body, headers = multipart(*parts, form_part("channels", b"1"), form_part("data", credentials(user)))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 201, response.text
+    mp3 = (await client.get(record_path(response.json()["url"]))).content
+    assert lame_tag(mp3)["tag"] == "Xing" and decode(mp3)[1] == 1
+
+
+INFO_TEXTS = {"INAM": "Протокол совещания", "IART": "Отдел продаж", "IPRD": "Звонки 2026", "ICMT": "Запись с Zoom H5",
+              "ICRD": "2026-11-27", "IGNR": "Речь", "ITRK": "7", "ICOP": "© ООО Ромашка"}  # fmt: skip
+FFPROBE_TAGS = {
+    "INAM": "title",
+    "IART": "artist",
+    "IPRD": "album",
+    "ICMT": "comment",
+    "ICRD": "date",
+    "IGNR": "genre",
+    "ITRK": "track",
+    "ICOP": "copyright",
+}
+
+
+def ffprobe_tags(mp3: bytes) -> dict[str, str]:
+    done = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format_tags", "-of", "json", "-"], input=mp3, capture_output=True, check=True)
+    return json.loads(done.stdout)["format"]["tags"]  # type: ignore[no-any-return]
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("where", ["before-data", "after-data"])
+async def test_info_texts_become_id3v24_tags(client: httpx.AsyncClient, where: str) -> None:
+    info = info_list(**INFO_TEXTS)
+    wav = make_wav(1.0, 44100, 2, **({"before_data": info} if where == "before-data" else {"after_data": info}))
+    body, mp3 = await uploaded(client, wav)
+    assert mp3[:5] == b"ID3\x04\x00"
+    tags = ffprobe_tags(mp3)
+    assert {key: tags[name] for key, name in FFPROBE_TAGS.items()} == INFO_TEXTS
+    assert lame_tag(mp3)["tag"] == "Info"  # the LAME tag frame follows the ID3 tag
+    assert body["duration_seconds"] == pytest.approx(1.0) and len(ffmpeg_decode(mp3)[0]) == 44100
+
+
+async def test_info_text_that_is_not_utf8_is_read_as_windows_1252(client: httpx.AsyncClient) -> None:
+    wav = make_wav(1.0, 44100, 1, before_data=info_list(INAM="Caf\xe9 \x93live\x94".encode("latin-1"), IENG="Zoë", ICRD="spring 2024"))
+    _, mp3 = await uploaded(client, wav)
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert tag.version == (2, 4, 0)
+    assert str(tag["TIT2"]) == "Café “live”"
+    assert tag["TIPL"].people == [["engineer", "Zoë"]]
+    assert str(tag["TXXX:DATE"]) == "spring 2024"  # not a date ID3 can hold, kept as written
+
+
+async def test_no_info_no_id3_tag(client: httpx.AsyncClient) -> None:
+    _, mp3 = await uploaded(client, make_wav(0.5))
+    assert mp3[:3] != b"ID3" and lame_tag(mp3)["tag"] == "Info"
+
+
+async def test_size_sha256_etag_and_range_cover_the_tags(client: httpx.AsyncClient) -> None:
+    body, mp3 = await uploaded(client, make_wav(1.0, 44100, 2, before_data=info_list(INAM="x")))
+    assert body["size_bytes"] == len(mp3) and body["sha256"] == hashlib.sha256(mp3).hexdigest()
+    head = await client.get(record_path(body["url"]), headers={"Range": "bytes=0-2"})
+    assert head.status_code == 206 and head.content == b"ID3" and head.headers["etag"] == f'"{body["sha256"]}"'
+
+
+async def test_64_bit_integer_pcm_as_scipy_writes_it_converts(client: httpx.AsyncClient) -> None:
+    # scipy.io.wavfile.write of a default numpy int array (int64 on Linux): PCM, 64 bits per sample.
+    wav = make_wav(1.0, 22050, 2, "pcm", 64)
+    body, mp3 = await uploaded(client, wav, "scipy-int64.wav")
+    rate, channels, samples = decode(mp3)
+    assert (rate, channels, body["duration_seconds"]) == (22050, 2, pytest.approx(1.0))
+    assert dominant_frequency(samples[:, 1], rate) == pytest.approx(880, abs=4)
+    assert rms_dbfs(samples[:, 0]) == pytest.approx(HALF_SCALE_DBFS, abs=1.5)
+
+
+@pytest.mark.parametrize("bits", [16, 24, 32])
+async def test_big_endian_rifx_converts(client: httpx.AsyncClient, bits: int) -> None:
+    body, mp3 = await uploaded(client, rifx(1.0, 16000, 2, bits), "amiga.wav")
+    rate, channels, samples = decode(mp3)
+    assert (rate, channels, body["duration_seconds"]) == (16000, 2, pytest.approx(1.0))
+    assert dominant_frequency(samples[:, 0], rate) == pytest.approx(440, abs=4)
+    assert rms_dbfs(samples[:, 0]) == pytest.approx(HALF_SCALE_DBFS, abs=1.5)
 
 
 # Hardening: OpenAPI and fuzzing ##################################################

@@ -29,8 +29,11 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -41,7 +44,7 @@ import unicodedata
 import uuid
 import wave
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +57,7 @@ import asyncpg
 import databases
 import databases.backends.sqlite
 import lameenc
+import mutagen.id3
 import numpy as np
 import uvicorn
 from python_multipart.exceptions import MultipartParseError
@@ -104,6 +108,7 @@ class Settings:
     workers: int = _setting(1, "server processes")
     max_upload_mb: int = _setting(4096, "largest request body, MiB (413 above it, with or without `Content-Length`)")
     mp3_bitrate: int = _setting(128, "CBR kbps; the form field `bitrate` overrides it per upload")
+    mp3_vbr_quality: int | None = _setting(None, "VBR instead of CBR: LAME `-V`, 0 (best) ... 9; the form fields override it", int)
     mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
     upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
@@ -128,6 +133,8 @@ class Settings:
     def validate(self) -> None:
         if self.mp3_bitrate not in MP3_BITRATES:
             raise ValueError(f"MP3_BITRATE must be one of {MP3_BITRATES}, not {self.mp3_bitrate}")
+        if self.mp3_vbr_quality is not None and not 0 <= self.mp3_vbr_quality <= 9:
+            raise ValueError(f"MP3_VBR_QUALITY must be 0..9, not {self.mp3_vbr_quality}")
         if not 0 <= self.mp3_quality <= 9:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
         if self.max_upload_mb < 1 or self.workers < 1 or self.max_conversions < 0:
@@ -147,7 +154,7 @@ def settings_table() -> str:
     """The configuration table of README.md, from the fields above."""
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for field in dataclasses.fields(Settings):
-        default = "" if field.default == "" else f"`{field.default}`"
+        default = "" if field.default in ("", None) else f"`{field.default}`"
         rows.append(f"| `{field.name.upper()}` | `--{field.name.replace('_', '-')}` | {default} | {field.metadata['meaning']} |")
     return "\n".join(rows)
 
@@ -326,6 +333,8 @@ async def create_user(request: Request) -> Response:
                     "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
                     "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
                     "bitrate": {"type": "integer", "enum": list(MP3_BITRATES), "description": "CBR kbps"},
+                    "vbr_quality": {"type": "integer", "minimum": 0, "maximum": 9, "description": "VBR: LAME -V (0 best); not with bitrate"},
+                    "channels": {"type": "integer", "enum": [1, 2], "description": "1: a mono MP3 (downmixed); 2: stereo"},
                 },
             }
         }
@@ -628,8 +637,10 @@ def data_credentials(body: bytes) -> tuple[str, str]:
 class Mp3Options:
     """How to encode: from the settings, overridden per upload by the form's option parts."""
 
-    bitrate: int
-    quality: int
+    bitrate: int | None  # CBR kbps; None for VBR
+    vbr_quality: int | None = None  # LAME -V, 0 (best) .. 9
+    channels: int | None = None  # 1 or 2; None: the WAV's, at most 2
+    quality: int = 3  # LAME -q
 
 
 def parse_bitrate(text: str) -> int:
@@ -638,7 +649,19 @@ def parse_bitrate(text: str) -> int:
     return int(text)
 
 
-OPTION_PARTS: dict[str, Callable[[str], int]] = {"bitrate": parse_bitrate}
+def parse_vbr_quality(text: str) -> int:
+    if text not in tuple("0123456789"):
+        raise HTTPException(422, "vbr_quality must be an integer 0 (best) .. 9 (LAME -V)")
+    return int(text)
+
+
+def parse_channels(text: str) -> int:
+    if text not in ("1", "2"):
+        raise HTTPException(422, "channels must be 1 (mono) or 2 (stereo)")
+    return int(text)
+
+
+OPTION_PARTS: dict[str, Callable[[str], int]] = {"bitrate": parse_bitrate, "vbr_quality": parse_vbr_quality, "channels": parse_channels}
 
 
 class Upload:
@@ -720,7 +743,7 @@ class Upload:
                 raise HTTPException(422, "audio_file part has no filename")
             self.filename = clean_filename(filename)
             await self._check_name_free()
-            keep_wav = set(self.options) != set(OPTION_PARTS)  # an option may still come
+            keep_wav = "channels" not in self.options or not {"bitrate", "vbr_quality"} & set(self.options)  # an option may still come
             self.job = ConversionJob(self.mp3_options(), self.services.encoders, keep_wav)
             self._part = part.name
         elif part.name == "data" or part.name in OPTION_PARTS:
@@ -738,7 +761,11 @@ class Upload:
             self.token = token
             await self._check_name_free()
         elif part is not None:
+            if part in self.options:
+                raise HTTPException(422, f"more than one {part} part")
             self.options[part] = OPTION_PARTS[part](self._field.decode("latin-1").strip())
+            if "bitrate" in self.options and "vbr_quality" in self.options:
+                raise HTTPException(422, "bitrate (CBR) and vbr_quality (VBR) exclude each other: send one of them")
 
     async def _check_name_free(self) -> None:
         # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
@@ -746,8 +773,13 @@ class Upload:
             raise NameTaken(self.filename)
 
     def mp3_options(self) -> Mp3Options:
-        settings = self.services.settings
-        return Mp3Options(bitrate=self.options.get("bitrate", settings.mp3_bitrate), quality=settings.mp3_quality)
+        """The form's options over the settings: a form's bitrate means CBR, its vbr_quality VBR."""
+        form, settings = self.options, self.services.settings
+        if "bitrate" in form or ("vbr_quality" not in form and settings.mp3_vbr_quality is None):
+            bitrate, vbr_quality = form.get("bitrate", settings.mp3_bitrate), None
+        else:
+            bitrate, vbr_quality = None, form.get("vbr_quality", settings.mp3_vbr_quality)
+        return Mp3Options(bitrate, vbr_quality, form.get("channels"), settings.mp3_quality)
 
     async def converted(self) -> Mp3File:
         """After the body: the finished MP3, or the error that answers the request."""
@@ -807,13 +839,14 @@ FORMAT_NAMES = {
 KSDATAFORMAT_SUFFIX = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 # Encoding -> sample widths (bytes) it may have.
 ENCODINGS = {
-    WAVE_FORMAT_PCM: ("PCM", (1, 2, 3, 4)),
+    WAVE_FORMAT_PCM: ("PCM", (1, 2, 3, 4, 8)),  # 64-bit: scipy.io.wavfile's default for numpy int arrays
     WAVE_FORMAT_IEEE_FLOAT: ("IEEE float", (4, 8)),
     WAVE_FORMAT_ALAW: ("A-law", (1,)),
     WAVE_FORMAT_MULAW: ("mu-law", (1,)),
 }
-# RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are WAV with 64-bit sizes, for files past 4 GiB.
-RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64")
+# RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are WAV with 64-bit sizes, for files past 4 GiB;
+# RIFX is RIFF with big-endian sizes, fields and samples (old Mac and Amiga tools, some DSP boards).
+RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64", b"RIFX")
 MIN_RATE, MAX_RATE = 8000, 192000
 STREAMED_SIZES = (0, 0xFFFFFFFF)  # what recorders write before they know the length
 MAX_HEADER_CHUNK_BYTES = 1 * MIB  # fmt, ds64 and LIST chunks are read whole; anything larger is skipped
@@ -830,22 +863,23 @@ class WavFormat:
     rate: int
     sample_width: int  # bytes per sample
     channel_mask: int = 0
+    big_endian: bool = False  # RIFX
 
     @property
     def frame_size(self) -> int:
         return self.channels * self.sample_width
 
 
-def parse_fmt_chunk(payload: bytes) -> WavFormat:
+def parse_fmt_chunk(payload: bytes, endian: str = "<") -> WavFormat:
     """WAVEFORMATEX, then for EXTENSIBLE: cbSize, valid bits, channel mask, sub-format GUID."""
     if len(payload) < 16:
         raise HTTPException(422, "WAV header is corrupt: fmt chunk shorter than 16 bytes")
-    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack("<HHLLHH", payload[:16])
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack(endian + "HHLLHH", payload[:16])
     mask = 0
     if tag == WAVE_FORMAT_EXTENSIBLE:
         if len(payload) < 40:
             raise HTTPException(422, "WAV header is corrupt: EXTENSIBLE fmt chunk too short")
-        _size, _valid_bits, mask = struct.unpack("<HHL", payload[16:24])
+        _size, _valid_bits, mask = struct.unpack(endian + "HHL", payload[16:24])
         guid = payload[24:40]
         if guid[2:] != KSDATAFORMAT_SUFFIX:
             raise HTTPException(415, f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
@@ -862,7 +896,7 @@ def parse_fmt_chunk(payload: bytes) -> WavFormat:
         raise HTTPException(422, f"WAV header is corrupt: block align {block_align} is not {channels} channels x {width} bytes")
     if not MIN_RATE <= rate <= MAX_RATE:
         raise HTTPException(422, f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE}")
-    return WavFormat(tag, channels, rate, width, mask)
+    return WavFormat(tag, channels, rate, width, mask, big_endian=endian == ">")
 
 
 class WavParser:
@@ -884,6 +918,7 @@ class WavParser:
         self._skip = 0  # bytes of a chunk being skipped
         self._seen = 0
         self._ds64_data_bytes: int | None = None
+        self._endian = "<"
 
     def feed(self, data: bytes) -> bytes:
         self._seen += len(data)
@@ -912,10 +947,11 @@ class WavParser:
                 raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
             if len(pending) < 12:
                 return b""
+            self._endian = ">" if pending[:4] == b"RIFX" else "<"
             del pending[:12]
             self._stage = "chunks"
         while len(pending) >= 8:
-            chunk_id, size = bytes(pending[:4]), struct.unpack("<L", pending[4:8])[0]
+            chunk_id, size = bytes(pending[:4]), struct.unpack(self._endian + "L", pending[4:8])[0]
             if self._stage == "chunks" and chunk_id == b"data":
                 self._begin_data(size)
                 rest = bytes(pending[8:])
@@ -938,12 +974,12 @@ class WavParser:
 
     def _read_chunk(self, chunk_id: bytes, payload: bytes) -> None:
         if chunk_id == b"fmt ":
-            self.format = parse_fmt_chunk(payload)
+            self.format = parse_fmt_chunk(payload, self._endian)
         elif chunk_id == b"ds64" and len(payload) >= 16:
             # EBU Tech 3306 §2: RIFF size, then data size, as 64-bit numbers.
             self._ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
         elif chunk_id == b"LIST" and payload[:4] == b"INFO":
-            self.info.update(parse_info(payload[4:]))
+            self.info.update(parse_info(payload[4:], self._endian))
 
     def _begin_data(self, size: int) -> None:
         if self.format is None:
@@ -966,12 +1002,12 @@ class WavParser:
         return self.format
 
 
-def parse_info(payload: bytes) -> dict[bytes, bytes]:
+def parse_info(payload: bytes, endian: str = "<") -> dict[bytes, bytes]:
     """The texts of a LIST/INFO chunk (INAM, IART...), NUL padding stripped; a damaged tail is ignored."""
     texts = {}
     offset = 0
     while offset + 8 <= len(payload):
-        text_id, size = payload[offset : offset + 4], struct.unpack("<L", payload[offset + 4 : offset + 8])[0]
+        text_id, size = payload[offset : offset + 4], struct.unpack(endian + "L", payload[offset + 4 : offset + 8])[0]
         text = payload[offset + 8 : offset + 8 + size]
         if len(text) < size:
             break
@@ -1117,39 +1153,609 @@ def downmix_matrix(channels: int, mask: int) -> np.ndarray:
     return np.array(gains, dtype=np.float32)
 
 
-def to_pcm16(frames: bytes | memoryview, fmt: WavFormat) -> bytes:
-    """Whole frames of any supported encoding -> interleaved 16-bit PCM, mono or stereo."""
-    width, encoding = fmt.sample_width, fmt.encoding
+@functools.lru_cache(maxsize=64)
+def mix_matrix(channels: int, mask: int, out: int) -> np.ndarray | None:
+    """(channels x out) gains, or None where the channels pass as they are (or mono is copied to both sides).
+
+    More than two channels fold to stereo by downmix_matrix; a mono MP3 is the mean of that stereo.
+    """
+    if channels == 1 or channels == out:
+        return None
+    stereo = downmix_matrix(channels, mask) if channels > 2 else np.eye(2, dtype=np.float32)
+    return stereo if out == 2 else stereo @ np.array([[0.5], [0.5]], dtype=np.float32)
+
+
+def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> bytes:
+    """Whole frames of any supported encoding -> interleaved 16-bit PCM in `channels` (default: the WAV's, at most 2)."""
+    out = channels or min(fmt.channels, 2)
+    width, encoding, order = fmt.sample_width, fmt.encoding, ">" if fmt.big_endian else "<"
+    matrix = mix_matrix(fmt.channels, fmt.channel_mask, out)
     if encoding in BYTE_TABLES and width == 1:
         samples = BYTE_TABLES[encoding][np.frombuffer(frames, dtype=np.uint8)]
     elif encoding == WAVE_FORMAT_PCM and width == 2:
-        if fmt.channels <= 2:
+        if order == "<" and matrix is None and out == fmt.channels:
             return bytes(frames)
-        samples = np.frombuffer(frames, dtype="<i2")
+        samples = np.frombuffer(frames, dtype=order + "i2")
     elif encoding == WAVE_FORMAT_PCM and width == 3:
-        # The two high bytes of each little-endian 24-bit sample are its 16-bit value
-        # (column copies: several times faster than one fancy-indexed copy).
+        # The two high bytes of each 24-bit sample are its 16-bit value (column copies: several
+        # times faster than one fancy-indexed copy); little-endian keeps them last, RIFX first.
         triples = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3)
         pairs = np.empty((len(triples), 2), dtype=np.uint8)
-        pairs[:, 0], pairs[:, 1] = triples[:, 1], triples[:, 2]
+        pairs[:, 0], pairs[:, 1] = (triples[:, 1], triples[:, 2]) if order == "<" else (triples[:, 1], triples[:, 0])
         samples = pairs.view("<i2").ravel()
-    elif encoding == WAVE_FORMAT_PCM and width == 4:
-        samples = np.frombuffer(frames, dtype="<i2")[1::2]
+    elif encoding == WAVE_FORMAT_PCM and width in (4, 8):
+        # The high 16 bits: the last of the 2 or 4 words of a little-endian sample, the first of a RIFX one.
+        words = width // 2
+        samples = np.frombuffer(frames, dtype=order + "i2")[words - 1 :: words] if order == "<" else np.frombuffer(frames, dtype=">i2")[::words]
     else:  # IEEE float, 32 or 64 bit: NaN to silence, clip to [-1, 1], scale in place
-        samples = np.frombuffer(frames, dtype="<f4" if width == 4 else "<f8").astype(np.float32)
+        samples = np.frombuffer(frames, dtype=order + ("f4" if width == 4 else "f8")).astype(np.float32)
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
         np.clip(samples, -1.0, 1.0, out=samples)
         np.multiply(samples, 32767.0, out=samples)
-    if fmt.channels > 2:
-        matrix = downmix_matrix(fmt.channels, fmt.channel_mask)
-        surround = samples.reshape(-1, fmt.channels).astype(np.float32, copy=False)
-        stereo = np.empty((len(surround), 2), dtype=np.float32)
-        np.dot(surround, matrix, out=stereo)  # BLAS; `@` takes a slow path for this shape
-        samples = np.clip(stereo, -32768.0, 32767.0, out=stereo).astype(np.int16)  # clipped, not wrapped
+    if matrix is not None:
+        wide = samples.reshape(-1, fmt.channels).astype(np.float32, copy=False)
+        mixed = np.empty((len(wide), out), dtype=np.float32)
+        np.dot(wide, matrix, out=mixed)  # BLAS; `@` takes a slow path for this shape
+        samples = np.clip(mixed, -32768.0, 32767.0, out=mixed).astype(np.int16)  # clipped, not wrapped
+    elif out > fmt.channels:
+        samples = np.repeat(samples, out)  # a mono WAV asked for as stereo: the same signal on both sides
     return samples.astype("<i2", copy=False).tobytes()  # float samples are already in range
 
 
 # 7. MP3 encoding ####################################################################
+# lameenc gives the frames; what it does not give (it sets lame_set_bWriteVbrTag(0)) is the first
+# frame a player reads to time and trim the file: the Info (CBR) / Xing (VBR) frame with LAME's
+# extension (frame and byte counts, seek table, encoder delay and padding). It is rebuilt here, as
+# lame_get_lametag_frame() would write it, from the settings, the frame headers as they come out
+# of the encoder and the PCM frame count: the rules of libmp3lame 3.100's lame.c (lame_init_params,
+# lame_encode_flush), presets.c, util.c (fill_buffer_resample), bitstream.c and VbrTag.c, ported and
+# checked byte by byte against `lame` (test_lame_tag_matches_lame_field_by_field).
+
+BytesLike = bytes | bytearray | memoryview
+
+# VbrTag.c PutLameVBR: strncpy(get_lame_tag_encoder_short_version(), 9). lameenc 1.9.0 is built from the lame-3.100
+# tarball, though its frames' filler says "LAME4.0": the tag names the source version, as `lame` 3.100 does.
+LAME_VERSION = b"LAME3.100"
+
+# tables.c bitrate_table[version]: row 0 = MPEG-2, 1 = MPEG-1, 2 = MPEG-2.5 (LAME's own 2.5 limit of 64 kbps)
+BITRATES = (
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, -1),
+    (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, -1),
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, -1, -1, -1, -1, -1, -1, -1),
+)
+SAMPLERATES = {
+    44100: (1, 0),
+    48000: (1, 1),
+    32000: (1, 2),
+    22050: (0, 0),
+    24000: (0, 1),
+    16000: (0, 2),
+    11025: (0, 0),
+    12000: (0, 1),
+    8000: (0, 2),
+}  # util.c SmpFrqIndex: rate -> (version, index)
+# util.c nearestBitrateFullIndex table, with lame.c optimum_bandwidth lowpass and presets.c abr_switch_map
+# (safejoint, sfscale) per entry
+FULL_BITRATES = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+CBR_LOWPASS = (2000, 3700, 3900, 5500, 7000, 7500, 10000, 11000, 13500, 15100, 15600, 17000, 17500, 18600, 19400, 19700, 20500)
+ABR_SAFEJOINT = (0,) * 12 + (1,) * 5
+ABR_SFSCALE = (1,) * 13 + (0,) * 4
+VBR_MTRH_LOWPASS = (24000, 19500, 18500, 18000, 17500, 17000, 16500, 15600, 15200, 7230, 3950)  # lame.c, vbr_mtrh
+# lame.c lame_init_params "mapping VBR scale to internal VBR quality settings" (sr_a, qa, qb, ta, tb), rows 2..8
+VBR_Q_MAP: tuple[tuple[int, np.float32, np.float32, np.float32, np.float32], ...] = tuple(
+    (sr, np.float32(qa), np.float32(qb), np.float32(ta), np.float32(tb))
+    for sr, qa, qb, ta, tb in (
+        (32000, 6.5, 8.0, 5.2, 6.5),
+        (24000, 8.0, 8.5, 5.2, 6.0),
+        (22050, 8.5, 9.01, 5.2, 6.5),
+        (16000, 9.01, 9.4, 4.9, 6.5),
+        (12000, 9.4, 9.6, 4.5, 6.0),
+        (11025, 9.6, 9.9, 5.1, 6.5),
+        (8000, 9.9, 10.0, 4.9, 6.5),
+    )
+)
+
+STEREO, JOINT_STEREO, MONO = 0, 1, 3  # lame.h MPEG_mode
+ENCDELAY, POSTDELAY = 576, 1152  # encoder.h
+LAMEHEADERSIZE = 156  # VbrTag.c: Xing (120) + LAME extension (36)
+MAXFRAMESIZE = 2880  # VbrTag.c
+FRAMES_BYTES_TOC_SCALE = 0x0F  # VbrTag.h FRAMES_FLAG | BYTES_FLAG | TOC_FLAG | VBR_SCALE_FLAG
+_HEADER = struct.Struct(">I")
+_FIXED_HEADER_BITS = 0xFFFF0DCF  # sync, version, layer, CRC, sample rate, private, mode, copyright, original, emphasis
+
+
+def _frame_sizes() -> tuple[int, ...]:
+    """Layer III frame size indexed by header bits 20..9 (version, layer, CRC, bitrate, rate, padding); 0 = invalid."""
+    sizes = [0] * 4096
+    for ver_bits, row, rates in ((3, 1, (44100, 48000, 32000)), (2, 0, (22050, 24000, 16000)), (0, 0, (11025, 12000, 8000))):
+        for prot, bri, pad in ((p, b, d) for p in (0, 1) for b in range(1, 15) for d in (0, 1)):
+            for sri, rate in enumerate(rates):
+                sizes[ver_bits << 10 | 1 << 8 | prot << 7 | bri << 3 | sri << 1 | pad] = (144000 if row else 72000) * BITRATES[row][bri] // rate + pad
+    return tuple(sizes)
+
+
+FRAME_SIZES = _frame_sizes()
+
+
+# CRC-16 (poly 0x8005 reflected = 0xA001, init 0, as VbrTag.c CRC_update_lookup), vectorised with numpy.
+
+
+def _crc_table() -> np.ndarray:
+    tab = np.arange(256, dtype=np.uint16)
+    for _ in range(8):
+        tab = np.where(tab & 1, (tab >> 1) ^ 0xA001, tab >> 1).astype(np.uint16)
+    return tab
+
+
+CRC_TABLE = _crc_table()
+_CRC_LIST = CRC_TABLE.tolist()
+CRC_BLOCK = 256  # bytes per vectorised block: position << 8 | byte fits an uint16 index
+
+
+def _zero_bytes(crc: np.ndarray, n: int = 1) -> np.ndarray:
+    """Registers after n more zero bytes."""
+    for _ in range(n):
+        crc = (crc >> 8) ^ CRC_TABLE[crc & 0xFF]
+    return crc
+
+
+def _position_tables() -> np.ndarray:
+    """T[k][b]: CRC (from 0) of a CRC_BLOCK-byte block that is all zeros except byte b at position k.
+
+    The register is linear over GF(2), so a block's CRC is the XOR of T[k][block[k]] over k."""
+    t = np.empty((CRC_BLOCK, 256), np.uint16)
+    t[-1] = CRC_TABLE
+    for k in range(CRC_BLOCK - 2, -1, -1):
+        t[k] = _zero_bytes(t[k + 1])
+    return t
+
+
+def _shift_tables() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lo, hi) tables per level l: register after CRC_BLOCK * 2**l zero bytes = lo[c & 255] ^ hi[c >> 8]."""
+    lo, hi = np.arange(256, dtype=np.uint16), np.arange(256, dtype=np.uint16) << 8
+    lo, hi = _zero_bytes(lo, CRC_BLOCK), _zero_bytes(hi, CRC_BLOCK)
+    out = []
+    for _ in range(40):
+        out.append((lo, hi))
+        lo, hi = lo[lo & 0xFF] ^ hi[lo >> 8], lo[hi & 0xFF] ^ hi[hi >> 8]
+    return out
+
+
+CRC_POSITIONS = _position_tables().ravel()
+_CRC_OFFSETS = np.arange(CRC_BLOCK, dtype=np.uint16) << 8
+CRC_SHIFTS = _shift_tables()
+
+
+def crc16(data: BytesLike, crc: int = 0) -> int:
+    """LAME's CRC-16 of data, continuing from crc; numpy per-position tables + tree combine (~1 ms per MB)."""
+    a = np.frombuffer(data, np.uint8)
+    if len(a) < 64:
+        t = _CRC_LIST
+        for b in a.tolist():
+            crc = (crc >> 8) ^ t[(crc ^ b) & 0xFF]
+        return crc
+    # zeros in front of a zero register change nothing; the start register is folded into the first two bytes
+    pad = -len(a) % CRC_BLOCK
+    buf = np.zeros(pad + len(a), np.uint8)
+    buf[pad:] = a
+    buf[pad] ^= crc & 0xFF
+    buf[pad + 1] ^= crc >> 8
+    idx = buf.reshape(-1, CRC_BLOCK).astype(np.uint16)
+    idx |= _CRC_OFFSETS  # index = position << 8 | byte
+    c = np.bitwise_xor.reduce(CRC_POSITIONS.take(idx), axis=1)
+    for lo, hi in CRC_SHIFTS:  # combine neighbouring blocks: crc(A + B) = shift(crc(A), len(B)) ^ crc(B)
+        if len(c) == 1:
+            break
+        if len(c) & 1:
+            c = np.concatenate((np.zeros(1, np.uint16), c))
+        left = c[0::2]
+        c = lo[left & 0xFF] ^ hi[left >> 8] ^ c[1::2]
+    return int(c[0])
+
+
+# Settings and what lame_init_params derives from them.
+
+
+@dataclasses.dataclass(frozen=True)
+class LameSettings:
+    """What lameenc is given: set_in_sample_rate, set_channels, set_quality and set_bit_rate or set_vbr(4) + set_vbr_quality."""
+
+    in_rate: int
+    channels: int
+    quality: int = 3
+    bitrate: int | None = 128  # CBR kbps, None for VBR
+    vbr_quality: int | None = None  # -V 0..9 (vbr_mtrh), None for CBR
+
+    def __post_init__(self) -> None:
+        if (self.bitrate is None) == (self.vbr_quality is None):
+            raise ValueError("exactly one of bitrate (CBR) and vbr_quality (VBR) must be set")
+        if self.channels not in (1, 2) or self.in_rate <= 0:
+            raise ValueError("channels must be 1 or 2 and in_rate positive")
+        if not (0 < (self.bitrate or 1) <= 320 and 0 <= (self.vbr_quality or 0) <= 9):  # > 320: no reservoir, not ported
+            raise ValueError("bitrate must be 1..320 kbps and vbr_quality 0..9")
+
+
+@dataclasses.dataclass(frozen=True)
+class LameConfig:
+    """The parts of LAME's SessionConfig_t / lame_global_flags that end up in the tag."""
+
+    in_rate: int
+    out_rate: int
+    version: int  # 1 = MPEG-1, 0 = MPEG-2 / 2.5 (cfg->version)
+    samplerate_index: int
+    mode: int  # STEREO, JOINT_STEREO or MONO
+    vbr: bool
+    bitrate: int  # CBR: the bitrate LAME really uses (FindNearestBitrate); VBR: cfg->avg_bitrate is unused
+    lowpass: int  # cfg->lowpassfreq in Hz, -1 = none
+    quality: int  # gfp->quality after lame_init_params
+    vbr_q: int  # gfp->VBR_q after lame_init_params (4 = lame_init default for CBR)
+    preset: int
+    ath_type: int
+    safe_joint: bool
+    noise_shaping: int
+
+    @property
+    def frame_samples(self) -> int:
+        return 1152 if self.out_rate > 24000 else 576
+
+    @property
+    def resampling(self) -> bool:
+        """util.c isResamplingNecessary (float arithmetic)."""
+        lo, hi = int(np.float32(self.out_rate) * np.float32(0.9995)), int(np.float32(self.out_rate) * np.float32(1.0005))
+        return self.in_rate < lo or hi < self.in_rate
+
+    @property
+    def sideinfo_len(self) -> int:
+        """Header + side info bytes (lame.c), i.e. where the Xing tag starts."""
+        if self.version == 1:
+            return 21 if self.mode == MONO else 36
+        return 13 if self.mode == MONO else 21
+
+    @property
+    def tag_bitrate(self) -> int:
+        """VbrTag.c InitVbrTag: CBR uses its own bitrate, VBR pretends 128 / 64 / 32 kbps (MPEG-1 / 2 / 2.5)."""
+        if not self.vbr:
+            return self.bitrate
+        return 128 if self.version == 1 else 32 if self.out_rate < 16000 else 64
+
+    @property
+    def tag_frame_size(self) -> int:
+        return (self.version + 1) * 72000 * self.tag_bitrate // self.out_rate
+
+    @property
+    def writes_tag(self) -> bool:
+        """InitVbrTag disables the tag when it does not fit the frame (e.g. 32 kbps CBR MPEG-1 stereo)."""
+        return self.sideinfo_len + LAMEHEADERSIZE <= self.tag_frame_size <= MAXFRAMESIZE
+
+
+def _nearest_full_index(kbps: int) -> int:
+    """util.c nearestBitrateFullIndex (ties go up)."""
+    for b in range(16):
+        if max(kbps, FULL_BITRATES[b + 1]) != kbps:
+            return b if FULL_BITRATES[b + 1] - kbps > kbps - FULL_BITRATES[b] else b + 1
+    return 16
+
+
+def _find_nearest_bitrate(kbps: int, version: int, rate: int) -> int:
+    """util.c FindNearestBitrate: LAME caps e.g. 320 kbps to 160 (MPEG-2) or 64 (MPEG-2.5)."""
+    row = BITRATES[2 if rate < 16000 else version]
+    best = row[1]
+    for b in row[2:15]:
+        if b > 0 and abs(b - kbps) < abs(best - kbps):
+            best = b
+    return best
+
+
+def _optimum_samplefreq(lowpass: int, in_rate: int) -> int:
+    """lame.c optimum_samplefreq."""
+    valid = (48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+    suggested = next((r for r in valid if in_rate >= r), 44100)
+    if lowpass == -1:
+        return suggested
+    for limit, rate in ((15960, 44100), (15250, 32000), (11220, 24000), (9970, 22050), (7230, 16000), (5420, 12000), (4510, 11025), (3970, 8000)):
+        if lowpass <= limit:
+            suggested = rate
+    if in_rate < suggested:  # "choose a valid MPEG sample frequency above the input sample frequency"
+        return next((r for r, below in itertools.pairwise(valid) if in_rate > below), 8000)
+    return suggested
+
+
+def lame_config(s: LameSettings) -> LameConfig:
+    """Port of lame_init_params for lameenc's calls (lameenc.c sets MONO for 1 channel, STEREO for CBR > 128 kbps)."""
+    vbr, q = s.vbr_quality is not None, min(max(s.quality, 0), 9)  # lame_set_quality clamps
+    mode = MONO if s.channels == 1 else STEREO if not vbr and (s.bitrate or 0) > 128 else JOINT_STEREO
+    vbr_q = s.vbr_quality if s.vbr_quality is not None else 4  # lame_init: VBR_q = 4
+    vbr_q_frac, lowpass, out_rate = np.float32(0), 0, 0
+    if vbr:  # lame.c: VBR quality remapping for low input rates (float arithmetic as in C)
+        qval = np.float32(vbr_q)
+        for sr, qa, qb, ta, tb in VBR_Q_MAP:
+            if s.in_rate == sr and qval < qa:
+                d = float(qval / qa) * float(ta)
+                vbr_q, vbr_q_frac = int(d), np.float32(d - int(d))
+            if s.in_rate >= sr and qa <= qval < qb:
+                d = float(ta + (tb - ta) * (qval - qa) / (qb - qa))
+                vbr_q, vbr_q_frac, out_rate, lowpass = int(d), np.float32(d - int(d)), sr, -1
+                break
+    if lowpass == 0:  # lame.c: "if a filter has not been enabled, see if we should add one"
+        if vbr:
+            a, b = VBR_MTRH_LOWPASS[vbr_q], VBR_MTRH_LOWPASS[vbr_q + 1]
+            lp = a + float(vbr_q_frac) * (b - a)
+        else:
+            lp = float(CBR_LOWPASS[_nearest_full_index(s.bitrate or 0)])
+            if mode == MONO:
+                lp *= 1.5
+        lowpass = int(lp)
+    if out_rate == 0:
+        if 2 * lowpass > s.in_rate:
+            lowpass = s.in_rate // 2
+        out_rate = _optimum_samplefreq(lowpass, s.in_rate)
+    lowpass = min(lowpass, 24000 if vbr else 20500, out_rate // 2)
+    version, sr_index = SAMPLERATES[out_rate]
+    if vbr:  # apply_preset(500 - 10 * VBR_q): vbr_mt_psy_switch_map row VBR_q sets ATH type 5, safejoint for V0-V7
+        bitrate, preset, ath_type, safe_joint, shaping = 0, 500 - 10 * vbr_q, 5, vbr_q <= 7, 0
+        quality = 0 if q < 5 else min(q, 7)
+    else:  # apply_abr_preset(nearest bitrate): abr_switch_map safejoint / sfscale (noise_shaping = 2)
+        bitrate = _find_nearest_bitrate(s.bitrate or 0, version, out_rate)
+        r = _nearest_full_index(bitrate)
+        preset, ath_type, safe_joint, shaping = bitrate, 4, bool(ABR_SAFEJOINT[r]), 2 * ABR_SFSCALE[r]
+        quality = 7 if q == 8 else q  # lame_init_qval
+    shaping = 0 if quality >= 7 else shaping or 1  # lame_init_qval
+    return LameConfig(
+        s.in_rate,
+        out_rate,
+        version,
+        sr_index,
+        mode,
+        vbr,
+        bitrate,
+        lowpass,
+        quality,
+        vbr_q,
+        preset,
+        ath_type,
+        safe_joint and mode == JOINT_STEREO,
+        shaping,
+    )
+
+
+# The encoded stream.
+
+
+class Mp3Frames:
+    """Fed the bytes lameenc returns, in order (a frame may be split across calls).
+
+    Parses Layer III headers as they come: counts frames and bytes, keeps each frame's bitrate index (for LAME's
+    addVbr TOC bag), the first/last header (version, sample rate, mode; mode_ext of the last frame goes into the tag
+    header as in setLameTagFrameHeader) and LAME's nMusicCRC over all audio bytes (computed in batches)."""
+
+    CRC_BATCH = 1 << 16
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.first_header = 0
+        self.last_header = 0
+        self._bitrate_indexes = bytearray()
+        self._skip = 0  # bytes of the current frame still to come
+        self._head = b""  # start of a header split across calls
+        self._crc = 0
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+
+    @property
+    def frame_count(self) -> int:
+        return len(self._bitrate_indexes)
+
+    @property
+    def music_crc(self) -> int:
+        self._update_crc()
+        return self._crc
+
+    @property
+    def version(self) -> int:
+        """1 = MPEG-1, 0 = MPEG-2 or 2.5 (as LAME's cfg->version)."""
+        return self.first_header >> 19 & 1
+
+    @property
+    def sample_rate(self) -> int:
+        v = self.first_header >> 19 & 3
+        rates = (11025, 12000, 8000) if v == 0 else (22050, 24000, 16000) if v == 2 else (44100, 48000, 32000)
+        return rates[self.first_header >> 10 & 3]
+
+    @property
+    def mode(self) -> int:
+        return self.first_header >> 6 & 3
+
+    @property
+    def mode_ext(self) -> int:
+        return self.last_header >> 4 & 3
+
+    def bitrates(self) -> np.ndarray:
+        """kbps of every frame, from LAME's bitrate_table[cfg->version] as AddVbrFrame uses it."""
+        table = np.array(BITRATES[self.version], np.int64)
+        return table[np.frombuffer(bytes(self._bitrate_indexes), np.uint8)]
+
+    def feed(self, data: BytesLike) -> None:
+        data = bytes(data)
+        n = len(data)
+        if not n:
+            return
+        self.nbytes += n
+        self._pending.append(data)
+        self._pending_len += n
+        if self._pending_len >= self.CRC_BATCH:
+            self._update_crc()
+        pos = self._skip
+        if self._head:
+            take = 4 - len(self._head)
+            if n < take:
+                self._head += data
+                return
+            pos = self._frame(int.from_bytes(self._head + data[:take], "big")) - len(self._head)
+            self._head = b""
+        sizes, first, indexes, unpack = FRAME_SIZES, self.first_header, self._bitrate_indexes, _HEADER.unpack_from
+        h = self.last_header
+        while pos + 4 <= n:
+            (h,) = unpack(data, pos)
+            size = sizes[h >> 9 & 0xFFF]
+            if (h ^ first) & _FIXED_HEADER_BITS or not size:
+                pos += self._frame(h)  # first frame or bad header: the slow path checks and raises
+                first = self.first_header
+                continue
+            indexes.append(h >> 12 & 15)
+            pos += size
+        self.last_header = h
+        if pos < n:
+            self._head, self._skip = data[pos:], 0
+        else:
+            self._skip = pos - n
+
+    def _frame(self, h: int) -> int:
+        size = FRAME_SIZES[h >> 9 & 0xFFF]
+        if h >> 21 != 0x7FF or not size:
+            raise ValueError(f"not an MPEG Layer III frame header: {h:08x} (in the {self.nbytes} bytes fed so far)")
+        if not self.first_header:
+            self.first_header = h
+        elif (h ^ self.first_header) & _FIXED_HEADER_BITS:
+            raise ValueError(f"frame header {h:08x} does not match the stream's first {self.first_header:08x}")
+        self.last_header = h
+        self._bitrate_indexes.append(h >> 12 & 15)
+        return size
+
+    def _update_crc(self) -> None:
+        if self._pending:
+            self._crc = crc16(b"".join(self._pending), self._crc)
+            self._pending.clear()
+            self._pending_len = 0
+
+
+def xing_toc(kbps: np.ndarray) -> bytes:
+    """VbrTag.c addVbr (bag of 400 sums, 'want' doubling) + Xing_seek_table (float arithmetic) for frame bitrates."""
+    n = len(kbps)
+    if not n:
+        return bytes(100)
+    want = 1
+    while n >= 400 * want:  # the bag is halved each time it fills up
+        want *= 2
+    pos = n // want
+    cum = np.cumsum(kbps, dtype=np.int64)
+    bag = cum[np.arange(1, pos + 1) * want - 1]  # bag[p] = sum of the first (p + 1) * want frames
+    total = int(cum[-1])
+    j = np.arange(1, 100, dtype=np.float32) / np.float32(100)
+    idx = np.minimum(np.floor(j * np.float32(pos)).astype(np.int64), pos - 1)
+    act = bag[idx].astype(np.float32).astype(np.float64)
+    seek = np.minimum((256.0 * act / float(np.float32(total))).astype(np.int64), 255)
+    return bytes([0]) + bytes(seek.astype(np.uint8).tobytes())
+
+
+# Padding: lame_encode_flush's end_padding rule needs the (resampled) sample count LAME buffered.
+
+
+def resampled_count(chunks: Sequence[int], in_rate: int, out_rate: int, frame_samples: int) -> int:
+    """Samples util.c fill_buffer_resample outputs for encode() calls of the given PCM frame counts.
+
+    Replays its bookkeeping in the same double arithmetic: per call, lame_encode_buffer_sample_t asks for at most one
+    frame (desired_len) at a time; output k needs input floor(k * ratio - itime) + 16 < len (filter_l - filter_l/2 = 16
+    for both filter lengths). Mathematically that is ceil((n - 16) * out / in), but when that is an exact integer the
+    rounding of itime decides, and that depends on the call sizes."""
+    ratio = float(in_rate) / float(out_rate)
+    itime, total = 0.0, 0
+    for n in chunks:
+        while n > 0:
+            k = min(max(0, math.ceil((n - 16 + itime) / ratio)), frame_samples)  # first guess, then exact search
+            while k > 0 and math.floor((k - 1) * ratio - itime) + 16 >= n:
+                k -= 1
+            while k < frame_samples and math.floor(k * ratio - itime) + 16 < n:
+                k += 1
+            used = min(n, math.floor((k if k < frame_samples else k - 1) * ratio - itime) + 16)
+            itime = itime + (used - k * ratio)
+            total += k
+            n -= used
+    return total
+
+
+def samples_and_padding(cfg: LameConfig, input_frames: int | Sequence[int]) -> tuple[int, int]:
+    """lame.c lame_encode_flush: samples_to_encode (ENCDELAY + samples LAME buffered) and end_padding."""
+    chunks = [input_frames] if isinstance(input_frames, int) else input_frames
+    if cfg.resampling:  # "delay due to resampling": samples_to_encode += 16. / resample_ratio (int += double)
+        n_out = resampled_count(chunks, cfg.in_rate, cfg.out_rate, cfg.frame_samples)
+        samples = int(ENCDELAY + n_out + 16.0 / (float(cfg.in_rate) / float(cfg.out_rate)))
+    else:
+        samples = ENCDELAY + sum(chunks)
+    pad = cfg.frame_samples - samples % cfg.frame_samples
+    return samples, pad + cfg.frame_samples if pad < 576 else pad
+
+
+# The tag frame.
+
+
+def lame_tag_frame(settings: LameSettings, frames: Mp3Frames, input_frames: int | Sequence[int], version: bytes = LAME_VERSION) -> bytes:
+    """The whole Info (CBR) / Xing (VBR) frame lame_get_lametag_frame() writes, to put before the audio frames.
+
+    input_frames is the number of PCM frames given to encode(), or the list of per-call counts: with resampling
+    (88.2-192 kHz input, low bitrates) LAME's resampler count - hence the padding - can depend on the call sizes in
+    ~1/(in_rate/gcd) of the lengths; an int is exact for a single call. version is the 9-byte encoder string (lame
+    3.100 writes b"LAME3.100"; lameenc 1.9.0's own libmp3lame would write b"LAME4.0 "). b'' where lame writes no tag
+    (frame too small for it, or no frames). Raises ValueError if the frames do not match what LAME makes of the
+    settings (wrong settings or input count)."""
+    cfg = lame_config(settings)
+    if not cfg.writes_tag or not frames.frame_count:
+        return b""
+    if (frames.sample_rate, frames.version, frames.mode) != (cfg.out_rate, cfg.version, cfg.mode):
+        raise ValueError(f"stream is {frames.sample_rate} Hz v{frames.version} mode {frames.mode}, settings give {cfg}")
+    kbps = frames.bitrates()
+    if not cfg.vbr and np.any(kbps != cfg.bitrate):
+        raise ValueError(f"CBR stream at {sorted(set(kbps.tolist()))} kbps, settings give {cfg.bitrate}")
+    samples, padding = samples_and_padding(cfg, input_frames)
+    if frames.frame_count != (samples + padding) // cfg.frame_samples:  # lame_encode_flush: frames_left
+        raise ValueError(
+            f"{frames.frame_count} frames, but LAME makes {(samples + padding) // cfg.frame_samples}"
+            f" for {input_frames if isinstance(input_frames, int) else sum(input_frames)} input frames"
+        )
+
+    size = cfg.tag_frame_size
+    buf = bytearray(size)
+    # setLameTagFrameHeader: header of the first frame with the Xing bitrate, no padding, mode_ext of the last frame
+    mpeg25 = cfg.out_rate < 16000
+    bitrate_index = BITRATES[2 if mpeg25 else cfg.version].index(cfg.tag_bitrate)
+    buf[0] = 0xFF
+    buf[1] = 0xFB if cfg.version == 1 else 0xE3 if mpeg25 else 0xF3
+    buf[2] = bitrate_index << 4 | cfg.samplerate_index << 2
+    buf[3] = cfg.mode << 6 | frames.mode_ext << 4 | 1 << 2  # copyright 0, original 1, emphasis 0
+    i = cfg.sideinfo_len
+    stream_size = frames.nbytes + size  # nBytesWritten counts audio bytes only (copy_buffer mp3data=1), + this frame
+    buf[i : i + 16] = (b"Xing" if cfg.vbr else b"Info") + b"".join(
+        v.to_bytes(4, "big") for v in (FRAMES_BYTES_TOC_SCALE, frames.frame_count, stream_size)
+    )
+    buf[i + 16 : i + 116] = xing_toc(kbps)
+    i += 116
+    buf[i : i + 38] = _lame_extension(cfg, padding, stream_size, frames.music_crc, version)
+    buf[i + 38 : i + 40] = crc16(bytes(buf[: i + 38])).to_bytes(2, "big")  # tag CRC over everything before it
+    return bytes(buf)
+
+
+def _lame_extension(cfg: LameConfig, padding: int, stream_size: int, music_crc: int, version: bytes) -> bytes:
+    """VbrTag.c PutLameVBR without the trailing tag CRC (ReplayGain / peak not computed: zeros, as --noreplaygain)."""
+    quality = max(0, 100 - 10 * cfg.vbr_q - cfg.quality)  # also the Xing "VBR scale" field
+    lowpass = min(255.0, cfg.lowpass / 100.0 + 0.5)
+    rev_method = 4 if cfg.vbr else 1  # vbr_type_translator[vbr_mtrh] / [vbr_off], revision 0
+    flags = cfg.ath_type + (1 << 4) + (cfg.safe_joint << 5)  # nspsytune always on, no nogap
+    abr = (8 if cfg.version == 0 else 32) if cfg.vbr else min(cfg.bitrate, 255)  # vbr_min_bitrate_index 1 / CBR rate
+    stereo = {MONO: 0, STEREO: 1, JOINT_STEREO: 3}[cfg.mode]
+    non_optimal = cfg.in_rate <= 32000  # the only "nasty option" lameenc can trigger
+    source = 0 if cfg.in_rate <= 32000 else 2 if cfg.in_rate == 48000 else 3 if cfg.in_rate > 48000 else 1
+    misc = cfg.noise_shaping + (stereo << 2) + (non_optimal << 5) + (source << 6)
+    return b"".join(
+        (
+            quality.to_bytes(4, "big"),
+            version[:9].ljust(9, b"\0"),
+            bytes((rev_method, int(lowpass))),
+            bytes(8),  # peak amplitude (4), radio and audiophile ReplayGain (2 + 2)
+            bytes((flags, abr, ENCDELAY >> 4, (ENCDELAY << 4 & 0xFF) | padding >> 8, padding & 0xFF, misc, 0)),
+            cfg.preset.to_bytes(2, "big"),
+            stream_size.to_bytes(4, "big"),
+            music_crc.to_bytes(2, "big"),
+        )
+    )
 
 
 @dataclasses.dataclass
@@ -1183,32 +1789,103 @@ class Mp3Encoder:
 
     def __init__(self, fmt: WavFormat, options: Mp3Options) -> None:
         self.fmt = fmt
-        self.frames_in = 0
+        self.channels = options.channels or min(fmt.channels, 2)
+        self.settings = LameSettings(fmt.rate, self.channels, options.quality, options.bitrate, options.vbr_quality)
         self._lame = lameenc.Encoder()
-        self._lame.set_bit_rate(options.bitrate)
         self._lame.set_in_sample_rate(fmt.rate)
-        self._lame.set_channels(min(fmt.channels, 2))
+        self._lame.set_channels(self.channels)
         self._lame.set_quality(options.quality)
+        if options.vbr_quality is None:
+            self._lame.set_bit_rate(options.bitrate)
+        else:
+            self._lame.set_vbr(4)  # vbr_mtrh, what `lame -V` uses
+            self._lame.set_vbr_quality(options.vbr_quality)
+        self._lame.silence()
+        self._frames = Mp3Frames()
+        self._calls: list[int] = []  # PCM frames per encode call: LAME's resampler count depends on them
         self._spool = spool()
 
     def encode(self, frames: bytes) -> None:
-        self.frames_in += len(frames) // self.fmt.frame_size
-        self._spool.write(self._lame.encode(to_pcm16(frames, self.fmt)))
+        self._calls.append(len(frames) // self.fmt.frame_size)
+        self._write(self._lame.encode(to_pcm16(frames, self.fmt, self.channels)))
 
-    def finish(self) -> Mp3File:
-        if self.frames_in == 0:
+    def _write(self, mp3: bytes) -> None:
+        self._frames.feed(mp3)
+        self._spool.write(mp3)
+
+    def finish(self, info: Mapping[bytes, bytes]) -> Mp3File:
+        """The whole file: ID3 from the WAV's LIST/INFO, the LAME tag frame, then the frames."""
+        frames_in = sum(self._calls)
+        if frames_in == 0:
             raise HTTPException(422, "WAV has no audio frames")
-        self._spool.write(self._lame.flush())
-        size = self._spool.tell()
+        self._write(self._lame.flush())
+        head = id3_tag(info) + self._lame_tag()
+        size = len(head) + self._spool.tell()
         self._spool.seek(0)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(head)
         while piece := self._spool.read(MIB):
             digest.update(piece)
         self._spool.seek(0)
-        return Mp3File(b"", self._spool, size, digest.hexdigest(), self.frames_in / self.fmt.rate)
+        return Mp3File(head, self._spool, size, digest.hexdigest(), frames_in / self.fmt.rate)
+
+    def _lame_tag(self) -> bytes:
+        try:
+            return lame_tag_frame(self.settings, self._frames, self._calls)
+        except ValueError as mismatch:  # a LAME this port does not know: the MP3 is still good, only untagged
+            log.warning("no LAME tag written: %s", mismatch)
+            return b""
 
     def close(self) -> None:
         self._spool.close()
+
+
+# ID3v2.4 from the WAV's LIST/INFO texts (RIFF INFO list, as Audacity, Audition, recorders and
+# Windows write it), mapped as ffmpeg-based converters map them.
+INFO_TO_ID3 = {
+    b"INAM": "TIT2",  # title
+    b"IART": "TPE1",  # artist
+    b"IPRD": "TALB",  # album (product)
+    b"ICMT": "COMM",  # comment
+    b"ICRD": "TDRC",  # date of creation
+    b"IGNR": "TCON",  # genre
+    b"IPRT": "TRCK",  # part (track); ITRK, after it, wins
+    b"ITRK": "TRCK",  # track
+    b"ICOP": "TCOP",  # copyright
+    b"IENG": "TIPL",  # engineer: ID3v2.4's involved-people list, role "engineer"
+    b"ISFT": "TSSE",  # software: ffmpeg puts it there too ("encoder")
+}
+ID3_DATE = re.compile(r"\d{4}(?:[-/.]\d{2}(?:[-/.]\d{2})?)?")
+
+
+def info_text(raw: bytes) -> str:
+    """INFO text is UTF-8 when it decodes as UTF-8 (modern tools), else Windows-1252 (the RIFF default in practice)."""
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace").strip()
+
+
+def id3_tag(info: Mapping[bytes, bytes]) -> bytes:
+    """An ID3v2.4 tag for the INFO texts that map to one; b"" when there are none."""
+    tag = mutagen.id3.ID3()
+    utf8 = mutagen.id3.Encoding.UTF8
+    for info_id, frame_id in INFO_TO_ID3.items():
+        text = info_text(info.get(info_id, b""))
+        if not text:
+            continue
+        if frame_id == "COMM":
+            tag.add(mutagen.id3.COMM(encoding=utf8, lang="XXX", desc="", text=[text]))  # XXX: language unknown (ID3v2.4 §4.10)
+        elif frame_id == "TIPL":
+            tag.add(mutagen.id3.TIPL(encoding=utf8, people=[["engineer", text]]))
+        elif frame_id == "TDRC" and not ID3_DATE.match(text):
+            tag.add(mutagen.id3.TXXX(encoding=utf8, desc="DATE", text=[text]))  # not a date ID3 can hold: kept as said
+        else:
+            tag.add(getattr(mutagen.id3, frame_id)(encoding=utf8, text=[text]))
+    if not tag:
+        return b""
+    out = io.BytesIO()
+    tag.save(out, v1=mutagen.id3.ID3v1SaveOptions.REMOVE, v2_version=4, padding=lambda _: 0)
+    return out.getvalue()
 
 
 # 8. Conversion jobs #################################################################
@@ -1265,7 +1942,7 @@ class ConversionJob:
         if self._frames.available:
             await self._encode(self._frames.read(self._frames.available))
         await self._settle()
-        mp3 = await self._encoders.run(self._encoder.finish)
+        mp3 = await self._encoders.run(self._encoder.finish, self._wav.info)
         self._encoder = None  # the MP3 owns the spool now
         return mp3
 

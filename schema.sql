@@ -28,3 +28,6 @@ CREATE TABLE IF NOT EXISTS record_chunks (
     data BYTEA NOT NULL,
     PRIMARY KEY (record_id, seq)
 );
+
+-- A user's records newest first, a page at a time (keyset pagination on created_at, id).
+CREATE INDEX IF NOT EXISTS records_by_owner_and_time ON records (user_id, created_at, id);

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -1105,6 +1107,342 @@ async def test_big_endian_rifx_converts(client: httpx.AsyncClient, bits: int) ->
     assert rms_dbfs(samples[:, 0]) == pytest.approx(HALF_SCALE_DBFS, abs=1.5)
 
 
+# The owner's routes ##############################################################
+
+
+def bearer(user: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {user['access_token']}"}
+
+
+OWNER_ROUTES = [("GET", "/users/{user}/records"), ("POST", "/users/{user}/token"), ("DELETE", "/record?id={record}&user={user}")]
+
+
+@pytest.mark.parametrize("method, path", OWNER_ROUTES)
+@pytest.mark.parametrize("authorization", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "Token abc"])
+async def test_owner_routes_without_a_bearer_token_are_401(client: httpx.AsyncClient, method: str, path: str, authorization: str | None) -> None:
+    body, _ = await uploaded(client, make_wav(0.3))
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = await client.request(method, path.format(user=body["user_id"], record=body["record_id"]), headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert list(response.json()) == ["error"]
+
+
+@pytest.mark.parametrize("method, path", OWNER_ROUTES)
+async def test_owner_routes_with_a_wrong_token_or_user_are_403_with_one_message(client: httpx.AsyncClient, method: str, path: str) -> None:
+    body, _ = await uploaded(client, make_wav(0.3))
+    owner = {"user_id": body["user_id"]}
+    stranger = await new_user(client)
+    cases = [
+        (body["user_id"], f"Bearer {uuid.uuid4()}"),  # wrong token
+        (body["user_id"], "Bearer not-a-uuid"),  # malformed token
+        (str(uuid.uuid4()), f"Bearer {uuid.uuid4()}"),  # unknown user
+        ("not-a-user", f"Bearer {uuid.uuid4()}"),  # malformed user id
+        (body["user_id"], f"Bearer {stranger['access_token']}"),  # another user's token
+    ]
+    for user_id, authorization in cases:
+        response = await client.request(method, path.format(user=user_id, record=body["record_id"]), headers={"Authorization": authorization})
+        assert response.status_code == 403, (user_id, authorization)
+        assert response.json() == {"error": "unknown user_id or wrong access_token"}
+    assert owner  # the record is still there:
+    assert (await client.get(record_path(body["url"]))).status_code == 200
+
+
+async def test_listing_shows_the_users_records_newest_first_as_their_uploads_did(client: httpx.AsyncClient) -> None:
+    user, stranger = await new_user(client), await new_user(client)
+    created = []
+    for i in range(3):
+        response = await upload(client, user, make_wav(0.3 + i * 0.1), f"take {i}.wav")
+        created.append(response.json())
+    await upload(client, stranger, make_wav(0.3), "theirs.wav")
+    response = await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))
+    assert response.status_code == 200
+    page = response.json()
+    assert page["next_cursor"] is None
+    assert [{k: v for k, v in r.items() if k != "created_at"} for r in page["records"]] == created[::-1]
+    stamps = [r["created_at"] for r in page["records"]]
+    assert stamps == sorted(stamps, reverse=True)
+    assert all(datetime.fromisoformat(stamp).tzinfo is not None for stamp in stamps)
+
+
+async def test_listing_pages_hold_every_record_exactly_once_while_records_come_and_go(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    bodies = [(await upload(client, user, make_wav(0.2), f"r{i}.wav")).json() for i in range(9)]
+    seen: list[str] = []
+    cursor, pages = None, 0
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await client.get(f"/users/{user['user_id']}/records", params=params, headers=bearer(user))).json()
+        seen += [r["record_id"] for r in page["records"]]
+        pages += 1
+        if pages == 2:  # between pages: a new record (newer than the cursor) and a deleted one not yet listed
+            await upload(client, user, make_wav(0.2), "late.wav")
+            doomed = bodies[2]
+            assert (await client.delete(f"/record?id={doomed['record_id']}&user={user['user_id']}", headers=bearer(user))).status_code == 204
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    expected = [b["record_id"] for b in bodies[::-1] if b is not bodies[2]]
+    assert seen == expected  # each once, in order; the late one is newer than every cursor, the deleted one never shown
+    assert pages == 4
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "limit=-1", "limit=1.5", "cursor=nope", "cursor=W10", "cursor=WyJ4IiwgInkiXQ"])
+async def test_listing_with_a_bad_limit_or_cursor_is_422(client: httpx.AsyncClient, query: str) -> None:
+    user = await new_user(client)
+    response = await client.get(f"/users/{user['user_id']}/records?{query}", headers=bearer(user))
+    assert response.status_code == 422 and list(response.json()) == ["error"]
+
+
+async def test_listing_limit_defaults_to_50_and_goes_to_100(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    wav = make_wav(0.05, 8000, 1)
+    for i in range(101):
+        assert (await upload(client, user, wav, f"{i}.wav")).status_code == 201
+    default = (await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()
+    most = (await client.get(f"/users/{user['user_id']}/records?limit=100", headers=bearer(user))).json()
+    assert (len(default["records"]), len(most["records"])) == (50, 100)
+    assert default["next_cursor"] and most["next_cursor"]
+
+
+async def test_delete_is_204_then_the_record_is_gone_and_its_name_free(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    body = (await upload(client, user, make_wav(3.0, 44100, 2), "gone.wav")).json()
+    response = await client.delete(f"/record?id={body['record_id']}&user={user['user_id']}", headers=bearer(user))
+    assert response.status_code == 204 and response.content == b""
+    assert (await client.get(record_path(body["url"]))).status_code == 404
+    assert (await db_rows(database_url, "SELECT count(*) FROM record_chunks WHERE record_id = $1", body["record_id"]))[0][0] == 0
+    assert (await upload(client, user, make_wav(0.5), "gone.wav")).status_code == 201
+    again = await client.delete(f"/record?id={body['record_id']}&user={user['user_id']}", headers=bearer(user))
+    assert again.status_code == 404
+
+
+async def test_deleted_bytes_are_overwritten_in_the_sqlite_file(client: httpx.AsyncClient, database_url: str) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the file of an SQLite database")
+    user = await new_user(client)
+    response = await upload(client, user, make_wav(signal=music(5.0, 44100, 2), rate=44100, channels=2), "secret.wav")
+    mp3 = (await client.get(record_path(response.json()["url"]))).content
+    assert (await client.delete(f"/record?id={response.json()['record_id']}&user={user['user_id']}", headers=bearer(user))).status_code == 204
+    path = Path(database_url.removeprefix("sqlite:///"))
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    stored = path.read_bytes()
+    assert all(mp3[offset : offset + 64] not in stored for offset in range(1024, len(mp3) - 64, 4096))
+
+
+async def test_delete_of_another_users_record_or_none_is_404_and_deletes_nothing(client: httpx.AsyncClient) -> None:
+    body, mp3 = await uploaded(client, make_wav(0.5))
+    stranger = await new_user(client)
+    for record_id in (body["record_id"], str(uuid.uuid4()), "not-a-uuid"):
+        response = await client.delete(f"/record?id={record_id}&user={stranger['user_id']}", headers=bearer(stranger))
+        assert response.status_code == 404 and response.json() == {"error": "no such record for this user"}
+    assert (await client.get(record_path(body["url"]))).content == mp3
+    missing = await client.delete(f"/record?user={stranger['user_id']}", headers=bearer(stranger))
+    assert missing.status_code == 422
+
+
+async def test_token_rotation_gives_a_new_token_and_the_old_one_stops_working(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    kept = (await upload(client, user, make_wav(0.3), "kept.wav")).json()
+    response = await client.post(f"/users/{user['user_id']}/token", headers=bearer(user))
+    assert response.status_code == 201
+    fresh = response.json()
+    assert set(fresh) == {"user_id", "access_token"} and fresh["user_id"] == user["user_id"] and UUID4.match(fresh["access_token"])
+    assert fresh["access_token"] != user["access_token"]
+    old = user
+    assert (await upload(client, old, make_wav(0.3), "new.wav")).status_code == 403
+    assert (await client.get(f"/users/{user['user_id']}/records", headers=bearer(old))).status_code == 403
+    assert (await client.delete(f"/record?id={kept['record_id']}&user={user['user_id']}", headers=bearer(old))).status_code == 403
+    assert (await client.post(f"/users/{user['user_id']}/token", headers=bearer(old))).status_code == 403
+    assert (await upload(client, fresh, make_wav(0.3), "new.wav")).status_code == 201
+    assert len((await client.get(f"/users/{user['user_id']}/records", headers=bearer(fresh))).json()["records"]) == 2
+
+
+async def test_two_rotations_with_one_token_give_one_new_token(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    responses = await asyncio.gather(*(client.post(f"/users/{user['user_id']}/token", headers=bearer(user)) for _ in range(6)))
+    assert sorted(r.status_code for r in responses) == [201] + [403] * 5
+
+
+async def test_deletion_racing_an_upload_of_the_same_name_leaves_one_consistent_state(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    for round_ in range(4):
+        body = (await upload(client, user, make_wav(0.5), f"same{round_}.wav")).json()
+        delete = client.delete(f"/record?id={body['record_id']}&user={user['user_id']}", headers=bearer(user))
+        deleted, uploaded_again = await asyncio.gather(delete, upload(client, user, make_wav(0.7), f"same{round_}.wav"))
+        assert deleted.status_code == 204 and uploaded_again.status_code in (201, 409)
+        names = await db_rows(database_url, "SELECT count(*) FROM records WHERE user_id = $1 AND filename = $2", user["user_id"], f"same{round_}.wav")
+        assert names[0][0] == (1 if uploaded_again.status_code == 201 else 0)
+    await assert_no_orphans(database_url)
+
+
+def test_live_deletion_racing_downloads_never_gives_a_short_200(live: LiveServer) -> None:
+    user = live.new_user()
+    for seconds, filename in ((10.0, "small.wav"), (120.0, "large.wav")):  # one query's worth (< 1 MiB), and many
+        created = httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(seconds, 22050, 1), filename), timeout=60).json()
+        url = live.url + record_path(created["url"])
+        outcomes: list[str] = []
+
+        def download(url: str = url, created: dict[str, Any] = created, outcomes: list[str] = outcomes) -> None:
+            try:
+                response = httpx.get(url, timeout=30)
+            except httpx.HTTPError:  # a large record deleted mid-stream: the connection is cut, never completed
+                outcomes.append("cut")
+                return
+            if response.status_code == 200:
+                assert hashlib.sha256(response.content).hexdigest() == created["sha256"], "a 200 with other bytes"
+                outcomes.append("whole")
+            else:
+                assert response.status_code == 404
+                outcomes.append("404")
+
+        threads = [threading.Thread(target=download) for _ in range(12)]
+        for i, thread in enumerate(threads):
+            thread.start()
+            if i == 5:
+                deleted = httpx.delete(f"{live.url}/record?id={created['record_id']}&user={user['user_id']}", headers=bearer(user))
+                assert deleted.status_code == 204
+        for thread in threads:
+            thread.join()
+        assert len(outcomes) == 12 and "404" in outcomes
+        if filename == "small.wav":
+            assert "cut" not in outcomes  # read by one query: whole or 404, whatever the timing
+
+
+def test_live_token_rotation_racing_an_upload_with_the_old_token_stores_nothing(live: LiveServer) -> None:
+    user = live.new_user()
+    rotated = threading.Event()
+
+    def pieces() -> Iterator[bytes]:
+        wav = make_wav(20.0, 44100, 2)
+        yield wav[: len(wav) // 2]
+        response = httpx.post(f"{live.url}/users/{user['user_id']}/token", headers=bearer(user))
+        assert response.status_code == 201
+        rotated.set()
+        yield wav[len(wav) // 2 :]
+
+    body, headers = streamed_upload(user, pieces(), "raced.wav")
+    response = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=60)
+    assert rotated.is_set()
+    assert response.status_code == 403 and response.json() == {"error": "unknown user_id or wrong access_token"}
+    assert asyncio.run(db_rows(live.database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
+
+
+async def test_retention_deletes_only_expired_records(database_url: str) -> None:
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        bodies = [(await upload(client, user, make_wav(0.3), f"{name}.wav")).json() for name in ("old", "older", "fresh")]
+    expired = (datetime.now(UTC) - timedelta(days=10)).isoformat(timespec="milliseconds")
+    for body in bodies[:2]:
+        await db_rows(database_url, "UPDATE records SET created_at = $1 WHERE id = $2 RETURNING id", expired, body["record_id"])
+    async with running_app(database_url, retention_days=7.0) as client:  # the sweep runs at start-up, then every minute
+        deadline = time.monotonic() + 10
+        while len((await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()["records"]) > 1:
+            assert time.monotonic() < deadline, "the sweep did not run"
+            await asyncio.sleep(0.05)
+        listed = (await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()["records"]
+        assert [r["record_id"] for r in listed] == [bodies[2]["record_id"]]
+        assert (await client.get(record_path(bodies[0]["url"]))).status_code == 404
+    await assert_no_orphans(database_url)
+
+
+async def test_sqlite_file_does_not_grow_across_upload_and_delete_cycles(tmp_path: Path) -> None:
+    """Upload, delete all, upload as much again: freed pages are reused (and beyond a reserve given back)."""
+    database_url = f"sqlite:///{tmp_path / 'cycle.db'}"
+    path = tmp_path / "cycle.db"
+
+    def file_bytes() -> int:
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return path.stat().st_size
+
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        wav = make_wav(signal=music(60.0, 22050, 1), rate=22050, channels=1)
+        first = [(await upload(client, user, wav, f"a{i}.wav", bitrate="320")).json() for i in range(8)]
+        after_first = file_bytes()
+        for body in first:
+            assert (await client.delete(f"/record?id={body['record_id']}&user={user['user_id']}", headers=bearer(user))).status_code == 204
+        for i in range(8):
+            assert (await upload(client, user, wav, f"b{i}.wav", bitrate="320")).status_code == 201
+        after_second = file_bytes()
+    assert sum(b["size_bytes"] for b in first) > 9_000_000  # 160 kbps: the most LAME writes at 22.05 kHz
+    assert after_second <= 1.10 * after_first, (after_first, after_second)
+
+
+@pytest.mark.parametrize(
+    "style",
+    ["html-form (browsers, curl, requests, httpx)", "backslash-escaped", "rfc5987-only", "rfc5987-and-plain", "rfc5987-first"],
+)
+async def test_quoted_and_escaped_names_round_trip_to_the_same_name(client: httpx.AsyncClient, style: str) -> None:
+    name = 'say "hi" ё.wav'
+    encoded = "UTF-8''" + quote(name, safe="")
+    extra = {
+        "html-form (browsers, curl, requests, httpx)": f'; filename="{name.replace(chr(34), "%22")}"',
+        "backslash-escaped": '; filename="say \\"hi\\" ё.wav"',
+        "rfc5987-only": f"; filename*={encoded}",
+        "rfc5987-and-plain": f'; filename="say _hi_ e.wav"; filename*={encoded}',
+        "rfc5987-first": f'; filename*={encoded}; filename="fallback.wav"',
+    }[style]
+    user = await new_user(client)
+    audio = b"Content-Disposition: " + b'form-data; name="audio_file"' + extra.encode() + b"\r\n\r\n" + make_wav(0.2)
+    body, headers = multipart(form_part("data", credentials(user)), audio)
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 201, response.text
+    assert response.json()["filename"] == 'say "hi" ё.mp3'
+    download = await client.get(record_path(response.json()["url"]))
+    assert download.headers["content-disposition"].endswith("filename*=UTF-8''" + quote('say "hi" ё.mp3', safe=""))
+
+
+async def test_httpx_sends_quotes_as_percent_22_which_is_decoded(client: httpx.AsyncClient) -> None:
+    response = await upload(client, await new_user(client), make_wav(0.2), 'say "hi" ё.wav')
+    assert response.json()["filename"] == 'say "hi" ё.mp3'
+
+
+@pytest.mark.parametrize("name", ["line%0Abreak.wav", "carriage%0Dreturn.wav"])
+async def test_escaped_line_breaks_in_names_are_422(client: httpx.AsyncClient, name: str) -> None:
+    user = await new_user(client)
+    body, headers = multipart(form_part("data", credentials(user)), form_part("audio_file", make_wav(0.2), name))
+    response = await client.post("/users/wav", content=body, headers=headers)
+    assert response.status_code == 422 and "control characters" in response.json()["error"]
+
+
+async def test_cors_is_off_by_default(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"Origin": "https://app.example.com"})
+    assert "access-control-allow-origin" not in response.headers
+    assert (await client.options("/health", headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"})).status_code == 405
+
+
+@pytest.mark.parametrize("origins", ["*", "https://app.example.com, https://other.example.org"])
+async def test_cors_origins_lets_a_browser_app_read_every_answer(database_url: str, origins: str) -> None:
+    async with running_app(database_url, cors_origins=origins) as client:
+        origin = {"Origin": "https://app.example.com"}
+        preflight = await client.options(
+            "/users/x/records", headers={**origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "Authorization"}
+        )
+        assert preflight.status_code == 200
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        body, _ = await uploaded(client, make_wav(0.3))
+        download = await client.get(record_path(body["url"]), headers=origin)
+        assert download.headers["access-control-allow-origin"] in ("*", "https://app.example.com")
+        exposed = {h.strip().lower() for h in download.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "content-range", "content-disposition", "etag"} <= exposed
+        stranger = await client.get("/health", headers={"Origin": "https://evil.example.net"})
+        assert ("access-control-allow-origin" in stranger.headers) == (origins == "*")
+
+
+async def test_docs_page_and_its_assets_are_served_by_the_service(client: httpx.AsyncClient) -> None:
+    page = await client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(not asset.startswith(("http:", "https:", "//")) for asset in assets)  # nothing from a CDN
+    for asset in assets:
+        response = await client.get("/" + asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert '"openapi.json"' in page.text
+
+
 # Hardening: OpenAPI and fuzzing ##################################################
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -1113,7 +1451,13 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 async def test_openapi_describes_every_route_with_its_statuses(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     operations = {(path, method) for path, item in spec["paths"].items() for method in item}
-    assert operations == {("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/health", "get")}
+    assert operations == {
+        ("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/record", "delete"),
+        ("/users/{user_id}/records", "get"), ("/users/{user_id}/token", "post"), ("/health", "get"),
+    }  # fmt: skip
+    assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
+    assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
+    assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
     assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
     assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
 
@@ -1453,8 +1797,8 @@ async def test_sql_injection_strings_are_inert_in_every_field(client: httpx.Asyn
     assert created.status_code == 201
     user = created.json()
     response = await upload(client, user, make_wav(0.2), attack + ".wav")
-    # httpx sends a quote in a file name as %22 (the HTML form rule), and the name is kept as sent
-    assert response.status_code == 201 and response.json()["filename"] == attack.replace('"', "%22") + ".mp3"
+    # httpx sends a quote in a file name as %22 (the HTML form rule), which the service decodes
+    assert response.status_code == 201 and response.json()["filename"] == attack + ".mp3"
     forged = {"user_id": attack, "access_token": attack}
     assert (await upload(client, forged, make_wav(0.2))).status_code == 422
     assert (await client.get("/record", params={"id": attack, "user": attack})).status_code == 404

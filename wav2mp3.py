@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -46,10 +47,10 @@ import wave
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import aiosqlite
 import anyio
@@ -64,9 +65,13 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 log = logging.getLogger("wav2mp3")
 T = TypeVar("T")
@@ -87,6 +92,11 @@ KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for an op
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
 USER_BATCH = 64  # users created by one INSERT (group commit)
+DEFAULT_PAGE, MAX_PAGE = 50, 100  # records per page of a listing
+SWEEP_SECONDS = 60.0  # how often expired records are deleted and free SQLite pages returned
+SWEEP_BATCH = 16  # records deleted per transaction by the sweep: short transactions, requests go between them
+SQLITE_FREE_RESERVE_PAGES = 2048  # free pages kept for the next uploads; beyond them the file shrinks
+SQLITE_VACUUM_STEP_PAGES = 1024  # pages returned per incremental vacuum step
 SQLITE_CONNECTIONS = 32  # idle SQLite connections kept open between requests
 
 
@@ -114,6 +124,8 @@ class Settings:
     upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
     db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
     db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
+    retention_days: float | None = _setting(None, "records older than this are deleted by a background sweep; unset: kept forever", float)
+    cors_origins: str = _setting("", "origins whose browser apps may call the API: `*` or a comma-separated list; empty: no CORS headers")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +149,8 @@ class Settings:
             raise ValueError(f"MP3_VBR_QUALITY must be 0..9, not {self.mp3_vbr_quality}")
         if not 0 <= self.mp3_quality <= 9:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError(f"RETENTION_DAYS must be positive, not {self.retention_days}")
         if self.max_upload_mb < 1 or self.workers < 1 or self.max_conversions < 0:
             raise ValueError("MAX_UPLOAD_MB and WORKERS must be positive, MAX_CONVERSIONS not negative")
 
@@ -206,6 +220,7 @@ class Operation:
     answers: Mapping[int, Mapping[str, Any]]  # OpenAPI response objects by status
     parameters: tuple[Mapping[str, Any], ...]
     body: Mapping[str, Any] | None
+    bearer: bool  # the owner's routes: Authorization: Bearer <access_token>
 
 
 class Api:
@@ -224,13 +239,17 @@ class Api:
         parameters: tuple[Mapping[str, Any], ...] = (),
         body: Mapping[str, Any] | None = None,
         documented: bool = True,
+        bearer: bool = False,
     ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+        if bearer:
+            answers = {**OWNER_ONLY, **answers}
+
         def register(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
             self.routes.append(Route(path, endpoint, methods=methods))
             if documented:
                 for method in methods:
                     operation_answers = answers if method != "HEAD" else {status: _headers_only(a) for status, a in answers.items()}
-                    self.operations.append(Operation(method, path, summary, operation_answers, parameters, body))
+                    self.operations.append(Operation(method, path, summary, operation_answers, parameters, body, bearer))
             return endpoint
 
         return register
@@ -270,7 +289,15 @@ def header(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": description}
 
 
+def path_parameter(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
 UNAVAILABLE = {503: error("the database is unreachable")}
+OWNER_ONLY = {
+    401: error("no Authorization: Bearer header", {"WWW-Authenticate": "Bearer"}),
+    403: error(FORBIDDEN),
+}
 BODY_LIMITS = {
     408: error("the client stalled mid-upload for UPLOAD_IDLE_TIMEOUT"),
     413: error("body larger than the limit"),
@@ -348,6 +375,8 @@ async def upload_wav(request: Request) -> Response:
         await upload.receive(BodyReader(request, services.settings.max_upload_bytes, services.settings))
         mp3 = await upload.converted()
         record = await services.store.save_record(upload.new_record(mp3), mp3)
+        if record is None:
+            raise HTTPException(403, FORBIDDEN)  # the token was replaced while the upload ran
     finally:
         upload.close()
     log.info(
@@ -399,7 +428,74 @@ async def get_record(request: Request) -> Response:
     record = await store.find_record(record_id, user_id) if record_id and user_id else None
     if record is None:
         raise HTTPException(404, NO_SUCH_RECORD)
-    return RecordResponse(request, record, store)
+    return await RecordResponse(request, record, store).read_ahead()
+
+
+@API.route(
+    "/record",
+    ["DELETE"],
+    "Delete a record: its MP3 is gone from the database, its file name free again",
+    {204: answer("deleted"), 404: error("no such record for this user, or ids that are not UUIDs"), 422: error("id or user missing"), **UNAVAILABLE},
+    parameters=(query("id", "record UUID"), query("user", "owner's user UUID")),
+    bearer=True,
+)
+async def delete_record(request: Request) -> Response:
+    """Delete one of the user's records: 204, then GET is 404 and the name is free."""
+    store = services_of(request).store
+    token = bearer_token(request)
+    record_id, user_param = record_query(request)
+    user_id = await authenticate(store, user_param, token)
+    if record_id is None or not await store.delete_record(record_id, user_id):
+        raise HTTPException(404, NO_SUCH_RECORD)  # another user's record looks like none at all
+    return Response(status_code=204)
+
+
+@API.route(
+    "/users/{user_id}/records",
+    ["GET"],
+    "The user's records, newest first, a page at a time",
+    {200: answer("a page of records", "RecordPage"), 422: error("a bad limit or cursor"), **UNAVAILABLE},
+    parameters=(
+        path_parameter("user_id", "the user's UUID"),
+        query("limit", f"records per page, 1..{MAX_PAGE} (default {DEFAULT_PAGE})", False, {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+        query("cursor", "next_cursor of the page before", False),
+    ),
+    bearer=True,
+)
+async def list_records(request: Request) -> Response:
+    """A page of the user's records, newest first; next_cursor continues it (keyset pagination)."""
+    services = services_of(request)
+    user_id = await authenticate(services.store, parse_uuid(request.path_params["user_id"]), bearer_token(request))
+    limit, after = page_limit(request.query_params.get("limit")), parse_cursor(request.query_params.get("cursor"))
+    records = await services.store.list_records(user_id, after, limit + 1)
+    page = records[:limit]
+    base = base_url(request, services.settings)
+    return JSONResponse(
+        {
+            "records": [{**record_json(record, base), "created_at": record.created_at} for record in page],
+            "next_cursor": page_cursor(page[-1]) if len(records) > limit else None,
+        }
+    )
+
+
+@API.route(
+    "/users/{user_id}/token",
+    ["POST"],
+    "Replace the user's access token; the old one stops working at once",
+    {201: answer("the new token, shown only in this answer", "NewUser"), **UNAVAILABLE},
+    parameters=(path_parameter("user_id", "the user's UUID"),),
+    bearer=True,
+)
+async def rotate_token(request: Request) -> Response:
+    """201 with a new access token; uploads, listings and deletions with the old one are 403 from now on."""
+    store = services_of(request).store
+    token = bearer_token(request)
+    user_id = await authenticate(store, parse_uuid(request.path_params["user_id"]), token)
+    new_token = str(uuid.uuid4())
+    assert token is not None  # authenticate() refused a missing one
+    if not await store.replace_token(user_id, hash_token(token), hash_token(new_token)):
+        raise HTTPException(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
+    return JSONResponse({"user_id": user_id, "access_token": new_token}, status_code=201)
 
 
 @API.route("/health", ["GET"], "Is the database reachable", {200: answer("healthy", "Health"), **UNAVAILABLE})
@@ -412,6 +508,12 @@ async def health(request: Request) -> Response:
 @API.route("/openapi.json", ["GET"], "", {}, documented=False)
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
+
+
+@API.route("/docs", ["GET"], "", {}, documented=False)
+async def docs(request: Request) -> Response:
+    """Swagger UI for /openapi.json, its assets served from the swagger-ui-bundle package: no CDN, works offline."""
+    return HTMLResponse(DOCS_PAGE)
 
 
 # 1. Request bodies ##################################################################
@@ -509,7 +611,28 @@ class Part:
     """A multipart part: its name, and the parameters of its Content-Disposition (a file's name...)."""
 
     name: str
-    params: Mapping[bytes, bytes]
+    params: Mapping[str, str]  # latin-1 text of the header's bytes: UTF-8 names are decoded later
+
+
+# A parameter of Content-Disposition (RFC 6266 §4.1): a token name, then a token or a quoted-string, whose
+# escapes hide any ';' or '=' inside it; read one after the other, so a name inside a quoted value never counts.
+DISPOSITION_PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)\s*')
+
+
+def disposition_params(header: bytes) -> tuple[str, dict[str, str]]:
+    """The kind (form-data) and the parameters of a Content-Disposition; the first of a repeated name wins."""
+    text = header.decode("latin-1")
+    kind, _, rest = text.partition(";")
+    params: dict[str, str] = {}
+    position = 0
+    rest = ";" + rest
+    while match := DISPOSITION_PARAM.match(rest, position):
+        name, value = match.group(1).lower(), match.group(2)
+        if value.startswith('"'):
+            value = value[1:-1].replace("\\\\", "\\").replace('\\"', '"')  # the escapes clients use (python-multipart's reading)
+        params.setdefault(name, value)
+        position = match.end()
+    return kind.strip().lower(), params
 
 
 PartEvent = tuple[Literal["start"], Part] | tuple[Literal["data"], bytes] | tuple[Literal["end"], None]
@@ -560,26 +683,41 @@ class MultipartReader:
         self._header_value.clear()
 
     def _on_headers_finished(self) -> None:
-        disposition = self._headers.get(b"content-disposition", b"")
+        kind, params = disposition_params(self._headers.get(b"content-disposition", b""))
         self._headers = {}
-        kind, params = parse_options_header(disposition)
-        if kind != b"form-data" or b"name" not in params:
+        if kind != "form-data" or "name" not in params:
             raise HTTPException(422, "a multipart part has no Content-Disposition: form-data name")
-        self._events.append(("start", Part(params[b"name"].decode("latin-1"), params)))
+        self._events.append(("start", Part(params["name"], params)))
 
     def _on_end(self) -> None:
         self.complete = True
 
 
-def part_filename(params: Mapping[bytes, bytes]) -> str | None:
-    """The file name a client sent, as UTF-8 text; None for a part without one."""
-    raw = params.get(b"filename")
+# RFC 8187 (RFC 5987) ext-value: charset'language'percent-encoded.
+EXT_VALUE = re.compile(r"([A-Za-z0-9!#$&+^`{}~-]+)'[A-Za-z0-9-]*'(.*)")
+# The HTML form encoding (WHATWG, "multipart/form-data encoding algorithm") escapes these three in names.
+WHATWG_ESCAPES = {"%22": '"', "%0D": "\r", "%0A": "\n"}
+
+
+def part_filename(part: Part) -> str | None:
+    """The file name a client meant: `filename*` when sent, else `filename` with the HTML form escapes undone; None without one."""
+    if "filename*" in part.params:
+        extended = EXT_VALUE.fullmatch(part.params["filename*"])
+        if extended is None:
+            raise HTTPException(422, "audio_file filename* is not charset'language'percent-encoded (RFC 8187)")
+        charset, encoded = extended.groups()
+        try:
+            return unquote_to_bytes(encoded).decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            raise HTTPException(422, f"audio_file name is not valid {charset}") from None
+    raw = part.params.get("filename")
     if raw is None:
         return None
     try:
-        return raw.decode("utf-8")
+        name = raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
         raise HTTPException(422, "audio_file name is not valid UTF-8") from None
+    return re.sub("%22|%0D|%0A", lambda escape: WHATWG_ESCAPES[escape.group()], name)
 
 
 def clean_filename(name: str) -> str:
@@ -616,6 +754,14 @@ async def authenticate(store: Store, user_id: str | None, token: str | None) -> 
     if not matches or stored is None or user_id is None:
         raise HTTPException(403, FORBIDDEN)
     return user_id
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>` (RFC 6750 §2.1), None when it is not a UUID (403 follows); 401 without one."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "send Authorization: Bearer <access_token>", {"WWW-Authenticate": "Bearer"})
+    return parse_uuid(token.strip())
 
 
 def data_credentials(body: bytes) -> tuple[str, str]:
@@ -738,7 +884,7 @@ class Upload:
         if part.name == "audio_file":
             if self.job is not None:
                 raise HTTPException(422, "more than one audio_file part")
-            filename = part_filename(part.params)
+            filename = part_filename(part)
             if filename is None:
                 raise HTTPException(422, "audio_file part has no filename")
             self.filename = clean_filename(filename)
@@ -2018,8 +2164,30 @@ SQL_INSERT_RECORD = (
 )
 SQL_INSERT_CHUNK = "INSERT INTO record_chunks (record_id, seq, data) VALUES (:record_id, :seq, :data)"
 SQL_FIND_RECORD = "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records WHERE id = :id AND user_id = :user_id"
+SQL_LIST_RECORDS = (
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records"
+    " WHERE user_id = :user_id AND (created_at < :created_at OR (created_at = :created_at AND id < :id))"
+    " ORDER BY created_at DESC, id DESC LIMIT :limit"
+)
+# The chunks go with the record (ON DELETE CASCADE); SQLite overwrites them (secure_delete).
+SQL_DELETE_RECORD = "DELETE FROM records WHERE id = :id AND user_id = :user_id RETURNING id"
+SQL_DELETE_EXPIRED = (
+    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE created_at < :before ORDER BY created_at LIMIT :limit) RETURNING id"
+)
+SQL_REPLACE_TOKEN = "UPDATE users SET token_sha256 = :new WHERE id = :id AND token_sha256 = :old RETURNING id"
 SQL_RECORD_CHUNKS = "SELECT seq, data FROM record_chunks WHERE record_id = :record_id AND seq >= :first AND seq <= :last ORDER BY seq"
 SQL_PING = "SELECT 1"
+# SQLite: a new database reclaims freed pages on request (incremental_vacuum), so the file can shrink.
+SQL_SQLITE_FILE = ("PRAGMA auto_vacuum = INCREMENTAL", "PRAGMA journal_mode = WAL")
+SQL_SQLITE_FREE_PAGES = "PRAGMA freelist_count"
+SQL_SQLITE_VACUUM_STEP = "PRAGMA incremental_vacuum({pages})"
+# PostgreSQL: a 256 KiB chunk is TOASTed out of line in ~2 KB rows; MP3 does not compress, so skip the attempt,
+# and let autovacuum reclaim deleted chunks sooner than its 20 % default.
+SQL_POSTGRES_CHUNK_STORAGE = "SELECT attstorage FROM pg_attribute WHERE attrelid = 'record_chunks'::regclass AND attname = 'data'"
+SQL_POSTGRES_TUNE_CHUNKS = (
+    "ALTER TABLE record_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+    "ALTER TABLE record_chunks SET (autovacuum_vacuum_scale_factor = 0.02, toast.autovacuum_vacuum_scale_factor = 0.02)",
+)
 
 # Worth waiting out at start-up: the database is still starting, or another replica is
 # creating the same tables at the same moment (PostgreSQL's catalog then reports a duplicate).
@@ -2079,7 +2247,8 @@ class _SQLiteConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.execute("PRAGMA foreign_keys = ON")
+        self.execute("PRAGMA foreign_keys = ON")  # chunks go with their record
+        self.execute("PRAGMA secure_delete = ON")  # a deleted record's bytes are overwritten, not left in free pages
 
 
 class SQLitePool(databases.backends.sqlite.SQLitePool):
@@ -2153,11 +2322,16 @@ class Store:
 
     async def apply_schema(self) -> None:
         if self.is_sqlite:
-            # WAL: readers never block the writer; the mode is stored in the file.
-            await self.database.execute("PRAGMA journal_mode = WAL")
+            # WAL: readers never block the writer; the mode is stored in the file. auto_vacuum takes
+            # effect only on a new file (before its first table); an older file still reuses its free pages.
+            for pragma in SQL_SQLITE_FILE:
+                await self.database.execute(pragma)
         schema = Path(__file__).with_name("schema.sql").read_text()
         for statement in schema.split(";"):
             if statement.strip():
+                await self.database.execute(statement)
+        if not self.is_sqlite and await self.database.fetch_val(SQL_POSTGRES_CHUNK_STORAGE) != "e":
+            for statement in SQL_POSTGRES_TUNE_CHUNKS:
                 await self.database.execute(statement)
 
     async def disconnect(self) -> None:
@@ -2193,7 +2367,7 @@ class Store:
     async def record_name_taken(self, user_id: str, filename: str) -> bool:
         return await self._call(self.database.fetch_val(SQL_RECORD_NAME_TAKEN, {"user_id": user_id, "filename": filename})) is not None
 
-    async def save_record(self, record: NewRecord, mp3: Mp3File) -> StoredRecord:
+    async def save_record(self, record: NewRecord, mp3: Mp3File) -> StoredRecord | None:
         """The record row and all its chunks in one transaction; 409 if the name is taken, 403 if
         the token changed meanwhile."""
         values = dataclasses.asdict(record)
@@ -2203,7 +2377,7 @@ class Store:
                 # The record row first: on SQLite its INSERT takes the write lock (waiting out
                 # the busy timeout), and on a duplicate name nothing else has been written.
                 if await self._call(self.database.fetch_val(SQL_INSERT_RECORD, values)) is None:
-                    raise HTTPException(403, FORBIDDEN)
+                    return None  # the token it was uploaded with has been replaced meanwhile: nothing stored
                 seq = 0
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
                     rows = []
@@ -2227,10 +2401,49 @@ class Store:
             batch_last = min(last, batch_first + CHUNKS_PER_QUERY - 1)
             values = {"record_id": record_id, "first": batch_first, "last": batch_last}
             rows = await self._call(self.database.fetch_all(SQL_RECORD_CHUNKS, values))
+            if len(rows) != batch_last - batch_first + 1:
+                raise RecordVanished(record_id)  # deleted while it was read
             for row in rows:
                 data, offset = bytes(row["data"]), row["seq"] * CHUNK_BYTES
                 lo, hi = max(start - offset, 0), min(end - offset + 1, len(data))
                 yield data[lo:hi]
+
+    async def list_records(self, user_id: str, after: tuple[str, str], limit: int) -> list[StoredRecord]:
+        """Up to `limit` of the user's records older than `after` (created_at, id), newest first."""
+        values = {"user_id": user_id, "created_at": after[0], "id": after[1], "limit": limit}
+        return [stored_record(row) for row in await self._call(self.database.fetch_all(SQL_LIST_RECORDS, values))]
+
+    async def delete_record(self, record_id: str, user_id: str) -> bool:
+        async with self.write_lock:
+            return await self._call(self.database.fetch_val(SQL_DELETE_RECORD, {"id": record_id, "user_id": user_id})) is not None
+
+    async def replace_token(self, user_id: str, old_sha256: str, new_sha256: str) -> bool:
+        async with self.write_lock:
+            replaced = await self._call(self.database.fetch_val(SQL_REPLACE_TOKEN, {"id": user_id, "old": old_sha256, "new": new_sha256}))
+        return replaced is not None
+
+    async def delete_expired(self, before: str, limit: int) -> int:
+        """Delete up to `limit` records created before `before`; how many went."""
+        async with self.write_lock:
+            return len(await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED, {"before": before, "limit": limit})))
+
+    async def release_free_pages(self) -> int:
+        """SQLite: give free pages beyond a reserve back to the file system, a step at a time; pages released."""
+        released = 0
+        while self.is_sqlite:  # PostgreSQL's autovacuum reclaims deleted chunks itself
+            free = await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES
+            if free <= 0:
+                break
+            async with self.write_lock:
+                await self._call(self.database.execute(SQL_SQLITE_VACUUM_STEP.format(pages=min(free, SQLITE_VACUUM_STEP_PAGES))))
+            if await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES >= free:
+                break  # auto_vacuum is off (a file made before it): its free pages stay for reuse
+            released += min(free, SQLITE_VACUUM_STEP_PAGES)
+        return released
+
+
+class RecordVanished(Exception):
+    """A record was deleted while its bytes were being read: the answer under way cannot be completed."""
 
 
 def stored_record(row: Any) -> StoredRecord:
@@ -2307,6 +2520,35 @@ def record_query(request: Request) -> tuple[str | None, str | None]:
     return parse_uuid(record_param), parse_uuid(user_param)
 
 
+# Keyset pagination: a cursor is the (created_at, id) of the last record of a page, opaque to clients.
+# The first page starts below a date later than any record: same shape, so every collation orders it alike.
+FIRST_PAGE = ("9999-12-31T23:59:59.999+00:00", "")
+
+
+def page_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise HTTPException(422, f"limit must be an integer 1..{MAX_PAGE}")
+    return int(text)
+
+
+def page_cursor(record: StoredRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([record.created_at, record.record_id]).encode()).decode().rstrip("=")
+
+
+def parse_cursor(text: str | None) -> tuple[str, str]:
+    if text is None:
+        return FIRST_PAGE
+    try:
+        created_at, record_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        if isinstance(created_at, str) and len(created_at) == len(FIRST_PAGE[0]) and parse_uuid(record_id) == record_id:
+            return created_at, record_id
+    except (ValueError, TypeError):
+        pass
+    raise HTTPException(422, "cursor is not a next_cursor this service gave")
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single `bytes=` range as (first, last), or None to send the whole body.
 
@@ -2365,7 +2607,8 @@ class RecordResponse(StreamingResponse):
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
         # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
         if etag_matches(request.headers.get("if-none-match"), etag):
-            super().__init__(_nothing(), 304, headers)
+            self._chunks = _nothing()
+            super().__init__(self._chunks, 304, headers)
             return
         byte_range = parse_range(request.headers.get("range"), record.size_bytes)
         if_range = request.headers.get("if-range")
@@ -2375,8 +2618,26 @@ class RecordResponse(StreamingResponse):
         if byte_range:
             headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
         headers["Content-Length"] = str(last - first + 1)
-        body = _nothing() if request.method == "HEAD" else store.record_bytes(record.record_id, first, last)
-        super().__init__(body, status, headers, media_type="audio/mpeg")
+        self._chunks = _nothing() if request.method == "HEAD" else store.record_bytes(record.record_id, first, last)
+        super().__init__(self._chunks, status, headers, media_type="audio/mpeg")
+
+    async def read_ahead(self) -> RecordResponse:
+        """Read the first batch of chunks before answering: a record deleted since it was found is 404, and
+        one of up to CHUNKS_PER_QUERY chunks (1 MiB) comes whole from one query, whatever a delete does next.
+        A larger record deleted mid-download has its connection cut (Content-Length unmet), never a short 200."""
+        rest = self._chunks
+        try:
+            first = await anext(rest, b"")
+        except RecordVanished:
+            raise HTTPException(404, NO_SUCH_RECORD) from None
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for piece in rest:
+                yield piece
+
+        self.body_iterator = body()
+        return self
 
 
 # 11. API documents ##################################################################
@@ -2388,6 +2649,22 @@ COMPONENTS = {
         "type": "object",
         "required": ["user_id", "access_token"],
         "properties": {"user_id": {"type": "string", "format": "uuid"}, "access_token": {"type": "string", "format": "uuid"}},
+    },
+    "RecordPage": {
+        "type": "object",
+        "required": ["records", "next_cursor"],
+        "properties": {
+            "records": {
+                "type": "array",
+                "items": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Record"},
+                        {"type": "object", "required": ["created_at"], "properties": {"created_at": {"type": "string", "format": "date-time"}}},
+                    ]
+                },
+            },
+            "next_cursor": {"type": "string", "nullable": True, "description": "give it as cursor for the next page; null on the last"},
+        },
     },
     "Record": {
         "type": "object",
@@ -2415,9 +2692,23 @@ def openapi_document() -> dict[str, Any]:
             entry["parameters"] = [dict(p) for p in operation.parameters]
         if operation.body is not None:
             entry["requestBody"] = {"required": True, "content": dict(operation.body)}
+        if operation.bearer:
+            entry["security"] = [{"bearer": []}]
         paths.setdefault(operation.path, {})[operation.method.lower()] = entry
     info = {"title": "wav2mp3", "version": "2", "description": "WAV to MP3 conversion over HTTP; docs/API.md tells the whole story."}
-    return {"openapi": "3.0.3", "info": info, "paths": paths, "components": {"schemas": COMPONENTS}}
+    security = {"bearer": {"type": "http", "scheme": "bearer", "description": "the user's access_token"}}
+    return {"openapi": "3.0.3", "info": info, "paths": paths, "components": {"schemas": COMPONENTS, "securitySchemes": security}}
+
+
+# Swagger UI from the swagger-ui-bundle package: relative links, so it works under a proxy's path prefix too.
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wav2mp3 API</title>
+<link rel="stylesheet" href="docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="docs/assets/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true})</script>
+</body></html>
+"""
 
 
 # 12. The application ################################################################
@@ -2448,6 +2739,25 @@ async def internal_error(request: Request, failure: Exception) -> Response:
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 
+async def keep_storage(store: Store, settings: Settings) -> None:
+    """In the background: delete records past RETENTION_DAYS, a few per transaction, and give SQLite's free
+    pages beyond a reserve back to the file system. Every replica may run it: deleting twice is harmless."""
+    while True:
+        try:
+            if settings.retention_days is not None:
+                before = (datetime.now(UTC) - timedelta(days=settings.retention_days)).isoformat(timespec="milliseconds")
+                deleted = 0
+                while (batch := await store.delete_expired(before, SWEEP_BATCH)) > 0:
+                    deleted += batch
+                    await asyncio.sleep(0.05)  # let requests have the database between batches
+                if deleted:
+                    log.info("retention: deleted %d records created before %s", deleted, before)
+            await store.release_free_pages()
+        except HTTPException as failure:  # the database is down: try again at the next sweep
+            log.warning("storage sweep skipped: %s", failure.detail)
+        await asyncio.sleep(SWEEP_SECONDS)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -2461,14 +2771,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with anyio.create_task_group():
             pass
         app.state.services = Services(settings, store, UserBatcher(store), encoders)
+        sweeper = asyncio.create_task(keep_storage(store, settings))
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper  # it may hold a connection: let it give it back before the pool closes
             encoders.shutdown()
             await store.disconnect()
 
     handlers = {HTTPException: json_error, Exception: internal_error}
-    return Starlette(routes=API.routes, lifespan=lifespan, exception_handlers=handlers)
+    middleware = []
+    if settings.cors_origins:
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "HEAD", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Range", "If-None-Match", "If-Range"],
+                expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag"],
+            )
+        )
+    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)))]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
 
 
 app = create_app()

@@ -250,7 +250,7 @@ def convert(wav: bytes, **options: int) -> wav2mp3.Mp3File:
     """A WAV converted in-process, without HTTP: the same job an upload runs."""
 
     async def run() -> wav2mp3.Mp3File:
-        encoders = wav2mp3.Encoders(1)
+        encoders = wav2mp3.Encoders(1, 16 * wav2mp3.MIB)
         job = wav2mp3.ConversionJob(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders, keep_wav=False)
         try:
             for offset in range(0, len(wav), 65536):

@@ -1443,6 +1443,290 @@ async def test_docs_page_and_its_assets_are_served_by_the_service(client: httpx.
     assert '"openapi.json"' in page.text
 
 
+# Real traffic: slow clients, caps, bounded memory, metrics #######################
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_move_as_requests_happen(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    body, _ = await uploaded(client, make_wav(2.0, 44100, 2))
+    await upload(client, {"user_id": body["user_id"], "access_token": str(uuid.uuid4())}, make_wav(0.2))
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = response.text
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert (moved("wav2mp3_uploads_total", status="201"), moved("wav2mp3_uploads_total", status="403")) == (1, 1)
+    assert moved("wav2mp3_audio_seconds_total") == pytest.approx(2.0) and moved("wav2mp3_conversion_seconds_count") == 1
+    assert moved("wav2mp3_upload_bytes_total") > len(make_wav(2.0, 44100, 2)) and moved("wav2mp3_download_bytes_total") == body["size_bytes"]
+    assert metric(after, "wav2mp3_request_seconds_count", method="POST", route="/users/wav") >= 2
+    assert moved("wav2mp3_uploads_in_progress") == 0 and moved("wav2mp3_audio_buffered_bytes") == 0
+    assert "wav2mp3_encoder_blocks_queued" in after and "wav2mp3_database_connections_in_use" in after
+    assert "process_resident_memory_bytes" in after
+
+
+def test_audio_budget_waits_in_turn_and_always_comes_back() -> None:
+    async def run() -> list[str]:
+        budget, order = wav2mp3.AudioBudget(100), []
+        assert budget.try_take(60) and not budget.try_take(60)
+
+        async def taker(name: str, size: int) -> None:
+            await budget.take(size)
+            order.append(name)
+
+        waiting = [asyncio.create_task(taker("a", 50)), asyncio.create_task(taker("b", 30))]
+        await asyncio.sleep(0)
+        assert order == [] and not budget.try_take(10)  # no overtaking those who wait
+        budget.give(60)
+        await asyncio.gather(*waiting)
+        budget.give(80)
+        assert budget.used == 0 and budget.try_take(500)  # one piece larger than the budget still passes alone
+        budget.give(500)
+        return order
+
+    assert asyncio.run(run()) == ["a", "b"]
+
+
+async def test_uploads_convert_right_when_the_audio_budget_is_tiny(database_url: str) -> None:
+    async with running_app(database_url, audio_buffer_mb=1) as client:
+        user = await new_user(client)
+        wavs = [make_wav(6.0, 44100, 2, freq=300 + 100 * i) for i in range(6)]  # 6 x 1 MB against a 1 MiB budget
+        responses = await asyncio.gather(*(upload(client, user, wav, f"tight{i}.wav") for i, wav in enumerate(wavs)))
+        assert [r.status_code for r in responses] == [201] * 6
+        for i, response in enumerate(responses):
+            rate, _, samples = decode((await client.get(record_path(response.json()["url"]))).content)
+            assert dominant_frequency(samples[:, 0], rate) == pytest.approx(300 + 100 * i, abs=4)
+        assert metric((await client.get("/metrics")).text, "wav2mp3_audio_buffered_bytes") == 0  # every byte of budget came back
+
+
+async def test_over_the_upload_cap_is_503_with_retry_after_and_nothing_stored(database_url: str) -> None:
+    async with running_app(database_url, max_uploads=1) as client:
+        user = await new_user(client)
+        go_on = asyncio.Event()
+        wav = make_wav(2.0, 44100, 2)
+        body, headers = multipart(form_part("data", credentials(user)), form_part("audio_file", wav, "first.wav"))
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield body[: len(body) // 2]
+            await go_on.wait()
+            yield body[len(body) // 2 :]
+
+        in_progress = metric((await client.get("/metrics")).text, "wav2mp3_uploads_in_progress")
+        first = asyncio.create_task(client.post("/users/wav", content=slow_body(), headers=headers))
+        while metric((await client.get("/metrics")).text, "wav2mp3_uploads_in_progress") == in_progress:
+            await asyncio.sleep(0.01)
+        before = await table_counts(database_url)
+        refused = await upload(client, user, make_wav(0.5), "second.wav")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == str(wav2mp3.RETRY_AFTER_SECONDS)
+        assert list(refused.json()) == ["error"]
+        assert await table_counts(database_url) == before
+        go_on.set()
+        assert (await first).status_code == 201
+        assert (await upload(client, user, make_wav(0.5), "second.wav")).status_code == 201
+
+
+async def test_sqlite_connections_stay_within_the_pool(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only")
+    opened = []
+    real_connect = aiosqlite.connect
+    monkeypatch.setattr(aiosqlite, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
+    async with running_app(database_url, db_connections=3) as client:
+        body, mp3 = await uploaded(client, make_wav(20.0, 44100, 2))
+        downloads = await asyncio.gather(*(client.get(record_path(body["url"])) for _ in range(40)))
+        assert all(d.status_code == 200 and d.content == mp3 for d in downloads)
+    assert len(opened) <= 3
+
+
+def test_live_stalled_clients_do_not_stop_other_uploads(tmp_path: Path) -> None:
+    """Clients that stop sending mid-audio hold no encoder thread: ordinary uploads go on beside them."""
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'stall.db'}", "--max-conversions", "2")
+    sockets = []
+    try:
+        user = server.new_user()
+        wav = make_wav(30.0, 44100, 2)
+        for i in range(6):  # three times the encoder threads, each stopped mid-block
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(raw_upload_head(user, f"stalled{i}.wav", wav[:700_000], len(wav) + 100, boundary=f"b{i}"))
+            sockets.append(sock)
+        time.sleep(1.0)
+        started = time.monotonic()
+        for i in range(3):
+            response = httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(5.0, 44100, 2), f"normal{i}.wav"), timeout=60)
+            assert response.status_code == 201, response.text
+        assert time.monotonic() - started < 30  # not a timing figure: "answered at all, while the others stall"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert metric(metrics, "wav2mp3_uploads_in_progress") == 6 and metric(metrics, "wav2mp3_encoder_blocks_running") == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+
+
+def test_live_slow_drip_client_gets_408_and_nothing_is_stored(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'drip.db'}", "--min-rate-window", "2", "--min-upload-rate", "1024")
+    try:
+        user = server.new_user()
+        wav = make_wav(5.0, 44100, 2)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(raw_upload_head(user, "drip.wav", wav[:100_000], len(wav) + 100))
+            answer, started = b"", time.monotonic()
+            sock.settimeout(0.4)
+            while not answer and time.monotonic() - started < 15:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"\x00")  # one byte now and then: the idle timeout alone would never fire
+                with contextlib.suppress(TimeoutError):
+                    answer = sock.recv(65536)
+            sock.settimeout(5)
+            while chunk := sock.recv(65536):  # the rest of the answer, then the server closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"slower than 1024 bytes/s" in answer
+        assert server.temp_files() == []
+        assert asyncio.run(db_rows(server.database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
+        assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_slow_clients_total", reason="too_slow") == 1
+    finally:
+        server.stop()
+
+
+def test_live_header_timeout_closes_a_dripping_client(tmp_path: Path) -> None:
+    """uvicorn has no header timeout of its own: GuardedHttpToolsProtocol adds one."""
+    server = LiveServer(tmp_path, f"sqlite:///{tmp_path / 'headers.db'}", "--header-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.settimeout(0.3)
+            answer = b""
+            for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"x" * 100:
+                with contextlib.suppress(OSError):
+                    sock.sendall(bytes([byte]))
+                with contextlib.suppress(TimeoutError):
+                    if chunk := sock.recv(65536):
+                        answer += chunk
+                    else:
+                        break  # closed
+            closed_after = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and b"request headers not received within 1 s" in answer
+        assert closed_after < 5
+        assert httpx.get(server.url + "/health").status_code == 200  # others are served as ever
+        # a kept-alive connection gets the same deadline for its next request
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b'{"status":"ok"}'):
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+        assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_slow_clients_total", reason="header_timeout") == 2
+    finally:
+        server.stop()
+
+
+def test_live_connection_cap_answers_503_and_closes(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, f"sqlite:///{tmp_path / 'cap.db'}", "--max-connections", "4")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            answer = extra.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after:" in answer.lower()
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the idle connections' slots come back
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        server.stop()
+
+
+def test_live_metrics_add_up_over_worker_processes(tmp_path: Path) -> None:
+    server = LiveServer(tmp_path, TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'workers.db'}", "--workers", "2")
+    try:
+        user = server.new_user()
+        for i in range(6):  # the kernel spreads the connections over both workers
+            assert httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(0.5), f"w{i}.wav"), timeout=60).status_code == 201
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "wav2mp3_uploads_total", status="201") == 6
+        assert metric(text, "wav2mp3_audio_seconds_total") == pytest.approx(3.0)
+    finally:
+        server.stop()
+
+
+NGINX_MAIN = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    include {dir}/site.conf;
+}}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("nginx"), reason="nginx not installed (.ci/run installs it)")
+def test_live_compose_proxy_config_streams_a_200_mb_upload(live: LiveServer, tmp_path: Path) -> None:
+    """deploy/nginx.conf, run by a real nginx in front of the service: the upload reaches the encoder while
+    it is still arriving (nginx does not buffer it to disk first), and the answer and links come through."""
+    port = free_port()
+    site = (
+        (HERE / "deploy" / "nginx.conf")
+        .read_text()
+        .replace("server app:8000", f"server 127.0.0.1:{live.port}")
+        .replace("listen 80;", f"listen {port};")
+    )
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(NGINX_MAIN.format(dir=tmp_path))
+    nginx = subprocess.Popen(["nginx", "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+            time.sleep(0.1)
+        user = live.new_user()
+        seconds = 200e6 / (44100 * 4)
+        observed: dict[str, float] = {}
+
+        def pieces() -> Iterator[bytes]:
+            *most, last = list(long_wav(seconds, piece_seconds=1.0))
+            cpu = live.cpu_seconds()
+            yield from most
+            time.sleep(1.0)
+            observed["cpu"] = live.cpu_seconds() - cpu
+            observed["buffered"] = sum(f.stat().st_size for f in (tmp_path / "body").rglob("*") if f.is_file())
+            yield last
+
+        body, headers = streamed_upload(user, pieces(), "big.wav")
+        response = httpx.post(f"http://127.0.0.1:{port}/users/wav", content=body, headers=headers, timeout=600)
+        assert response.status_code == 201, response.text
+        assert response.json()["url"].startswith(f"http://127.0.0.1:{port}/record?")  # the client's own host and port
+        assert observed["buffered"] == 0
+        encode_cpu = 200e6 / len(make_wav(30.0, 44100, 2)) * encode_cpu_seconds(make_wav(30.0, 44100, 2))
+        assert observed["cpu"] > 0.5 * encode_cpu, (observed, encode_cpu)
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+
+
 # Hardening: OpenAPI and fuzzing ##################################################
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -1453,7 +1737,7 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
     operations = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert operations == {
         ("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/record", "delete"),
-        ("/users/{user_id}/records", "get"), ("/users/{user_id}/token", "post"), ("/health", "get"),
+        ("/users/{user_id}/records", "get"), ("/users/{user_id}/token", "post"), ("/health", "get"), ("/metrics", "get"),
     }  # fmt: skip
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
@@ -1472,7 +1756,7 @@ async def test_unknown_route_and_method_answer_json_errors(client: httpx.AsyncCl
 def fuzzed_operations() -> list[tuple[str, str, str]]:
     """Every documented operation with data that fits its schema, and those that take input with data that does not."""
     operations = [(op.method, op.path) for op in wav2mp3.API.operations]
-    with_input = [(method, path) for method, path in operations if path != "/health"]
+    with_input = [(op.method, op.path) for op in wav2mp3.API.operations if op.parameters or op.body or op.bearer]
     return [(*operation, "positive") for operation in operations] + [(*operation, "negative") for operation in with_input]
 
 

@@ -26,10 +26,12 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
 import hmac
+import http
 import io
 import itertools
 import json
@@ -37,6 +39,7 @@ import logging
 import math
 import os
 import re
+import resource
 import sqlite3
 import struct
 import tempfile
@@ -60,7 +63,10 @@ import databases.backends.sqlite
 import lameenc
 import mutagen.id3
 import numpy as np
+import prometheus_client
+import prometheus_client.multiprocess
 import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -72,6 +78,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("wav2mp3")
 T = TypeVar("T")
@@ -86,8 +93,10 @@ MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
 MAX_FIELD_BYTES = 64 * 1024  # size of a non-file part (`data`, `bitrate`)
 MAX_FILENAME_BYTES = 255  # as most file systems allow
 DRAIN_BYTES = 64 * MIB  # how much of a refused, oversized body is read so that the client sees the answer
-ENCODE_BLOCK_BYTES = 1024 * 1024  # WAV audio handed to LAME at once: amortises the hand-over to a thread
-SPOOL_MEMORY_BYTES = 4 * MIB  # an MP3 larger than this is spooled to a temporary file
+ENCODE_BLOCK_BYTES = 256 * 1024  # WAV audio handed to LAME at once: ~1.5 s of CD audio, ~9 ms of encoding
+SPOOL_MEMORY_BYTES = 64 * 1024  # an MP3 larger than this is spooled to an unnamed temporary file
+OVERLOAD_DRAIN = (1 * MIB, 1.0)  # bytes and seconds of a body read before a 503, so that the client can see it
+RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for an option sent after them
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
@@ -97,7 +106,6 @@ SWEEP_SECONDS = 60.0  # how often expired records are deleted and free SQLite pa
 SWEEP_BATCH = 16  # records deleted per transaction by the sweep: short transactions, requests go between them
 SQLITE_FREE_RESERVE_PAGES = 2048  # free pages kept for the next uploads; beyond them the file shrinks
 SQLITE_VACUUM_STEP_PAGES = 1024  # pages returned per incremental vacuum step
-SQLITE_CONNECTIONS = 32  # idle SQLite connections kept open between requests
 
 
 def _setting(default: T, meaning: str, parse: Callable[[str], Any] | None = None) -> T:
@@ -121,8 +129,15 @@ class Settings:
     mp3_vbr_quality: int | None = _setting(None, "VBR instead of CBR: LAME `-V`, 0 (best) ... 9; the form fields override it", int)
     mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
+    max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
+    header_timeout: float = _setting(20.0, "seconds a client has to send its request headers; then 408 and the connection closed")
     upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
+    min_upload_rate: int = _setting(1024, "bytes per second a request body must average over MIN_RATE_WINDOW (408 below it); 0: no minimum")
+    min_rate_window: float = _setting(30.0, "seconds of waiting for the client over which MIN_UPLOAD_RATE is averaged")
+    max_uploads: int = _setting(256, "uploads converted at once per process; beyond: 503 with Retry-After")
+    audio_buffer_mb: int = _setting(48, "MiB of WAV audio all uploads may hold in memory at once; beyond, reading pauses (TCP holds the rest)")
     db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
+    db_connections: int = _setting(8, "database connections per process (SQLite: readers beside the one writer)")
     db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
     retention_days: float | None = _setting(None, "records older than this are deleted by a background sweep; unset: kept forever", float)
     cors_origins: str = _setting("", "origins whose browser apps may call the API: `*` or a comma-separated list; empty: no CORS headers")
@@ -151,8 +166,12 @@ class Settings:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ValueError(f"RETENTION_DAYS must be positive, not {self.retention_days}")
-        if self.max_upload_mb < 1 or self.workers < 1 or self.max_conversions < 0:
-            raise ValueError("MAX_UPLOAD_MB and WORKERS must be positive, MAX_CONVERSIONS not negative")
+        positive = ("max_upload_mb", "workers", "max_uploads", "max_connections", "audio_buffer_mb", "db_connections", "header_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
+        if self.max_conversions < 0 or self.min_upload_rate < 0 or self.min_rate_window <= 0:
+            raise ValueError("MAX_CONVERSIONS and MIN_UPLOAD_RATE must not be negative, MIN_RATE_WINDOW must be positive")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -204,6 +223,36 @@ def too_large(limit: int) -> HTTPException:
     return HTTPException(
         413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes", CLOSE
     )
+
+
+# Metrics ############################################################################
+# Prometheus, at GET /metrics. With --workers N the values live in files under PROMETHEUS_MULTIPROC_DIR
+# (main() makes one) and /metrics sums them over the worker processes.
+
+METRICS = CollectorRegistry()  # this module's own: `python wav2mp3.py` imports the module twice
+ProcessCollector(registry=METRICS)
+UPLOADS = Counter("wav2mp3_uploads", "POST /users/wav answers, by status", ["status"], registry=METRICS)
+UPLOAD_BYTES = Counter("wav2mp3_upload_bytes", "request body bytes read by uploads", registry=METRICS)
+DOWNLOAD_BYTES = Counter("wav2mp3_download_bytes", "MP3 bytes sent by downloads", registry=METRICS)
+AUDIO_SECONDS = Counter("wav2mp3_audio_seconds", "seconds of audio converted and stored", registry=METRICS)
+UPLOADS_IN_PROGRESS = Gauge("wav2mp3_uploads_in_progress", "uploads being received and converted", registry=METRICS, multiprocess_mode="livesum")
+BLOCKS_ENCODING = Gauge("wav2mp3_encoder_blocks_running", "audio blocks LAME is encoding", registry=METRICS, multiprocess_mode="livesum")
+BLOCKS_QUEUED = Gauge("wav2mp3_encoder_blocks_queued", "audio blocks waiting for an encoder thread", registry=METRICS, multiprocess_mode="livesum")
+BUFFERED_AUDIO = Gauge("wav2mp3_audio_buffered_bytes", "WAV audio held in memory by uploads", registry=METRICS, multiprocess_mode="livesum")
+CONVERSION_SECONDS = Histogram(
+    "wav2mp3_conversion_seconds",
+    "an upload from its first byte to its stored MP3",
+    registry=METRICS,
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+REQUEST_SECONDS = Histogram("wav2mp3_request_seconds", "time to answer, by method and route", ["method", "route"], registry=METRICS)
+SLOW_CLIENTS = Counter("wav2mp3_slow_clients", "clients cut off, by reason", ["reason"], registry=METRICS)
+OVERLOAD_REFUSALS = Counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"], registry=METRICS)
+CONNECTIONS = Gauge("wav2mp3_connections_open", "open HTTP connections", registry=METRICS, multiprocess_mode="livesum")
+DB_ERRORS = Counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)", registry=METRICS)
+DB_CONNECTIONS_IN_USE = Gauge(
+    "wav2mp3_database_connections_in_use", "pooled SQLite connections lent out", registry=METRICS, multiprocess_mode="livesum"
+)
 
 
 # Routes #############################################################################
@@ -370,15 +419,25 @@ async def create_user(request: Request) -> Response:
 async def upload_wav(request: Request) -> Response:
     """Upload a WAV (multipart: data, audio_file, options): 201 with the MP3's link."""
     services = services_of(request)
-    upload = Upload(services, MultipartReader(request.headers.get("content-type", "")))
+    body_reader = BodyReader(request, services.settings.max_upload_bytes, services.settings)
+    parts = MultipartReader(request.headers.get("content-type", ""))
+    if not services.uploads.acquire():
+        await body_reader.drain(*OVERLOAD_DRAIN)
+        OVERLOAD_REFUSALS.labels("uploads").inc()
+        raise HTTPException(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
+    upload = Upload(services, parts)
     try:
-        await upload.receive(BodyReader(request, services.settings.max_upload_bytes, services.settings))
+        await upload.receive(body_reader)
         mp3 = await upload.converted()
         record = await services.store.save_record(upload.new_record(mp3), mp3)
         if record is None:
             raise HTTPException(403, FORBIDDEN)  # the token was replaced while the upload ran
     finally:
         upload.close()
+        services.uploads.release()
+        UPLOAD_BYTES.inc(body_reader.received)
+    AUDIO_SECONDS.inc(record.duration_seconds)
+    CONVERSION_SECONDS.observe(time.perf_counter() - upload.started)
     log.info(
         "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",
         record.record_id, record.duration_seconds, upload.bytes_in, record.size_bytes, time.perf_counter() - upload.started,
@@ -510,6 +569,15 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+@API.route("/metrics", ["GET"], "Prometheus metrics", {200: answer("the text exposition format", {"type": "string"}, media="text/plain")})
+async def metrics(request: Request) -> Response:
+    registry = METRICS
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several worker processes: add up their files
+        registry = CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry)
+    return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
 @API.route("/docs", ["GET"], "", {}, documented=False)
 async def docs(request: Request) -> Response:
     """Swagger UI for /openapi.json, its assets served from the swagger-ui-bundle package: no CDN, works offline."""
@@ -520,17 +588,23 @@ async def docs(request: Request) -> Response:
 
 
 class BodyReader:
-    """A request body, chunk by chunk, within the size limit and the idle timeout.
+    """A request body, chunk by chunk, within the size limit, the idle timeout and the minimum rate.
 
     The one way bodies are read: POST /users reads it whole, POST /users/wav chunk by chunk,
     and a refused request drains what is left so that the client, still sending, sees the answer.
+    The rate is measured on a clock that runs only while the service waits for the client, so time
+    the service itself takes (the encoder pool, the database) never counts against a client; a
+    client that sends a byte now and then resets the idle timeout but not this average.
     """
 
     def __init__(self, request: Request, limit: int, settings: Settings) -> None:
         self.request = request
         self.limit = limit
         self.idle_timeout = settings.upload_idle_timeout
+        self.min_rate, self.window = settings.min_upload_rate, settings.min_rate_window
         self.received = 0
+        self.waited = 0.0  # seconds spent waiting for the client
+        self._marks: deque[tuple[float, int]] = deque([(0.0, 0)])  # (waited, received) within the last window
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large(limit)
@@ -538,34 +612,50 @@ class BodyReader:
 
     async def _next(self) -> bytes | None:
         """The next chunk; None at the end of the body."""
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.idle_timeout):
                 return await anext(self._stream)
         except StopAsyncIteration:
             return None
         except TimeoutError:
+            SLOW_CLIENTS.labels("stalled").inc()
             raise HTTPException(408, f"upload stalled for {self.idle_timeout:g} s", CLOSE) from None
         except ClientDisconnect:
             raise HTTPException(400, "client disconnected mid-upload; nothing stored", CLOSE) from None
+        finally:
+            self.waited += time.monotonic() - started
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self._next()) is not None:
             self.received += len(chunk)
             if self.received > self.limit:
                 raise too_large(self.limit)
+            self._check_rate()
             if chunk:
                 yield chunk
+
+    def _check_rate(self) -> None:
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= self.waited - self.window:
+            marks.popleft()
+        since, then = marks[0]
+        if self.min_rate and self.waited - since >= self.window and self.received - then < self.min_rate * (self.waited - since):
+            SLOW_CLIENTS.labels("too_slow").inc()
+            raise HTTPException(408, f"upload slower than {self.min_rate} bytes/s over {self.window:g} s", CLOSE)
+        marks.append((self.waited, self.received))
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
-    async def drain(self, limit: int) -> None:
-        """Read and drop up to `limit` more bytes, so that a client still sending can read the answer."""
+    async def drain(self, limit: int, seconds: float | None = None) -> None:
+        """Read and drop up to `limit` more bytes (for at most `seconds`), so that a client still sending can read the answer."""
         if self.request.headers.get("expect", "").lower() == "100-continue" and not self.received:
             return  # it waits for our verdict before sending its body: answer at once
-        with contextlib.suppress(HTTPException):  # a stall or a disconnect ends the favour
-            while limit > 0 and (chunk := await self._next()) is not None:
-                limit -= len(chunk)
+        with contextlib.suppress(HTTPException, TimeoutError):  # a stall, a disconnect or the deadline ends the favour
+            async with asyncio.timeout(seconds):
+                while limit > 0 and (chunk := await self._next()) is not None:
+                    limit -= len(chunk)
 
 
 def parse_json(body: bytes, what: str) -> dict[str, Any]:
@@ -2038,16 +2128,70 @@ def id3_tag(info: Mapping[bytes, bytes]) -> bytes:
 
 
 class Encoders:
-    """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network."""
+    """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network.
 
-    def __init__(self, threads: int) -> None:
+    Each upload has at most one block in the pool's queue (ConversionJob), so the threads serve the
+    uploads in turn, fairly, whatever their clients' speed.
+    """
+
+    def __init__(self, threads: int, audio_budget_bytes: int) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
+        self.budget = AudioBudget(audio_budget_bytes)
 
     def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        BLOCKS_QUEUED.inc()
+
+        def counted() -> T:
+            BLOCKS_QUEUED.dec()
+            with BLOCKS_ENCODING.track_inprogress():
+                return function(*args)
+
+        return asyncio.get_running_loop().run_in_executor(self._pool, counted)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class AudioBudget:
+    """WAV audio that all uploads together may hold in memory, in bytes: a reader waits (and its client's
+    TCP window fills) while it is spent. Whoever must wait first sends its own partial block to the
+    encoders (ConversionJob), so the budget always comes back: no upload can hold it while it waits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def try_take(self, size: int) -> bool:
+        if self._waiters or (self.used and self.used + size > self.limit):
+            return False
+        self.used += size
+        BUFFERED_AUDIO.inc(size)
+        return True
+
+    async def take(self, size: int) -> None:
+        if self.try_take(size):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give(size)  # granted as it was cancelled: hand it on
+            else:
+                self._waiters.remove((size, waiter))
+            raise
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        BUFFERED_AUDIO.dec(size)
+        while self._waiters and (not self.used or self.used + self._waiters[0][0] <= self.limit):
+            size, waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += size
+                BUFFERED_AUDIO.inc(size)
+                waiter.set_result(None)
 
 
 class ConversionJob:
@@ -2060,6 +2204,8 @@ class ConversionJob:
     def __init__(self, options: Mp3Options, encoders: Encoders, keep_wav: bool) -> None:
         self.options = options
         self._encoders = encoders
+        self._budget = encoders.budget
+        self._buffered = 0  # bytes of audio taken from the budget and not yet handed to the encoders
         self._wav = WavParser()
         self._frames: WavFrames | None = None
         self._encoder: Mp3Encoder | None = None
@@ -2077,6 +2223,11 @@ class ConversionJob:
             self._frames = WavFrames(self._wav.format)
             self._encoder = Mp3Encoder(self._wav.format, self.options)
         if audio and self._frames is not None:
+            if not self._budget.try_take(len(audio)):
+                if self._frames.available:  # make way: what this upload holds goes to the encoders first
+                    await self._encode(self._frames.read(self._frames.available))
+                await self._budget.take(len(audio))
+            self._buffered += len(audio)
             self._frames.append(audio)
             block_frames = max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
             while self._frames.available >= block_frames:
@@ -2118,7 +2269,9 @@ class ConversionJob:
     async def _encode(self, block: bytes) -> None:
         await self._settle()  # one block in flight: memory stays at two blocks per upload
         assert self._encoder is not None
+        self._buffered -= len(block)
         self._in_flight = self._encoders.run(self._encoder.encode, block)
+        self._in_flight.add_done_callback(lambda _: self._budget.give(len(block)))
 
     async def _settle(self) -> None:
         if self._in_flight is not None:
@@ -2130,6 +2283,8 @@ class ConversionJob:
         if self._closed:
             return
         self._closed = True
+        self._budget.give(self._buffered)  # a block in flight gives its share back when it is done
+        self._buffered = 0
         if self._copy is not None:
             self._copy.close()
         encoder, in_flight = self._encoder, self._in_flight
@@ -2255,28 +2410,35 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
     """Keeps SQLite connections open between requests.
 
     databases 0.9's SQLitePool opens a new aiosqlite connection, with a thread of its own, for
-    every request and closes it afterwards; that costs more than the query. This one keeps up
-    to `size` idle connections. Installed over the backend's private `_pool` (there is no public
-    hook); pinned by test_sqlite_connections_are_reused.
+    every query and closes it afterwards: that costs more than the query, and 500 downloads at
+    once were 500 threads and 500 open files. This one lends out at most `size` connections and
+    keeps them open; a caller waits for one (within DB_TIMEOUT). Installed over the backend's
+    private `_pool` (there is no public hook); pinned by test_sqlite_connections_are_reused.
     """
 
     def __init__(self, url: str, size: int, **options: Any) -> None:
         super().__init__(databases.DatabaseURL(url), **options)
-        self._size = size
+        self._free = asyncio.Semaphore(size)
         self._idle: list[aiosqlite.Connection] = []
 
     async def acquire(self) -> aiosqlite.Connection:
-        if self._idle:
-            return self._idle.pop()
-        return await super().acquire()
+        await self._free.acquire()
+        try:
+            connection = self._idle.pop() if self._idle else await super().acquire()
+        except BaseException:
+            self._free.release()
+            raise
+        DB_CONNECTIONS_IN_USE.inc()
+        return connection
 
     async def release(self, connection: aiosqlite.Connection) -> None:
-        if connection.in_transaction:  # a request cancelled mid-transaction
-            await connection.rollback()
-        if len(self._idle) < self._size:
+        DB_CONNECTIONS_IN_USE.dec()
+        try:
+            if connection.in_transaction:  # a request cancelled mid-transaction
+                await connection.rollback()
             self._idle.append(connection)
-        else:
-            await connection.close()
+        finally:
+            self._free.release()
 
     async def close(self) -> None:
         while self._idle:
@@ -2286,7 +2448,7 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
 class Store:
     """Users and records in SQLite or PostgreSQL: raw SQL through `databases`, nothing else."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, connections: int) -> None:
         self.timeout = timeout
         self.is_sqlite = url.startswith("sqlite")
         # SQLite has one writer at a time; queueing our writes here spares them the busy
@@ -2297,11 +2459,11 @@ class Store:
             # The busy timeout ends a blocked statement a little before `_call` gives up on it, so
             # nothing commits after its request has been answered 503.
             self.database = databases.Database(url)
-            self.sqlite_pool = SQLitePool(url, SQLITE_CONNECTIONS, factory=_SQLiteConnection, timeout=0.9 * timeout)
+            self.sqlite_pool = SQLitePool(url, connections, factory=_SQLiteConnection, timeout=0.9 * timeout)
             self.database._backend._pool = self.sqlite_pool
             self.write_lock = asyncio.Lock()
         else:
-            self.database = databases.Database(url, min_size=1, max_size=20, timeout=timeout, command_timeout=timeout)
+            self.database = databases.Database(url, min_size=1, max_size=connections, timeout=timeout, command_timeout=timeout)
             self.write_lock = contextlib.nullcontext()
 
     async def connect(self, deadline: float) -> None:
@@ -2348,6 +2510,7 @@ class Store:
         except UNIQUE_VIOLATIONS:
             raise
         except OUTAGES as failure:
+            DB_ERRORS.inc()
             log.error("database call failed: %r", failure)
             raise DatabaseUnavailable() from None
 
@@ -2632,8 +2795,10 @@ class RecordResponse(StreamingResponse):
             raise HTTPException(404, NO_SUCH_RECORD) from None
 
         async def body() -> AsyncIterator[bytes]:
+            DOWNLOAD_BYTES.inc(len(first))
             yield first
             async for piece in rest:
+                DOWNLOAD_BYTES.inc(len(piece))
                 yield piece
 
         self.body_iterator = body()
@@ -2720,6 +2885,28 @@ class Services:
     store: Store
     users: UserBatcher
     encoders: Encoders
+    uploads: UploadSlots
+
+
+class UploadSlots:
+    """The cap on uploads at once in this process (503 beyond it); memory goes back to the OS when the last ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        UPLOADS_IN_PROGRESS.inc()
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+        UPLOADS_IN_PROGRESS.dec()
+        if self.active == 0:
+            return_memory_soon()
 
 
 def services_of(request: Request) -> Services:
@@ -2737,6 +2924,142 @@ async def internal_error(request: Request, failure: Exception) -> Response:
     # A bug, not the client's fault: log the trace, never send it.
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=failure)
     return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+class RequestMetrics:
+    """ASGI middleware: every answer's latency by route, uploads by status; memory back to the OS after a burst."""
+
+    in_flight = 0
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        RequestMetrics.in_flight += 1
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            RequestMetrics.in_flight -= 1
+            route = getattr(scope.get("route"), "path", "unknown")  # the template (/users/{user_id}/records), not the path
+            REQUEST_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - started)
+            if route == "/users/wav":
+                UPLOADS.labels(str(status)).inc()
+            if RequestMetrics.in_flight == 0:
+                return_memory_soon()
+
+
+# glibc keeps freed memory in its heaps, one per thread that allocated, and raises its mmap threshold
+# as big blocks come and go, so after a burst of uploads the process kept ~400 MB it no longer used.
+# A fixed threshold maps every block over 128 KiB (audio blocks, chunks) on its own and unmaps it when
+# freed; malloc_trim(0) returns what is free in every heap once the service goes idle.
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+_trim_pending = False
+
+
+def return_memory_soon() -> None:
+    """Once idle for a moment, give free heap memory back to the OS (glibc malloc_trim), in a thread."""
+    global _trim_pending
+    if _LIBC is None or _trim_pending:
+        return
+    _trim_pending = True
+    loop = asyncio.get_running_loop()
+
+    def trim() -> None:
+        global _trim_pending
+        _trim_pending = False
+        if RequestMetrics.in_flight == 0 and _LIBC is not None:
+            loop.run_in_executor(None, _LIBC.malloc_trim, 0)
+
+    loop.call_later(0.5, trim)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (httptools) with the two limits it lacks, for `python wav2mp3.py`.
+
+    uvicorn has no deadline for request headers, so a client that sends them a byte at a time held
+    its connection forever: here the headers must be complete within HEADER_TIMEOUT (then a 408 and
+    the connection closes). And it has no cap on connections but a 503 per request: here a
+    connection beyond MAX_CONNECTIONS is answered 503 and closed at once, before it costs anything.
+    Pinned by test_live_header_timeout_closes_a_dripping_client and ..._connection_cap.
+    """
+
+    limits: Settings | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if GuardedHttpToolsProtocol.limits is None:
+            GuardedHttpToolsProtocol.limits = Settings.from_env()
+        CONNECTIONS.inc()
+        self._header_deadline: asyncio.TimerHandle | None = None
+        if len(self.connections) > min(GuardedHttpToolsProtocol.limits.max_connections, connection_limit()):
+            OVERLOAD_REFUSALS.labels("connections").inc()
+            self._refuse(503, "too many connections: try again shortly", f"Retry-After: {RETRY_AFTER_SECONDS}\r\n")
+            return
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._await_headers()  # the first bytes of a request on a kept-alive connection
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        CONNECTIONS.dec()
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        assert self.limits is not None
+        self._header_deadline = self.loop.call_later(self.limits.header_timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            SLOW_CLIENTS.labels("header_timeout").inc()
+            assert self.limits is not None
+            self._refuse(408, f"request headers not received within {self.limits.header_timeout:g} s")
+
+    def _refuse(self, status: int, detail: str, extra_headers: str = "") -> None:
+        body = json.dumps({"error": detail}).encode()
+        head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        self.transport.write((head + extra_headers + "connection: close\r\n\r\n").encode() + body)
+        self.transport.close()
+
+
+@functools.cache
+def connection_limit() -> int:
+    """Connections this process can hold: its open-file limit (raised to the hard limit) less room for everything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return max(64, soft - 256)  # database connections, temporary files, the encoder and server threads
 
 
 async def keep_storage(store: Store, settings: Settings) -> None:
@@ -2763,14 +3086,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, settings.db_timeout)
+        store = Store(settings.database_url, settings.db_timeout, settings.db_connections)
         await store.connect(time.monotonic() + settings.db_startup_timeout)
-        encoders = Encoders(settings.encoder_threads)
+        encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB)
         # anyio imports its asyncio backend on first use (StreamingResponse's task group):
         # pay for that here rather than in the first download.
         async with anyio.create_task_group():
             pass
-        app.state.services = Services(settings, store, UserBatcher(store), encoders)
+        app.state.services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads))
         sweeper = asyncio.create_task(keep_storage(store, settings))
         try:
             yield
@@ -2780,9 +3103,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await sweeper  # it may hold a connection: let it give it back before the pool closes
             encoders.shutdown()
             await store.disconnect()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                prometheus_client.multiprocess.mark_process_dead(os.getpid())
 
     handlers = {HTTPException: json_error, Exception: internal_error}
-    middleware = []
+    middleware = [Middleware(RequestMetrics)]
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
         middleware.append(
@@ -2815,7 +3140,17 @@ def main(argv: list[str] | None = None) -> None:
             os.environ[field.name.upper()] = value  # the workers import this module afresh and read them
     settings = Settings.from_env()  # fail now, with the message, on a bad setting
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("wav2mp3:app", host=settings.host, port=settings.port, workers=settings.workers, timeout_keep_alive=30)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The workers write their metrics here and /metrics adds them up (prometheus_client's multiprocess mode).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wav2mp3-metrics-")
+    uvicorn.run(
+        "wav2mp3:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http="wav2mp3:GuardedHttpToolsProtocol",
+        timeout_keep_alive=30,
+    )
 
 
 if __name__ == "__main__":

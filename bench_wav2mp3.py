@@ -1,6 +1,7 @@
-"""Benchmark wav2mp3 against the encoder it is built on, in one run.
+"""Benchmark wav2mp3 against the encoder it is built on, in one run; or load it like real traffic.
 
     python bench_wav2mp3.py [--quick] [--database-url postgresql://...]
+    python bench_wav2mp3.py --load [--quick] [--database-url postgresql://...]
 
 Starts the real service (`python wav2mp3.py`, uvicorn) on loopback ports with SQLite in a
 temporary directory (and PostgreSQL for B6 when --database-url is given), generates its own
@@ -390,6 +391,349 @@ def tag_cost(seconds: float) -> list[Figure]:
     return figures
 
 
+# Load: real traffic on one process ###############################################
+# One asyncio client process on loopback, raw HTTP/1.1, the server on its defaults (a few
+# timeouts shortened in --quick), at the open-file limit the scenario names. Each scenario prints
+# what it measured against its goal; after each, the server must be back near idle.
+
+
+class Sampler:
+    """The server's RSS every 20 ms in a thread: the peak of a scenario, and what it settles to."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.server, self.peak, self._stop = server, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.server.proc_status("VmRSS"))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Sampler:
+        self.peak = self.server.proc_status("VmRSS")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mb(kib: int) -> float:
+    return kib * 1024 / 1e6
+
+
+async def http_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    return status, await reader.readexactly(length)
+
+
+def upload_head(user: dict[str, str], wav: Wav, filename: str) -> tuple[bytes, bytes]:
+    """Request line, headers and multipart head of an upload of `wav`, and the tail after its bytes."""
+    boundary = uuid.uuid4().hex
+    head = f"--{boundary}\r\n".encode() + form_part("data", credentials(user)) + f"\r\n--{boundary}\r\n".encode()
+    head += form_part("audio_file", b"", filename)
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    request = f"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+    return (request + f"Content-Length: {len(head) + wav.size + len(tail)}\r\n\r\n").encode() + head, tail
+
+
+async def async_upload(port: int, user: dict[str, str], wav: Wav, bytes_per_second: float | None = None) -> tuple[int, float]:
+    """One upload over a raw connection, optionally paced; (status, seconds to the answer)."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head, tail = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
+        writer.write(head)
+        sent = 0
+        for piece in wav.pieces(64 * 1024):
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+            if bytes_per_second and (ahead := sent / bytes_per_second - (time.perf_counter() - started)) > 0:
+                await asyncio.sleep(ahead)
+        writer.write(tail)
+        status, _ = await http_response(reader)
+        return status, time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+async def async_get(port: int, path: str, headers: str = "") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+        return await http_response(reader)
+    finally:
+        writer.close()
+
+
+@dataclass
+class Row:
+    scenario: str
+    figure: str
+    value: str
+    goal: str
+    met: bool | None
+    limit: str  # what limits the figure
+
+
+def process_counts(server: LiveServer) -> tuple[int, int]:
+    """Open file descriptors and threads of the server process."""
+    pid = server.process.pid
+    return len(list(Path(f"/proc/{pid}/fd").iterdir())), len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def settle(server: LiveServer, idle_kib: int, baseline: tuple[int, int], rows: list[Row], scenario: str) -> None:
+    """After a burst: RSS back near idle within 10 s, and no fds, threads or temporary files left over."""
+    deadline, rss = time.monotonic() + 10, server.proc_status("VmRSS")
+    while time.monotonic() < deadline and rss - idle_kib > 50 * 1024:
+        time.sleep(0.25)
+        rss = server.proc_status("VmRSS")
+    time.sleep(0.5)
+    fds, threads = process_counts(server)
+    leftovers = server.temp_files() + [str(p) for p in server.tmp.iterdir()]
+    rows.append(
+        Row(
+            scenario,
+            "after it: RSS over idle",
+            f"{mb(rss - idle_kib):+.0f} MB",
+            "<= 50 MB in 10 s",
+            rss - idle_kib <= 50 * 1024,
+            "allocator, kept connections",
+        )
+    )
+    clean = fds <= baseline[0] + 8 and threads <= baseline[1] + 8 and not leftovers
+    rows.append(
+        Row(
+            scenario,
+            "after it: fds / threads / temp files",
+            f"{fds} / {threads} / {len(leftovers)}",
+            "no leak",
+            clean,
+            "SQLite pool, encoder threads",
+        )
+    )
+
+
+async def scenario_uploads(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+    """L1: uploads at 1 MB/s each, then L2: many at once. Wall against the CPU bound, peak RSS."""
+    user = server.new_user()
+    cores = os.cpu_count() or 1
+    for name, count, seconds, pace in (("L1", 20 if quick else 100, 30.0, 1e6), ("L2", 40 if quick else 200, 10.0, None)):
+        wav = Wav(seconds)
+        bare = statistics.median(bare_encode_seconds(wav) for _ in range(3))
+        arrival = wav.size / pace if pace else 0.0
+        bound = max(count * bare / cores, arrival)
+        with Sampler(server) as sampler:
+            started = time.perf_counter()
+            results = await asyncio.gather(*(async_upload(server.port, user, wav, pace) for _ in range(count)))
+            wall = time.perf_counter() - started
+        ok = sum(status == 201 for status, _ in results)
+        what = f"{count} x {seconds:g} s WAV ({wav.size / 1e6:.1f} MB)" + (f" at {pace / 1e6:g} MB/s each" if pace else " at once")
+        rows.append(Row(name, f"{what}: answered 201", f"{ok}/{count}", "all", ok == count, "-"))
+        rows.append(
+            Row(
+                name,
+                "server peak RSS",
+                f"{mb(sampler.peak):.0f} MB",
+                "<= 200 MB",
+                sampler.peak <= 200e6 / 1024,
+                "LAME state (0.3 MB/upload), audio budget",
+            )
+        )
+        limit = "arrival of the last byte" if arrival > count * bare / cores else f"LAME on {cores} cores"
+        rows.append(Row(name, f"wall / CPU bound ({wall:.1f} s / {bound:.1f} s)", f"{wall / bound:.3f}", "<= 1.15", wall / bound <= 1.15, limit))
+
+
+async def scenario_drippers(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+    """L3: clients dripping 1 byte / 5 s inside the audio part, and normal uploads beside them."""
+    user, window = server.new_user(), limits[0]
+    wav, drip_every = Wav(10.0), (0.5 if quick else 5.0)
+    alone = statistics.median([(await async_upload(server.port, user, wav))[1] for _ in range(3)])
+    stop = asyncio.Event()
+
+    async def dripper() -> tuple[int, float]:
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
+            writer.write(head + wav.header + bytes(wav.block[:65536]))
+            answer = asyncio.ensure_future(http_response(reader))
+            while not answer.done() and not stop.is_set():
+                await asyncio.wait({answer}, timeout=drip_every)
+                if not answer.done():
+                    writer.write(b"\x00")
+            return (answer.result()[0] if answer.done() and not answer.exception() else 0), time.perf_counter() - started
+        finally:
+            writer.close()
+
+    drippers = [asyncio.ensure_future(dripper()) for _ in range(20)]
+    await asyncio.sleep(1.0)
+    normal = await asyncio.gather(*(async_upload(server.port, user, wav) for _ in range(10)))
+    dripping = sum(not d.done() for d in drippers)
+    slowest = max(seconds for _, seconds in normal)
+    rows.append(Row("L3", f"10 uploads beside 20 drippers: slowest / unloaded ({slowest:.2f} s / {alone:.2f} s)", f"{slowest / alone:.2f}", "<= 2",
+                    slowest / alone <= 2 and all(status == 201 for status, _ in normal), "2 cores shared by 10 encodes"))  # fmt: skip
+    rows.append(Row("L3", "drippers still dripping when the 10 were answered", f"{dripping}/20", "all", dripping == 20, "-"))
+    results = await asyncio.wait_for(asyncio.gather(*drippers), window + 30)
+    stop.set()
+    cut = sum(status == 408 for status, _ in results)
+    longest = max(seconds for _, seconds in results)
+    rows.append(
+        Row("L3", f"drippers answered 408 (after {longest:.0f} s at most)", f"{cut}/20", "all", cut == 20, f"MIN_UPLOAD_RATE over {window:g} s")
+    )
+
+
+async def scenario_header_drippers(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+    """L4: clients that send their request headers a byte at a time."""
+    count, drip_every = (50, 0.5) if quick else (300, 5.0)
+    user, timeout = server.new_user(), limits[1]
+
+    async def dripper() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.perf_counter()
+        closed = asyncio.ensure_future(reader.read())  # returns when the server closes the connection
+        try:
+            for byte in b"POST /users/wav HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 1000:
+                if closed.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.wait({closed}, timeout=drip_every)
+            await closed
+            return time.perf_counter() - started
+        finally:
+            writer.close()
+
+    drippers = [asyncio.ensure_future(dripper()) for _ in range(count)]
+    await asyncio.sleep(1.0)
+    wav = Wav(10.0)
+    alone = statistics.median([(await async_upload(server.port, user, wav))[1] for _ in range(2)])
+    beside = await asyncio.gather(*(async_upload(server.port, user, wav) for _ in range(4)))
+    closed_after = await asyncio.gather(*drippers)
+    slowest = max(seconds for _, seconds in beside)
+    rows.append(Row("L4", f"{count} header drippers: closed after (longest)", f"{max(closed_after):.1f} s", f"<= {timeout:g} s + one drip",
+                    max(closed_after) <= timeout + drip_every + 1, "HEADER_TIMEOUT"))  # fmt: skip
+    rows.append(Row("L4", f"4 uploads beside them: slowest / unloaded ({slowest:.2f} / {alone:.2f} s)", f"{slowest / alone:.2f}", "<= 2",
+                    slowest / alone <= 2 and all(s == 201 for s, _ in beside), "unaffected"))  # fmt: skip
+
+
+async def scenario_downloads(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+    """L5: many downloads of one 5 MB MP3 (a third ranged) with uploads beside them, at `ulimit -n 1024`."""
+    count = 100 if quick else 500
+    user = server.new_user()
+    created = upload(server.port, user, Wav(5 * 60.0, rate=22050, channels=1))
+    path = "/record" + str(created.body["url"]).split("/record", 1)[1]
+    status, whole = await async_get(server.port, path)
+    assert status == 200
+    probes: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            status, _ = await async_get(server.port, "/health")
+            probes.append(time.perf_counter() - started if status == 200 else 99.0)
+            await asyncio.sleep(0.02)
+
+    async def download(i: int) -> bool:
+        if i % 3 == 0:
+            first = (i * 7919) % (len(whole) - 1000)
+            status, body = await async_get(server.port, path, f"Range: bytes={first}-{first + 999}\r\n")
+            return status == 206 and body == whole[first : first + 1000]
+        status, body = await async_get(server.port, path)
+        return status == 200 and body == whole
+
+    with Sampler(server) as sampler:
+        prober = asyncio.ensure_future(probe())
+        results = await asyncio.gather(*(download(i) for i in range(count)), *(async_upload(server.port, user, Wav(20.0)) for _ in range(4)))
+        done.set()
+        await prober
+    exact = sum(result is True for result in results[:count])
+    uploaded_ok = sum(result[0] == 201 for result in results[count:])  # type: ignore[index]
+    p99 = float(np.percentile(probes, 99)) * 1000
+    rows.append(Row("L5", f"{count} downloads of {len(whole) / 1e6:.1f} MB (1/3 ranged) + 4 uploads: exact", f"{exact}/{count} + {uploaded_ok}/4",
+                    "all, 0 errors", exact == count and uploaded_ok == 4, "ulimit -n 1024"))  # fmt: skip
+    rows.append(
+        Row("L5", "server peak RSS", f"{mb(sampler.peak):.0f} MB", "<= 250 MB", sampler.peak <= 250e6 / 1024, "1 MiB read per download in flight")
+    )
+    rows.append(Row("L5", f"GET /health p99 during it ({len(probes)} probes)", f"{p99:.1f} ms", "<= 50 ms", p99 <= 50, "event loop, DB_CONNECTIONS"))
+
+
+async def scenario_idle_connections(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+    """L6: many idle keep-alive connections, and new requests beside them."""
+    count = 200 if quick else 1000
+    before = server.proc_status("VmRSS")
+    connections = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (await http_response(reader))[0] == 200
+        connections.append(writer)  # kept alive, idle
+    growth = server.proc_status("VmRSS") - before
+    started = time.perf_counter()
+    statuses = [(await async_get(server.port, "/health"))[0] for _ in range(20)]
+    latency = (time.perf_counter() - started) / 20 * 1000
+    for writer in connections:
+        writer.close()
+    rows.append(
+        Row(
+            "L6",
+            f"{count} idle keep-alive connections: RSS growth",
+            f"{mb(growth):.0f} MB",
+            "<= 100 MB",
+            growth <= 100e6 / 1024,
+            "uvicorn's per-connection state",
+        )
+    )
+    rows.append(
+        Row("L6", f"new requests beside them: all 200, mean {latency:.1f} ms", f"{statuses.count(200)}/20", "all", statuses.count(200) == 20, "-")
+    )
+
+
+def run_load(directory: Path, database_url: str, label: str, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    # --quick shortens the two timeouts that L3 and L4 wait out; the full run keeps the defaults.
+    limits = (3.0, 2.0) if quick else (30.0, 20.0)
+    args = ("--min-rate-window", str(limits[0]), "--header-timeout", str(limits[1]))
+    plan = [
+        ([], [("L1-L2", scenario_uploads), ("L3", scenario_drippers), ("L4", scenario_header_drippers), ("L6", scenario_idle_connections)]),
+        (["prlimit", "--nofile=1024:1024"], [("L5", scenario_downloads)]),  # L5 is at the common soft limit of open files
+    ]
+    for prefix, scenarios in plan:
+        server = Server(directory, database_url, *args, prefix=prefix)
+        try:
+            server.new_user()
+            time.sleep(1.0)
+            idle, baseline = server.proc_status("VmRSS"), process_counts(server)
+            rows.append(
+                Row(
+                    label,
+                    "server idle RSS" + (" (ulimit -n 1024)" if prefix else ""),
+                    f"{mb(idle):.0f} MB",
+                    "-",
+                    None,
+                    "Python, numpy, SQLAlchemy, asyncpg, uvicorn",
+                )
+            )
+            for name, scenario in scenarios:
+                asyncio.run(scenario(server, quick, rows, limits))
+                settle(server, idle, baseline, rows, name)
+        finally:
+            server.stop()
+    return rows
+
+
+def print_load(rows: list[Row]) -> None:
+    print(f"{'id':6} | {'value':>14} | {'goal':<22} | {'met':4} | {'what':<78} | limited by")
+    print("-" * 170)
+    for r in rows:
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        print(f"{r.scenario:6} | {r.value:>14} | {r.goal:<22} | {met:4} | {r.figure:<78} | {r.limit}")
+
+
 # Sample conversion cost #########################################################
 
 FORMATS = [
@@ -440,9 +784,18 @@ def conversion_costs(seconds: float) -> list[tuple[str, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller files and fewer runs: under a minute")
-    parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite")
+    parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite (--load: every scenario)")
+    parser.add_argument("--load", action="store_true", help="the load scenarios L1-L6 (many clients, slow ones included) instead")
     args = parser.parse_args()
     quick = args.quick
+    if args.load:
+        with tempfile.TemporaryDirectory(prefix="wav2mp3-load-") as tmp:
+            mode = "quick" if quick else "full"
+            print(f"wav2mp3 load ({mode}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}: one server process, its defaults")
+            databases = [("SQLite", f"sqlite:///{Path(tmp) / 'load.db'}")] + ([("PostgreSQL", args.database_url)] if args.database_url else [])
+            for label, url in databases:
+                print_load(run_load(Path(tmp), url, label, quick))
+        return
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="wav2mp3-bench-") as tmp:
         directory = Path(tmp)

@@ -412,7 +412,7 @@ def free_port() -> int:
 class LiveServer:
     """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file (tests and benchmark)."""
 
-    def __init__(self, directory: Path, database_url: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, database_url: str, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.directory = directory
         self.tmp = directory / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = database_url
         environment = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1", **(env or {})}
-        command = [sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
+        command = [*(prefix or []), sys.executable, str(HERE / "wav2mp3.py"), "--port", str(self.port), "--database-url", database_url, *args]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
         deadline = time.monotonic() + 60

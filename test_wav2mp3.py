@@ -1479,7 +1479,7 @@ async def test_metrics_move_as_requests_happen(client: httpx.AsyncClient) -> Non
 
 def test_audio_budget_waits_in_turn_and_always_comes_back() -> None:
     async def run() -> list[str]:
-        budget, order = wav2mp3.AudioBudget(100), []
+        budget, order = wav2mp3.ByteBudget(100, wav2mp3.BUFFERED_AUDIO), []
         assert budget.try_take(60) and not budget.try_take(60)
 
         async def taker(name: str, size: int) -> None:
@@ -1548,6 +1548,22 @@ async def test_sqlite_connections_stay_within_the_pool(database_url: str, monkey
         downloads = await asyncio.gather(*(client.get(record_path(body["url"])) for _ in range(40)))
         assert all(d.status_code == 200 and d.content == mp3 for d in downloads)
     assert len(opened) <= 3
+
+
+def test_live_downloads_give_their_read_ahead_back_even_when_clients_leave(live: LiveServer) -> None:
+    user = live.new_user()
+    created = httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(120.0, 22050, 1), "long.wav"), timeout=60).json()
+    path = record_path(created["url"])
+    for _ in range(5):  # read a little, then hang up
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(1000)
+    downloads = [httpx.get(live.url + path, timeout=60) for _ in range(3)]
+    assert all(hashlib.sha256(d.content).hexdigest() == created["sha256"] for d in downloads)
+    deadline = time.monotonic() + 10
+    while metric(httpx.get(live.url + "/metrics").text, "wav2mp3_download_buffered_bytes") != 0:
+        assert time.monotonic() < deadline, "downloads kept their budget"
+        time.sleep(0.1)
 
 
 def test_live_stalled_clients_do_not_stop_other_uploads(tmp_path: Path) -> None:
@@ -2185,3 +2201,14 @@ def test_benchmark_quick_mode_runs_and_prints_every_figure() -> None:
     assert {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= figures
     for name in ("PCM 8-bit", "PCM 16-bit", "PCM 24-bit", "PCM 32-bit", "float 32", "float 64", "A-law", "mu-law", "5.1 PCM 24-bit -> stereo"):
         assert name in figures
+    assert "B9" in figures
+
+
+def test_load_benchmark_quick_mode_runs_every_scenario() -> None:
+    # The load scenarios' figures are for people too; what this checks is that every scenario ran to its end.
+    result = subprocess.run(
+        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--load", "--quick"], capture_output=True, text=True, timeout=600, cwd=HERE, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scenarios = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
+    assert {"L1", "L2", "L3", "L4", "L5", "L6"} <= scenarios

@@ -14,10 +14,13 @@ Run:  python wav2mp3.py [--host H] [--port P] [--database-url URL] [--workers N]
 Every setting is an environment variable and a command-line flag: see `Settings` below, or
 the configuration table in README.md (a test keeps the two equal).
 
-The chapters follow a request down the file: settings, errors, the routes (each endpoint one
-screen), then what POST /users/wav does in the order it does it (read the body, split the
-multipart parts, authenticate, convert: WAV -> samples -> LAME -> MP3 file), storage, the
-download response, the API documents, and the application that ties them together.
+The chapters follow a request down the file: settings, errors, metrics, the routes (each
+endpoint one screen: the table of contents), then what POST /users/wav does in the order it does
+it: 1 read the body, 2 split the multipart parts, 3 authenticate, 4 act on the upload's parts,
+5 read the WAV, 6 convert its samples, 7 encode the MP3 (and its LAME tag and ID3 tag), 8 run the
+conversion on the shared encoder pool; then 9 storage, 10 the download response, 11 the API
+documents, 12 the application (the limits at uvicorn's protocol, memory, the storage sweep) and
+13 the command line.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead of their clients
 SEND_TIMEOUT_SECONDS = 60.0  # a download whose client takes nothing for this long is cut off
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
+LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
 KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for an option sent after them
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
@@ -942,8 +946,14 @@ class Upload:
 
     async def receive(self, body: BodyReader) -> None:
         """Read the whole body, acting on each part; a refusal stops the work but not the reading."""
+        chunks = body.chunks()
         try:
-            async for chunk in body.chunks():
+            while True:
+                if self._part == "audio_file" and self.job is not None and self.refusal is None:
+                    await self.job.room()  # audio is read only when there is room for it: else TCP holds it
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 if self.refusal is None:
                     try:
                         await self._act_on(self.parts.feed(chunk))
@@ -2118,6 +2128,11 @@ class ByteBudget:
                 self._waiters.remove((size, waiter))
             raise
 
+    async def room(self) -> None:
+        """Wait, in turn, until the budget is not spent: a reader asks before it reads, so that it holds nothing while it waits."""
+        await self.take(1)
+        self.give(1)
+
     def give(self, size: int) -> None:
         self.used -= size
         self._gauge.dec(size)
@@ -2167,6 +2182,16 @@ class ConversionJob:
             block_frames = max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
             while self._frames.available >= block_frames:
                 await self._encode(self._frames.read(block_frames))
+
+    async def room(self) -> None:
+        """Wait for room in the audio budget before the next read; hand over this upload's partial block first,
+        so that the budget always comes back (no upload waits while it holds some)."""
+        if self._budget.try_take(1):
+            self._budget.give(1)
+            return
+        if self._frames is not None and self._frames.available:
+            await self._encode(self._frames.read(self._frames.available))
+        await self._budget.room()
 
     async def finish(self) -> Mp3File:
         self._wav.close()
@@ -3003,6 +3028,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             GuardedHttpToolsProtocol.limits = Settings.from_env()
         CONNECTIONS.inc()
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._refused = False
         if len(self.connections) > min(GuardedHttpToolsProtocol.limits.max_connections, connection_limit()):
             OVERLOAD_REFUSALS.labels("connections").inc()
             self._refuse(503, "too many connections: try again shortly", f"Retry-After: {RETRY_AFTER_SECONDS}\r\n")
@@ -3010,6 +3036,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered already: what still comes is read and dropped until the connection closes
         if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()  # the first bytes of a request on a kept-alive connection
         super().data_received(data)
@@ -3041,7 +3069,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body = json.dumps({"error": detail}).encode()
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         self.transport.write((head + extra_headers + "connection: close\r\n\r\n").encode() + body)
-        self.transport.close()
+        # A lingering close (as nginx's): end our side, but keep reading for a moment, so that bytes the
+        # client still sends do not make the kernel answer with a reset that could destroy the answer.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 @functools.cache

@@ -46,6 +46,7 @@ import resource
 import sqlite3
 import struct
 import tempfile
+import threading
 import time
 import unicodedata
 import uuid
@@ -1428,11 +1429,25 @@ def mix_matrix(channels: int, mask: int, out: int) -> np.ndarray | None:
     return stereo if out == 2 else stereo @ np.array([[0.5], [0.5]], dtype=np.float32)
 
 
+_SCRATCH = threading.local()  # each encoder thread's arrays, reused block after block
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
+    """A reusable array of this thread's: fresh arrays for every block would mean fresh pages (and page faults)."""
+    size = math.prod(shape)
+    array = getattr(_SCRATCH, name, None)
+    if array is None or array.size < size:
+        array = np.empty(size, dtype)
+        setattr(_SCRATCH, name, array)
+    return array[:size].reshape(shape)
+
+
 def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> bytes:
     """Whole frames of any supported encoding -> interleaved 16-bit PCM in `channels` (default: the WAV's, at most 2)."""
     out = channels or min(fmt.channels, 2)
     width, encoding, order = fmt.sample_width, fmt.encoding, ">" if fmt.big_endian else "<"
     matrix = mix_matrix(fmt.channels, fmt.channel_mask, out)
+    samples: np.ndarray
     if encoding in BYTE_TABLES and width == 1:
         samples = BYTE_TABLES[encoding][np.frombuffer(frames, dtype=np.uint8)]
     elif encoding == WAVE_FORMAT_PCM and width == 2:
@@ -1443,26 +1458,37 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> b
         # The two high bytes of each 24-bit sample are its 16-bit value (column copies: several
         # times faster than one fancy-indexed copy); little-endian keeps them last, RIFX first.
         triples = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3)
-        pairs = np.empty((len(triples), 2), dtype=np.uint8)
+        pairs = scratch("u8", (len(triples), 2), np.uint8)
         pairs[:, 0], pairs[:, 1] = (triples[:, 1], triples[:, 2]) if order == "<" else (triples[:, 1], triples[:, 0])
         samples = pairs.view("<i2").ravel()
     elif encoding == WAVE_FORMAT_PCM and width in (4, 8):
         # The high 16 bits: the last of the 2 or 4 words of a little-endian sample, the first of a RIFX one.
         words = width // 2
         samples = np.frombuffer(frames, dtype=order + "i2")[words - 1 :: words] if order == "<" else np.frombuffer(frames, dtype=">i2")[::words]
-    else:  # IEEE float, 32 or 64 bit: NaN to silence, clip to [-1, 1], scale in place
-        samples = np.frombuffer(frames, dtype=order + ("f4" if width == 4 else "f8")).astype(np.float32)
-        np.nan_to_num(samples, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
-        np.clip(samples, -1.0, 1.0, out=samples)
+    else:  # IEEE float, 32 or 64 bit: NaN to silence, clip to [-1, 1], scale, all in place
+        floats = np.frombuffer(frames, dtype=order + ("f4" if width == 4 else "f8"))
+        samples = scratch("f32", floats.shape, np.float32)
+        np.copyto(samples, floats, casting="same_kind")
+        np.clip(samples, -1.0, 1.0, out=samples)  # infinities too; NaN stays NaN
+        if np.isnan(np.add.reduce(samples)):  # one pass finds any NaN; nan_to_num's masks are for the rare file that has one
+            np.nan_to_num(samples, copy=False, nan=0.0)
         np.multiply(samples, 32767.0, out=samples)
     if matrix is not None:
-        wide = samples.reshape(-1, fmt.channels).astype(np.float32, copy=False)
-        mixed = np.empty((len(wide), out), dtype=np.float32)
+        wide = samples.reshape(-1, fmt.channels)
+        if wide.dtype != np.float32:
+            widened = scratch("wide", wide.shape, np.float32)
+            np.copyto(widened, wide)
+            wide = widened
+        mixed = scratch("mixed", (len(wide), out), np.float32)
         np.dot(wide, matrix, out=mixed)  # BLAS; `@` takes a slow path for this shape
-        samples = np.clip(mixed, -32768.0, 32767.0, out=mixed).astype(np.int16)  # clipped, not wrapped
+        samples = np.clip(mixed, -32768.0, 32767.0, out=mixed)  # clipped, not wrapped
     elif out > fmt.channels:
         samples = np.repeat(samples, out)  # a mono WAV asked for as stereo: the same signal on both sides
-    return samples.astype("<i2", copy=False).tobytes()  # float samples are already in range
+    if samples.dtype != np.dtype("<i2"):  # float (in range by now) or big-endian: to little-endian int16, truncating
+        pcm = scratch("i16", samples.shape, np.int16)
+        np.copyto(pcm, samples, casting="unsafe")
+        samples = pcm
+    return samples.tobytes()
 
 
 # 7. MP3 encoding ####################################################################

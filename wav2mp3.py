@@ -2838,12 +2838,15 @@ class RecordResponse(StreamingResponse):
 
     async def stream_response(self, send: Any) -> None:
         """Starlette's, with a deadline on every send: a client that reads nothing gives its budget back."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as deadline:  # one timer, moved for each send (a new one per piece cost ~20% of B7)
 
-        async def send_in_time(message: Any) -> None:
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            async def send_in_time(message: Any) -> None:
+                deadline.reschedule(loop.time() + SEND_TIMEOUT_SECONDS)
                 await send(message)
+                deadline.reschedule(None)  # time spent reading the next chunks is not the client's
 
-        await super().stream_response(send_in_time)
+            await super().stream_response(send_in_time)
 
 
 # 11. API documents ##################################################################

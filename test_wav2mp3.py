@@ -1761,6 +1761,7 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
     assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
     assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
+    assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "408", "413", "422", "503"}
     assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
 
 

@@ -360,7 +360,7 @@ OWNER_ONLY = {
     403: error(FORBIDDEN),
 }
 BODY_LIMITS = {
-    408: error("the client stalled mid-upload for UPLOAD_IDLE_TIMEOUT"),
+    408: error("the client stalled for UPLOAD_IDLE_TIMEOUT, or sent slower than MIN_UPLOAD_RATE"),
     413: error("body larger than the limit"),
 }
 
@@ -372,6 +372,7 @@ BODY_LIMITS = {
     {
         201: answer("the new user", "NewUser"),
         200: answer("a user with that name exists", {"type": "object", "required": ["error_name"], "properties": {"error_name": {"type": "string"}}}),
+        408: BODY_LIMITS[408],
         413: error(f"body larger than {MAX_JSON_BODY // 1024} KiB"),
         422: error("not JSON, not an object, or a bad name"),
         **UNAVAILABLE,
@@ -410,7 +411,7 @@ async def create_user(request: Request) -> Response:
         415: error("not RIFF/WAVE, or an unsupported encoding (named)"),
         422: error("malformed parts or data, a bad option, or a corrupt, truncated or empty WAV"),
         **BODY_LIMITS,
-        **UNAVAILABLE,
+        503: error("the database is unreachable, or MAX_UPLOADS uploads are in progress", {"Retry-After": "seconds, for the upload cap"}),
     },
     body={
         "multipart/form-data": {

@@ -820,6 +820,14 @@ def test_float_samples_are_clipped_and_nan_is_silence() -> None:
     assert list(np.frombuffer(wav2mp3.to_pcm16(floats, fmt), dtype="<i2")) == [32767, -32767, 0, 16383, 32767]
 
 
+@pytest.mark.filterwarnings("error")
+def test_a_signalling_nan_is_silence_without_a_warning() -> None:
+    # 0x7FA00000 is a float32 signalling NaN: summing it raises numpy's "invalid value" flag, which must not leak out.
+    fmt = wav2mp3.WavFormat(wav2mp3.WAVE_FORMAT_IEEE_FLOAT, 1, 48000, 4)
+    floats = np.array([0x3F000000, 0x7FA00000], dtype="<u4").tobytes()  # 0.5, sNaN
+    assert list(np.frombuffer(wav2mp3.to_pcm16(floats, fmt), dtype="<i2")) == [16383, 0]
+
+
 def test_g711_tables_match_the_itu_reference_values() -> None:
     # G.711 tables: mu-law 0x00 -> -32124, 0x80 -> 32124, 0xFF -> 0; A-law 0x55 -> -8, 0xD5 -> 8, 0x2A -> -32256.
     assert (wav2mp3.MULAW_TO_PCM16[0x00], wav2mp3.MULAW_TO_PCM16[0x80], wav2mp3.MULAW_TO_PCM16[0xFF]) == (-32124, 32124, 0)

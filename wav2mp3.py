@@ -1471,7 +1471,9 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> b
         samples = scratch("f32", floats.shape, np.float32)
         np.copyto(samples, floats, casting="same_kind")
         np.clip(samples, -1.0, 1.0, out=samples)  # infinities too; NaN stays NaN
-        if np.isnan(np.add.reduce(samples)):  # one pass finds any NaN; nan_to_num's masks are for the rare file that has one
+        with np.errstate(invalid="ignore"):  # a signalling NaN in the file raises the flag; it is handled just below
+            has_nan = np.isnan(np.add.reduce(samples))  # one pass finds any NaN; nan_to_num's masks are for the rare file that has one
+        if has_nan:
             np.nan_to_num(samples, copy=False, nan=0.0)
         np.multiply(samples, 32767.0, out=samples)
     if matrix is not None:

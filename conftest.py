@@ -250,8 +250,8 @@ def convert(wav: bytes, **options: int) -> wav2mp3.Mp3File:
     """A WAV converted in-process, without HTTP: the same job an upload runs."""
 
     async def run() -> wav2mp3.Mp3File:
-        encoders = wav2mp3.Encoders(1, 16 * wav2mp3.MIB)
-        job = wav2mp3.ConversionJob(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders, keep_wav=False)
+        encoders = wav2mp3.Encoders(1, 16 * wav2mp3.MIB, wav2mp3.DiskBudget(1 << 40))
+        job = wav2mp3.ConversionJob(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders, keep_audio=False)
         try:
             for offset in range(0, len(wav), 65536):
                 await job.feed(wav[offset : offset + 65536])
@@ -412,9 +412,17 @@ def free_port() -> int:
 class LiveServer:
     """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file (tests and benchmark)."""
 
-    def __init__(self, directory: Path, database_url: str, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        database_url: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        tmp: Path | None = None,
+    ) -> None:
         self.directory = directory
-        self.tmp = directory / "tmp"
+        self.tmp = tmp or directory / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log = directory / f"server-{self.port}.log"
@@ -470,6 +478,17 @@ class LiveServer:
                 return
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in the server log")
+
+    def reset_peak_memory(self) -> None:
+        """Start VmHWM afresh (proc(5), clear_refs: 5), so that a test reads the peak of what follows."""
+        for pid in self.pids():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self.process.terminate()

@@ -31,6 +31,7 @@ import base64
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import hmac
@@ -43,6 +44,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import sqlite3
 import struct
 import tempfile
@@ -52,7 +54,7 @@ import unicodedata
 import uuid
 import wave
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -95,18 +97,18 @@ MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 MAX_JSON_BODY = 64 * 1024  # body of POST /users
 MAX_NAME_CHARS = 128
 MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
-MAX_FIELD_BYTES = 64 * 1024  # size of a non-file part (`data`, `bitrate`)
+MAX_FIELD_BYTES = 8 * 1024  # size of a non-file part (`data` is ~90 bytes, `bitrate` 3): 16 of them are 128 KiB
 MAX_FILENAME_BYTES = 255  # as most file systems allow
 DRAIN_BYTES = 64 * MIB  # how much of a refused, oversized body is read so that the client sees the answer
 ENCODE_BLOCK_BYTES = 256 * 1024  # WAV audio handed to LAME at once: ~1.5 s of CD audio, ~9 ms of encoding
-SPOOL_MEMORY_BYTES = 16 * 1024  # an MP3 larger than this is spooled to an unnamed temporary file
+SPOOL_MEMORY_BYTES = 16 * 1024  # an MP3 larger than this is spooled to an unnamed temporary file (within TEMP_DISK_MB)
 OVERLOAD_DRAIN = (1 * MIB, 1.0)  # bytes and seconds of a body read before a 503, so that the client can see it
 RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead of their clients
 SEND_TIMEOUT_SECONDS = 60.0  # a download whose client takes nothing for this long is cut off
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
-KEEP_WAV_BYTES = 64 * MIB  # WAVs up to this size can be encoded again for an option sent after them
+KEEP_WAV_BYTES = 64 * MIB  # audio up to this size is kept on disk (within TEMP_DISK_MB) in case an option follows it
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
 USER_BATCH = 64  # users created by one INSERT (group commit)
@@ -145,6 +147,9 @@ class Settings:
     min_rate_window: float = _setting(30.0, "seconds of waiting for the client over which MIN_UPLOAD_RATE is averaged")
     max_uploads: int = _setting(256, "uploads converted at once per process; beyond: 503 with Retry-After")
     audio_buffer_mb: int = _setting(16, "MiB of WAV audio all uploads may hold in memory at once; beyond, reading pauses (TCP holds the rest)")
+    temp_disk_mb: int = _setting(
+        0, "MiB all temporary files may take (MP3s being made, audio kept for a late option); 0: half the free space of TMPDIR at start-up"
+    )
     db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
     db_connections: int = _setting(8, "database connections per process (SQLite: readers beside the one writer)")
     db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
@@ -179,12 +184,16 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
-        if self.max_conversions < 0 or self.min_upload_rate < 0 or self.min_rate_window <= 0:
-            raise ValueError("MAX_CONVERSIONS and MIN_UPLOAD_RATE must not be negative, MIN_RATE_WINDOW must be positive")
+        if self.max_conversions < 0 or self.min_upload_rate < 0 or self.temp_disk_mb < 0 or self.min_rate_window <= 0:
+            raise ValueError("MAX_CONVERSIONS, MIN_UPLOAD_RATE and TEMP_DISK_MB must not be negative, MIN_RATE_WINDOW must be positive")
 
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * MIB
+
+    def temp_disk_bytes(self) -> int:
+        """TEMP_DISK_MB, or half of what TMPDIR has free now: room is left for the database and everyone else."""
+        return self.temp_disk_mb * MIB or shutil.disk_usage(tempfile.gettempdir()).free // 2
 
     @property
     def encoder_threads(self) -> int:
@@ -217,15 +226,29 @@ class DatabaseUnavailable(HTTPException):
         super().__init__(503, "database unavailable")
 
 
+class DatabaseBusy(HTTPException):
+    """SQLite's one writer was not free within DB_TIMEOUT (a large record being stored): 503, try again."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "database busy: try again shortly", {"Retry-After": "1"})
+
+
 class NameTaken(HTTPException):
     def __init__(self, filename: str) -> None:
         super().__init__(409, f"this user already has a record from a file named {filename!r}")
 
 
 class RangeNotSatisfiable(HTTPException):
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, reason: str = "") -> None:
         # RFC 9110 §15.5.17: the 416 tells the client the current length.
-        super().__init__(416, f"range not satisfiable: the record is {size} bytes", {"Content-Range": f"bytes */{size}"})
+        super().__init__(416, reason or f"range not satisfiable: the record is {size} bytes", {"Content-Range": f"bytes */{size}"})
+
+
+class DiskFull(HTTPException):
+    """The temporary-disk budget is spent, or the disk itself is full: 503, nothing kept; the next upload may fit."""
+
+    def __init__(self, detail: str = "the service's temporary disk is full: try again shortly") -> None:
+        super().__init__(503, detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def too_large(limit: int) -> HTTPException:
@@ -262,6 +285,7 @@ SLOW_CLIENTS = Counter("wav2mp3_slow_clients", "clients cut off, by reason", ["r
 OVERLOAD_REFUSALS = Counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"], registry=METRICS)
 CONNECTIONS = Gauge("wav2mp3_connections_open", "open HTTP connections", registry=METRICS, multiprocess_mode="livesum")
 DB_ERRORS = Counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)", registry=METRICS)
+TEMP_DISK = Gauge("wav2mp3_temp_disk_bytes", "bytes in temporary files (MP3s being made, kept audio)", registry=METRICS, multiprocess_mode="livesum")
 DB_CONNECTIONS_IN_USE = Gauge(
     "wav2mp3_database_connections_in_use", "pooled SQLite connections lent out", registry=METRICS, multiprocess_mode="livesum"
 )
@@ -618,8 +642,8 @@ class BodyReader:
         self.received = 0
         self.waited = 0.0  # seconds spent waiting for the client
         self._marks: deque[tuple[float, int]] = deque([(0.0, 0)])  # (waited, received) within the last window
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        declared = request.headers.get("content-length")
+        if declared is not None and parse_count(declared, "Content-Length", 400) > limit:
             raise too_large(limit)
         self._more = True
 
@@ -676,6 +700,21 @@ class BodyReader:
             async with asyncio.timeout(seconds):
                 while limit > 0 and (chunk := await self._next()) is not None:
                     limit -= len(chunk)
+
+
+# 18 digits: every count a client may send (bytes, offsets, kbps) fits a 64-bit integer.
+ASCII_COUNT = re.compile(r"[0-9]{1,18}")
+
+
+def parse_count(text: str, name: str, status: int = 422) -> int:
+    """The one reading of a number a client sends (headers, query, form fields): ASCII digits, at most 18 of them.
+
+    `str.isdigit()` and `int()` accept superscripts and other scripts' digits, and `int()` refuses more
+    than 4300 digits with a ValueError (a 500 if unchecked): nothing a client sends reaches either unchecked.
+    """
+    if ASCII_COUNT.fullmatch(text) is None:
+        raise HTTPException(status, f"{name} must be a whole number in ASCII digits (at most 18 of them)")
+    return int(text)
 
 
 def parse_json(body: bytes, what: str) -> dict[str, Any]:
@@ -900,19 +939,19 @@ class Mp3Options:
 
 
 def parse_bitrate(text: str) -> int:
-    if not text.isdigit() or int(text) not in MP3_BITRATES:
+    if parse_count(text, "bitrate") not in MP3_BITRATES:
         raise HTTPException(422, f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))}")
     return int(text)
 
 
 def parse_vbr_quality(text: str) -> int:
-    if text not in tuple("0123456789"):
+    if parse_count(text, "vbr_quality") > 9:
         raise HTTPException(422, "vbr_quality must be an integer 0 (best) .. 9 (LAME -V)")
     return int(text)
 
 
 def parse_channels(text: str) -> int:
-    if text not in ("1", "2"):
+    if parse_count(text, "channels") not in (1, 2):
         raise HTTPException(422, "channels must be 1 (mono) or 2 (stereo)")
     return int(text)
 
@@ -1008,8 +1047,8 @@ class Upload:
                 raise HTTPException(422, "audio_file part has no filename")
             self.filename = clean_filename(filename)
             await self._check_name_free()
-            keep_wav = "channels" not in self.options or not {"bitrate", "vbr_quality"} & set(self.options)  # an option may still come
-            self.job = ConversionJob(self.mp3_options(), self.services.encoders, keep_wav)
+            may_follow = "channels" not in self.options or not {"bitrate", "vbr_quality"} & set(self.options)  # an option may still come
+            self.job = ConversionJob(self.mp3_options(), self.services.encoders, may_follow)
             self._part = part.name
         elif part.name == "data" or part.name in OPTION_PARTS:
             self._part = part.name
@@ -1028,7 +1067,7 @@ class Upload:
         elif part is not None:
             if part in self.options:
                 raise HTTPException(422, f"more than one {part} part")
-            self.options[part] = OPTION_PARTS[part](self._field.decode("latin-1").strip())
+            self.options[part] = OPTION_PARTS[part](self._field.decode("latin-1"))
             if "bitrate" in self.options and "vbr_quality" in self.options:
                 raise HTTPException(422, "bitrate (CBR) and vbr_quality (VBR) exclude each other: send one of them")
 
@@ -1114,7 +1153,10 @@ ENCODINGS = {
 RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64", b"RIFX")
 MIN_RATE, MAX_RATE = 8000, 192000
 STREAMED_SIZES = (0, 0xFFFFFFFF)  # what recorders write before they know the length
-MAX_HEADER_CHUNK_BYTES = 1 * MIB  # fmt, ds64 and LIST chunks are read whole; anything larger is skipped
+# What is kept of a WAV's header chunks; everything else streams past. fmt: WAVE_FORMAT_EXTENSIBLE's 40 bytes;
+# ds64: EBU Tech 3306's sizes; INFO: the texts that become the ID3 tag, each cut at MAX_INFO_TEXT bytes.
+FMT_BYTES, DS64_BYTES, MAX_INFO_TEXT = 40, 28, 1024
+MAX_CHUNKS = 1024  # chunk headers per WAV (INFO entries included): real files have a few dozen
 
 
 def format_name(tag: int) -> str:
@@ -1167,23 +1209,31 @@ def parse_fmt_chunk(payload: bytes, endian: str = "<") -> WavFormat:
 class WavParser:
     """A WAV's chunk list, read as its bytes arrive: feed() returns the audio among them.
 
-    RIFF, RF64 and BW64; chunks in any order before `data` (fmt, ds64 and LIST are read,
-    bext, iXML, fact, JUNK... skipped, pad bytes included); a data size of 0 or 0xFFFFFFFF
-    (a recorder that streamed its header) means "to the end of the upload"; chunks after a
-    sized data chunk are read for their LIST too. Nothing is buffered but small header chunks.
+    RIFF, RF64, BW64 and RIFX; chunks in any order before `data` (fmt, ds64 and LIST/INFO are
+    read, bext, iXML, fact, JUNK... skipped, pad bytes included); a data size of 0 or 0xFFFFFFFF
+    (a recorder that streamed its header) means "to the end of the upload"; chunks after a sized
+    data chunk are read for their LIST/INFO too. What is kept is bounded whatever the file holds:
+    the first bytes of fmt and ds64, the INFO texts that become the ID3 tag (at most MAX_INFO_TEXT
+    bytes each, one per tag id) and the header bytes being read: a flood of metadata streams past.
+
+    The header is read by `_header()`, a generator that asks for the bytes it needs next (it
+    yields a count and is sent that many bytes) and sets `_skip` for the bytes it does not need.
     """
 
     def __init__(self) -> None:
         self.format: WavFormat | None = None
         self.data_bytes: int | None = None  # declared size of the data chunk; None: read to the end
         self.audio_bytes = 0  # data chunk bytes seen so far
-        self.info: dict[bytes, bytes] = {}  # LIST/INFO texts by their id (INAM, IART...)
+        self.info: dict[bytes, bytes] = {}  # INFO texts that map to an ID3 frame, by their id (INAM, IART...)
         self._stage: Literal["head", "chunks", "data", "after"] = "head"
-        self._pending = bytearray()  # header bytes not yet parsed
+        self._pending = bytearray()  # bytes of the next piece the header reader asked for
         self._skip = 0  # bytes of a chunk being skipped
         self._seen = 0
+        self._chunks = 0
         self._ds64_data_bytes: int | None = None
         self._endian = "<"
+        self._reader = self._header()
+        self._want = next(self._reader)  # the size of the piece the reader waits for
 
     def feed(self, data: bytes) -> bytes | memoryview:
         self._seen += len(data)
@@ -1200,51 +1250,70 @@ class WavParser:
                 self._skip -= skipped
                 view = view[skipped:]
             else:
-                self._pending += view
-                view = memoryview(self._parse())
+                take = min(self._want - len(self._pending), len(view))
+                self._pending += view[:take]
+                view = view[take:]
+                if len(self._pending) == self._want:
+                    piece = bytes(self._pending)
+                    self._pending.clear()
+                    self._want = self._reader.send(piece)
         return audio
 
-    def _parse(self) -> bytes:
-        """Parse what is pending; return the bytes past the point where data or a skip begins."""
-        pending = self._pending
-        if self._stage == "head":
-            if not any(magic.startswith(bytes(pending[:4])) for magic in RIFF_MAGICS) or (len(pending) >= 12 and pending[8:12] != b"WAVE"):
-                raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
-            if len(pending) < 12:
-                return b""
-            self._endian = ">" if pending[:4] == b"RIFX" else "<"
-            del pending[:12]
-            self._stage = "chunks"
-        while len(pending) >= 8:
-            chunk_id, size = bytes(pending[:4]), struct.unpack(self._endian + "L", pending[4:8])[0]
-            if self._stage == "chunks" and chunk_id == b"data":
+    def _header(self) -> Generator[int, bytes, None]:
+        riff = yield 12
+        if riff[:4] not in RIFF_MAGICS or riff[8:12] != b"WAVE":
+            raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
+        self._endian = ">" if riff[:4] == b"RIFX" else "<"
+        self._stage = "chunks"
+        while True:
+            chunk_id, size = yield from self._chunk_header()
+            before_data = self._stage == "chunks"
+            if chunk_id == b"data" and before_data:
                 self._begin_data(size)
-                rest = bytes(pending[8:])
-                pending.clear()
-                return rest
-            wanted = chunk_id in (b"fmt ", b"ds64", b"LIST") and size <= MAX_HEADER_CHUNK_BYTES
-            if self._stage == "after" and chunk_id != b"LIST":
-                wanted = False
-            if not wanted:
-                del pending[:8]
-                self._skip = size + (size & 1)
-                rest = bytes(pending)
-                pending.clear()
-                return rest
-            if len(pending) < 8 + size:
-                return b""
-            self._read_chunk(chunk_id, bytes(pending[8 : 8 + size]))
-            del pending[: 8 + size + (size & 1)]
-        return b""
+                continue  # the next header is read once the data chunk has passed
+            read = 0
+            if chunk_id == b"fmt " and before_data:
+                payload = yield from self._take(min(size, FMT_BYTES))
+                self.format = parse_fmt_chunk(payload, self._endian)
+                read = len(payload)
+            elif chunk_id == b"ds64" and before_data:
+                payload = yield from self._take(min(size, DS64_BYTES))
+                if len(payload) >= 16:  # EBU Tech 3306 §2: RIFF size, then data size, as 64-bit numbers.
+                    self._ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
+                read = len(payload)
+            elif chunk_id == b"LIST" and size >= 4:
+                if (yield 4) == b"INFO":
+                    yield from self._info(size - 4)
+                    read = size
+                else:
+                    read = 4
+            self._skip += size - read + (size & 1)
 
-    def _read_chunk(self, chunk_id: bytes, payload: bytes) -> None:
-        if chunk_id == b"fmt ":
-            self.format = parse_fmt_chunk(payload, self._endian)
-        elif chunk_id == b"ds64" and len(payload) >= 16:
-            # EBU Tech 3306 §2: RIFF size, then data size, as 64-bit numbers.
-            self._ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
-        elif chunk_id == b"LIST" and payload[:4] == b"INFO":
-            self.info.update(parse_info(payload[4:], self._endian))
+    def _chunk_header(self) -> Generator[int, bytes, tuple[bytes, int]]:
+        self._chunks += 1
+        if self._chunks > MAX_CHUNKS:
+            raise HTTPException(422, f"WAV header is corrupt: more than {MAX_CHUNKS} chunks")
+        header = yield 8
+        return header[:4], struct.unpack(self._endian + "L", header[4:])[0]
+
+    def _take(self, size: int) -> Generator[int, bytes, bytes]:
+        return (yield size) if size else b""
+
+    def _info(self, remaining: int) -> Generator[int, bytes, None]:
+        """A LIST/INFO chunk's texts that map to an ID3 frame, each cut at MAX_INFO_TEXT bytes; a damaged tail is skipped."""
+        while remaining >= 8:
+            text_id, size = yield from self._chunk_header()
+            remaining -= 8
+            if size > remaining:
+                break
+            kept = yield from self._take(min(size, MAX_INFO_TEXT) if text_id in INFO_TO_ID3 else 0)
+            if kept:
+                text = kept.split(b"\x00", 1)[0]
+                self.info[text_id] = (whole_characters(text) if size > MAX_INFO_TEXT else text).strip()
+            pad = min(size & 1, remaining - size)
+            self._skip += size - len(kept) + pad
+            remaining -= size + pad
+        self._skip += remaining
 
     def _begin_data(self, size: int) -> None:
         if self.format is None:
@@ -1255,9 +1324,13 @@ class WavParser:
         self._stage = "data"
 
     def close(self) -> WavFormat:
-        """The end of the upload: the format, or 422 for a header or data chunk cut short."""
+        """The end of the upload: the format, or 415/422 for a file that is no WAV, or a header or data chunk cut short."""
         if self._stage == "head":
-            raise HTTPException(422, "audio_file is empty (0 bytes)" if self._seen == 0 else "WAV header is truncated")
+            if self._seen == 0:
+                raise HTTPException(422, "audio_file is empty (0 bytes)")
+            if not any(magic.startswith(bytes(self._pending[:4])) for magic in RIFF_MAGICS):
+                raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
+            raise HTTPException(422, "WAV header is truncated")
         if self._stage == "chunks" or self.format is None:
             missing = "missing fmt chunk" if self.format is None else "no data chunk"
             raise HTTPException(422, f"WAV header is corrupt or truncated: {missing}")
@@ -1267,18 +1340,14 @@ class WavParser:
         return self.format
 
 
-def parse_info(payload: bytes, endian: str = "<") -> dict[bytes, bytes]:
-    """The texts of a LIST/INFO chunk (INAM, IART...), NUL padding stripped; a damaged tail is ignored."""
-    texts = {}
-    offset = 0
-    while offset + 8 <= len(payload):
-        text_id, size = payload[offset : offset + 4], struct.unpack(endian + "L", payload[offset + 4 : offset + 8])[0]
-        text = payload[offset + 8 : offset + 8 + size]
-        if len(text) < size:
-            break
-        texts[text_id] = text.split(b"\x00", 1)[0].strip()
-        offset += 8 + size + (size & 1)
-    return texts
+def whole_characters(cut: bytes) -> bytes:
+    """Text cut at MAX_INFO_TEXT bytes, less a UTF-8 character the cut split (any other text as it is: Windows-1252)."""
+    try:
+        cut.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.reason == "unexpected end of data":
+            return cut[: error.start]
+    return cut
 
 
 class _FrameSource:
@@ -1971,7 +2040,7 @@ class Mp3File:
     """A finished MP3: what comes before its frames (tags), the frames in a spool, and its digest."""
 
     head: bytes
-    frames: IO[bytes]
+    frames: TempFile
     size: int
     sha256: str
     duration_seconds: float
@@ -1987,15 +2056,80 @@ class Mp3File:
         self.frames.close()
 
 
-def spool() -> IO[bytes]:
-    """In memory up to SPOOL_MEMORY_BYTES, then an unnamed file on disk: even a SIGKILL leaves nothing."""
-    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+class DiskBudget:
+    """Bytes all temporary files together may hold (TEMP_DISK_MB): a file takes its bytes before it writes them.
+
+    Thread-safe, as the encoder threads write the MP3s. Past the budget, or on a full disk (ENOSPC), the
+    write raises DiskFull: the request is answered 503 and its files go with it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            if self.used + size > self.limit:
+                raise DiskFull()
+            self.used += size
+        TEMP_DISK.inc(size)
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+        TEMP_DISK.dec(size)
+
+
+def _on_full_disk(error: OSError) -> Exception:
+    return DiskFull() if error.errno in (errno.ENOSPC, errno.EDQUOT) else error
+
+
+class TempFile:
+    """An unnamed temporary file (even a SIGKILL leaves nothing) whose bytes come out of the disk budget.
+
+    Its first `in_memory` bytes stay in memory (tempfile.SpooledTemporaryFile) and count against the budget too.
+    """
+
+    def __init__(self, budget: DiskBudget, in_memory: int = 0) -> None:
+        self._budget = budget
+        self.size = 0  # bytes written: what this file holds of the budget
+        try:
+            # Unbuffered, so that a full disk shows at the write that meets it, not at a later flush or close.
+            self._file: IO[bytes] = (
+                tempfile.SpooledTemporaryFile(in_memory, buffering=0) if in_memory else tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 -- closed in close()
+            )
+        except OSError as error:
+            raise _on_full_disk(error) from None
+
+    def write(self, data: BytesLike) -> None:
+        self._budget.take(len(data))
+        self.size += len(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise _on_full_disk(error) from None
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int) -> None:
+        self._file.seek(offset)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the file has no name: closing it frees its blocks, whatever close() says
+            self._file.close()
+        self._budget.give(self.size)
+        self.size = 0
 
 
 class Mp3Encoder:
     """LAME for one WAV: blocks of frames in (one at a time, in an encoder thread), MP3 frames to a spool."""
 
-    def __init__(self, fmt: WavFormat, options: Mp3Options) -> None:
+    def __init__(self, fmt: WavFormat, options: Mp3Options, disk: DiskBudget) -> None:
         self.fmt = fmt
         self.channels = options.channels or min(fmt.channels, 2)
         self.settings = LameSettings(fmt.rate, self.channels, options.quality, options.bitrate, options.vbr_quality)
@@ -2011,7 +2145,7 @@ class Mp3Encoder:
         self._lame.silence()
         self._frames = Mp3Frames()
         self._calls: list[int] = []  # PCM frames per encode call: LAME's resampler count depends on them
-        self._spool = spool()
+        self._spool = TempFile(disk, SPOOL_MEMORY_BYTES)
 
     def encode(self, frames: bytes) -> None:
         self._calls.append(len(frames) // self.fmt.frame_size)
@@ -2106,9 +2240,10 @@ class Encoders:
     uploads in turn, fairly, whatever their clients' speed.
     """
 
-    def __init__(self, threads: int, audio_budget_bytes: int) -> None:
+    def __init__(self, threads: int, audio_budget_bytes: int, disk: DiskBudget) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
         self.budget = ByteBudget(audio_budget_bytes, BUFFERED_AUDIO)
+        self.disk = disk  # the temporary files' budget: MP3 spools and kept audio
 
     def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         BLOCKS_QUEUED.inc()
@@ -2178,9 +2313,12 @@ class ConversionJob:
 
     Knows nothing of HTTP. The event loop parses and buffers; a whole block goes to the
     encoder pool, and the next one is gathered while it encodes (one block in flight).
+    With `keep_audio` (an option may still come after the audio) the encoder thread also
+    writes each block to a temporary file, so that encode_again() can start over with
+    other options; a file over KEEP_WAV_BYTES, or one the disk budget cannot hold, is not kept.
     """
 
-    def __init__(self, options: Mp3Options, encoders: Encoders, keep_wav: bool) -> None:
+    def __init__(self, options: Mp3Options, encoders: Encoders, keep_audio: bool) -> None:
         self.options = options
         self._encoders = encoders
         self._budget = encoders.budget
@@ -2189,18 +2327,17 @@ class ConversionJob:
         self._frames: WavFrames | None = None
         self._encoder: Mp3Encoder | None = None
         self._in_flight: asyncio.Future[None] | None = None
-        # Parts may come in any order: a copy lets the WAV be encoded again for an option sent after it.
-        self._copy: IO[bytes] | None = tempfile.TemporaryFile() if keep_wav else None  # noqa: SIM115 -- closed in close()
+        self._copy: TempFile | None = TempFile(encoders.disk) if keep_audio else None
+        self._copy_lost: HTTPException | None = None  # why the copy was let go
         self._closed = False
 
     async def feed(self, data: bytes) -> None:
         if self._closed:
             return
-        self._keep(data)
         audio = self._wav.feed(data)
         if self._frames is None and self._wav.format is not None:
             self._frames = WavFrames(self._wav.format)
-            self._encoder = Mp3Encoder(self._wav.format, self.options)
+            self._encoder = Mp3Encoder(self._wav.format, self.options, self._encoders.disk)
         if audio and self._frames is not None:
             if not self._budget.try_take(len(audio)):
                 if self._frames.available:  # make way: what this upload holds goes to the encoders first
@@ -2208,9 +2345,13 @@ class ConversionJob:
                 await self._budget.take(len(audio))
             self._buffered += len(audio)
             self._frames.append(audio)
-            block_frames = max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
-            while self._frames.available >= block_frames:
-                await self._encode(self._frames.read(block_frames))
+            while self._frames.available >= self._block_frames:
+                await self._encode(self._frames.read(self._block_frames))
+
+    @property
+    def _block_frames(self) -> int:
+        assert self._frames is not None
+        return max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
 
     async def room(self) -> None:
         """Wait for room in the audio budget before the next read; hand over this upload's partial block first,
@@ -2233,34 +2374,53 @@ class ConversionJob:
         return mp3
 
     async def encode_again(self, options: Mp3Options) -> Mp3File:
-        """The kept WAV encoded with other options (files up to KEEP_WAV_BYTES)."""
-        if self._copy is None:
-            raise HTTPException(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
+        """The kept audio encoded with other options, block by block as before; after finish()."""
+        if self._copy is None or self._copy_lost is not None:
+            raise self._copy_lost or HTTPException(422, "send the encoding options before audio_file")
         copy, self._copy = self._copy, None
-        again = ConversionJob(options, self._encoders, keep_wav=False)
+        assert self._wav.format is not None
+        encoder = Mp3Encoder(self._wav.format, options, self._encoders.disk)
         try:
             copy.seek(0)
-            while data := await asyncio.to_thread(copy.read, ENCODE_BLOCK_BYTES):
-                await again.feed(data)
-            return await again.finish()
+            block_bytes = self._block_frames * self._wav.format.frame_size
+            while await self._encoders.run(self._encode_kept, copy, encoder, block_bytes):
+                pass
+            return await self._encoders.run(encoder.finish, self._wav.info)
+        except BaseException:
+            encoder.close()
+            raise
         finally:
             copy.close()
-            again.close()
 
-    def _keep(self, data: bytes) -> None:
-        if self._copy is not None:
-            if self._copy.tell() + len(data) > KEEP_WAV_BYTES:
-                self._copy.close()
-                self._copy = None
-            else:
-                self._copy.write(data)
+    @staticmethod
+    def _encode_kept(copy: TempFile, encoder: Mp3Encoder, size: int) -> bool:
+        """In an encoder thread: the next kept block into the encoder; False at the end."""
+        block = copy.read(size)
+        if block:
+            encoder.encode(block)
+        return bool(block)
 
     async def _encode(self, block: bytes) -> None:
         await self._settle()  # one block in flight: memory stays at two blocks per upload
         assert self._encoder is not None
         self._buffered -= len(block)
-        self._in_flight = self._encoders.run(self._encoder.encode, block)
+        self._in_flight = self._encoders.run(self._encode_block, self._encoder, block)
         self._in_flight.add_done_callback(lambda _: self._budget.give(len(block)))
+
+    def _encode_block(self, encoder: Mp3Encoder, block: bytes) -> None:
+        """In an encoder thread: keep the block if asked to (a write to the page cache), then encode it."""
+        copy = self._copy
+        if copy is not None and self._copy_lost is None:
+            try:
+                if copy.size + len(block) > KEEP_WAV_BYTES:
+                    raise HTTPException(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
+                copy.write(block)
+            except HTTPException as reason:  # a late option cannot be honoured now; the conversion goes on
+                self._copy_lost = reason
+                if isinstance(reason, DiskFull):
+                    self._copy_lost = DiskFull("the service's temporary disk is full: send the options before audio_file, or try again shortly")
+                copy.close()  # its disk is free at once
+        encoder.encode(block)
 
     async def _settle(self) -> None:
         if self._in_flight is not None:
@@ -2274,19 +2434,18 @@ class ConversionJob:
         self._closed = True
         self._budget.give(self._buffered)  # a block in flight gives its share back when it is done
         self._buffered = 0
-        if self._copy is not None:
-            self._copy.close()
-        encoder, in_flight = self._encoder, self._in_flight
-        if encoder is None:
-            return
+        held = [item for item in (self._encoder, self._copy) if item is not None]
+        in_flight = self._in_flight
         if in_flight is None:
-            encoder.close()
+            for item in held:
+                item.close()
             return
 
         def close_after(future: asyncio.Future[None]) -> None:
             if not future.cancelled():
                 future.exception()  # retrieved: the request has its answer already
-            encoder.close()
+            for item in held:
+                item.close()
 
         in_flight.add_done_callback(close_after)
 
@@ -2446,17 +2605,33 @@ class Store:
         # SQLite has one writer at a time; queueing our writes here spares them the busy
         # handler's sleeps (it polls with growing naps). Other processes still meet the
         # busy timeout. PostgreSQL takes concurrent writers as they come.
-        self.write_lock: contextlib.AbstractAsyncContextManager[Any]
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             # The busy timeout ends a blocked statement a little before `_call` gives up on it, so
             # nothing commits after its request has been answered 503.
             self.database = databases.Database(url)
             self.sqlite_pool = SQLitePool(url, connections, factory=_SQLiteConnection, timeout=0.9 * timeout)
             self.database._backend._pool = self.sqlite_pool
-            self.write_lock = asyncio.Lock()
         else:
             self.database = databases.Database(url, min_size=1, max_size=connections, timeout=timeout, command_timeout=timeout)
-            self.write_lock = contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """SQLite's one writer, in turn; the wait for it is bounded by DB_TIMEOUT too (503 past it)."""
+        if self._write_lock is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._write_lock.acquire()
+        except TimeoutError:
+            DB_ERRORS.inc()
+            log.error("database busy: no write turn within %g s", self.timeout)
+            raise DatabaseBusy() from None
+        try:
+            yield
+        finally:
+            self._write_lock.release()
 
     async def connect(self, deadline: float) -> None:
         """Connect and apply schema.sql, retrying until the database answers or `deadline`."""
@@ -2513,7 +2688,7 @@ class Store:
         """Insert users whose names are free, in one statement; the ids that were inserted."""
         sql = SQL_INSERT_USERS.format(rows=", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(rows))))
         values = {f"{key}{n}": value for n, row in enumerate(rows) for key, value in row.items()}
-        async with self.write_lock:
+        async with self.writing():
             return {row["id"] for row in await self._call(self.database.fetch_all(sql, values))}
 
     async def token_hash(self, user_id: str) -> str | None:
@@ -2528,7 +2703,7 @@ class Store:
         values = dataclasses.asdict(record)
         values["id"] = values.pop("record_id")
         try:
-            async with self.write_lock, self.database.transaction():
+            async with self.writing(), self.database.transaction():
                 # The record row first: on SQLite its INSERT takes the write lock (waiting out
                 # the busy timeout), and on a duplicate name nothing else has been written.
                 if await self._call(self.database.fetch_val(SQL_INSERT_RECORD, values)) is None:
@@ -2572,17 +2747,17 @@ class Store:
         return [stored_record(row) for row in await self._call(self.database.fetch_all(SQL_LIST_RECORDS, values))]
 
     async def delete_record(self, record_id: str, user_id: str) -> bool:
-        async with self.write_lock:
+        async with self.writing():
             return await self._call(self.database.fetch_val(SQL_DELETE_RECORD, {"id": record_id, "user_id": user_id})) is not None
 
     async def replace_token(self, user_id: str, old_sha256: str, new_sha256: str) -> bool:
-        async with self.write_lock:
+        async with self.writing():
             replaced = await self._call(self.database.fetch_val(SQL_REPLACE_TOKEN, {"id": user_id, "old": old_sha256, "new": new_sha256}))
         return replaced is not None
 
     async def delete_expired(self, before: str, limit: int) -> int:
         """Delete up to `limit` records created before `before`; how many went."""
-        async with self.write_lock:
+        async with self.writing():
             return len(await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED, {"before": before, "limit": limit})))
 
     async def release_free_pages(self) -> int:
@@ -2592,7 +2767,7 @@ class Store:
             free = await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES
             if free <= 0:
                 break
-            async with self.write_lock:
+            async with self.writing():
                 await self._call(self.database.execute(SQL_SQLITE_VACUUM_STEP.format(pages=min(free, SQLITE_VACUUM_STEP_PAGES))))
             if await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES >= free:
                 break  # auto_vacuum is off (a file made before it): its free pages stay for reuse
@@ -2686,7 +2861,7 @@ FIRST_PAGE = ("9999-12-31T23:59:59.999+00:00", "")
 def page_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_PAGE
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+    if not 1 <= parse_count(text, "limit") <= MAX_PAGE:
         raise HTTPException(422, f"limit must be an integer 1..{MAX_PAGE}")
     return int(text)
 
@@ -2710,8 +2885,9 @@ def parse_cursor(text: str | None) -> tuple[str, str]:
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single `bytes=` range as (first, last), or None to send the whole body.
 
-    RFC 9110 §14.2: a server MAY ignore Range, so multiple ranges and unparsable values get
-    the full 200; a well-formed range that starts past the end is 416.
+    RFC 9110 §14.2: a server MAY ignore Range, so multiple ranges and values that are not a
+    range at all get the full 200; a well-formed range that starts past the end is 416, and so
+    is one whose numbers are not ASCII digits (superscripts, other scripts' digits, 5000 nines).
     """
     if not header:
         return None
@@ -2719,21 +2895,24 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first_text, dash, last_text = spec.strip().partition("-")
-    if not dash or not (first_text.isdigit() or first_text == "") or not (last_text.isdigit() or last_text == ""):
+    if not dash or not all(side == "" or side.isnumeric() for side in (first_text, last_text)):
         return None
-    if first_text == "":
-        if last_text == "":
+    try:
+        first = parse_count(first_text, "a Range position") if first_text else None
+        last = parse_count(last_text, "a Range position") if last_text else None
+    except HTTPException as refusal:
+        raise RangeNotSatisfiable(size, refusal.detail) from None
+    if first is None:
+        if last is None:
             return None
-        suffix = int(last_text)
-        if suffix == 0:
+        if last == 0:
             raise RangeNotSatisfiable(size)
-        return max(size - suffix, 0), size - 1
-    first = int(first_text)
-    if last_text and int(last_text) < first:
+        return max(size - last, 0), size - 1
+    if last is not None and last < first:
         return None  # invalid range-spec: ignored
     if first >= size:
         raise RangeNotSatisfiable(size)
-    return first, min(int(last_text), size - 1) if last_text else size - 1
+    return first, min(last, size - 1) if last is not None else size - 1
 
 
 def etag_matches(header: str | None, etag: str) -> bool:
@@ -2974,8 +3153,18 @@ async def internal_error(request: Request, failure: Exception) -> Response:
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 
+ACCESS_LOG = logging.getLogger("wav2mp3.access")
+
+
+def logged_target(scope: Any) -> str:
+    """The path and the names of the query's parameters, never their values: `id` and `user` together are a
+    download link, which needs no token (a capability), so they stay out of the logs."""
+    names = [pair.split("=", 1)[0] for pair in scope.get("query_string", b"").decode("latin-1").split("&") if pair]
+    return str(scope["path"]) + ("?" + "&".join(f"{name}=…" for name in names) if names else "")
+
+
 class RequestMetrics:
-    """ASGI middleware: every answer's latency by route, uploads by status; memory back to the OS after a burst."""
+    """ASGI middleware: the access log, every answer's latency by route, uploads by status; memory back to the OS after a burst."""
 
     in_flight = 0
 
@@ -2999,8 +3188,13 @@ class RequestMetrics:
             await self.app(scope, receive, sending)
         finally:
             RequestMetrics.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"  # noqa: UP031 -- a pair
+            ACCESS_LOG.info(
+                '%s - "%s %s HTTP/%s" %d %.1fms', client, scope["method"], logged_target(scope), scope["http_version"], status, 1000 * elapsed
+            )
             route = getattr(scope.get("route"), "path", "unknown")  # the template (/users/{user_id}/records), not the path
-            REQUEST_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - started)
+            REQUEST_SECONDS.labels(scope["method"], route).observe(elapsed)
             if route == "/users/wav":
                 UPLOADS.labels(str(status)).inc()
             if RequestMetrics.in_flight == 0:
@@ -3145,7 +3339,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url, settings.db_timeout, settings.db_connections)
         await store.connect(time.monotonic() + settings.db_startup_timeout)
-        encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB)
+        encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB, DiskBudget(settings.temp_disk_bytes()))
         # anyio imports its asyncio backend on first use (StreamingResponse's task group):
         # pay for that here rather than in the first download.
         async with anyio.create_task_group():
@@ -3208,6 +3402,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=settings.workers,
         http="wav2mp3:GuardedHttpToolsProtocol",
         timeout_keep_alive=30,
+        access_log=False,  # RequestMetrics writes it, without the values of download links' queries
     )
 
 

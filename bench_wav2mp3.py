@@ -36,7 +36,7 @@ import lameenc
 import numpy as np
 
 import wav2mp3
-from conftest import LiveServer, credentials, form_part, music, pcm16, wav_header
+from testkit import LiveServer, credentials, form_part, music, pcm16, wav_header
 
 HERE = Path(__file__).parent
 RATE, CHANNELS = 44100, 2

@@ -1,26 +1,39 @@
 """wav2mp3: a small HTTP service that turns WAV recordings into MP3.
 
-Create a user, upload a WAV with the user's id and access token, get back a link that
-downloads the MP3 from the database. The routes, their answers and their documents are
-declared once, in the chapter "Routes" below, and docs/API.md describes them for people.
-
-The upload is parsed as it arrives: the WAV's chunk list is read here with struct, its frames
-through the stdlib `wave` module, and whole blocks of audio go to a shared pool of LAME
-(lameenc) threads, so the MP3 is ready when the upload ends and memory stays flat whatever
-the file size. The MP3 is stored in the database (SQLite or PostgreSQL) in one transaction,
-as 256 KiB chunks, only when the whole request has succeeded.
+Create a user, upload a WAV with the user's id and access token, get back a link that downloads
+the MP3 from the database. The upload is converted while it arrives: its chunks are read with
+struct, its frames with the stdlib `wave` module, and whole blocks of audio go to a shared pool of
+LAME (lameenc) threads, so the MP3 is ready when the upload ends and memory stays flat whatever
+the file size. The MP3 is stored in the database (SQLite or PostgreSQL), in one transaction, only
+when the whole request has succeeded.
 
 Run:  python wav2mp3.py [--host H] [--port P] [--database-url URL] [--workers N] ...
-Every setting is an environment variable and a command-line flag: see `Settings` below, or
-the configuration table in README.md (a test keeps the two equal).
+Every setting is an environment variable and a command-line flag: see `Settings` below, or the
+configuration table in README.md (a test keeps the two equal). docs/API.md describes the routes.
 
-The chapters follow a request down the file: settings, errors, metrics, the routes (each
-endpoint one screen: the table of contents), then what POST /users/wav does in the order it does
-it: 1 read the body, 2 split the multipart parts, 3 authenticate, 4 act on the upload's parts,
-5 read the WAV, 6 convert its samples, 7 encode the MP3 (and its LAME tag and ID3 tag), 8 run the
-conversion on the shared encoder pool; then 9 storage, 10 the download response, 11 the API
-documents, 12 the application (the limits at uvicorn's protocol, memory, the storage sweep) and
-13 the command line.
+How to read this file: an upload goes down the page. First what everything uses (settings,
+errors, metrics), then the routes, each endpoint one screen that names its steps (the table of
+contents), then those steps in the order POST /users/wav takes them:
+
+     1  client input       numbers, JSON, names and ids, as a client sends them
+     2  request bodies     chunk by chunk, within the size limit and the slow-client limits
+     3  multipart parts    bytes in, part events out
+     4  authentication     the one credential check
+     5  the upload form    what the parts of POST /users/wav mean
+     6  upload sessions    a file on its way from bytes to an MP3, fed at offsets
+     7  conversion         the shared encoder threads, the memory and disk budgets, one WAV's job
+     8  WAV reading        the chunk list, as it streams past
+     9  samples            any WAV encoding to 16-bit PCM, with numpy
+    10  MP3 encoding       LAME through lameenc, the ID3 tag
+    11  storage            raw SQL through `databases`
+    12  responses          the download: Range, ETag, streamed from the database
+    13  API documents      OpenAPI from the route declarations, /docs
+    14  the application    the app factory and its lifespan, the access log, the storage sweep
+    15  command line       main()
+    A   work-arounds       every reach into a library's internals, why, and the test that pins it
+    B   the LAME tag       libmp3lame's Info/Xing frame, ported
+
+Nothing happens at import: `create_app()` builds the application (uvicorn calls it, factory=True).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import errno
@@ -90,7 +104,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("wav2mp3")
 T = TypeVar("T")
 
-# Settings ###########################################################################
+
+# Settings #########################################################################
+
 
 MIB = 1024 * 1024
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -108,6 +124,7 @@ DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead
 SEND_TIMEOUT_SECONDS = 60.0  # a download whose client takes nothing for this long is cut off
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
+KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
 KEEP_WAV_BYTES = 64 * MIB  # audio up to this size is kept on disk (within TEMP_DISK_MB) in case an option follows it
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
@@ -117,6 +134,57 @@ SWEEP_SECONDS = 60.0  # how often expired records are deleted and free SQLite pa
 SWEEP_BATCH = 16  # records deleted per transaction by the sweep: short transactions, requests go between them
 SQLITE_FREE_RESERVE_PAGES = 2048  # free pages kept for the next uploads; beyond them the file shrinks
 SQLITE_VACUUM_STEP_PAGES = 1024  # pages returned per incremental vacuum step
+
+
+@dataclasses.dataclass(frozen=True)
+class FormOption:
+    """An encoding option a client may send with an upload, declared once: it drives the parsing, the check
+    for an option sent after the audio, the OpenAPI schema and the table in docs/API.md."""
+
+    name: str
+    values: tuple[int, ...]
+    meaning: str
+    group: str  # options of one group exclude each other: CBR or VBR
+
+    def parse(self, text: str) -> int:
+        value = parse_count(text, self.name)
+        if value not in self.values:
+            raise Refused(422, f"{self.name} must be {self.allowed}")
+        return value
+
+    @property
+    def allowed(self) -> str:
+        low, high = self.values[0], self.values[-1]
+        if len(self.values) > 2 and self.values == tuple(range(low, high + 1)):
+            return f"an integer {low}..{high}"
+        return "one of " + ", ".join(map(str, self.values))
+
+
+FORM_OPTIONS = {
+    option.name: option
+    for option in (
+        FormOption("bitrate", MP3_BITRATES, "CBR bit rate in kbps", "mode"),
+        FormOption(
+            "vbr_quality",
+            tuple(range(10)),
+            "VBR instead: LAME's `-V`, 0 (best, ~245 kbps) to 9 (smallest, ~65 kbps); 2 (~190 kbps) is LAME's advice. Not with `bitrate`",
+            "mode",
+        ),
+        FormOption(
+            "channels",
+            (1, 2),
+            "1: a mono MP3 (stereo averaged; more channels folded to stereo first); 2: stereo (mono on both sides). Default: as the WAV, at most 2",
+            "channels",
+        ),
+    )
+}
+
+
+def form_options_table() -> str:
+    """The options table of docs/API.md, from FORM_OPTIONS (a test keeps the two equal)."""
+    rows = ["| part | value | meaning |", "|---|---|---|"]
+    rows += [f"| `{option.name}` (optional) | {option.allowed} | {option.meaning} |" for option in FORM_OPTIONS.values()]
+    return "\n".join(rows)
 
 
 def _setting(default: T, meaning: str, parse: Callable[[str], Any] | None = None) -> T:
@@ -172,10 +240,10 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.mp3_bitrate not in MP3_BITRATES:
-            raise ValueError(f"MP3_BITRATE must be one of {MP3_BITRATES}, not {self.mp3_bitrate}")
-        if self.mp3_vbr_quality is not None and not 0 <= self.mp3_vbr_quality <= 9:
-            raise ValueError(f"MP3_VBR_QUALITY must be 0..9, not {self.mp3_vbr_quality}")
+        if self.mp3_bitrate not in FORM_OPTIONS["bitrate"].values:
+            raise ValueError(f"MP3_BITRATE must be {FORM_OPTIONS['bitrate'].allowed}, not {self.mp3_bitrate}")
+        if self.mp3_vbr_quality is not None and self.mp3_vbr_quality not in FORM_OPTIONS["vbr_quality"].values:
+            raise ValueError(f"MP3_VBR_QUALITY must be {FORM_OPTIONS['vbr_quality'].allowed}, not {self.mp3_vbr_quality}")
         if not 0 <= self.mp3_quality <= 9:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
         if self.retention_days is not None and self.retention_days <= 0:
@@ -210,56 +278,90 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-# Errors #############################################################################
-# Every refusal is Starlette's HTTPException(status, detail, headers): one handler (`json_error`,
-# at the end) answers {"error": detail}. The few subclasses carry data, not just a status.
+# Errors ###########################################################################
+# Every refusal is a Refused: a status, a message for people that says what to do next, and headers,
+# all as data. The WAV reader, the encoder, storage and the routes raise them alike; one handler
+# (`answer_refusal`, chapter 14) answers {"error": message}. Starlette's own 404 and 405 go there too.
+
 
 FORBIDDEN = "unknown user_id or wrong access_token"  # one message whatever was wrong
 NO_SUCH_RECORD = "no such record for this user"
 CLOSE = {"Connection": "close"}  # the rest of the body will not be read
 
 
-class DatabaseUnavailable(HTTPException):
-    """The database did not answer in time, or is down: 503, never the client's fault."""
+class Refused(Exception):
+    """A request the service turns down: the HTTP status as data, a message that says what to do, and headers."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, dict(headers or {})
+
+
+class BadWav(Refused):
+    """A WAV that is corrupt, truncated, empty or out of range: 422."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, message)
+
+
+class UnsupportedWav(Refused):
+    """Not RIFF/WAVE, or an encoding this service does not convert (the message names it): 415."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(415, message)
+
+
+class Unavailable(Refused):
+    """The service cannot do it now, through no fault of the client's: 503, with Retry-After when waiting helps."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(503, message, {"Retry-After": str(retry_after)} if retry_after else None)
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database did not answer in time, or is down."""
 
     def __init__(self) -> None:
-        super().__init__(503, "database unavailable")
+        super().__init__("database unavailable")
 
 
-class DatabaseBusy(HTTPException):
-    """SQLite's one writer was not free within DB_TIMEOUT (a large record being stored): 503, try again."""
+class DatabaseBusy(Unavailable):
+    """SQLite's one writer was not free within DB_TIMEOUT (a large record being stored)."""
 
     def __init__(self) -> None:
-        super().__init__(503, "database busy: try again shortly", {"Retry-After": "1"})
+        super().__init__("database busy: try again shortly", retry_after=1)
 
 
-class NameTaken(HTTPException):
+class DiskFull(Unavailable):
+    """The temporary-disk budget is spent, or the disk itself is full: nothing is kept; the next upload may fit."""
+
+    def __init__(self, message: str = "the service's temporary disk is full: try again shortly") -> None:
+        super().__init__(message, retry_after=RETRY_AFTER_SECONDS)
+
+
+class NameTaken(Refused):
+    """A user's file names are unique: a record of this name exists."""
+
     def __init__(self, filename: str) -> None:
-        super().__init__(409, f"this user already has a record from a file named {filename!r}")
+        super().__init__(409, f"this user already has a record from a file named {filename!r}: delete it first, or send the file under another name")
 
 
-class RangeNotSatisfiable(HTTPException):
+class RangeNotSatisfiable(Refused):
     def __init__(self, size: int, reason: str = "") -> None:
         # RFC 9110 §15.5.17: the 416 tells the client the current length.
         super().__init__(416, reason or f"range not satisfiable: the record is {size} bytes", {"Content-Range": f"bytes */{size}"})
 
 
-class DiskFull(HTTPException):
-    """The temporary-disk budget is spent, or the disk itself is full: 503, nothing kept; the next upload may fit."""
-
-    def __init__(self, detail: str = "the service's temporary disk is full: try again shortly") -> None:
-        super().__init__(503, detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-
-def too_large(limit: int) -> HTTPException:
-    return HTTPException(
+def too_large(limit: int) -> Refused:
+    return Refused(
         413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes", CLOSE
     )
 
 
-# Metrics ############################################################################
+# Metrics ##########################################################################
 # Prometheus, at GET /metrics. With --workers N the values live in files under PROMETHEUS_MULTIPROC_DIR
 # (main() makes one) and /metrics sums them over the worker processes.
+
 
 METRICS = CollectorRegistry()  # this module's own: `python wav2mp3.py` imports the module twice
 ProcessCollector(registry=METRICS)
@@ -291,7 +393,7 @@ DB_CONNECTIONS_IN_USE = Gauge(
 )
 
 
-# Routes #############################################################################
+# Routes ###########################################################################
 # The table of contents: each endpoint reads as the list of steps it takes, and the chapters
 # after this one follow those steps in order. Each @API.route line is also the endpoint's
 # OpenAPI entry (statuses, parameters, bodies), so the document cannot drift from the code.
@@ -445,9 +547,7 @@ async def create_user(request: Request) -> Response:
                 "properties": {
                     "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
                     "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
-                    "bitrate": {"type": "integer", "enum": list(MP3_BITRATES), "description": "CBR kbps"},
-                    "vbr_quality": {"type": "integer", "minimum": 0, "maximum": 9, "description": "VBR: LAME -V (0 best); not with bitrate"},
-                    "channels": {"type": "integer", "enum": [1, 2], "description": "1: a mono MP3 (downmixed); 2: stereo"},
+                    **{name: {"type": "integer", "enum": list(o.values), "description": o.meaning} for name, o in FORM_OPTIONS.items()},
                 },
             }
         }
@@ -461,14 +561,14 @@ async def upload_wav(request: Request) -> Response:
     if not services.uploads.acquire():
         await body_reader.drain(*OVERLOAD_DRAIN)
         OVERLOAD_REFUSALS.labels("uploads").inc()
-        raise HTTPException(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
-    upload = Upload(services, parts)
+        raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
+    upload = FormUpload(services, parts)
     try:
         await upload.receive(body_reader)
         mp3 = await upload.converted()
         record = await services.store.save_record(upload.new_record(mp3), mp3)
         if record is None:
-            raise HTTPException(403, FORBIDDEN)  # the token was replaced while the upload ran
+            raise Refused(403, FORBIDDEN)  # the token was replaced while the upload ran
     finally:
         upload.close()
         services.uploads.release()
@@ -523,7 +623,7 @@ async def get_record(request: Request) -> Response:
     record_id, user_id = record_query(request)
     record = await store.find_record(record_id, user_id) if record_id and user_id else None
     if record is None:
-        raise HTTPException(404, NO_SUCH_RECORD)
+        raise Refused(404, NO_SUCH_RECORD)
     return await RecordResponse(request, record, store, services_of(request).downloads).read_ahead()
 
 
@@ -542,7 +642,7 @@ async def delete_record(request: Request) -> Response:
     record_id, user_param = record_query(request)
     user_id = await authenticate(store, user_param, token)
     if record_id is None or not await store.delete_record(record_id, user_id):
-        raise HTTPException(404, NO_SUCH_RECORD)  # another user's record looks like none at all
+        raise Refused(404, NO_SUCH_RECORD)  # another user's record looks like none at all
     return Response(status_code=204)
 
 
@@ -590,7 +690,7 @@ async def rotate_token(request: Request) -> Response:
     new_token = str(uuid.uuid4())
     assert token is not None  # authenticate() refused a missing one
     if not await store.replace_token(user_id, hash_token(token), hash_token(new_token)):
-        raise HTTPException(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
+        raise Refused(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
     return JSONResponse({"user_id": user_id, "access_token": new_token}, status_code=201)
 
 
@@ -621,7 +721,68 @@ async def docs(request: Request) -> Response:
     return HTMLResponse(DOCS_PAGE)
 
 
-# 1. Request bodies ##################################################################
+# 1. Client input ##################################################################
+# Every number, JSON object, name and id a client sends is read by one function each, here.
+
+
+# 18 digits: every count a client may send (bytes, offsets, kbps) fits a 64-bit integer.
+ASCII_COUNT = re.compile(r"[0-9]{1,18}")
+
+
+def parse_count(text: str, name: str, status: int = 422) -> int:
+    """The one reading of a number a client sends (headers, query, form fields): ASCII digits, at most 18 of them.
+
+    `str.isdigit()` and `int()` accept superscripts and other scripts' digits, and `int()` refuses more
+    than 4300 digits with a ValueError (a 500 if unchecked): nothing a client sends reaches either unchecked.
+    """
+    if ASCII_COUNT.fullmatch(text) is None:
+        raise Refused(status, f"{name} must be a whole number in ASCII digits (at most 18 of them)")
+    return int(text)
+
+
+def parse_json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise Refused(422, f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise Refused(422, f"{what} is JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise Refused(422, f"{what} must be a JSON object")
+    return value
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_text(value: str) -> bool:
+    """Encodable as UTF-8 (no lone surrogates from JSON escapes) and free of control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return CONTROL_CHARS.search(value) is None
+
+
+def valid_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Refused(422, "name is required and must be a string")
+    name = value.strip()
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise Refused(422, f"name must be 1..{MAX_NAME_CHARS} characters")
+    if not valid_text(name):
+        raise Refused(422, "name must not contain control characters")
+    return name
+
+
+def parse_uuid(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+# 2. Request bodies ################################################################
 
 
 class BodyReader:
@@ -661,11 +822,11 @@ class BodyReader:
                 message = await self.request.receive()
         except TimeoutError:
             SLOW_CLIENTS.labels("stalled").inc()
-            raise HTTPException(408, f"upload stalled for {self.idle_timeout:g} s", CLOSE) from None
+            raise Refused(408, f"upload stalled for {self.idle_timeout:g} s", CLOSE) from None
         finally:
             self.waited += time.monotonic() - started
         if message["type"] == "http.disconnect":
-            raise HTTPException(400, "client disconnected mid-upload; nothing stored", CLOSE)
+            raise Refused(400, "client disconnected mid-upload; nothing stored", CLOSE)
         self._more = message.get("more_body", False)
         return message.get("body", b"")  # type: ignore[no-any-return]
 
@@ -686,7 +847,7 @@ class BodyReader:
         since, then = marks[0]
         if self.min_rate and self.waited - since >= self.window and self.received - then < self.min_rate * (self.waited - since):
             SLOW_CLIENTS.labels("too_slow").inc()
-            raise HTTPException(408, f"upload slower than {self.min_rate} bytes/s over {self.window:g} s", CLOSE)
+            raise Refused(408, f"upload slower than {self.min_rate} bytes/s over {self.window:g} s", CLOSE)
         marks.append((self.waited, self.received))
 
     async def read(self) -> bytes:
@@ -696,63 +857,13 @@ class BodyReader:
         """Read and drop up to `limit` more bytes (for at most `seconds`), so that a client still sending can read the answer."""
         if self.request.headers.get("expect", "").lower() == "100-continue" and not self.received:
             return  # it waits for our verdict before sending its body: answer at once
-        with contextlib.suppress(HTTPException, TimeoutError):  # a stall, a disconnect or the deadline ends the favour
+        with contextlib.suppress(Refused, TimeoutError):  # a stall, a disconnect or the deadline ends the favour
             async with asyncio.timeout(seconds):
                 while limit > 0 and (chunk := await self._next()) is not None:
                     limit -= len(chunk)
 
 
-# 18 digits: every count a client may send (bytes, offsets, kbps) fits a 64-bit integer.
-ASCII_COUNT = re.compile(r"[0-9]{1,18}")
-
-
-def parse_count(text: str, name: str, status: int = 422) -> int:
-    """The one reading of a number a client sends (headers, query, form fields): ASCII digits, at most 18 of them.
-
-    `str.isdigit()` and `int()` accept superscripts and other scripts' digits, and `int()` refuses more
-    than 4300 digits with a ValueError (a 500 if unchecked): nothing a client sends reaches either unchecked.
-    """
-    if ASCII_COUNT.fullmatch(text) is None:
-        raise HTTPException(status, f"{name} must be a whole number in ASCII digits (at most 18 of them)")
-    return int(text)
-
-
-def parse_json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise HTTPException(422, f"{what} is not valid JSON") from None
-    except RecursionError:
-        raise HTTPException(422, f"{what} is JSON nested too deeply") from None
-    if not isinstance(value, dict):
-        raise HTTPException(422, f"{what} must be a JSON object")
-    return value
-
-
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def valid_text(value: str) -> bool:
-    """Encodable as UTF-8 (no lone surrogates from JSON escapes) and free of control characters."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return CONTROL_CHARS.search(value) is None
-
-
-def valid_name(value: Any) -> str:
-    if not isinstance(value, str):
-        raise HTTPException(422, "name is required and must be a string")
-    name = value.strip()
-    if not 1 <= len(name) <= MAX_NAME_CHARS:
-        raise HTTPException(422, f"name must be 1..{MAX_NAME_CHARS} characters")
-    if not valid_text(name):
-        raise HTTPException(422, "name must not contain control characters")
-    return name
-
-
-# 2. Multipart parts #################################################################
+# 3. Multipart parts ###############################################################
 
 
 @dataclasses.dataclass(frozen=True)
@@ -798,7 +909,7 @@ class MultipartReader:
         kind, params = parse_options_header(content_type)
         boundary = params.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
-            raise HTTPException(422, "request must be multipart/form-data with a boundary")
+            raise Refused(422, "request must be multipart/form-data with a boundary")
         self.complete = False
         self._events: list[PartEvent] = []
         self._header_field = bytearray()
@@ -816,13 +927,13 @@ class MultipartReader:
         try:
             self._parser = MultipartParser(boundary, callbacks, max_header_count=16, max_header_size=8192)  # type: ignore[arg-type]
         except ValueError:
-            raise HTTPException(422, "multipart boundary is invalid") from None
+            raise Refused(422, "multipart boundary is invalid") from None
 
     def feed(self, chunk: bytes) -> list[PartEvent]:
         try:
             self._parser.write(chunk)
         except MultipartParseError:
-            raise HTTPException(422, "multipart body is malformed") from None
+            raise Refused(422, "multipart body is malformed") from None
         events, self._events = self._events, []
         return events
 
@@ -835,7 +946,7 @@ class MultipartReader:
         kind, params = disposition_params(self._headers.get(b"content-disposition", b""))
         self._headers = {}
         if kind != "form-data" or "name" not in params:
-            raise HTTPException(422, "a multipart part has no Content-Disposition: form-data name")
+            raise Refused(422, "a multipart part has no Content-Disposition: form-data name")
         self._events.append(("start", Part(params["name"], params)))
 
     def _on_end(self) -> None:
@@ -844,6 +955,8 @@ class MultipartReader:
 
 # RFC 8187 (RFC 5987) ext-value: charset'language'percent-encoded.
 EXT_VALUE = re.compile(r"([A-Za-z0-9!#$&+^`{}~-]+)'[A-Za-z0-9-]*'(.*)")
+
+
 # The HTML form encoding (WHATWG, "multipart/form-data encoding algorithm") escapes these three in names.
 WHATWG_ESCAPES = {"%22": '"', "%0D": "\r", "%0A": "\n"}
 
@@ -853,19 +966,19 @@ def part_filename(part: Part) -> str | None:
     if "filename*" in part.params:
         extended = EXT_VALUE.fullmatch(part.params["filename*"])
         if extended is None:
-            raise HTTPException(422, "audio_file filename* is not charset'language'percent-encoded (RFC 8187)")
+            raise Refused(422, "audio_file filename* is not charset'language'percent-encoded (RFC 8187)")
         charset, encoded = extended.groups()
         try:
             return unquote_to_bytes(encoded).decode(charset)
         except (LookupError, UnicodeDecodeError):
-            raise HTTPException(422, f"audio_file name is not valid {charset}") from None
+            raise Refused(422, f"audio_file name is not valid {charset}") from None
     raw = part.params.get("filename")
     if raw is None:
         return None
     try:
         name = raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
-        raise HTTPException(422, "audio_file name is not valid UTF-8") from None
+        raise Refused(422, "audio_file name is not valid UTF-8") from None
     return re.sub("%22|%0D|%0A", lambda escape: WHATWG_ESCAPES[escape.group()], name)
 
 
@@ -873,22 +986,15 @@ def clean_filename(name: str) -> str:
     """The name less any directories; 422 when nothing sensible remains."""
     name = re.split(r"[/\\]", name)[-1]
     if name in ("", ".", ".."):
-        raise HTTPException(422, "audio_file has an empty file name")
+        raise Refused(422, "audio_file has an empty file name")
     if CONTROL_CHARS.search(name):
-        raise HTTPException(422, "audio_file name contains control characters")
+        raise Refused(422, "audio_file name contains control characters")
     if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
-        raise HTTPException(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
+        raise Refused(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
     return name
 
 
-# 3. Authentication ##################################################################
-
-
-def parse_uuid(value: Any) -> str | None:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        return None
+# 4. Authentication ################################################################
 
 
 def hash_token(token: str) -> str:
@@ -901,7 +1007,7 @@ async def authenticate(store: Store, user_id: str | None, token: str | None) -> 
     # Compare even for an unknown user, so the answer takes the same time either way.
     matches = hmac.compare_digest(stored or "0" * 64, hash_token(token or ""))
     if not matches or stored is None or user_id is None:
-        raise HTTPException(403, FORBIDDEN)
+        raise Refused(403, FORBIDDEN)
     return user_id
 
 
@@ -909,7 +1015,7 @@ def bearer_token(request: Request) -> str | None:
     """The token of `Authorization: Bearer <token>` (RFC 6750 §2.1), None when it is not a UUID (403 follows); 401 without one."""
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "send Authorization: Bearer <access_token>", {"WWW-Authenticate": "Bearer"})
+        raise Refused(401, "send Authorization: Bearer <access_token>", {"WWW-Authenticate": "Bearer"})
     return parse_uuid(token.strip())
 
 
@@ -918,67 +1024,76 @@ def data_credentials(body: bytes) -> tuple[str, str]:
     payload = parse_json(body, "data")
     user_id, token = payload.get("user_id"), payload.get("access_token")
     if not isinstance(user_id, str) or not isinstance(token, str):
-        raise HTTPException(422, "data must hold string fields user_id and access_token")
+        raise Refused(422, "data must hold string fields user_id and access_token")
     parsed_user, parsed_token = parse_uuid(user_id), parse_uuid(token)
     if parsed_user is None or parsed_token is None:
-        raise HTTPException(422, "user_id and access_token must be UUIDs")
+        raise Refused(422, "user_id and access_token must be UUIDs")
     return parsed_user, parsed_token
 
 
-# 4. The upload ######################################################################
+# 5. The upload form ###############################################################
+# POST /users/wav's parts, in whatever order they come: `data` (the credentials), `audio_file` (fed to
+# an upload session as it arrives) and the encoding options of FORM_OPTIONS.
 
 
 @dataclasses.dataclass(frozen=True)
 class Mp3Options:
-    """How to encode: from the settings, overridden per upload by the form's option parts."""
+    """How to encode: from the settings, overridden per upload by the form's options."""
 
     bitrate: int | None  # CBR kbps; None for VBR
     vbr_quality: int | None = None  # LAME -V, 0 (best) .. 9
     channels: int | None = None  # 1 or 2; None: the WAV's, at most 2
     quality: int = 3  # LAME -q
 
-
-def parse_bitrate(text: str) -> int:
-    if parse_count(text, "bitrate") not in MP3_BITRATES:
-        raise HTTPException(422, f"bitrate must be one of {', '.join(map(str, MP3_BITRATES))}")
-    return int(text)
-
-
-def parse_vbr_quality(text: str) -> int:
-    if parse_count(text, "vbr_quality") > 9:
-        raise HTTPException(422, "vbr_quality must be an integer 0 (best) .. 9 (LAME -V)")
-    return int(text)
+    @classmethod
+    def of(cls, form: Mapping[str, int], settings: Settings) -> Mp3Options:
+        """The form's options over the settings: a form's bitrate means CBR, its vbr_quality VBR."""
+        if "bitrate" in form or ("vbr_quality" not in form and settings.mp3_vbr_quality is None):
+            bitrate, vbr_quality = form.get("bitrate", settings.mp3_bitrate), None
+        else:
+            bitrate, vbr_quality = None, form.get("vbr_quality", settings.mp3_vbr_quality)
+        return cls(bitrate, vbr_quality, form.get("channels"), settings.mp3_quality)
 
 
-def parse_channels(text: str) -> int:
-    if parse_count(text, "channels") not in (1, 2):
-        raise HTTPException(422, "channels must be 1 (mono) or 2 (stereo)")
-    return int(text)
+def add_option(form: dict[str, int], name: str, text: str) -> None:
+    """One option of FORM_OPTIONS into `form`: 422 for a bad value, a repeated one, or two of one group."""
+    option = FORM_OPTIONS[name]
+    if name in form:
+        raise Refused(422, f"more than one {name}: send it once")
+    form[name] = option.parse(text)
+    rivals = [other for other in form if other != name and FORM_OPTIONS[other].group == option.group]
+    if rivals:
+        raise Refused(422, f"{rivals[0]} and {name} exclude each other (CBR or VBR): send one of them")
 
 
-OPTION_PARTS: dict[str, Callable[[str], int]] = {"bitrate": parse_bitrate, "vbr_quality": parse_vbr_quality, "channels": parse_channels}
+def options_settled(form: Mapping[str, int]) -> bool:
+    """Whether every group of options has its value, so that no option still to come could change the encoding."""
+    return {option.group for option in FORM_OPTIONS.values()} <= {FORM_OPTIONS[name].group for name in form}
 
 
-class Upload:
+class FormUpload:
     """What the parts of one POST /users/wav mean, acted on as they arrive.
 
     Parts may come in any order. When `data` comes before the audio (httpx and curl send fields
     first) the credentials and the file name are checked before any audio is decoded; a refused
     request then only reads and discards the rest of its body, and is answered once the body has
-    been read (a client still sending rarely sees an early answer). An option sent after the audio
-    means encoding again, from a copy of the WAV kept for that (files up to KEEP_WAV_BYTES).
+    been read (a client still sending rarely sees an early answer). The audio goes to an upload
+    session as it arrives; an option sent after it means encoding again (UploadSession.finish).
+    A name already taken stops the conversion but not the reading of the parts, so that a
+    malformed part after it is the answer (422), not the name (409).
     """
 
     def __init__(self, services: Services, parts: MultipartReader) -> None:
         self.services = services
         self.parts = parts
         self.started = time.perf_counter()
-        self.refusal: HTTPException | None = None
+        self.refusal: Refused | None = None  # the answer: the rest of the body is discarded
+        self.conflict: NameTaken | None = None  # the answer unless a refusal comes up
         self.user_id: str | None = None
         self.token: str | None = None
         self.filename: str | None = None
         self.options: dict[str, int] = {}
-        self.job: ConversionJob | None = None
+        self.session: UploadSession | None = None
         self.mp3: Mp3File | None = None
         self.bytes_in = 0
         self._part: str | None = None  # name of the part being received, if one we use
@@ -990,19 +1105,20 @@ class Upload:
         chunks = body.chunks()
         try:
             while True:
-                if self._part == "audio_file" and self.job is not None and self.refusal is None:
-                    await self.job.room()  # audio is read only when there is room for it: else TCP holds it
+                if self._part == "audio_file" and self._converting():
+                    assert self.session is not None
+                    await self.session.room()  # audio is read only when there is room for it: else TCP holds it
                 chunk = await anext(chunks, None)
                 if chunk is None:
                     break
                 if self.refusal is None:
                     try:
                         await self._act_on(self.parts.feed(chunk))
-                    except HTTPException as error:
-                        self.refuse(error)
+                    except Refused as error:
+                        self._refuse(error)
                 del chunk  # while the next chunk is awaited, hold nothing of this one (see BodyReader.chunks)
-        except HTTPException as error:
-            if error.status_code == 413:
+        except Refused as error:
+            if error.status == 413:
                 await body.drain(DRAIN_BYTES)
             raise
         finally:
@@ -1010,95 +1126,86 @@ class Upload:
         if self.refusal is not None:
             raise self.refusal
 
-    def refuse(self, error: HTTPException) -> None:
-        """Keep the first refusal and stop converting: the rest of the body is discarded."""
-        self.refusal = error
-        if self.job is not None:
-            self.job.close()
+    def _converting(self) -> bool:
+        return self.session is not None and self.refusal is None and self.conflict is None
+
+    def _refuse(self, error: Refused) -> None:
+        """Stop converting; keep the first refusal (a taken name is kept apart: anything else wins over it)."""
+        if self.session is not None:
+            self.session.close()
+        if isinstance(error, NameTaken):
+            self.conflict = self.conflict or error
+        else:
+            self.refusal = error
 
     async def _act_on(self, events: list[PartEvent]) -> None:
         for event in events:
-            await self._handle(event)
+            try:
+                await self._act_on_event(event)
+            except NameTaken as conflict:  # the parts go on being read: one of them may yet be the answer
+                self._refuse(conflict)
 
-    async def _handle(self, event: PartEvent) -> None:
+    async def _act_on_event(self, event: PartEvent) -> None:
         if event[0] == "start":
             await self._begin_part(event[1])
-        elif event[0] == "data":
-            if self._part == "audio_file":
-                assert self.job is not None
-                await self.job.feed(event[1])
-            elif self._part is not None:
-                self._field += event[1]
-                if len(self._field) > MAX_FIELD_BYTES:
-                    raise HTTPException(422, f"form field {self._part!r} is larger than {MAX_FIELD_BYTES} bytes")
-        else:
+        elif event[0] == "end":
             await self._end_part()
+        elif self._part == "audio_file":
+            if self._converting():
+                assert self.session is not None
+                await self.session.feed(event[1])
+        elif self._part is not None:
+            self._field += event[1]
+            if len(self._field) > MAX_FIELD_BYTES:
+                raise Refused(422, f"form field {self._part!r} is larger than {MAX_FIELD_BYTES} bytes")
 
     async def _begin_part(self, part: Part) -> None:
         self._count += 1
         if self._count > MAX_PARTS:
-            raise HTTPException(422, f"more than {MAX_PARTS} multipart parts")
+            raise Refused(422, f"more than {MAX_PARTS} multipart parts")
         self._part, self._field = None, bytearray()
         if part.name == "audio_file":
-            if self.job is not None:
-                raise HTTPException(422, "more than one audio_file part")
+            if self.filename is not None:
+                raise Refused(422, "more than one audio_file part")
             filename = part_filename(part)
             if filename is None:
-                raise HTTPException(422, "audio_file part has no filename")
+                raise Refused(422, "audio_file part has no filename")
             self.filename = clean_filename(filename)
-            await self._check_name_free()
-            may_follow = "channels" not in self.options or not {"bitrate", "vbr_quality"} & set(self.options)  # an option may still come
-            self.job = ConversionJob(self.mp3_options(), self.services.encoders, may_follow)
             self._part = part.name
-        elif part.name == "data" or part.name in OPTION_PARTS:
+            options = Mp3Options.of(self.options, self.services.settings)
+            self.session = UploadSession(options, self.services.encoders, options_may_change=not options_settled(self.options))
+            await self._check_name_free()
+        elif part.name == "data" or part.name in FORM_OPTIONS:
             self._part = part.name
 
     async def _end_part(self) -> None:
         part, self._part = self._part, None
-        if part == "audio_file":
-            return
         if part == "data":
             if self.user_id is not None:
-                raise HTTPException(422, "more than one data part")
+                raise Refused(422, "more than one data part")
             user_id, token = data_credentials(bytes(self._field))
             self.user_id = await authenticate(self.services.store, user_id, token)
             self.token = token
             await self._check_name_free()
-        elif part is not None:
-            if part in self.options:
-                raise HTTPException(422, f"more than one {part} part")
-            self.options[part] = OPTION_PARTS[part](self._field.decode("latin-1"))
-            if "bitrate" in self.options and "vbr_quality" in self.options:
-                raise HTTPException(422, "bitrate (CBR) and vbr_quality (VBR) exclude each other: send one of them")
+        elif part in FORM_OPTIONS:
+            add_option(self.options, part, self._field.decode("latin-1"))
 
     async def _check_name_free(self) -> None:
         # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
         if self.user_id is not None and self.filename is not None and await self.services.store.record_name_taken(self.user_id, self.filename):
             raise NameTaken(self.filename)
 
-    def mp3_options(self) -> Mp3Options:
-        """The form's options over the settings: a form's bitrate means CBR, its vbr_quality VBR."""
-        form, settings = self.options, self.services.settings
-        if "bitrate" in form or ("vbr_quality" not in form and settings.mp3_vbr_quality is None):
-            bitrate, vbr_quality = form.get("bitrate", settings.mp3_bitrate), None
-        else:
-            bitrate, vbr_quality = None, form.get("vbr_quality", settings.mp3_vbr_quality)
-        return Mp3Options(bitrate, vbr_quality, form.get("channels"), settings.mp3_quality)
-
     async def converted(self) -> Mp3File:
-        """After the body: the finished MP3, or the error that answers the request."""
+        """After the body: the finished MP3 (encoded again for an option that came after the audio), or the refusal."""
         if not self.parts.complete:
-            raise HTTPException(422, "multipart body ended before its closing boundary")
+            raise Refused(422, "multipart body ended before its closing boundary")
         if self.user_id is None:
-            raise HTTPException(422, "the data part is missing")
-        if self.job is None:
-            raise HTTPException(422, "the audio_file part is missing")
-        self.mp3 = await self.job.finish()
-        if self.job.options != self.mp3_options():
-            # An option came after the audio: encode the kept WAV again with it.
-            self.mp3.close()
-            self.mp3 = None
-            self.mp3 = await self.job.encode_again(self.mp3_options())
+            raise Refused(422, "the data part is missing")
+        if self.session is None:
+            raise Refused(422, "the audio_file part is missing")
+        if self.conflict is not None:
+            raise self.conflict
+        self.mp3 = await self.session.finish(Mp3Options.of(self.options, self.services.settings))
         return self.mp3
 
     def new_record(self, mp3: Mp3File) -> NewRecord:
@@ -1107,16 +1214,349 @@ class Upload:
 
     def close(self) -> None:
         """Whatever happened, leave nothing behind."""
-        if self.job is not None:
-            self.job.close()
+        if self.session is not None:
+            self.session.close()
         if self.mp3 is not None:
             self.mp3.close()
 
 
-# 5. WAV reading #####################################################################
+# 6. Upload sessions ###############################################################
+# A session is what outlives a request: the file's offset and its conversion. POST /users/wav feeds
+# one session with one request.
+
+
+class UploadSession:
+    """One file on its way from bytes to an MP3: fed in order, at offsets, converted as the bytes come.
+
+    POST /users/wav is a session fed once, by one request. Knows nothing of HTTP: what goes wrong is a
+    Refused, with its status as data, whichever request fed the bytes that showed it.
+    """
+
+    def __init__(self, options: Mp3Options, encoders: Encoders, options_may_change: bool = False) -> None:
+        self.options = options
+        self.offset = 0  # bytes of the file fed so far
+        self._job = ConversionJob(options, encoders, keep_audio=options_may_change)
+
+    async def feed(self, data: bytes, at: int | None = None) -> None:
+        """The file's next bytes; `at`, when given, must be where the bytes fed so far end."""
+        if at is not None and at != self.offset:
+            raise Refused(409, f"these bytes start at {at}, but the upload is at {self.offset}")
+        await self._job.feed(data)
+        self.offset += len(data)
+
+    async def room(self) -> None:
+        """Wait, before reading more, until the shared audio buffer has room (ConversionJob.room)."""
+        await self._job.room()
+
+    async def finish(self, options: Mp3Options | None = None) -> Mp3File:
+        """The MP3, once every byte has been fed; encoded again when `options` differ from the ones it began with."""
+        mp3 = await self._job.finish()
+        if options is not None and options != self.options:
+            mp3.close()
+            mp3 = await self._job.encode_again(options)
+        return mp3
+
+    def close(self) -> None:
+        self._job.close()
+
+
+# 7. Conversion ####################################################################
+# The shared pool of LAME threads; the budgets all uploads draw from (memory for buffered audio, disk
+# for temporary files); and ConversionJob, one WAV's conversion on them, which knows nothing of requests.
+
+
+class Encoders:
+    """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network.
+
+    Each upload has at most one block in the pool's queue (ConversionJob), so the threads serve the
+    uploads in turn, fairly, whatever their clients' speed.
+    """
+
+    def __init__(self, threads: int, audio_budget_bytes: int, disk: DiskBudget) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
+        self.budget = ByteBudget(audio_budget_bytes, BUFFERED_AUDIO)
+        self.disk = disk  # the temporary files' budget: MP3 spools and kept audio
+
+    def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        BLOCKS_QUEUED.inc()
+
+        def counted() -> T:
+            BLOCKS_QUEUED.dec()
+            with BLOCKS_ENCODING.track_inprogress():
+                return function(*args)
+
+        return asyncio.get_running_loop().run_in_executor(self._pool, counted)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ByteBudget:
+    """Bytes that one kind of work may hold in memory at once, all requests together; whoever would go
+    over it waits, in turn (while its client's TCP window fills). Uploads hold WAV audio in it: one that
+    must wait first sends its own partial block to the encoders (ConversionJob), so the budget always
+    comes back. Downloads hold the chunks they read ahead of their clients (RecordResponse)."""
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        self.limit = limit
+        self.used = 0
+        self._gauge = gauge
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def try_take(self, size: int) -> bool:
+        if self._waiters or (self.used and self.used + size > self.limit):
+            return False
+        self.used += size
+        self._gauge.inc(size)
+        return True
+
+    async def take(self, size: int) -> None:
+        if self.try_take(size):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give(size)  # granted as it was cancelled: hand it on
+            else:
+                self._waiters.remove((size, waiter))
+            raise
+
+    async def room(self) -> None:
+        """Wait, in turn, until the budget is not spent: a reader asks before it reads, so that it holds nothing while it waits."""
+        await self.take(1)
+        self.give(1)
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        self._gauge.dec(size)
+        while self._waiters and (not self.used or self.used + self._waiters[0][0] <= self.limit):
+            size, waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += size
+                self._gauge.inc(size)
+                waiter.set_result(None)
+
+
+class DiskBudget:
+    """Bytes all temporary files together may hold (TEMP_DISK_MB): a file takes its bytes before it writes them.
+
+    Thread-safe, as the encoder threads write the MP3s. Past the budget, or on a full disk (ENOSPC), the
+    write raises DiskFull: the request is answered 503 and its files go with it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            if self.used + size > self.limit:
+                raise DiskFull()
+            self.used += size
+        TEMP_DISK.inc(size)
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+        TEMP_DISK.dec(size)
+
+
+def _on_full_disk(error: OSError) -> Exception:
+    return DiskFull() if error.errno in (errno.ENOSPC, errno.EDQUOT) else error
+
+
+class TempFile:
+    """An unnamed temporary file (even a SIGKILL leaves nothing) whose bytes come out of the disk budget.
+
+    Its first `in_memory` bytes stay in memory (tempfile.SpooledTemporaryFile) and count against the budget too.
+    """
+
+    def __init__(self, budget: DiskBudget, in_memory: int = 0) -> None:
+        self._budget = budget
+        self.size = 0  # bytes written: what this file holds of the budget
+        try:
+            # Unbuffered, so that a full disk shows at the write that meets it, not at a later flush or close.
+            self._file: IO[bytes] = (
+                tempfile.SpooledTemporaryFile(in_memory, buffering=0) if in_memory else tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 -- closed in close()
+            )
+        except OSError as error:
+            raise _on_full_disk(error) from None
+
+    def write(self, data: BytesLike) -> None:
+        self._budget.take(len(data))
+        self.size += len(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise _on_full_disk(error) from None
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int) -> None:
+        self._file.seek(offset)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the file has no name: closing it frees its blocks, whatever close() says
+            self._file.close()
+        self._budget.give(self.size)
+        self.size = 0
+
+
+class ConversionJob:
+    """One WAV's conversion, fed the WAV as it arrives; the MP3 comes out of finish().
+
+    Knows nothing of HTTP. The event loop parses and buffers; a whole block goes to the
+    encoder pool, and the next one is gathered while it encodes (one block in flight).
+    With `keep_audio` (an option may still come after the audio) the encoder thread also
+    writes each block to a temporary file, so that encode_again() can start over with
+    other options; a file over KEEP_WAV_BYTES, or one the disk budget cannot hold, is not kept.
+    """
+
+    def __init__(self, options: Mp3Options, encoders: Encoders, keep_audio: bool) -> None:
+        self.options = options
+        self._encoders = encoders
+        self._budget = encoders.budget
+        self._buffered = 0  # bytes of audio taken from the budget and not yet handed to the encoders
+        self._wav = WavParser()
+        self._frames: WavFrames | None = None
+        self._encoder: Mp3Encoder | None = None
+        self._in_flight: asyncio.Future[None] | None = None
+        self._copy: TempFile | None = TempFile(encoders.disk) if keep_audio else None
+        self._copy_lost: Refused | None = None  # why the copy was let go
+        self._closed = False
+
+    async def feed(self, data: bytes) -> None:
+        if self._closed:
+            return
+        audio = self._wav.feed(data)
+        if self._frames is None and self._wav.format is not None:
+            self._frames = WavFrames(self._wav.format)
+            self._encoder = Mp3Encoder(self._wav.format, self.options, self._encoders.disk)
+        if audio and self._frames is not None:
+            if not self._budget.try_take(len(audio)):
+                if self._frames.available:  # make way: what this upload holds goes to the encoders first
+                    await self._encode(self._frames.read(self._frames.available))
+                await self._budget.take(len(audio))
+            self._buffered += len(audio)
+            self._frames.append(audio)
+            while self._frames.available >= self._block_frames:
+                await self._encode(self._frames.read(self._block_frames))
+
+    @property
+    def _block_frames(self) -> int:
+        assert self._frames is not None
+        return max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
+
+    async def room(self) -> None:
+        """Wait for room in the audio budget before the next read; hand over this upload's partial block first,
+        so that the budget always comes back (no upload waits while it holds some)."""
+        if self._budget.try_take(1):
+            self._budget.give(1)
+            return
+        if self._frames is not None and self._frames.available:
+            await self._encode(self._frames.read(self._frames.available))
+        await self._budget.room()
+
+    async def finish(self) -> Mp3File:
+        self._wav.close()
+        assert self._frames is not None and self._encoder is not None
+        if self._frames.available:
+            await self._encode(self._frames.read(self._frames.available))
+        await self._settle()
+        mp3 = await self._encoders.run(self._encoder.finish, self._wav.info)
+        self._encoder = None  # the MP3 owns the spool now
+        return mp3
+
+    async def encode_again(self, options: Mp3Options) -> Mp3File:
+        """The kept audio encoded with other options, block by block as before; after finish()."""
+        if self._copy is None or self._copy_lost is not None:
+            raise self._copy_lost or Refused(422, "send the encoding options before audio_file")
+        copy, self._copy = self._copy, None
+        assert self._wav.format is not None
+        encoder = Mp3Encoder(self._wav.format, options, self._encoders.disk)
+        try:
+            copy.seek(0)
+            block_bytes = self._block_frames * self._wav.format.frame_size
+            while await self._encoders.run(self._encode_kept, copy, encoder, block_bytes):
+                pass
+            return await self._encoders.run(encoder.finish, self._wav.info)
+        except BaseException:
+            encoder.close()
+            raise
+        finally:
+            copy.close()
+
+    @staticmethod
+    def _encode_kept(copy: TempFile, encoder: Mp3Encoder, size: int) -> bool:
+        """In an encoder thread: the next kept block into the encoder; False at the end."""
+        block = copy.read(size)
+        if block:
+            encoder.encode(block)
+        return bool(block)
+
+    async def _encode(self, block: bytes) -> None:
+        await self._settle()  # one block in flight: memory stays at two blocks per upload
+        assert self._encoder is not None
+        self._buffered -= len(block)
+        self._in_flight = self._encoders.run(self._encode_block, self._encoder, block)
+        self._in_flight.add_done_callback(lambda _: self._budget.give(len(block)))
+
+    def _encode_block(self, encoder: Mp3Encoder, block: bytes) -> None:
+        """In an encoder thread: keep the block if asked to (a write to the page cache), then encode it."""
+        copy = self._copy
+        if copy is not None and self._copy_lost is None:
+            try:
+                if copy.size + len(block) > KEEP_WAV_BYTES:
+                    raise Refused(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
+                copy.write(block)
+            except Refused as reason:  # a late option cannot be honoured now; the conversion goes on
+                self._copy_lost = reason
+                if isinstance(reason, DiskFull):
+                    self._copy_lost = DiskFull("the service's temporary disk is full: send the options before audio_file, or try again shortly")
+                copy.close()  # its disk is free at once
+        encoder.encode(block)
+
+    async def _settle(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            await in_flight
+
+    def close(self) -> None:
+        """Drop everything; a block still encoding finishes in its thread and is dropped with it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._budget.give(self._buffered)  # a block in flight gives its share back when it is done
+        self._buffered = 0
+        held = [item for item in (self._encoder, self._copy) if item is not None]
+        in_flight = self._in_flight
+        if in_flight is None:
+            for item in held:
+                item.close()
+            return
+
+        def close_after(future: asyncio.Future[None]) -> None:
+            if not future.cancelled():
+                future.exception()  # retrieved: the request has its answer already
+            for item in held:
+                item.close()
+
+        in_flight.add_done_callback(close_after)
+
+
+# 8. WAV reading ###################################################################
 # The chunk list is read here with struct, as the bytes arrive; the frames of the data chunk
-# are then read through stdlib `wave`'s public interface (WavFrames). That reads any WAV the
-# recorders of the world write, without seeking, and depends on no private part of `wave`.
+# are then read through stdlib `wave`'s public interface (WavFrames, in appendix A). That reads any WAV
+# the recorders of the world write, without seeking.
+
 
 # Format tags from the Microsoft registry (mmreg.h / RFC 2361), for the 415 message.
 WAVE_FORMAT_PCM = 0x0001
@@ -1139,8 +1579,12 @@ FORMAT_NAMES = {
     0x2000: "Dolby AC-3",
     0xF1AC: "FLAC",
 }
+
+
 # The sub-format GUID of WAVE_FORMAT_EXTENSIBLE is the format tag followed by this suffix.
 KSDATAFORMAT_SUFFIX = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+
+
 # Encoding -> sample widths (bytes) it may have.
 ENCODINGS = {
     WAVE_FORMAT_PCM: ("PCM", (1, 2, 3, 4, 8)),  # 64-bit: scipy.io.wavfile's default for numpy int arrays
@@ -1148,6 +1592,8 @@ ENCODINGS = {
     WAVE_FORMAT_ALAW: ("A-law", (1,)),
     WAVE_FORMAT_MULAW: ("mu-law", (1,)),
 }
+
+
 # RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are WAV with 64-bit sizes, for files past 4 GiB;
 # RIFX is RIFF with big-endian sizes, fields and samples (old Mac and Amiga tools, some DSP boards).
 RIFF_MAGICS = (b"RIFF", b"RF64", b"BW64", b"RIFX")
@@ -1180,29 +1626,29 @@ class WavFormat:
 def parse_fmt_chunk(payload: bytes, endian: str = "<") -> WavFormat:
     """WAVEFORMATEX, then for EXTENSIBLE: cbSize, valid bits, channel mask, sub-format GUID."""
     if len(payload) < 16:
-        raise HTTPException(422, "WAV header is corrupt: fmt chunk shorter than 16 bytes")
+        raise BadWav("WAV header is corrupt: fmt chunk shorter than 16 bytes")
     tag, channels, rate, _byte_rate, block_align, bits = struct.unpack(endian + "HHLLHH", payload[:16])
     mask = 0
     if tag == WAVE_FORMAT_EXTENSIBLE:
         if len(payload) < 40:
-            raise HTTPException(422, "WAV header is corrupt: EXTENSIBLE fmt chunk too short")
+            raise BadWav("WAV header is corrupt: EXTENSIBLE fmt chunk too short")
         _size, _valid_bits, mask = struct.unpack(endian + "HHL", payload[16:24])
         guid = payload[24:40]
         if guid[2:] != KSDATAFORMAT_SUFFIX:
-            raise HTTPException(415, f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
+            raise UnsupportedWav(f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
         tag = struct.unpack("<H", guid[:2])[0]
     if tag not in ENCODINGS:
-        raise HTTPException(415, f"unsupported WAV encoding: {format_name(tag)}")
+        raise UnsupportedWav(f"unsupported WAV encoding: {format_name(tag)}")
     encoding_name, widths = ENCODINGS[tag]
     width = (bits + 7) // 8
     if width not in widths:
-        raise HTTPException(415, f"unsupported WAV encoding: {bits}-bit {encoding_name}")
+        raise UnsupportedWav(f"unsupported WAV encoding: {bits}-bit {encoding_name}")
     if channels == 0:
-        raise HTTPException(422, "WAV header is corrupt: zero channels")
+        raise BadWav("WAV header is corrupt: zero channels")
     if block_align != channels * width:
-        raise HTTPException(422, f"WAV header is corrupt: block align {block_align} is not {channels} channels x {width} bytes")
+        raise BadWav(f"WAV header is corrupt: block align {block_align} is not {channels} channels x {width} bytes")
     if not MIN_RATE <= rate <= MAX_RATE:
-        raise HTTPException(422, f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE}")
+        raise BadWav(f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE}")
     return WavFormat(tag, channels, rate, width, mask, big_endian=endian == ">")
 
 
@@ -1262,7 +1708,7 @@ class WavParser:
     def _header(self) -> Generator[int, bytes, None]:
         riff = yield 12
         if riff[:4] not in RIFF_MAGICS or riff[8:12] != b"WAVE":
-            raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
+            raise UnsupportedWav("audio_file is not a RIFF/WAVE file")
         self._endian = ">" if riff[:4] == b"RIFX" else "<"
         self._stage = "chunks"
         while True:
@@ -1292,7 +1738,7 @@ class WavParser:
     def _chunk_header(self) -> Generator[int, bytes, tuple[bytes, int]]:
         self._chunks += 1
         if self._chunks > MAX_CHUNKS:
-            raise HTTPException(422, f"WAV header is corrupt: more than {MAX_CHUNKS} chunks")
+            raise BadWav(f"WAV header is corrupt: more than {MAX_CHUNKS} chunks")
         header = yield 8
         return header[:4], struct.unpack(self._endian + "L", header[4:])[0]
 
@@ -1317,7 +1763,7 @@ class WavParser:
 
     def _begin_data(self, size: int) -> None:
         if self.format is None:
-            raise HTTPException(422, "WAV header is corrupt or truncated: missing fmt chunk")
+            raise BadWav("WAV header is corrupt or truncated: missing fmt chunk")
         if size == 0xFFFFFFFF and self._ds64_data_bytes is not None:
             size = self._ds64_data_bytes
         self.data_bytes = None if size in STREAMED_SIZES else size
@@ -1327,16 +1773,16 @@ class WavParser:
         """The end of the upload: the format, or 415/422 for a file that is no WAV, or a header or data chunk cut short."""
         if self._stage == "head":
             if self._seen == 0:
-                raise HTTPException(422, "audio_file is empty (0 bytes)")
+                raise BadWav("audio_file is empty (0 bytes)")
             if not any(magic.startswith(bytes(self._pending[:4])) for magic in RIFF_MAGICS):
-                raise HTTPException(415, "audio_file is not a RIFF/WAVE file")
-            raise HTTPException(422, "WAV header is truncated")
+                raise UnsupportedWav("audio_file is not a RIFF/WAVE file")
+            raise BadWav("WAV header is truncated")
         if self._stage == "chunks" or self.format is None:
             missing = "missing fmt chunk" if self.format is None else "no data chunk"
-            raise HTTPException(422, f"WAV header is corrupt or truncated: {missing}")
+            raise BadWav(f"WAV header is corrupt or truncated: {missing}")
         declared, frame = self.data_bytes, self.format.frame_size
         if declared is not None and self.audio_bytes < declared - declared % frame:
-            raise HTTPException(422, f"WAV is truncated: data chunk declares {declared} bytes, {self.audio_bytes} arrived")
+            raise BadWav(f"WAV is truncated: data chunk declares {declared} bytes, {self.audio_bytes} arrived")
         return self.format
 
 
@@ -1350,87 +1796,7 @@ def whole_characters(cut: bytes) -> bytes:
     return cut
 
 
-class _FrameSource:
-    """What `wave` reads: a canonical header, then the data chunk's bytes as they arrive."""
-
-    def __init__(self) -> None:
-        self._pieces: deque[bytes | memoryview] = deque()
-        self.available = 0
-
-    def append(self, data: bytes | memoryview) -> None:
-        if data:
-            self._pieces.append(data)
-            self.available += len(data)
-
-    def prepend(self, data: bytes | memoryview) -> None:
-        self._pieces.appendleft(data)
-        self.available += len(data)
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.available if size < 0 else min(size, self.available)
-        taken: list[bytes | memoryview] = []
-        while size > 0:
-            piece = self._pieces.popleft()
-            if len(piece) > size:
-                self._pieces.appendleft(bytes(piece[size:]))  # a copy: the rest of what arrived can go
-                piece = piece[:size]
-            taken.append(piece)
-            size -= len(piece)
-            self.available -= len(piece)
-        return bytes(taken[0]) if len(taken) == 1 else b"".join(taken)
-
-
-class WavFrames:
-    """Whole frames out of a data chunk, read by stdlib `wave` through its public interface.
-
-    `wave` is given a plain PCM view of the audio (the format was read by WavParser, which knows
-    the encodings `wave` does not): it counts whole frames and keeps partial ones for later. Its
-    chunk sizes are 32-bit, so audio past 4 GiB (RF64, long streams) is read through a new view.
-    """
-
-    def __init__(self, fmt: WavFormat) -> None:
-        self.frame_size = fmt.frame_size
-        self.frames = 0
-        self._source = _FrameSource()
-        bits = 8 * fmt.sample_width
-        # The largest even (no pad byte) whole-frame size a RIFF header can declare around it.
-        self._segment = (0xFFFFFFFF - 44) // fmt.frame_size * fmt.frame_size
-        if self._segment % 2:
-            self._segment -= fmt.frame_size
-        fmt_chunk = struct.pack("<HHLLHH", WAVE_FORMAT_PCM, fmt.channels, fmt.rate, fmt.rate * fmt.frame_size, fmt.frame_size, bits)
-        self._header = (
-            b"RIFF"
-            + struct.pack("<L", 36 + self._segment)
-            + b"WAVEfmt "
-            + struct.pack("<L", 16)
-            + fmt_chunk
-            + b"data"
-            + struct.pack("<L", self._segment)
-        )
-        self._view = self._new_view()
-
-    def _new_view(self) -> wave.Wave_read:
-        self._source.prepend(self._header)
-        return wave.open(cast(IO[bytes], self._source), "rb")
-
-    def append(self, audio: bytes | memoryview) -> None:
-        self._source.append(audio)
-
-    @property
-    def available(self) -> int:
-        """Whole frames that can be read now."""
-        return self._source.available // self.frame_size
-
-    def read(self, frames: int) -> bytes:
-        if self._view.tell() == self._view.getnframes():
-            self._view = self._new_view()
-        frames = min(frames, self._view.getnframes() - self._view.tell())
-        block = self._view.readframes(frames)
-        self.frames += len(block) // self.frame_size
-        return block
-
-
-# 6. Samples #########################################################################
+# 9. Samples #######################################################################
 # LAME takes interleaved 16-bit PCM in one or two channels. Every conversion below is a
 # table lookup, a strided view or one matrix product: numpy, never a loop per sample.
 
@@ -1452,6 +1818,7 @@ def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
 ALAW_TO_PCM16, MULAW_TO_PCM16 = _g711_tables()
 UNSIGNED8_TO_PCM16 = ((np.arange(256, dtype=np.int32) - 128) << 8).astype(np.int16)
 BYTE_TABLES = {WAVE_FORMAT_PCM: UNSIGNED8_TO_PCM16, WAVE_FORMAT_ALAW: ALAW_TO_PCM16, WAVE_FORMAT_MULAW: MULAW_TO_PCM16}
+
 
 # ITU-R BS.775 downmix: centre and surrounds at -3 dB into their side, LFE dropped. Keyed by
 # the WAVE_FORMAT_EXTENSIBLE speaker bit; a file without a mask uses the bits in order.
@@ -1563,567 +1930,9 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> b
     return samples.tobytes()
 
 
-# 7. MP3 encoding ####################################################################
-# lameenc gives the frames; what it does not give (it sets lame_set_bWriteVbrTag(0)) is the first
-# frame a player reads to time and trim the file: the Info (CBR) / Xing (VBR) frame with LAME's
-# extension (frame and byte counts, seek table, encoder delay and padding). It is rebuilt here, as
-# lame_get_lametag_frame() would write it, from the settings, the frame headers as they come out
-# of the encoder and the PCM frame count: the rules of libmp3lame 3.100's lame.c (lame_init_params,
-# lame_encode_flush), presets.c, util.c (fill_buffer_resample), bitstream.c and VbrTag.c, ported and
-# checked byte by byte against `lame` (test_lame_tag_matches_lame_field_by_field).
-
-BytesLike = bytes | bytearray | memoryview
-
-# VbrTag.c PutLameVBR: strncpy(get_lame_tag_encoder_short_version(), 9). lameenc 1.9.0 is built from the lame-3.100
-# tarball, though its frames' filler says "LAME4.0": the tag names the source version, as `lame` 3.100 does.
-LAME_VERSION = b"LAME3.100"
-
-# tables.c bitrate_table[version]: row 0 = MPEG-2, 1 = MPEG-1, 2 = MPEG-2.5 (LAME's own 2.5 limit of 64 kbps)
-BITRATES = (
-    (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, -1),
-    (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, -1),
-    (0, 8, 16, 24, 32, 40, 48, 56, 64, -1, -1, -1, -1, -1, -1, -1),
-)
-SAMPLERATES = {
-    44100: (1, 0),
-    48000: (1, 1),
-    32000: (1, 2),
-    22050: (0, 0),
-    24000: (0, 1),
-    16000: (0, 2),
-    11025: (0, 0),
-    12000: (0, 1),
-    8000: (0, 2),
-}  # util.c SmpFrqIndex: rate -> (version, index)
-# util.c nearestBitrateFullIndex table, with lame.c optimum_bandwidth lowpass and presets.c abr_switch_map
-# (safejoint, sfscale) per entry
-FULL_BITRATES = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
-CBR_LOWPASS = (2000, 3700, 3900, 5500, 7000, 7500, 10000, 11000, 13500, 15100, 15600, 17000, 17500, 18600, 19400, 19700, 20500)
-ABR_SAFEJOINT = (0,) * 12 + (1,) * 5
-ABR_SFSCALE = (1,) * 13 + (0,) * 4
-VBR_MTRH_LOWPASS = (24000, 19500, 18500, 18000, 17500, 17000, 16500, 15600, 15200, 7230, 3950)  # lame.c, vbr_mtrh
-# lame.c lame_init_params "mapping VBR scale to internal VBR quality settings" (sr_a, qa, qb, ta, tb), rows 2..8
-VBR_Q_MAP: tuple[tuple[int, np.float32, np.float32, np.float32, np.float32], ...] = tuple(
-    (sr, np.float32(qa), np.float32(qb), np.float32(ta), np.float32(tb))
-    for sr, qa, qb, ta, tb in (
-        (32000, 6.5, 8.0, 5.2, 6.5),
-        (24000, 8.0, 8.5, 5.2, 6.0),
-        (22050, 8.5, 9.01, 5.2, 6.5),
-        (16000, 9.01, 9.4, 4.9, 6.5),
-        (12000, 9.4, 9.6, 4.5, 6.0),
-        (11025, 9.6, 9.9, 5.1, 6.5),
-        (8000, 9.9, 10.0, 4.9, 6.5),
-    )
-)
-
-STEREO, JOINT_STEREO, MONO = 0, 1, 3  # lame.h MPEG_mode
-ENCDELAY, POSTDELAY = 576, 1152  # encoder.h
-LAMEHEADERSIZE = 156  # VbrTag.c: Xing (120) + LAME extension (36)
-MAXFRAMESIZE = 2880  # VbrTag.c
-FRAMES_BYTES_TOC_SCALE = 0x0F  # VbrTag.h FRAMES_FLAG | BYTES_FLAG | TOC_FLAG | VBR_SCALE_FLAG
-_HEADER = struct.Struct(">I")
-_FIXED_HEADER_BITS = 0xFFFF0DCF  # sync, version, layer, CRC, sample rate, private, mode, copyright, original, emphasis
-
-
-def _frame_sizes() -> tuple[int, ...]:
-    """Layer III frame size indexed by header bits 20..9 (version, layer, CRC, bitrate, rate, padding); 0 = invalid."""
-    sizes = [0] * 4096
-    for ver_bits, row, rates in ((3, 1, (44100, 48000, 32000)), (2, 0, (22050, 24000, 16000)), (0, 0, (11025, 12000, 8000))):
-        for prot, bri, pad in ((p, b, d) for p in (0, 1) for b in range(1, 15) for d in (0, 1)):
-            for sri, rate in enumerate(rates):
-                sizes[ver_bits << 10 | 1 << 8 | prot << 7 | bri << 3 | sri << 1 | pad] = (144000 if row else 72000) * BITRATES[row][bri] // rate + pad
-    return tuple(sizes)
-
-
-FRAME_SIZES = _frame_sizes()
-
-
-# LAME's CRC-16 (VbrTag.c CRC_update_lookup: x^16 + x^15 + x^2 + 1, reflected, from 0) is CRC-16/ARC.
-# anycrc computes it in C at ~15 GB/s: the music CRC over every frame costs ~0.1 ms a minute of audio.
-CRC16_ARC = anycrc.Model("CRC16-ARC")
-
-
-def crc16(data: BytesLike, crc: int = 0) -> int:
-    """LAME's CRC-16 of `data`, continuing from `crc`."""
-    return int(CRC16_ARC.calc(data, crc))
-
-
-# Settings and what lame_init_params derives from them.
-
-
-@dataclasses.dataclass(frozen=True)
-class LameSettings:
-    """What lameenc is given: set_in_sample_rate, set_channels, set_quality and set_bit_rate or set_vbr(4) + set_vbr_quality."""
-
-    in_rate: int
-    channels: int
-    quality: int = 3
-    bitrate: int | None = 128  # CBR kbps, None for VBR
-    vbr_quality: int | None = None  # -V 0..9 (vbr_mtrh), None for CBR
-
-    def __post_init__(self) -> None:
-        if (self.bitrate is None) == (self.vbr_quality is None):
-            raise ValueError("exactly one of bitrate (CBR) and vbr_quality (VBR) must be set")
-        if self.channels not in (1, 2) or self.in_rate <= 0:
-            raise ValueError("channels must be 1 or 2 and in_rate positive")
-        if not (0 < (self.bitrate or 1) <= 320 and 0 <= (self.vbr_quality or 0) <= 9):  # > 320: no reservoir, not ported
-            raise ValueError("bitrate must be 1..320 kbps and vbr_quality 0..9")
-
-
-@dataclasses.dataclass(frozen=True)
-class LameConfig:
-    """The parts of LAME's SessionConfig_t / lame_global_flags that end up in the tag."""
-
-    in_rate: int
-    out_rate: int
-    version: int  # 1 = MPEG-1, 0 = MPEG-2 / 2.5 (cfg->version)
-    samplerate_index: int
-    mode: int  # STEREO, JOINT_STEREO or MONO
-    vbr: bool
-    bitrate: int  # CBR: the bitrate LAME really uses (FindNearestBitrate); VBR: cfg->avg_bitrate is unused
-    lowpass: int  # cfg->lowpassfreq in Hz, -1 = none
-    quality: int  # gfp->quality after lame_init_params
-    vbr_q: int  # gfp->VBR_q after lame_init_params (4 = lame_init default for CBR)
-    preset: int
-    ath_type: int
-    safe_joint: bool
-    noise_shaping: int
-
-    @property
-    def frame_samples(self) -> int:
-        return 1152 if self.out_rate > 24000 else 576
-
-    @property
-    def resampling(self) -> bool:
-        """util.c isResamplingNecessary (float arithmetic)."""
-        lo, hi = int(np.float32(self.out_rate) * np.float32(0.9995)), int(np.float32(self.out_rate) * np.float32(1.0005))
-        return self.in_rate < lo or hi < self.in_rate
-
-    @property
-    def sideinfo_len(self) -> int:
-        """Header + side info bytes (lame.c), i.e. where the Xing tag starts."""
-        if self.version == 1:
-            return 21 if self.mode == MONO else 36
-        return 13 if self.mode == MONO else 21
-
-    @property
-    def tag_bitrate(self) -> int:
-        """VbrTag.c InitVbrTag: CBR uses its own bitrate, VBR pretends 128 / 64 / 32 kbps (MPEG-1 / 2 / 2.5)."""
-        if not self.vbr:
-            return self.bitrate
-        return 128 if self.version == 1 else 32 if self.out_rate < 16000 else 64
-
-    @property
-    def tag_frame_size(self) -> int:
-        return (self.version + 1) * 72000 * self.tag_bitrate // self.out_rate
-
-    @property
-    def writes_tag(self) -> bool:
-        """InitVbrTag disables the tag when it does not fit the frame (e.g. 32 kbps CBR MPEG-1 stereo)."""
-        return self.sideinfo_len + LAMEHEADERSIZE <= self.tag_frame_size <= MAXFRAMESIZE
-
-
-def _nearest_full_index(kbps: int) -> int:
-    """util.c nearestBitrateFullIndex (ties go up)."""
-    for b in range(16):
-        if max(kbps, FULL_BITRATES[b + 1]) != kbps:
-            return b if FULL_BITRATES[b + 1] - kbps > kbps - FULL_BITRATES[b] else b + 1
-    return 16
-
-
-def _find_nearest_bitrate(kbps: int, version: int, rate: int) -> int:
-    """util.c FindNearestBitrate: LAME caps e.g. 320 kbps to 160 (MPEG-2) or 64 (MPEG-2.5)."""
-    row = BITRATES[2 if rate < 16000 else version]
-    best = row[1]
-    for b in row[2:15]:
-        if b > 0 and abs(b - kbps) < abs(best - kbps):
-            best = b
-    return best
-
-
-def _optimum_samplefreq(lowpass: int, in_rate: int) -> int:
-    """lame.c optimum_samplefreq."""
-    valid = (48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-    suggested = next((r for r in valid if in_rate >= r), 44100)
-    if lowpass == -1:
-        return suggested
-    for limit, rate in ((15960, 44100), (15250, 32000), (11220, 24000), (9970, 22050), (7230, 16000), (5420, 12000), (4510, 11025), (3970, 8000)):
-        if lowpass <= limit:
-            suggested = rate
-    if in_rate < suggested:  # "choose a valid MPEG sample frequency above the input sample frequency"
-        return next((r for r, below in itertools.pairwise(valid) if in_rate > below), 8000)
-    return suggested
-
-
-def lame_config(s: LameSettings) -> LameConfig:
-    """Port of lame_init_params for lameenc's calls (lameenc.c sets MONO for 1 channel, STEREO for CBR > 128 kbps)."""
-    vbr, q = s.vbr_quality is not None, min(max(s.quality, 0), 9)  # lame_set_quality clamps
-    mode = MONO if s.channels == 1 else STEREO if not vbr and (s.bitrate or 0) > 128 else JOINT_STEREO
-    vbr_q = s.vbr_quality if s.vbr_quality is not None else 4  # lame_init: VBR_q = 4
-    vbr_q_frac, lowpass, out_rate = np.float32(0), 0, 0
-    if vbr:  # lame.c: VBR quality remapping for low input rates (float arithmetic as in C)
-        qval = np.float32(vbr_q)
-        for sr, qa, qb, ta, tb in VBR_Q_MAP:
-            if s.in_rate == sr and qval < qa:
-                d = float(qval / qa) * float(ta)
-                vbr_q, vbr_q_frac = int(d), np.float32(d - int(d))
-            if s.in_rate >= sr and qa <= qval < qb:
-                d = float(ta + (tb - ta) * (qval - qa) / (qb - qa))
-                vbr_q, vbr_q_frac, out_rate, lowpass = int(d), np.float32(d - int(d)), sr, -1
-                break
-    if lowpass == 0:  # lame.c: "if a filter has not been enabled, see if we should add one"
-        if vbr:
-            a, b = VBR_MTRH_LOWPASS[vbr_q], VBR_MTRH_LOWPASS[vbr_q + 1]
-            lp = a + float(vbr_q_frac) * (b - a)
-        else:
-            lp = float(CBR_LOWPASS[_nearest_full_index(s.bitrate or 0)])
-            if mode == MONO:
-                lp *= 1.5
-        lowpass = int(lp)
-    if out_rate == 0:
-        if 2 * lowpass > s.in_rate:
-            lowpass = s.in_rate // 2
-        out_rate = _optimum_samplefreq(lowpass, s.in_rate)
-    lowpass = min(lowpass, 24000 if vbr else 20500, out_rate // 2)
-    version, sr_index = SAMPLERATES[out_rate]
-    if vbr:  # apply_preset(500 - 10 * VBR_q): vbr_mt_psy_switch_map row VBR_q sets ATH type 5, safejoint for V0-V7
-        bitrate, preset, ath_type, safe_joint, shaping = 0, 500 - 10 * vbr_q, 5, vbr_q <= 7, 0
-        quality = 0 if q < 5 else min(q, 7)
-    else:  # apply_abr_preset(nearest bitrate): abr_switch_map safejoint / sfscale (noise_shaping = 2)
-        bitrate = _find_nearest_bitrate(s.bitrate or 0, version, out_rate)
-        r = _nearest_full_index(bitrate)
-        preset, ath_type, safe_joint, shaping = bitrate, 4, bool(ABR_SAFEJOINT[r]), 2 * ABR_SFSCALE[r]
-        quality = 7 if q == 8 else q  # lame_init_qval
-    shaping = 0 if quality >= 7 else shaping or 1  # lame_init_qval
-    return LameConfig(
-        s.in_rate,
-        out_rate,
-        version,
-        sr_index,
-        mode,
-        vbr,
-        bitrate,
-        lowpass,
-        quality,
-        vbr_q,
-        preset,
-        ath_type,
-        safe_joint and mode == JOINT_STEREO,
-        shaping,
-    )
-
-
-# The encoded stream.
-
-
-class Mp3Frames:
-    """Fed the bytes lameenc returns, in order (a frame may be split across calls).
-
-    Parses Layer III headers as they come: counts frames and bytes, keeps each frame's bitrate index (for LAME's
-    addVbr TOC bag), the first/last header (version, sample rate, mode; mode_ext of the last frame goes into the tag
-    header as in setLameTagFrameHeader) and LAME's nMusicCRC over all audio bytes."""
-
-    def __init__(self) -> None:
-        self.nbytes = 0
-        self.first_header = 0
-        self.last_header = 0
-        self._bitrate_indexes = bytearray()
-        self._skip = 0  # bytes of the current frame still to come
-        self._head = b""  # start of a header split across calls
-        self.music_crc = 0
-
-    @property
-    def frame_count(self) -> int:
-        return len(self._bitrate_indexes)
-
-    @property
-    def version(self) -> int:
-        """1 = MPEG-1, 0 = MPEG-2 or 2.5 (as LAME's cfg->version)."""
-        return self.first_header >> 19 & 1
-
-    @property
-    def sample_rate(self) -> int:
-        v = self.first_header >> 19 & 3
-        rates = (11025, 12000, 8000) if v == 0 else (22050, 24000, 16000) if v == 2 else (44100, 48000, 32000)
-        return rates[self.first_header >> 10 & 3]
-
-    @property
-    def mode(self) -> int:
-        return self.first_header >> 6 & 3
-
-    @property
-    def mode_ext(self) -> int:
-        return self.last_header >> 4 & 3
-
-    def bitrates(self) -> np.ndarray:
-        """kbps of every frame, from LAME's bitrate_table[cfg->version] as AddVbrFrame uses it."""
-        table = np.array(BITRATES[self.version], np.int64)
-        return table[np.frombuffer(bytes(self._bitrate_indexes), np.uint8)]
-
-    def feed(self, data: BytesLike) -> None:
-        data = bytes(data)
-        n = len(data)
-        if not n:
-            return
-        self.nbytes += n
-        self.music_crc = crc16(data, self.music_crc)
-        pos = self._skip
-        if self._head:
-            take = 4 - len(self._head)
-            if n < take:
-                self._head += data
-                return
-            pos = self._frame(int.from_bytes(self._head + data[:take], "big")) - len(self._head)
-            self._head = b""
-        sizes, first, indexes, unpack = FRAME_SIZES, self.first_header, self._bitrate_indexes, _HEADER.unpack_from
-        h = self.last_header
-        while pos + 4 <= n:
-            (h,) = unpack(data, pos)
-            size = sizes[h >> 9 & 0xFFF]
-            if (h ^ first) & _FIXED_HEADER_BITS or not size:
-                pos += self._frame(h)  # first frame or bad header: the slow path checks and raises
-                first = self.first_header
-                continue
-            indexes.append(h >> 12 & 15)
-            pos += size
-        self.last_header = h
-        if pos < n:
-            self._head, self._skip = data[pos:], 0
-        else:
-            self._skip = pos - n
-
-    def _frame(self, h: int) -> int:
-        size = FRAME_SIZES[h >> 9 & 0xFFF]
-        if h >> 21 != 0x7FF or not size:
-            raise ValueError(f"not an MPEG Layer III frame header: {h:08x} (in the {self.nbytes} bytes fed so far)")
-        if not self.first_header:
-            self.first_header = h
-        elif (h ^ self.first_header) & _FIXED_HEADER_BITS:
-            raise ValueError(f"frame header {h:08x} does not match the stream's first {self.first_header:08x}")
-        self.last_header = h
-        self._bitrate_indexes.append(h >> 12 & 15)
-        return size
-
-
-def xing_toc(kbps: np.ndarray) -> bytes:
-    """VbrTag.c addVbr (bag of 400 sums, 'want' doubling) + Xing_seek_table (float arithmetic) for frame bitrates."""
-    n = len(kbps)
-    if not n:
-        return bytes(100)
-    want = 1
-    while n >= 400 * want:  # the bag is halved each time it fills up
-        want *= 2
-    pos = n // want
-    cum = np.cumsum(kbps, dtype=np.int64)
-    bag = cum[np.arange(1, pos + 1) * want - 1]  # bag[p] = sum of the first (p + 1) * want frames
-    total = int(cum[-1])
-    j = np.arange(1, 100, dtype=np.float32) / np.float32(100)
-    idx = np.minimum(np.floor(j * np.float32(pos)).astype(np.int64), pos - 1)
-    act = bag[idx].astype(np.float32).astype(np.float64)
-    seek = np.minimum((256.0 * act / float(np.float32(total))).astype(np.int64), 255)
-    return bytes([0]) + bytes(seek.astype(np.uint8).tobytes())
-
-
-# Padding: lame_encode_flush's end_padding rule needs the (resampled) sample count LAME buffered.
-
-
-def resampled_count(chunks: Sequence[int], in_rate: int, out_rate: int, frame_samples: int) -> int:
-    """Samples util.c fill_buffer_resample outputs for encode() calls of the given PCM frame counts.
-
-    Replays its bookkeeping in the same double arithmetic: per call, lame_encode_buffer_sample_t asks for at most one
-    frame (desired_len) at a time; output k needs input floor(k * ratio - itime) + 16 < len (filter_l - filter_l/2 = 16
-    for both filter lengths). Mathematically that is ceil((n - 16) * out / in), but when that is an exact integer the
-    rounding of itime decides, and that depends on the call sizes."""
-    ratio = float(in_rate) / float(out_rate)
-    itime, total = 0.0, 0
-    for n in chunks:
-        while n > 0:
-            k = min(max(0, math.ceil((n - 16 + itime) / ratio)), frame_samples)  # first guess, then exact search
-            while k > 0 and math.floor((k - 1) * ratio - itime) + 16 >= n:
-                k -= 1
-            while k < frame_samples and math.floor(k * ratio - itime) + 16 < n:
-                k += 1
-            used = min(n, math.floor((k if k < frame_samples else k - 1) * ratio - itime) + 16)
-            itime = itime + (used - k * ratio)
-            total += k
-            n -= used
-    return total
-
-
-def samples_and_padding(cfg: LameConfig, input_frames: int | Sequence[int]) -> tuple[int, int]:
-    """lame.c lame_encode_flush: samples_to_encode (ENCDELAY + samples LAME buffered) and end_padding."""
-    chunks = [input_frames] if isinstance(input_frames, int) else input_frames
-    if cfg.resampling:  # "delay due to resampling": samples_to_encode += 16. / resample_ratio (int += double)
-        n_out = resampled_count(chunks, cfg.in_rate, cfg.out_rate, cfg.frame_samples)
-        samples = int(ENCDELAY + n_out + 16.0 / (float(cfg.in_rate) / float(cfg.out_rate)))
-    else:
-        samples = ENCDELAY + sum(chunks)
-    pad = cfg.frame_samples - samples % cfg.frame_samples
-    return samples, pad + cfg.frame_samples if pad < 576 else pad
-
-
-# The tag frame.
-
-
-def lame_tag_frame(settings: LameSettings, frames: Mp3Frames, input_frames: int | Sequence[int], version: bytes = LAME_VERSION) -> bytes:
-    """The whole Info (CBR) / Xing (VBR) frame lame_get_lametag_frame() writes, to put before the audio frames.
-
-    input_frames is the number of PCM frames given to encode(), or the list of per-call counts: with resampling
-    (88.2-192 kHz input, low bitrates) LAME's resampler count - hence the padding - can depend on the call sizes in
-    ~1/(in_rate/gcd) of the lengths; an int is exact for a single call. version is the 9-byte encoder string (lame
-    3.100 writes b"LAME3.100"; lameenc 1.9.0's own libmp3lame would write b"LAME4.0 "). b'' where lame writes no tag
-    (frame too small for it, or no frames). Raises ValueError if the frames do not match what LAME makes of the
-    settings (wrong settings or input count)."""
-    cfg = lame_config(settings)
-    if not cfg.writes_tag or not frames.frame_count:
-        return b""
-    if (frames.sample_rate, frames.version, frames.mode) != (cfg.out_rate, cfg.version, cfg.mode):
-        raise ValueError(f"stream is {frames.sample_rate} Hz v{frames.version} mode {frames.mode}, settings give {cfg}")
-    kbps = frames.bitrates()
-    if not cfg.vbr and np.any(kbps != cfg.bitrate):
-        raise ValueError(f"CBR stream at {sorted(set(kbps.tolist()))} kbps, settings give {cfg.bitrate}")
-    samples, padding = samples_and_padding(cfg, input_frames)
-    if frames.frame_count != (samples + padding) // cfg.frame_samples:  # lame_encode_flush: frames_left
-        raise ValueError(
-            f"{frames.frame_count} frames, but LAME makes {(samples + padding) // cfg.frame_samples}"
-            f" for {input_frames if isinstance(input_frames, int) else sum(input_frames)} input frames"
-        )
-
-    size = cfg.tag_frame_size
-    buf = bytearray(size)
-    # setLameTagFrameHeader: header of the first frame with the Xing bitrate, no padding, mode_ext of the last frame
-    mpeg25 = cfg.out_rate < 16000
-    bitrate_index = BITRATES[2 if mpeg25 else cfg.version].index(cfg.tag_bitrate)
-    buf[0] = 0xFF
-    buf[1] = 0xFB if cfg.version == 1 else 0xE3 if mpeg25 else 0xF3
-    buf[2] = bitrate_index << 4 | cfg.samplerate_index << 2
-    buf[3] = cfg.mode << 6 | frames.mode_ext << 4 | 1 << 2  # copyright 0, original 1, emphasis 0
-    i = cfg.sideinfo_len
-    stream_size = frames.nbytes + size  # nBytesWritten counts audio bytes only (copy_buffer mp3data=1), + this frame
-    buf[i : i + 16] = (b"Xing" if cfg.vbr else b"Info") + b"".join(
-        v.to_bytes(4, "big") for v in (FRAMES_BYTES_TOC_SCALE, frames.frame_count, stream_size)
-    )
-    buf[i + 16 : i + 116] = xing_toc(kbps)
-    i += 116
-    buf[i : i + 38] = _lame_extension(cfg, padding, stream_size, frames.music_crc, version)
-    buf[i + 38 : i + 40] = crc16(bytes(buf[: i + 38])).to_bytes(2, "big")  # tag CRC over everything before it
-    return bytes(buf)
-
-
-def _lame_extension(cfg: LameConfig, padding: int, stream_size: int, music_crc: int, version: bytes) -> bytes:
-    """VbrTag.c PutLameVBR without the trailing tag CRC (ReplayGain / peak not computed: zeros, as --noreplaygain)."""
-    quality = max(0, 100 - 10 * cfg.vbr_q - cfg.quality)  # also the Xing "VBR scale" field
-    lowpass = min(255.0, cfg.lowpass / 100.0 + 0.5)
-    rev_method = 4 if cfg.vbr else 1  # vbr_type_translator[vbr_mtrh] / [vbr_off], revision 0
-    flags = cfg.ath_type + (1 << 4) + (cfg.safe_joint << 5)  # nspsytune always on, no nogap
-    abr = (8 if cfg.version == 0 else 32) if cfg.vbr else min(cfg.bitrate, 255)  # vbr_min_bitrate_index 1 / CBR rate
-    stereo = {MONO: 0, STEREO: 1, JOINT_STEREO: 3}[cfg.mode]
-    non_optimal = cfg.in_rate <= 32000  # the only "nasty option" lameenc can trigger
-    source = 0 if cfg.in_rate <= 32000 else 2 if cfg.in_rate == 48000 else 3 if cfg.in_rate > 48000 else 1
-    misc = cfg.noise_shaping + (stereo << 2) + (non_optimal << 5) + (source << 6)
-    return b"".join(
-        (
-            quality.to_bytes(4, "big"),
-            version[:9].ljust(9, b"\0"),
-            bytes((rev_method, int(lowpass))),
-            bytes(8),  # peak amplitude (4), radio and audiophile ReplayGain (2 + 2)
-            bytes((flags, abr, ENCDELAY >> 4, (ENCDELAY << 4 & 0xFF) | padding >> 8, padding & 0xFF, misc, 0)),
-            cfg.preset.to_bytes(2, "big"),
-            stream_size.to_bytes(4, "big"),
-            music_crc.to_bytes(2, "big"),
-        )
-    )
-
-
-@dataclasses.dataclass
-class Mp3File:
-    """A finished MP3: what comes before its frames (tags), the frames in a spool, and its digest."""
-
-    head: bytes
-    frames: TempFile
-    size: int
-    sha256: str
-    duration_seconds: float
-
-    def read(self, size: int) -> bytes:
-        """The whole file in pieces: the head, then the frames."""
-        if self.head:
-            piece, self.head = self.head[:size], self.head[size:]
-            return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
-        return self.frames.read(size)
-
-    def close(self) -> None:
-        self.frames.close()
-
-
-class DiskBudget:
-    """Bytes all temporary files together may hold (TEMP_DISK_MB): a file takes its bytes before it writes them.
-
-    Thread-safe, as the encoder threads write the MP3s. Past the budget, or on a full disk (ENOSPC), the
-    write raises DiskFull: the request is answered 503 and its files go with it.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> None:
-        with self._lock:
-            if self.used + size > self.limit:
-                raise DiskFull()
-            self.used += size
-        TEMP_DISK.inc(size)
-
-    def give(self, size: int) -> None:
-        with self._lock:
-            self.used -= size
-        TEMP_DISK.dec(size)
-
-
-def _on_full_disk(error: OSError) -> Exception:
-    return DiskFull() if error.errno in (errno.ENOSPC, errno.EDQUOT) else error
-
-
-class TempFile:
-    """An unnamed temporary file (even a SIGKILL leaves nothing) whose bytes come out of the disk budget.
-
-    Its first `in_memory` bytes stay in memory (tempfile.SpooledTemporaryFile) and count against the budget too.
-    """
-
-    def __init__(self, budget: DiskBudget, in_memory: int = 0) -> None:
-        self._budget = budget
-        self.size = 0  # bytes written: what this file holds of the budget
-        try:
-            # Unbuffered, so that a full disk shows at the write that meets it, not at a later flush or close.
-            self._file: IO[bytes] = (
-                tempfile.SpooledTemporaryFile(in_memory, buffering=0) if in_memory else tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 -- closed in close()
-            )
-        except OSError as error:
-            raise _on_full_disk(error) from None
-
-    def write(self, data: BytesLike) -> None:
-        self._budget.take(len(data))
-        self.size += len(data)
-        try:
-            self._file.write(data)
-        except OSError as error:
-            raise _on_full_disk(error) from None
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def seek(self, offset: int) -> None:
-        self._file.seek(offset)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # the file has no name: closing it frees its blocks, whatever close() says
-            self._file.close()
-        self._budget.give(self.size)
-        self.size = 0
+# 10. MP3 encoding #################################################################
+# lameenc gives the MP3 frames; the Info/Xing frame that players read first is rebuilt by the port in
+# appendix B, and the ID3 tag comes from the WAV's INFO texts, through mutagen.
 
 
 class Mp3Encoder:
@@ -2159,7 +1968,7 @@ class Mp3Encoder:
         """The whole file: ID3 from the WAV's LIST/INFO, the LAME tag frame, then the frames."""
         frames_in = sum(self._calls)
         if frames_in == 0:
-            raise HTTPException(422, "WAV has no audio frames")
+            raise BadWav("WAV has no audio frames")
         self._write(self._lame.flush())
         head = id3_tag(info) + self._lame_tag()
         size = len(head) + self._spool.tell()
@@ -2179,6 +1988,27 @@ class Mp3Encoder:
 
     def close(self) -> None:
         self._spool.close()
+
+
+@dataclasses.dataclass
+class Mp3File:
+    """A finished MP3: what comes before its frames (tags), the frames in a spool, and its digest."""
+
+    head: bytes
+    frames: TempFile
+    size: int
+    sha256: str
+    duration_seconds: float
+
+    def read(self, size: int) -> bytes:
+        """The whole file in pieces: the head, then the frames."""
+        if self.head:
+            piece, self.head = self.head[:size], self.head[size:]
+            return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
+        return self.frames.read(size)
+
+    def close(self) -> None:
+        self.frames.close()
 
 
 # ID3v2.4 from the WAV's LIST/INFO texts (RIFF INFO list, as Audacity, Audition, recorders and
@@ -2230,228 +2060,9 @@ def id3_tag(info: Mapping[bytes, bytes]) -> bytes:
     return out.getvalue()
 
 
-# 8. Conversion jobs #################################################################
-
-
-class Encoders:
-    """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network.
-
-    Each upload has at most one block in the pool's queue (ConversionJob), so the threads serve the
-    uploads in turn, fairly, whatever their clients' speed.
-    """
-
-    def __init__(self, threads: int, audio_budget_bytes: int, disk: DiskBudget) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
-        self.budget = ByteBudget(audio_budget_bytes, BUFFERED_AUDIO)
-        self.disk = disk  # the temporary files' budget: MP3 spools and kept audio
-
-    def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        BLOCKS_QUEUED.inc()
-
-        def counted() -> T:
-            BLOCKS_QUEUED.dec()
-            with BLOCKS_ENCODING.track_inprogress():
-                return function(*args)
-
-        return asyncio.get_running_loop().run_in_executor(self._pool, counted)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class ByteBudget:
-    """Bytes that one kind of work may hold in memory at once, all requests together; whoever would go
-    over it waits, in turn (while its client's TCP window fills). Uploads hold WAV audio in it: one that
-    must wait first sends its own partial block to the encoders (ConversionJob), so the budget always
-    comes back. Downloads hold the chunks they read ahead of their clients (RecordResponse)."""
-
-    def __init__(self, limit: int, gauge: Gauge) -> None:
-        self.limit = limit
-        self.used = 0
-        self._gauge = gauge
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    def try_take(self, size: int) -> bool:
-        if self._waiters or (self.used and self.used + size > self.limit):
-            return False
-        self.used += size
-        self._gauge.inc(size)
-        return True
-
-    async def take(self, size: int) -> None:
-        if self.try_take(size):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((size, waiter))
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.give(size)  # granted as it was cancelled: hand it on
-            else:
-                self._waiters.remove((size, waiter))
-            raise
-
-    async def room(self) -> None:
-        """Wait, in turn, until the budget is not spent: a reader asks before it reads, so that it holds nothing while it waits."""
-        await self.take(1)
-        self.give(1)
-
-    def give(self, size: int) -> None:
-        self.used -= size
-        self._gauge.dec(size)
-        while self._waiters and (not self.used or self.used + self._waiters[0][0] <= self.limit):
-            size, waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.used += size
-                self._gauge.inc(size)
-                waiter.set_result(None)
-
-
-class ConversionJob:
-    """One WAV's conversion, fed the WAV as it arrives; the MP3 comes out of finish().
-
-    Knows nothing of HTTP. The event loop parses and buffers; a whole block goes to the
-    encoder pool, and the next one is gathered while it encodes (one block in flight).
-    With `keep_audio` (an option may still come after the audio) the encoder thread also
-    writes each block to a temporary file, so that encode_again() can start over with
-    other options; a file over KEEP_WAV_BYTES, or one the disk budget cannot hold, is not kept.
-    """
-
-    def __init__(self, options: Mp3Options, encoders: Encoders, keep_audio: bool) -> None:
-        self.options = options
-        self._encoders = encoders
-        self._budget = encoders.budget
-        self._buffered = 0  # bytes of audio taken from the budget and not yet handed to the encoders
-        self._wav = WavParser()
-        self._frames: WavFrames | None = None
-        self._encoder: Mp3Encoder | None = None
-        self._in_flight: asyncio.Future[None] | None = None
-        self._copy: TempFile | None = TempFile(encoders.disk) if keep_audio else None
-        self._copy_lost: HTTPException | None = None  # why the copy was let go
-        self._closed = False
-
-    async def feed(self, data: bytes) -> None:
-        if self._closed:
-            return
-        audio = self._wav.feed(data)
-        if self._frames is None and self._wav.format is not None:
-            self._frames = WavFrames(self._wav.format)
-            self._encoder = Mp3Encoder(self._wav.format, self.options, self._encoders.disk)
-        if audio and self._frames is not None:
-            if not self._budget.try_take(len(audio)):
-                if self._frames.available:  # make way: what this upload holds goes to the encoders first
-                    await self._encode(self._frames.read(self._frames.available))
-                await self._budget.take(len(audio))
-            self._buffered += len(audio)
-            self._frames.append(audio)
-            while self._frames.available >= self._block_frames:
-                await self._encode(self._frames.read(self._block_frames))
-
-    @property
-    def _block_frames(self) -> int:
-        assert self._frames is not None
-        return max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
-
-    async def room(self) -> None:
-        """Wait for room in the audio budget before the next read; hand over this upload's partial block first,
-        so that the budget always comes back (no upload waits while it holds some)."""
-        if self._budget.try_take(1):
-            self._budget.give(1)
-            return
-        if self._frames is not None and self._frames.available:
-            await self._encode(self._frames.read(self._frames.available))
-        await self._budget.room()
-
-    async def finish(self) -> Mp3File:
-        self._wav.close()
-        assert self._frames is not None and self._encoder is not None
-        if self._frames.available:
-            await self._encode(self._frames.read(self._frames.available))
-        await self._settle()
-        mp3 = await self._encoders.run(self._encoder.finish, self._wav.info)
-        self._encoder = None  # the MP3 owns the spool now
-        return mp3
-
-    async def encode_again(self, options: Mp3Options) -> Mp3File:
-        """The kept audio encoded with other options, block by block as before; after finish()."""
-        if self._copy is None or self._copy_lost is not None:
-            raise self._copy_lost or HTTPException(422, "send the encoding options before audio_file")
-        copy, self._copy = self._copy, None
-        assert self._wav.format is not None
-        encoder = Mp3Encoder(self._wav.format, options, self._encoders.disk)
-        try:
-            copy.seek(0)
-            block_bytes = self._block_frames * self._wav.format.frame_size
-            while await self._encoders.run(self._encode_kept, copy, encoder, block_bytes):
-                pass
-            return await self._encoders.run(encoder.finish, self._wav.info)
-        except BaseException:
-            encoder.close()
-            raise
-        finally:
-            copy.close()
-
-    @staticmethod
-    def _encode_kept(copy: TempFile, encoder: Mp3Encoder, size: int) -> bool:
-        """In an encoder thread: the next kept block into the encoder; False at the end."""
-        block = copy.read(size)
-        if block:
-            encoder.encode(block)
-        return bool(block)
-
-    async def _encode(self, block: bytes) -> None:
-        await self._settle()  # one block in flight: memory stays at two blocks per upload
-        assert self._encoder is not None
-        self._buffered -= len(block)
-        self._in_flight = self._encoders.run(self._encode_block, self._encoder, block)
-        self._in_flight.add_done_callback(lambda _: self._budget.give(len(block)))
-
-    def _encode_block(self, encoder: Mp3Encoder, block: bytes) -> None:
-        """In an encoder thread: keep the block if asked to (a write to the page cache), then encode it."""
-        copy = self._copy
-        if copy is not None and self._copy_lost is None:
-            try:
-                if copy.size + len(block) > KEEP_WAV_BYTES:
-                    raise HTTPException(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
-                copy.write(block)
-            except HTTPException as reason:  # a late option cannot be honoured now; the conversion goes on
-                self._copy_lost = reason
-                if isinstance(reason, DiskFull):
-                    self._copy_lost = DiskFull("the service's temporary disk is full: send the options before audio_file, or try again shortly")
-                copy.close()  # its disk is free at once
-        encoder.encode(block)
-
-    async def _settle(self) -> None:
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            await in_flight
-
-    def close(self) -> None:
-        """Drop everything; a block still encoding finishes in its thread and is dropped with it."""
-        if self._closed:
-            return
-        self._closed = True
-        self._budget.give(self._buffered)  # a block in flight gives its share back when it is done
-        self._buffered = 0
-        held = [item for item in (self._encoder, self._copy) if item is not None]
-        in_flight = self._in_flight
-        if in_flight is None:
-            for item in held:
-                item.close()
-            return
-
-        def close_after(future: asyncio.Future[None]) -> None:
-            if not future.cancelled():
-                future.exception()  # retrieved: the request has its answer already
-            for item in held:
-                item.close()
-
-        in_flight.add_done_callback(close_after)
-
-
-# 9. Storage #########################################################################
+# 11. Storage ######################################################################
 # Portable SQL: the same statements run on SQLite and PostgreSQL (see schema.sql).
+
 
 # Users are created in batches (UserBatcher): one statement, one commit for all the requests
 # that arrived together; RETURNING names the rows that were new.
@@ -2492,6 +2103,7 @@ SQL_POSTGRES_TUNE_CHUNKS = (
     "ALTER TABLE record_chunks SET (autovacuum_vacuum_scale_factor = 0.02, toast.autovacuum_vacuum_scale_factor = 0.02)",
 )
 
+
 # Worth waiting out at start-up: the database is still starting, or another replica is
 # creating the same tables at the same moment (PostgreSQL's catalog then reports a duplicate).
 RETRY_AT_STARTUP = (
@@ -2531,66 +2143,6 @@ class StoredRecord:
     duration_seconds: float
     sha256: str
     created_at: str
-
-
-class Blob(bytes):
-    """Chunk bytes with a short repr.
-
-    databases 0.9 formats every query's arguments with repr() for its debug log, whether or
-    not debug logging is on (databases/backends/sqlite.py and postgres.py, `_compile`): for a
-    256 KiB chunk that is ~1.5 ms of the event loop. Pinned by test_chunk_arguments_are_not_formatted.
-    """
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} bytes>"
-
-
-class _SQLiteConnection(sqlite3.Connection):
-    """`databases` opens SQLite connections itself; this factory gives each one our pragmas."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.execute("PRAGMA foreign_keys = ON")  # chunks go with their record
-        self.execute("PRAGMA secure_delete = ON")  # a deleted record's bytes are overwritten, not left in free pages
-
-
-class SQLitePool(databases.backends.sqlite.SQLitePool):
-    """Keeps SQLite connections open between requests.
-
-    databases 0.9's SQLitePool opens a new aiosqlite connection, with a thread of its own, for
-    every query and closes it afterwards: that costs more than the query, and 500 downloads at
-    once were 500 threads and 500 open files. This one lends out at most `size` connections and
-    keeps them open; a caller waits for one (within DB_TIMEOUT). Installed over the backend's
-    private `_pool` (there is no public hook); pinned by test_sqlite_connections_are_reused.
-    """
-
-    def __init__(self, url: str, size: int, **options: Any) -> None:
-        super().__init__(databases.DatabaseURL(url), **options)
-        self._free = asyncio.Semaphore(size)
-        self._idle: list[aiosqlite.Connection] = []
-
-    async def acquire(self) -> aiosqlite.Connection:
-        await self._free.acquire()
-        try:
-            connection = self._idle.pop() if self._idle else await super().acquire()
-        except BaseException:
-            self._free.release()
-            raise
-        DB_CONNECTIONS_IN_USE.inc()
-        return connection
-
-    async def release(self, connection: aiosqlite.Connection) -> None:
-        DB_CONNECTIONS_IN_USE.dec()
-        try:
-            if connection.in_transaction:  # a request cancelled mid-transaction
-                await connection.rollback()
-            self._idle.append(connection)
-        finally:
-            self._free.release()
-
-    async def close(self) -> None:
-        while self._idle:
-            await self._idle.pop().close()
 
 
 class Store:
@@ -2820,7 +2372,7 @@ class UserBatcher:
                     created.set_result(row["id"] in inserted)
 
 
-# 10. Responses ######################################################################
+# 12. Responses ####################################################################
 
 
 def base_url(request: Request, settings: Settings) -> str:
@@ -2849,7 +2401,7 @@ def record_query(request: Request) -> tuple[str | None, str | None]:
     """The `id` and `user` query parameters as UUIDs (None when not one); 422 when missing."""
     record_param, user_param = request.query_params.get("id"), request.query_params.get("user")
     if record_param is None or user_param is None:
-        raise HTTPException(422, "query parameters id and user are required")
+        raise Refused(422, "query parameters id and user are required")
     return parse_uuid(record_param), parse_uuid(user_param)
 
 
@@ -2862,7 +2414,7 @@ def page_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_PAGE
     if not 1 <= parse_count(text, "limit") <= MAX_PAGE:
-        raise HTTPException(422, f"limit must be an integer 1..{MAX_PAGE}")
+        raise Refused(422, f"limit must be an integer 1..{MAX_PAGE}")
     return int(text)
 
 
@@ -2879,7 +2431,7 @@ def parse_cursor(text: str | None) -> tuple[str, str]:
             return created_at, record_id
     except (ValueError, TypeError):
         pass
-    raise HTTPException(422, "cursor is not a next_cursor this service gave")
+    raise Refused(422, "cursor is not a next_cursor this service gave")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -2900,8 +2452,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     try:
         first = parse_count(first_text, "a Range position") if first_text else None
         last = parse_count(last_text, "a Range position") if last_text else None
-    except HTTPException as refusal:
-        raise RangeNotSatisfiable(size, refusal.detail) from None
+    except Refused as refusal:
+        raise RangeNotSatisfiable(size, refusal.message) from None
     if first is None:
         if last is None:
             return None
@@ -2978,7 +2530,7 @@ class RecordResponse(StreamingResponse):
             batch = await anext(batches)
         except RecordVanished:
             self._release()
-            raise HTTPException(404, NO_SUCH_RECORD) from None
+            raise Refused(404, NO_SUCH_RECORD) from None
         except BaseException:
             self._release()
             raise
@@ -3019,19 +2571,12 @@ class RecordResponse(StreamingResponse):
             self._release()  # also when the answer never started or its client left
 
     async def stream_response(self, send: Any) -> None:
-        """Starlette's, with a deadline on every send: a client that reads nothing gives its budget back."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(None) as deadline:  # one timer, moved for each send (a new one per piece cost ~20% of B7)
-
-            async def send_in_time(message: Any) -> None:
-                deadline.reschedule(loop.time() + SEND_TIMEOUT_SECONDS)
-                await send(message)
-                deadline.reschedule(None)  # time spent reading the next chunks is not the client's
-
-            await super().stream_response(send_in_time)
+        """Starlette's, with a deadline on every send (appendix A): a client that reads nothing gives its budget back."""
+        await with_send_deadline(super().stream_response, send, SEND_TIMEOUT_SECONDS)
 
 
-# 11. API documents ##################################################################
+# 13. API documents ################################################################
+
 
 COMPONENTS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -3102,7 +2647,7 @@ DOCS_PAGE = """<!doctype html>
 """
 
 
-# 12. The application ################################################################
+# 14. The application ##############################################################
 
 
 @dataclasses.dataclass
@@ -3133,18 +2678,22 @@ class UploadSlots:
         self.active -= 1
         UPLOADS_IN_PROGRESS.dec()
         if self.active == 0:
-            return_memory_soon()
+            MALLOC.trim_soon()
 
 
 def services_of(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-async def json_error(request: Request, failure: Exception) -> Response:
-    """Every refusal, ours or Starlette's (404, 405), as {"error": detail}."""
-    assert isinstance(failure, HTTPException)
-    log.info("refused %s %s: %d %s", request.method, request.url.path, failure.status_code, failure.detail)
-    return JSONResponse({"error": failure.detail}, status_code=failure.status_code, headers=failure.headers)
+async def answer_refusal(request: Request, failure: Exception) -> Response:
+    """Every refusal, ours (Refused) or Starlette's (404, 405), as {"error": message}: the one place one becomes HTTP."""
+    if isinstance(failure, Refused):
+        status, message, headers = failure.status, failure.message, failure.headers
+    else:
+        assert isinstance(failure, HTTPException)
+        status, message, headers = failure.status_code, failure.detail, dict(failure.headers or {})
+    log.info("refused %s %s: %d %s", request.method, request.url.path, status, message)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def internal_error(request: Request, failure: Exception) -> Response:
@@ -3193,47 +2742,262 @@ class RequestMetrics:
             ACCESS_LOG.info(
                 '%s - "%s %s HTTP/%s" %d %.1fms', client, scope["method"], logged_target(scope), scope["http_version"], status, 1000 * elapsed
             )
-            route = getattr(scope.get("route"), "path", "unknown")  # the template (/users/{user_id}/records), not the path
+            route = route_template(scope)
             REQUEST_SECONDS.labels(scope["method"], route).observe(elapsed)
             if route == "/users/wav":
                 UPLOADS.labels(str(status)).inc()
             if RequestMetrics.in_flight == 0:
-                return_memory_soon()
+                MALLOC.trim_soon()
 
 
-# glibc keeps freed memory in its heaps, one per thread that allocated, and raises its mmap threshold
-# as big blocks come and go, so after a burst of uploads the process kept ~400 MB it no longer used.
-# A fixed threshold maps every block over 64 KiB (network chunks, audio blocks, MP3 chunks) on its own
-# and unmaps it when freed (200 uploads at once peaked 35 MB lower than at 128 KiB); malloc_trim(0)
-# returns what is free in every heap once the service goes idle.
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):  # not glibc
-        return None
-    return libc
+async def keep_storage(store: Store, settings: Settings) -> None:
+    """In the background: delete records past RETENTION_DAYS, a few per transaction, and give SQLite's free
+    pages beyond a reserve back to the file system. Every replica may run it: deleting twice is harmless."""
+    while True:
+        try:
+            if settings.retention_days is not None:
+                before = (datetime.now(UTC) - timedelta(days=settings.retention_days)).isoformat(timespec="milliseconds")
+                deleted = 0
+                while (batch := await store.delete_expired(before, SWEEP_BATCH)) > 0:
+                    deleted += batch
+                    await asyncio.sleep(0.05)  # let requests have the database between batches
+                if deleted:
+                    log.info("retention: deleted %d records created before %s", deleted, before)
+            await store.release_free_pages()
+        except Unavailable as failure:  # the database is down: try again at the next sweep
+            log.warning("storage sweep skipped: %s", failure.message)
+        await asyncio.sleep(SWEEP_SECONDS)
 
 
-_LIBC = _glibc()
-_trim_pending = False
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The application: uvicorn calls this in each worker process (factory=True), tests with their own settings."""
+    settings = settings or Settings.from_env()
+    GuardedHttpToolsProtocol.limits = settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        MALLOC.tune()
+        store = Store(settings.database_url, settings.db_timeout, settings.db_connections)
+        await store.connect(time.monotonic() + settings.db_startup_timeout)
+        encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB, DiskBudget(settings.temp_disk_bytes()))
+        # anyio imports its asyncio backend on first use (StreamingResponse's task group):
+        # pay for that here rather than in the first download.
+        async with anyio.create_task_group():
+            pass
+        downloads = ByteBudget(DOWNLOAD_BUFFER_BYTES, BUFFERED_DOWNLOADS)
+        app.state.services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads), downloads)
+        sweeper = asyncio.create_task(keep_storage(store, settings))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper  # it may hold a connection: let it give it back before the pool closes
+            encoders.shutdown()
+            await store.disconnect()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                prometheus_client.multiprocess.mark_process_dead(os.getpid())
+
+    handlers = {Refused: answer_refusal, HTTPException: answer_refusal, Exception: internal_error}
+    middleware = [Middleware(RequestMetrics)]
+    if settings.cors_origins:
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "HEAD", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Range", "If-None-Match", "If-Range"],
+                expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag"],
+            )
+        )
+    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)))]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
 
 
-def return_memory_soon() -> None:
-    """Once idle for a moment, give free heap memory back to the OS (glibc malloc_trim), in a thread."""
-    global _trim_pending
-    if _LIBC is None or _trim_pending:
-        return
-    _trim_pending = True
-    loop = asyncio.get_running_loop()
+# 15. Command line #################################################################
 
-    def trim() -> None:
-        global _trim_pending
-        _trim_pending = False
-        if RequestMetrics.in_flight == 0 and _LIBC is not None:
-            loop.run_in_executor(None, _LIBC.malloc_trim, 0)
 
-    loop.call_later(0.5, trim)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP (every flag overrides its environment variable)")
+    for field in dataclasses.fields(Settings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", metavar=field.name.upper(), help=field.metadata["meaning"])
+    args = parser.parse_args(argv)
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name)
+        if value is not None:
+            os.environ[field.name.upper()] = value  # the workers import this module afresh and read them
+    settings = Settings.from_env()  # fail now, with the message, on a bad setting
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The workers write their metrics here and /metrics adds them up (prometheus_client's multiprocess mode).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wav2mp3-metrics-")
+    uvicorn.run(
+        "wav2mp3:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http="wav2mp3:GuardedHttpToolsProtocol",
+        timeout_keep_alive=int(KEEP_ALIVE_SECONDS),
+        access_log=False,  # RequestMetrics writes it, without the values of download links' queries
+        log_config=log_config(),
+    )
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, and this module's loggers (the access log among them) on stderr, in every worker process."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["wav2mp3"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["wav2mp3"] = {"class": "logging.StreamHandler", "formatter": "wav2mp3", "stream": "ext://sys.stderr"}
+    config["loggers"]["wav2mp3"] = {"handlers": ["wav2mp3"], "level": "INFO", "propagate": False}
+    return config
+
+
+# Appendix A: work-arounds #########################################################
+# Every reach into a library's internals is here: what it works around, where upstream, and the test
+# that fails the day it stops taking effect. None is covered by the deployment: nginx (compose) has a
+# header timeout and connection limits of its own, but `python wav2mp3.py` and `docker run` serve
+# clients without it, so the guard at uvicorn's protocol stays.
+
+
+class Blob(bytes):
+    """Chunk bytes with a short repr.
+
+    databases 0.9 formats every query's arguments with repr() for its debug log, whether or
+    not debug logging is on (databases/backends/sqlite.py and postgres.py, `_compile`): for a
+    256 KiB chunk that is ~1.5 ms of the event loop. Pinned by test_chunk_arguments_are_not_formatted.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """`databases` opens SQLite connections itself; this factory gives each one our pragmas."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA foreign_keys = ON")  # chunks go with their record
+        self.execute("PRAGMA secure_delete = ON")  # a deleted record's bytes are overwritten, not left in free pages
+
+
+class SQLitePool(databases.backends.sqlite.SQLitePool):
+    """Keeps SQLite connections open between requests.
+
+    databases 0.9's SQLitePool opens a new aiosqlite connection, with a thread of its own, for
+    every query and closes it afterwards: that costs more than the query, and 500 downloads at
+    once were 500 threads and 500 open files. This one lends out at most `size` connections and
+    keeps them open; a caller waits for one (within DB_TIMEOUT). Installed over the backend's
+    private `_pool` (there is no public hook); pinned by test_sqlite_connections_are_reused.
+    """
+
+    def __init__(self, url: str, size: int, **options: Any) -> None:
+        super().__init__(databases.DatabaseURL(url), **options)
+        self._free = asyncio.Semaphore(size)
+        self._idle: list[aiosqlite.Connection] = []
+
+    async def acquire(self) -> aiosqlite.Connection:
+        await self._free.acquire()
+        try:
+            connection = self._idle.pop() if self._idle else await super().acquire()
+        except BaseException:
+            self._free.release()
+            raise
+        DB_CONNECTIONS_IN_USE.inc()
+        return connection
+
+    async def release(self, connection: aiosqlite.Connection) -> None:
+        DB_CONNECTIONS_IN_USE.dec()
+        try:
+            if connection.in_transaction:  # a request cancelled mid-transaction
+                await connection.rollback()
+            self._idle.append(connection)
+        finally:
+            self._free.release()
+
+    async def close(self) -> None:
+        while self._idle:
+            await self._idle.pop().close()
+
+
+class _FrameSource:
+    """What `wave` reads: a canonical header, then the data chunk's bytes as they arrive."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[bytes | memoryview] = deque()
+        self.available = 0
+
+    def append(self, data: bytes | memoryview) -> None:
+        if data:
+            self._pieces.append(data)
+            self.available += len(data)
+
+    def prepend(self, data: bytes | memoryview) -> None:
+        self._pieces.appendleft(data)
+        self.available += len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.available if size < 0 else min(size, self.available)
+        taken: list[bytes | memoryview] = []
+        while size > 0:
+            piece = self._pieces.popleft()
+            if len(piece) > size:
+                self._pieces.appendleft(bytes(piece[size:]))  # a copy: the rest of what arrived can go
+                piece = piece[:size]
+            taken.append(piece)
+            size -= len(piece)
+            self.available -= len(piece)
+        return bytes(taken[0]) if len(taken) == 1 else b"".join(taken)
+
+
+class WavFrames:
+    """Whole frames out of a data chunk, read by stdlib `wave` through its public interface.
+
+    `wave` is given a plain PCM view of the audio (the format was read by WavParser, which knows
+    the encodings `wave` does not): it counts whole frames and keeps partial ones for later. Its
+    chunk sizes are 32-bit, so audio past 4 GiB (RF64, long streams) is read through a new view.
+    """
+
+    def __init__(self, fmt: WavFormat) -> None:
+        self.frame_size = fmt.frame_size
+        self.frames = 0
+        self._source = _FrameSource()
+        bits = 8 * fmt.sample_width
+        # The largest even (no pad byte) whole-frame size a RIFF header can declare around it.
+        self._segment = (0xFFFFFFFF - 44) // fmt.frame_size * fmt.frame_size
+        if self._segment % 2:
+            self._segment -= fmt.frame_size
+        fmt_chunk = struct.pack("<HHLLHH", WAVE_FORMAT_PCM, fmt.channels, fmt.rate, fmt.rate * fmt.frame_size, fmt.frame_size, bits)
+        self._header = (
+            b"RIFF"
+            + struct.pack("<L", 36 + self._segment)
+            + b"WAVEfmt "
+            + struct.pack("<L", 16)
+            + fmt_chunk
+            + b"data"
+            + struct.pack("<L", self._segment)
+        )
+        self._view = self._new_view()
+
+    def _new_view(self) -> wave.Wave_read:
+        self._source.prepend(self._header)
+        return wave.open(cast(IO[bytes], self._source), "rb")
+
+    def append(self, audio: bytes | memoryview) -> None:
+        self._source.append(audio)
+
+    @property
+    def available(self) -> int:
+        """Whole frames that can be read now."""
+        return self._source.available // self.frame_size
+
+    def read(self, frames: int) -> bytes:
+        if self._view.tell() == self._view.getnframes():
+            self._view = self._new_view()
+        frames = min(frames, self._view.getnframes() - self._view.tell())
+        block = self._view.readframes(frames)
+        self.frames += len(block) // self.frame_size
+        return block
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -3246,16 +3010,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     Pinned by test_live_header_timeout_closes_a_dripping_client and ..._connection_cap.
     """
 
-    limits: Settings | None = None
+    limits = Settings()  # create_app() puts the service's own here: uvicorn makes the protocol, not us
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if GuardedHttpToolsProtocol.limits is None:
-            GuardedHttpToolsProtocol.limits = Settings.from_env()
         CONNECTIONS.inc()
         self._header_deadline: asyncio.TimerHandle | None = None
         self._refused = False
-        if len(self.connections) > min(GuardedHttpToolsProtocol.limits.max_connections, connection_limit()):
+        if len(self.connections) > min(self.limits.max_connections, connection_limit()):
             OVERLOAD_REFUSALS.labels("connections").inc()
             self._refuse(503, "too many connections: try again shortly", f"Retry-After: {RETRY_AFTER_SECONDS}\r\n")
             return
@@ -3281,14 +3043,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _await_headers(self) -> None:
-        assert self.limits is not None
         self._header_deadline = self.loop.call_later(self.limits.header_timeout, self._headers_late)
 
     def _headers_late(self) -> None:
         self._header_deadline = None
         if not self.transport.is_closing():
             SLOW_CLIENTS.labels("header_timeout").inc()
-            assert self.limits is not None
             self._refuse(408, f"request headers not received within {self.limits.header_timeout:g} s")
 
     def _refuse(self, status: int, detail: str, extra_headers: str = "") -> None:
@@ -3313,96 +3073,535 @@ def connection_limit() -> int:
     return max(64, soft - 256)  # database connections, temporary files, the encoder and server threads
 
 
-async def keep_storage(store: Store, settings: Settings) -> None:
-    """In the background: delete records past RETENTION_DAYS, a few per transaction, and give SQLite's free
-    pages beyond a reserve back to the file system. Every replica may run it: deleting twice is harmless."""
-    while True:
-        try:
-            if settings.retention_days is not None:
-                before = (datetime.now(UTC) - timedelta(days=settings.retention_days)).isoformat(timespec="milliseconds")
-                deleted = 0
-                while (batch := await store.delete_expired(before, SWEEP_BATCH)) > 0:
-                    deleted += batch
-                    await asyncio.sleep(0.05)  # let requests have the database between batches
-                if deleted:
-                    log.info("retention: deleted %d records created before %s", deleted, before)
-            await store.release_free_pages()
-        except HTTPException as failure:  # the database is down: try again at the next sweep
-            log.warning("storage sweep skipped: %s", failure.detail)
-        await asyncio.sleep(SWEEP_SECONDS)
+async def with_send_deadline(stream: Callable[[Any], Awaitable[None]], send: Any, seconds: float) -> None:
+    """Run Starlette's StreamingResponse.stream_response (responses.py), which awaits every send without a
+    deadline, with one: a client that takes nothing for `seconds` is cut off, and its download gives back the
+    read-ahead it holds. One timer, moved for each send (a new one per piece cost ~20% of B7). RecordResponse
+    also sets Starlette's `body_iterator` after construction, once its first chunks are read. Pinned by
+    test_live_downloads_give_their_read_ahead_back_even_when_clients_leave."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as deadline:
+
+        async def send_in_time(message: Any) -> None:
+            deadline.reschedule(loop.time() + seconds)
+            await send(message)
+            deadline.reschedule(None)  # time spent reading the next chunks is not the client's
+
+        await stream(send_in_time)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings.from_env()
+def route_template(scope: Any) -> str:
+    """The matched route's template (/users/{user_id}/records), not the path, for metric labels: Starlette's
+    Router leaves the Route in scope["route"] (routing.py), a key it does not document. Pinned by
+    test_metrics_move_as_requests_happen (route="/users/wav")."""
+    return getattr(scope.get("route"), "path", "unknown")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, settings.db_timeout, settings.db_connections)
-        await store.connect(time.monotonic() + settings.db_startup_timeout)
-        encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB, DiskBudget(settings.temp_disk_bytes()))
-        # anyio imports its asyncio backend on first use (StreamingResponse's task group):
-        # pay for that here rather than in the first download.
-        async with anyio.create_task_group():
-            pass
-        downloads = ByteBudget(DOWNLOAD_BUFFER_BYTES, BUFFERED_DOWNLOADS)
-        app.state.services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads), downloads)
-        sweeper = asyncio.create_task(keep_storage(store, settings))
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper  # it may hold a connection: let it give it back before the pool closes
-            encoders.shutdown()
-            await store.disconnect()
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                prometheus_client.multiprocess.mark_process_dead(os.getpid())
 
-    handlers = {HTTPException: json_error, Exception: internal_error}
-    middleware = [Middleware(RequestMetrics)]
-    if settings.cors_origins:
-        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=origins,
-                allow_methods=["GET", "HEAD", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Range", "If-None-Match", "If-Range"],
-                expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag"],
-            )
+# glibc keeps freed memory in its heaps, one per thread that allocated, and raises its mmap threshold
+# as big blocks come and go, so after a burst of uploads the process kept ~400 MB it no longer used.
+# A fixed threshold maps every block over 64 KiB (network chunks, audio blocks, MP3 chunks) on its own
+# and unmaps it when freed (200 uploads at once peaked 35 MB lower than at 128 KiB); malloc_trim(0)
+# returns what is free in every heap once the service goes idle. Through ctypes, as glibc's own
+# mallopt(3) and malloc_trim(3); elsewhere (musl, macOS) nothing happens. Pinned by the load
+# benchmark's "after it" check (RSS back near idle after every scenario, tested in quick mode).
+class Malloc:
+    """glibc's allocator, tuned when the application starts (`tune`), trimmed when it goes idle (`trim_soon`)."""
+
+    M_MMAP_THRESHOLD = -3  # malloc.h
+
+    def __init__(self) -> None:
+        self._libc: ctypes.CDLL | None = None
+        self._trim_pending = False
+
+    def tune(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(self.M_MMAP_THRESHOLD, 64 * 1024)
+            self._libc = libc
+
+    def trim_soon(self) -> None:
+        """Once idle for a moment, give free heap memory back to the OS (malloc_trim), in a thread."""
+        if self._libc is None or self._trim_pending:
+            return
+        self._trim_pending = True
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            self._trim_pending = False
+            if RequestMetrics.in_flight == 0 and self._libc is not None:
+                loop.run_in_executor(None, self._libc.malloc_trim, 0)
+
+        loop.call_later(0.5, trim)
+
+
+MALLOC = Malloc()
+
+
+# Appendix B: the LAME tag #########################################################
+# lameenc gives the frames; what it does not give (it sets lame_set_bWriteVbrTag(0)) is the first
+# frame a player reads to time and trim the file: the Info (CBR) / Xing (VBR) frame with LAME's
+# extension (frame and byte counts, seek table, encoder delay and padding). It is rebuilt here, as
+# lame_get_lametag_frame() would write it, from the settings, the frame headers as they come out
+# of the encoder and the PCM frame count: the rules of libmp3lame 3.100's lame.c (lame_init_params,
+# lame_encode_flush), presets.c, util.c (fill_buffer_resample), bitstream.c and VbrTag.c, ported
+# with their names and checked byte by byte against `lame` (test_lame_tag_matches_lame_field_by_field).
+
+
+BytesLike = bytes | bytearray | memoryview
+
+
+# VbrTag.c PutLameVBR: strncpy(get_lame_tag_encoder_short_version(), 9). lameenc 1.9.0 is built from the lame-3.100
+# tarball, though its frames' filler says "LAME4.0": the tag names the source version, as `lame` 3.100 does.
+LAME_VERSION = b"LAME3.100"
+
+
+# tables.c bitrate_table[version]: row 0 = MPEG-2, 1 = MPEG-1, 2 = MPEG-2.5 (LAME's own 2.5 limit of 64 kbps)
+BITRATES = (
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, -1),
+    (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, -1),
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, -1, -1, -1, -1, -1, -1, -1),
+)
+SAMPLERATES = {
+    44100: (1, 0),
+    48000: (1, 1),
+    32000: (1, 2),
+    22050: (0, 0),
+    24000: (0, 1),
+    16000: (0, 2),
+    11025: (0, 0),
+    12000: (0, 1),
+    8000: (0, 2),
+}  # util.c SmpFrqIndex: rate -> (version, index)
+
+
+# util.c nearestBitrateFullIndex table, with lame.c optimum_bandwidth lowpass and presets.c abr_switch_map
+# (safejoint, sfscale) per entry
+FULL_BITRATES = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+CBR_LOWPASS = (2000, 3700, 3900, 5500, 7000, 7500, 10000, 11000, 13500, 15100, 15600, 17000, 17500, 18600, 19400, 19700, 20500)
+ABR_SAFEJOINT = (0,) * 12 + (1,) * 5
+ABR_SFSCALE = (1,) * 13 + (0,) * 4
+VBR_MTRH_LOWPASS = (24000, 19500, 18500, 18000, 17500, 17000, 16500, 15600, 15200, 7230, 3950)  # lame.c, vbr_mtrh
+
+
+# lame.c lame_init_params "mapping VBR scale to internal VBR quality settings" (sr_a, qa, qb, ta, tb), rows 2..8
+VBR_Q_MAP: tuple[tuple[int, np.float32, np.float32, np.float32, np.float32], ...] = tuple(
+    (sr, np.float32(qa), np.float32(qb), np.float32(ta), np.float32(tb))
+    for sr, qa, qb, ta, tb in (
+        (32000, 6.5, 8.0, 5.2, 6.5),
+        (24000, 8.0, 8.5, 5.2, 6.0),
+        (22050, 8.5, 9.01, 5.2, 6.5),
+        (16000, 9.01, 9.4, 4.9, 6.5),
+        (12000, 9.4, 9.6, 4.5, 6.0),
+        (11025, 9.6, 9.9, 5.1, 6.5),
+        (8000, 9.9, 10.0, 4.9, 6.5),
+    )
+)
+
+
+STEREO, JOINT_STEREO, MONO = 0, 1, 3  # lame.h MPEG_mode
+ENCDELAY, POSTDELAY = 576, 1152  # encoder.h
+LAMEHEADERSIZE = 156  # VbrTag.c: Xing (120) + LAME extension (36)
+MAXFRAMESIZE = 2880  # VbrTag.c
+FRAMES_BYTES_TOC_SCALE = 0x0F  # VbrTag.h FRAMES_FLAG | BYTES_FLAG | TOC_FLAG | VBR_SCALE_FLAG
+_HEADER = struct.Struct(">I")
+_FIXED_HEADER_BITS = 0xFFFF0DCF  # sync, version, layer, CRC, sample rate, private, mode, copyright, original, emphasis
+
+
+def _frame_sizes() -> tuple[int, ...]:
+    """Layer III frame size indexed by header bits 20..9 (version, layer, CRC, bitrate, rate, padding); 0 = invalid."""
+    sizes = [0] * 4096
+    for ver_bits, row, rates in ((3, 1, (44100, 48000, 32000)), (2, 0, (22050, 24000, 16000)), (0, 0, (11025, 12000, 8000))):
+        for prot, bri, pad in ((p, b, d) for p in (0, 1) for b in range(1, 15) for d in (0, 1)):
+            for sri, rate in enumerate(rates):
+                sizes[ver_bits << 10 | 1 << 8 | prot << 7 | bri << 3 | sri << 1 | pad] = (144000 if row else 72000) * BITRATES[row][bri] // rate + pad
+    return tuple(sizes)
+
+
+FRAME_SIZES = _frame_sizes()
+
+
+# LAME's CRC-16 (VbrTag.c CRC_update_lookup: x^16 + x^15 + x^2 + 1, reflected, from 0) is CRC-16/ARC.
+# anycrc computes it in C at ~15 GB/s: the music CRC over every frame costs ~0.1 ms a minute of audio.
+CRC16_ARC = anycrc.Model("CRC16-ARC")
+
+
+def crc16(data: BytesLike, crc: int = 0) -> int:
+    """LAME's CRC-16 of `data`, continuing from `crc`."""
+    return int(CRC16_ARC.calc(data, crc))
+
+
+@dataclasses.dataclass(frozen=True)
+class LameSettings:
+    """What lameenc is given: set_in_sample_rate, set_channels, set_quality and set_bit_rate or set_vbr(4) + set_vbr_quality."""
+
+    in_rate: int
+    channels: int
+    quality: int = 3
+    bitrate: int | None = 128  # CBR kbps, None for VBR
+    vbr_quality: int | None = None  # -V 0..9 (vbr_mtrh), None for CBR
+
+    def __post_init__(self) -> None:
+        if (self.bitrate is None) == (self.vbr_quality is None):
+            raise ValueError("exactly one of bitrate (CBR) and vbr_quality (VBR) must be set")
+        if self.channels not in (1, 2) or self.in_rate <= 0:
+            raise ValueError("channels must be 1 or 2 and in_rate positive")
+        if not (0 < (self.bitrate or 1) <= 320 and 0 <= (self.vbr_quality or 0) <= 9):  # > 320: no reservoir, not ported
+            raise ValueError("bitrate must be 1..320 kbps and vbr_quality 0..9")
+
+
+@dataclasses.dataclass(frozen=True)
+class LameConfig:
+    """The parts of LAME's SessionConfig_t / lame_global_flags that end up in the tag."""
+
+    in_rate: int
+    out_rate: int
+    version: int  # 1 = MPEG-1, 0 = MPEG-2 / 2.5 (cfg->version)
+    samplerate_index: int
+    mode: int  # STEREO, JOINT_STEREO or MONO
+    vbr: bool
+    bitrate: int  # CBR: the bitrate LAME really uses (FindNearestBitrate); VBR: cfg->avg_bitrate is unused
+    lowpass: int  # cfg->lowpassfreq in Hz, -1 = none
+    quality: int  # gfp->quality after lame_init_params
+    vbr_q: int  # gfp->VBR_q after lame_init_params (4 = lame_init default for CBR)
+    preset: int
+    ath_type: int
+    safe_joint: bool
+    noise_shaping: int
+
+    @property
+    def frame_samples(self) -> int:
+        return 1152 if self.out_rate > 24000 else 576
+
+    @property
+    def resampling(self) -> bool:
+        """util.c isResamplingNecessary (float arithmetic)."""
+        lo, hi = int(np.float32(self.out_rate) * np.float32(0.9995)), int(np.float32(self.out_rate) * np.float32(1.0005))
+        return self.in_rate < lo or hi < self.in_rate
+
+    @property
+    def sideinfo_len(self) -> int:
+        """Header + side info bytes (lame.c), i.e. where the Xing tag starts."""
+        if self.version == 1:
+            return 21 if self.mode == MONO else 36
+        return 13 if self.mode == MONO else 21
+
+    @property
+    def tag_bitrate(self) -> int:
+        """VbrTag.c InitVbrTag: CBR uses its own bitrate, VBR pretends 128 / 64 / 32 kbps (MPEG-1 / 2 / 2.5)."""
+        if not self.vbr:
+            return self.bitrate
+        return 128 if self.version == 1 else 32 if self.out_rate < 16000 else 64
+
+    @property
+    def tag_frame_size(self) -> int:
+        return (self.version + 1) * 72000 * self.tag_bitrate // self.out_rate
+
+    @property
+    def writes_tag(self) -> bool:
+        """InitVbrTag disables the tag when it does not fit the frame (e.g. 32 kbps CBR MPEG-1 stereo)."""
+        return self.sideinfo_len + LAMEHEADERSIZE <= self.tag_frame_size <= MAXFRAMESIZE
+
+
+def _nearest_full_index(kbps: int) -> int:
+    """util.c nearestBitrateFullIndex (ties go up)."""
+    for b in range(16):
+        if max(kbps, FULL_BITRATES[b + 1]) != kbps:
+            return b if FULL_BITRATES[b + 1] - kbps > kbps - FULL_BITRATES[b] else b + 1
+    return 16
+
+
+def _find_nearest_bitrate(kbps: int, version: int, rate: int) -> int:
+    """util.c FindNearestBitrate: LAME caps e.g. 320 kbps to 160 (MPEG-2) or 64 (MPEG-2.5)."""
+    row = BITRATES[2 if rate < 16000 else version]
+    best = row[1]
+    for b in row[2:15]:
+        if b > 0 and abs(b - kbps) < abs(best - kbps):
+            best = b
+    return best
+
+
+def _optimum_samplefreq(lowpass: int, in_rate: int) -> int:
+    """lame.c optimum_samplefreq."""
+    valid = (48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+    suggested = next((r for r in valid if in_rate >= r), 44100)
+    if lowpass == -1:
+        return suggested
+    for limit, rate in ((15960, 44100), (15250, 32000), (11220, 24000), (9970, 22050), (7230, 16000), (5420, 12000), (4510, 11025), (3970, 8000)):
+        if lowpass <= limit:
+            suggested = rate
+    if in_rate < suggested:  # "choose a valid MPEG sample frequency above the input sample frequency"
+        return next((r for r, below in itertools.pairwise(valid) if in_rate > below), 8000)
+    return suggested
+
+
+def lame_config(s: LameSettings) -> LameConfig:
+    """Port of lame_init_params for lameenc's calls (lameenc.c sets MONO for 1 channel, STEREO for CBR > 128 kbps)."""
+    vbr, q = s.vbr_quality is not None, min(max(s.quality, 0), 9)  # lame_set_quality clamps
+    mode = MONO if s.channels == 1 else STEREO if not vbr and (s.bitrate or 0) > 128 else JOINT_STEREO
+    vbr_q = s.vbr_quality if s.vbr_quality is not None else 4  # lame_init: VBR_q = 4
+    vbr_q_frac, lowpass, out_rate = np.float32(0), 0, 0
+    if vbr:  # lame.c: VBR quality remapping for low input rates (float arithmetic as in C)
+        qval = np.float32(vbr_q)
+        for sr, qa, qb, ta, tb in VBR_Q_MAP:
+            if s.in_rate == sr and qval < qa:
+                d = float(qval / qa) * float(ta)
+                vbr_q, vbr_q_frac = int(d), np.float32(d - int(d))
+            if s.in_rate >= sr and qa <= qval < qb:
+                d = float(ta + (tb - ta) * (qval - qa) / (qb - qa))
+                vbr_q, vbr_q_frac, out_rate, lowpass = int(d), np.float32(d - int(d)), sr, -1
+                break
+    if lowpass == 0:  # lame.c: "if a filter has not been enabled, see if we should add one"
+        if vbr:
+            a, b = VBR_MTRH_LOWPASS[vbr_q], VBR_MTRH_LOWPASS[vbr_q + 1]
+            lp = a + float(vbr_q_frac) * (b - a)
+        else:
+            lp = float(CBR_LOWPASS[_nearest_full_index(s.bitrate or 0)])
+            if mode == MONO:
+                lp *= 1.5
+        lowpass = int(lp)
+    if out_rate == 0:
+        if 2 * lowpass > s.in_rate:
+            lowpass = s.in_rate // 2
+        out_rate = _optimum_samplefreq(lowpass, s.in_rate)
+    lowpass = min(lowpass, 24000 if vbr else 20500, out_rate // 2)
+    version, sr_index = SAMPLERATES[out_rate]
+    if vbr:  # apply_preset(500 - 10 * VBR_q): vbr_mt_psy_switch_map row VBR_q sets ATH type 5, safejoint for V0-V7
+        bitrate, preset, ath_type, safe_joint, shaping = 0, 500 - 10 * vbr_q, 5, vbr_q <= 7, 0
+        quality = 0 if q < 5 else min(q, 7)
+    else:  # apply_abr_preset(nearest bitrate): abr_switch_map safejoint / sfscale (noise_shaping = 2)
+        bitrate = _find_nearest_bitrate(s.bitrate or 0, version, out_rate)
+        r = _nearest_full_index(bitrate)
+        preset, ath_type, safe_joint, shaping = bitrate, 4, bool(ABR_SAFEJOINT[r]), 2 * ABR_SFSCALE[r]
+        quality = 7 if q == 8 else q  # lame_init_qval
+    shaping = 0 if quality >= 7 else shaping or 1  # lame_init_qval
+    return LameConfig(
+        s.in_rate,
+        out_rate,
+        version,
+        sr_index,
+        mode,
+        vbr,
+        bitrate,
+        lowpass,
+        quality,
+        vbr_q,
+        preset,
+        ath_type,
+        safe_joint and mode == JOINT_STEREO,
+        shaping,
+    )
+
+
+class Mp3Frames:
+    """Fed the bytes lameenc returns, in order (a frame may be split across calls).
+
+    Parses Layer III headers as they come: counts frames and bytes, keeps each frame's bitrate index (for LAME's
+    addVbr TOC bag), the first/last header (version, sample rate, mode; mode_ext of the last frame goes into the tag
+    header as in setLameTagFrameHeader) and LAME's nMusicCRC over all audio bytes."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.first_header = 0
+        self.last_header = 0
+        self._bitrate_indexes = bytearray()
+        self._skip = 0  # bytes of the current frame still to come
+        self._head = b""  # start of a header split across calls
+        self.music_crc = 0
+
+    @property
+    def frame_count(self) -> int:
+        return len(self._bitrate_indexes)
+
+    @property
+    def version(self) -> int:
+        """1 = MPEG-1, 0 = MPEG-2 or 2.5 (as LAME's cfg->version)."""
+        return self.first_header >> 19 & 1
+
+    @property
+    def sample_rate(self) -> int:
+        v = self.first_header >> 19 & 3
+        rates = (11025, 12000, 8000) if v == 0 else (22050, 24000, 16000) if v == 2 else (44100, 48000, 32000)
+        return rates[self.first_header >> 10 & 3]
+
+    @property
+    def mode(self) -> int:
+        return self.first_header >> 6 & 3
+
+    @property
+    def mode_ext(self) -> int:
+        return self.last_header >> 4 & 3
+
+    def bitrates(self) -> np.ndarray:
+        """kbps of every frame, from LAME's bitrate_table[cfg->version] as AddVbrFrame uses it."""
+        table = np.array(BITRATES[self.version], np.int64)
+        return table[np.frombuffer(bytes(self._bitrate_indexes), np.uint8)]
+
+    def feed(self, data: BytesLike) -> None:
+        data = bytes(data)
+        n = len(data)
+        if not n:
+            return
+        self.nbytes += n
+        self.music_crc = crc16(data, self.music_crc)
+        pos = self._skip
+        if self._head:
+            take = 4 - len(self._head)
+            if n < take:
+                self._head += data
+                return
+            pos = self._frame(int.from_bytes(self._head + data[:take], "big")) - len(self._head)
+            self._head = b""
+        sizes, first, indexes, unpack = FRAME_SIZES, self.first_header, self._bitrate_indexes, _HEADER.unpack_from
+        h = self.last_header
+        while pos + 4 <= n:
+            (h,) = unpack(data, pos)
+            size = sizes[h >> 9 & 0xFFF]
+            if (h ^ first) & _FIXED_HEADER_BITS or not size:
+                pos += self._frame(h)  # first frame or bad header: the slow path checks and raises
+                first = self.first_header
+                continue
+            indexes.append(h >> 12 & 15)
+            pos += size
+        self.last_header = h
+        if pos < n:
+            self._head, self._skip = data[pos:], 0
+        else:
+            self._skip = pos - n
+
+    def _frame(self, h: int) -> int:
+        size = FRAME_SIZES[h >> 9 & 0xFFF]
+        if h >> 21 != 0x7FF or not size:
+            raise ValueError(f"not an MPEG Layer III frame header: {h:08x} (in the {self.nbytes} bytes fed so far)")
+        if not self.first_header:
+            self.first_header = h
+        elif (h ^ self.first_header) & _FIXED_HEADER_BITS:
+            raise ValueError(f"frame header {h:08x} does not match the stream's first {self.first_header:08x}")
+        self.last_header = h
+        self._bitrate_indexes.append(h >> 12 & 15)
+        return size
+
+
+def xing_toc(kbps: np.ndarray) -> bytes:
+    """VbrTag.c addVbr (bag of 400 sums, 'want' doubling) + Xing_seek_table (float arithmetic) for frame bitrates."""
+    n = len(kbps)
+    if not n:
+        return bytes(100)
+    want = 1
+    while n >= 400 * want:  # the bag is halved each time it fills up
+        want *= 2
+    pos = n // want
+    cum = np.cumsum(kbps, dtype=np.int64)
+    bag = cum[np.arange(1, pos + 1) * want - 1]  # bag[p] = sum of the first (p + 1) * want frames
+    total = int(cum[-1])
+    j = np.arange(1, 100, dtype=np.float32) / np.float32(100)
+    idx = np.minimum(np.floor(j * np.float32(pos)).astype(np.int64), pos - 1)
+    act = bag[idx].astype(np.float32).astype(np.float64)
+    seek = np.minimum((256.0 * act / float(np.float32(total))).astype(np.int64), 255)
+    return bytes([0]) + bytes(seek.astype(np.uint8).tobytes())
+
+
+def resampled_count(chunks: Sequence[int], in_rate: int, out_rate: int, frame_samples: int) -> int:
+    """Samples util.c fill_buffer_resample outputs for encode() calls of the given PCM frame counts.
+
+    Replays its bookkeeping in the same double arithmetic: per call, lame_encode_buffer_sample_t asks for at most one
+    frame (desired_len) at a time; output k needs input floor(k * ratio - itime) + 16 < len (filter_l - filter_l/2 = 16
+    for both filter lengths). Mathematically that is ceil((n - 16) * out / in), but when that is an exact integer the
+    rounding of itime decides, and that depends on the call sizes."""
+    ratio = float(in_rate) / float(out_rate)
+    itime, total = 0.0, 0
+    for n in chunks:
+        while n > 0:
+            k = min(max(0, math.ceil((n - 16 + itime) / ratio)), frame_samples)  # first guess, then exact search
+            while k > 0 and math.floor((k - 1) * ratio - itime) + 16 >= n:
+                k -= 1
+            while k < frame_samples and math.floor(k * ratio - itime) + 16 < n:
+                k += 1
+            used = min(n, math.floor((k if k < frame_samples else k - 1) * ratio - itime) + 16)
+            itime = itime + (used - k * ratio)
+            total += k
+            n -= used
+    return total
+
+
+def samples_and_padding(cfg: LameConfig, input_frames: int | Sequence[int]) -> tuple[int, int]:
+    """lame.c lame_encode_flush: samples_to_encode (ENCDELAY + samples LAME buffered) and end_padding."""
+    chunks = [input_frames] if isinstance(input_frames, int) else input_frames
+    if cfg.resampling:  # "delay due to resampling": samples_to_encode += 16. / resample_ratio (int += double)
+        n_out = resampled_count(chunks, cfg.in_rate, cfg.out_rate, cfg.frame_samples)
+        samples = int(ENCDELAY + n_out + 16.0 / (float(cfg.in_rate) / float(cfg.out_rate)))
+    else:
+        samples = ENCDELAY + sum(chunks)
+    pad = cfg.frame_samples - samples % cfg.frame_samples
+    return samples, pad + cfg.frame_samples if pad < 576 else pad
+
+
+def lame_tag_frame(settings: LameSettings, frames: Mp3Frames, input_frames: int | Sequence[int], version: bytes = LAME_VERSION) -> bytes:
+    """The whole Info (CBR) / Xing (VBR) frame lame_get_lametag_frame() writes, to put before the audio frames.
+
+    input_frames is the number of PCM frames given to encode(), or the list of per-call counts: with resampling
+    (88.2-192 kHz input, low bitrates) LAME's resampler count - hence the padding - can depend on the call sizes in
+    ~1/(in_rate/gcd) of the lengths; an int is exact for a single call. version is the 9-byte encoder string (lame
+    3.100 writes b"LAME3.100"; lameenc 1.9.0's own libmp3lame would write b"LAME4.0 "). b'' where lame writes no tag
+    (frame too small for it, or no frames). Raises ValueError if the frames do not match what LAME makes of the
+    settings (wrong settings or input count)."""
+    cfg = lame_config(settings)
+    if not cfg.writes_tag or not frames.frame_count:
+        return b""
+    if (frames.sample_rate, frames.version, frames.mode) != (cfg.out_rate, cfg.version, cfg.mode):
+        raise ValueError(f"stream is {frames.sample_rate} Hz v{frames.version} mode {frames.mode}, settings give {cfg}")
+    kbps = frames.bitrates()
+    if not cfg.vbr and np.any(kbps != cfg.bitrate):
+        raise ValueError(f"CBR stream at {sorted(set(kbps.tolist()))} kbps, settings give {cfg.bitrate}")
+    samples, padding = samples_and_padding(cfg, input_frames)
+    if frames.frame_count != (samples + padding) // cfg.frame_samples:  # lame_encode_flush: frames_left
+        raise ValueError(
+            f"{frames.frame_count} frames, but LAME makes {(samples + padding) // cfg.frame_samples}"
+            f" for {input_frames if isinstance(input_frames, int) else sum(input_frames)} input frames"
         )
-    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)))]
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
+
+    size = cfg.tag_frame_size
+    buf = bytearray(size)
+    # setLameTagFrameHeader: header of the first frame with the Xing bitrate, no padding, mode_ext of the last frame
+    mpeg25 = cfg.out_rate < 16000
+    bitrate_index = BITRATES[2 if mpeg25 else cfg.version].index(cfg.tag_bitrate)
+    buf[0] = 0xFF
+    buf[1] = 0xFB if cfg.version == 1 else 0xE3 if mpeg25 else 0xF3
+    buf[2] = bitrate_index << 4 | cfg.samplerate_index << 2
+    buf[3] = cfg.mode << 6 | frames.mode_ext << 4 | 1 << 2  # copyright 0, original 1, emphasis 0
+    i = cfg.sideinfo_len
+    stream_size = frames.nbytes + size  # nBytesWritten counts audio bytes only (copy_buffer mp3data=1), + this frame
+    buf[i : i + 16] = (b"Xing" if cfg.vbr else b"Info") + b"".join(
+        v.to_bytes(4, "big") for v in (FRAMES_BYTES_TOC_SCALE, frames.frame_count, stream_size)
+    )
+    buf[i + 16 : i + 116] = xing_toc(kbps)
+    i += 116
+    buf[i : i + 38] = _lame_extension(cfg, padding, stream_size, frames.music_crc, version)
+    buf[i + 38 : i + 40] = crc16(bytes(buf[: i + 38])).to_bytes(2, "big")  # tag CRC over everything before it
+    return bytes(buf)
 
 
-app = create_app()
-
-
-# 13. Command line ###################################################################
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP (every flag overrides its environment variable)")
-    for field in dataclasses.fields(Settings):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", metavar=field.name.upper(), help=field.metadata["meaning"])
-    args = parser.parse_args(argv)
-    for field in dataclasses.fields(Settings):
-        value = getattr(args, field.name)
-        if value is not None:
-            os.environ[field.name.upper()] = value  # the workers import this module afresh and read them
-    settings = Settings.from_env()  # fail now, with the message, on a bad setting
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # The workers write their metrics here and /metrics adds them up (prometheus_client's multiprocess mode).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wav2mp3-metrics-")
-    uvicorn.run(
-        "wav2mp3:app",
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        http="wav2mp3:GuardedHttpToolsProtocol",
-        timeout_keep_alive=30,
-        access_log=False,  # RequestMetrics writes it, without the values of download links' queries
+def _lame_extension(cfg: LameConfig, padding: int, stream_size: int, music_crc: int, version: bytes) -> bytes:
+    """VbrTag.c PutLameVBR without the trailing tag CRC (ReplayGain / peak not computed: zeros, as --noreplaygain)."""
+    quality = max(0, 100 - 10 * cfg.vbr_q - cfg.quality)  # also the Xing "VBR scale" field
+    lowpass = min(255.0, cfg.lowpass / 100.0 + 0.5)
+    rev_method = 4 if cfg.vbr else 1  # vbr_type_translator[vbr_mtrh] / [vbr_off], revision 0
+    flags = cfg.ath_type + (1 << 4) + (cfg.safe_joint << 5)  # nspsytune always on, no nogap
+    abr = (8 if cfg.version == 0 else 32) if cfg.vbr else min(cfg.bitrate, 255)  # vbr_min_bitrate_index 1 / CBR rate
+    stereo = {MONO: 0, STEREO: 1, JOINT_STEREO: 3}[cfg.mode]
+    non_optimal = cfg.in_rate <= 32000  # the only "nasty option" lameenc can trigger
+    source = 0 if cfg.in_rate <= 32000 else 2 if cfg.in_rate == 48000 else 3 if cfg.in_rate > 48000 else 1
+    misc = cfg.noise_shaping + (stereo << 2) + (non_optimal << 5) + (source << 6)
+    return b"".join(
+        (
+            quality.to_bytes(4, "big"),
+            version[:9].ljust(9, b"\0"),
+            bytes((rev_method, int(lowpass))),
+            bytes(8),  # peak amplitude (4), radio and audiophile ReplayGain (2 + 2)
+            bytes((flags, abr, ENCDELAY >> 4, (ENCDELAY << 4 & 0xFF) | padding >> 8, padding & 0xFF, misc, 0)),
+            cfg.preset.to_bytes(2, "big"),
+            stream_size.to_bytes(4, "big"),
+            music_crc.to_bytes(2, "big"),
+        )
     )
 
 

@@ -11,10 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY requirements.txt .
-# Only the service's packages: the test-only ones (after the "Tests only" line) stay out of the image.
-RUN sed '/^# Tests only/,$d' requirements.txt > /tmp/requirements-service.txt \
- && pip install -r /tmp/requirements-service.txt \
- && rm /tmp/requirements-service.txt \
+# Only the service's packages: the tests' are in requirements-dev.txt.
+RUN pip install -r requirements.txt \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent wav2mp3 \
  && mkdir -p /data && chown wav2mp3:wav2mp3 /data
 COPY wav2mp3.py schema.sql ./

@@ -31,3 +31,31 @@ CREATE TABLE IF NOT EXISTS record_chunks (
 
 -- A user's records newest first, a page at a time (keyset pagination on created_at, id).
 CREATE INDEX IF NOT EXISTS records_by_owner_and_time ON records (user_id, created_at, id);
+
+-- A resumable upload (tus). Creating one reserves its file name for the user until it completes (its
+-- record_id is set), is terminated or expires (the row is deleted). `received` counts the bytes stored
+-- in upload_chunks: what a HEAD acknowledges, and where any replica goes on after a restart.
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,  -- as sent, directories stripped: the record's name
+    options TEXT NOT NULL,  -- the encoding options given at creation, a JSON object
+    length BIGINT NOT NULL,  -- Upload-Length
+    received BIGINT NOT NULL,  -- bytes stored so far
+    record_id TEXT,  -- the record, once the upload is complete
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS uploads_by_owner_and_name ON uploads (user_id, filename);
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires_at);
+
+-- The WAV bytes of unfinished uploads, as they arrived (a piece per store, up to 256 KiB). No foreign key:
+-- finishing, terminating or expiring an upload only touches its row, and the storage sweep deletes the
+-- bytes of uploads that are gone or complete afterwards, a few pieces per transaction.
+CREATE TABLE IF NOT EXISTS upload_chunks (
+    upload_id TEXT NOT NULL,
+    start BIGINT NOT NULL,  -- the file offset of its first byte
+    data BYTEA NOT NULL,
+    PRIMARY KEY (upload_id, start)
+);

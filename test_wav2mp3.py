@@ -1503,7 +1503,8 @@ async def test_metrics_move_as_requests_happen(client: httpx.AsyncClient) -> Non
 
     assert (moved("wav2mp3_uploads_total", status="201"), moved("wav2mp3_uploads_total", status="403")) == (1, 1)
     assert moved("wav2mp3_audio_seconds_total") == pytest.approx(2.0) and moved("wav2mp3_conversion_seconds_count") == 1
-    assert moved("wav2mp3_upload_bytes_total") > len(make_wav(2.0, 44100, 2)) and moved("wav2mp3_download_bytes_total") == body["size_bytes"]
+    assert moved("wav2mp3_upload_bytes_total", protocol="multipart") > len(make_wav(2.0, 44100, 2))
+    assert moved("wav2mp3_download_bytes_total") == body["size_bytes"]
     assert metric(after, "wav2mp3_request_seconds_count", method="POST", route="/users/wav") >= 2
     assert moved("wav2mp3_uploads_in_progress") == 0 and moved("wav2mp3_audio_buffered_bytes") == 0
     assert "wav2mp3_encoder_blocks_queued" in after and "wav2mp3_database_connections_in_use" in after
@@ -1803,7 +1804,14 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
     assert operations == {
         ("/users", "post"), ("/users/wav", "post"), ("/record", "get"), ("/record", "head"), ("/record", "delete"),
         ("/users/{user_id}/records", "get"), ("/users/{user_id}/token", "post"), ("/health", "get"), ("/metrics", "get"),
+        ("/users/{user_id}/uploads", "options"), ("/users/{user_id}/uploads", "post"), ("/users/{user_id}/uploads/{upload_id}", "head"),
+        ("/users/{user_id}/uploads/{upload_id}", "patch"), ("/users/{user_id}/uploads/{upload_id}", "get"),
+        ("/users/{user_id}/uploads/{upload_id}", "delete"),
     }  # fmt: skip
+    uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
+    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "409", "412", "413", "415", "422", "503"}
+    assert set(upload["patch"]["responses"]) == {"204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"}
+    assert set(upload["head"]["responses"]) == {"200", "401", "403", "404", "412", "423", "503"}
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
     assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
@@ -1819,10 +1827,15 @@ async def test_unknown_route_and_method_answer_json_errors(client: httpx.AsyncCl
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
 
 
+# A tus PATCH's body is plain bytes: schemathesis sends it as it sends application/octet-stream.
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+
+
 def fuzzed_operations() -> list[tuple[str, str, str]]:
     """Every documented operation with data that fits its schema, and those that take input with data that does not."""
     operations = [(op.method, op.path) for op in wav2mp3.API.operations]
-    with_input = [(op.method, op.path) for op in wav2mp3.API.operations if op.parameters or op.body or op.bearer]
+    # (a path parameter alone is a string that anything fits: no data can fail to fit it)
+    with_input = [(op.method, op.path) for op in wav2mp3.API.operations if any(p["in"] != "path" for p in op.parameters) or op.body or op.bearer]
     return [(*operation, "positive") for operation in operations] + [(*operation, "negative") for operation in with_input]
 
 
@@ -1837,6 +1850,8 @@ def test_fuzz_api_never_5xx_and_conforms_to_its_schema(live: LiveServer, method:
     @hypothesis.given(case=operation.as_strategy(schemathesis.GenerationMode(mode)))
     @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(hypothesis.HealthCheck), database=None)
     def fuzz(case: Any) -> None:
+        # A made-up Transfer-Encoding breaks HTTP's own framing: uvicorn answers it 400 in plain text, before any route.
+        hypothesis.assume("transfer-encoding" not in {name.lower() for name in case.headers or {}})
         response = case.call_and_validate(base_url=live.url, checks=checks)
         assert "Traceback" not in response.text and "SELECT" not in response.text
 

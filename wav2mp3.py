@@ -45,6 +45,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import email.utils
 import errno
 import functools
 import hashlib
@@ -126,6 +127,12 @@ SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: th
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
 KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
 KEEP_WAV_BYTES = 64 * MIB  # audio up to this size is kept on disk (within TEMP_DISK_MB) in case an option follows it
+FLUSH_BYTES = 256 * 1024  # a resumable upload's bytes are stored in pieces of this size, and whatever arrived when a request ends
+LOCK_WAIT_SECONDS = 1.0  # a request waits this long for another's turn on a resumable upload before 409
+MAX_PAUSED_UPLOADS = 32  # paused resumable uploads that keep their live session (LAME's state, ~0.3 MB each)
+PAUSED_UPLOAD_SECONDS = 120.0  # a paused resumable upload lets its session go after this; going on re-encodes its stored bytes
+TUS_EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
+CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}  # Upload-Checksum
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
 USER_BATCH = 64  # users created by one INSERT (group commit)
@@ -221,6 +228,7 @@ class Settings:
     db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
     db_connections: int = _setting(8, "database connections per process (SQLite: readers beside the one writer)")
     db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
+    upload_expiry_hours: float = _setting(24.0, "hours a resumable upload has to finish; then it is deleted, bytes and all")
     retention_days: float | None = _setting(None, "records older than this are deleted by a background sweep; unset: kept forever", float)
     cors_origins: str = _setting("", "origins whose browser apps may call the API: `*` or a comma-separated list; empty: no CORS headers")
 
@@ -248,7 +256,16 @@ class Settings:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ValueError(f"RETENTION_DAYS must be positive, not {self.retention_days}")
-        positive = ("max_upload_mb", "workers", "max_uploads", "max_connections", "audio_buffer_mb", "db_connections", "header_timeout")
+        positive = (
+            "max_upload_mb",
+            "workers",
+            "max_uploads",
+            "max_connections",
+            "audio_buffer_mb",
+            "db_connections",
+            "header_timeout",
+            "upload_expiry_hours",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
@@ -340,10 +357,17 @@ class DiskFull(Unavailable):
 
 
 class NameTaken(Refused):
-    """A user's file names are unique: a record of this name exists."""
+    """A user's file names are unique: a record of this name exists, or an unfinished resumable upload holds it."""
 
-    def __init__(self, filename: str) -> None:
-        super().__init__(409, f"this user already has a record from a file named {filename!r}: delete it first, or send the file under another name")
+    def __init__(self, filename: str, holder: str = "record") -> None:
+        if holder == "record":
+            super().__init__(
+                409, f"this user already has a record from a file named {filename!r}: delete it first, or send the file under another name"
+            )
+        else:
+            super().__init__(
+                409, f"an unfinished upload of this user holds the name {filename!r}: finish or delete it, or send the file under another name"
+            )
 
 
 class RangeNotSatisfiable(Refused):
@@ -366,7 +390,7 @@ def too_large(limit: int) -> Refused:
 METRICS = CollectorRegistry()  # this module's own: `python wav2mp3.py` imports the module twice
 ProcessCollector(registry=METRICS)
 UPLOADS = Counter("wav2mp3_uploads", "POST /users/wav answers, by status", ["status"], registry=METRICS)
-UPLOAD_BYTES = Counter("wav2mp3_upload_bytes", "request body bytes read by uploads", registry=METRICS)
+UPLOAD_BYTES = Counter("wav2mp3_upload_bytes", "bytes of uploads received, by protocol (multipart, tus)", ["protocol"], registry=METRICS)
 DOWNLOAD_BYTES = Counter("wav2mp3_download_bytes", "MP3 bytes sent by downloads", registry=METRICS)
 AUDIO_SECONDS = Counter("wav2mp3_audio_seconds", "seconds of audio converted and stored", registry=METRICS)
 UPLOADS_IN_PROGRESS = Gauge("wav2mp3_uploads_in_progress", "uploads being received and converted", registry=METRICS, multiprocess_mode="livesum")
@@ -387,6 +411,13 @@ SLOW_CLIENTS = Counter("wav2mp3_slow_clients", "clients cut off, by reason", ["r
 OVERLOAD_REFUSALS = Counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"], registry=METRICS)
 CONNECTIONS = Gauge("wav2mp3_connections_open", "open HTTP connections", registry=METRICS, multiprocess_mode="livesum")
 DB_ERRORS = Counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)", registry=METRICS)
+RESUMABLE_LIVE = Gauge("wav2mp3_resumable_uploads_live", "resumable uploads with a live session here", registry=METRICS, multiprocess_mode="livesum")
+RESUMABLE_UPLOADS = Counter(
+    "wav2mp3_resumable_uploads",
+    "resumable uploads by event: created, resumed (re-encoded from stored bytes), completed, terminated, failed, expired, done (row expired)",
+    ["event"],
+    registry=METRICS,
+)
 TEMP_DISK = Gauge("wav2mp3_temp_disk_bytes", "bytes in temporary files (MP3s being made, kept audio)", registry=METRICS, multiprocess_mode="livesum")
 DB_CONNECTIONS_IN_USE = Gauge(
     "wav2mp3_database_connections_in_use", "pooled SQLite connections lent out", registry=METRICS, multiprocess_mode="livesum"
@@ -572,7 +603,7 @@ async def upload_wav(request: Request) -> Response:
     finally:
         upload.close()
         services.uploads.release()
-        UPLOAD_BYTES.inc(body_reader.received)
+        UPLOAD_BYTES.labels("multipart").inc(body_reader.received)
     AUDIO_SECONDS.inc(record.duration_seconds)
     CONVERSION_SECONDS.observe(time.perf_counter() - upload.started)
     log.info(
@@ -581,6 +612,211 @@ async def upload_wav(request: Request) -> Response:
     )  # fmt: skip
     body = record_json(record, base_url(request, services.settings))
     return JSONResponse(body, status_code=201, headers={"Location": body["url"]})
+
+
+# Resumable uploads: tus 1.0.0 (https://tus.io/protocols/resumable-upload) with creation,
+# creation-with-upload, termination, expiration and checksum. The bytes of a PATCH go to the upload's
+# live session as they arrive (chapter 6), are stored as they go, and the last ones store the record.
+
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+UPLOAD_STATE = {
+    "Upload-Offset": "bytes received and stored",
+    "Upload-Length": "the file's size",
+    "Upload-Expires": "RFC 9110 date after which an unfinished upload is deleted",
+}
+UPLOAD_URL = (path_parameter("user_id", "the user's UUID"), path_parameter("upload_id", "the upload's UUID"))
+TUS_REFUSALS = {
+    404: error("no such upload for this user: unknown, terminated, failed or expired"),
+    412: error("no Tus-Resumable: 1.0.0", {"Tus-Version": "1.0.0"}),
+    **UNAVAILABLE,
+}
+
+
+def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A tus request carries `Tus-Resumable: 1.0.0` (tus 1.0.0 §Tus-Resumable: 412 with Tus-Version without
+    it; a GET or OPTIONS needs none), and every answer carries it back, refusals too."""
+
+    @functools.wraps(endpoint)
+    async def tus_endpoint(request: Request) -> Response:
+        try:
+            if request.method not in ("GET", "OPTIONS") and request.headers.get("tus-resumable") != "1.0.0":
+                raise Refused(412, "send Tus-Resumable: 1.0.0, the tus version this service speaks", {"Tus-Version": "1.0.0"})
+            response = await endpoint(request)
+        except Refused as refusal:
+            refusal.headers.setdefault("Tus-Resumable", "1.0.0")
+            raise
+        response.headers.setdefault("Tus-Resumable", "1.0.0")
+        return response
+
+    return tus_endpoint
+
+
+@API.route(
+    "/users/{user_id}/uploads",
+    ["OPTIONS"],
+    "The tus version, extensions and limits of the resumable uploads (no credentials needed)",
+    {
+        204: answer(
+            "what the server offers",
+            headers={
+                "Tus-Version": "1.0.0",
+                "Tus-Extension": TUS_EXTENSIONS,
+                "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
+                "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
+            },
+        )
+    },
+    parameters=(path_parameter("user_id", "the user's UUID"),),
+)
+@tus_route
+async def tus_options(request: Request) -> Response:
+    """What a tus client asks before it starts: the version, the extensions, the largest file, the checksums."""
+    return Response(status_code=204, headers=tus_capabilities(services_of(request).settings))
+
+
+@API.route(
+    "/users/{user_id}/uploads",
+    ["POST"],
+    "Create a resumable upload (tus creation); its first bytes may come along (creation-with-upload)",
+    {
+        201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
+        400: error("no Upload-Length (Upload-Defer-Length is not offered), or one that is not a number"),
+        409: error("a record of this user, or an unfinished upload, has this file name"),
+        413: error("Upload-Length larger than MAX_UPLOAD_MB"),
+        415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
+        422: error("Upload-Metadata malformed, without filename, or with a bad option; or an empty file"),
+        **TUS_REFUSALS,
+    },
+    parameters=(
+        path_parameter("user_id", "the user's UUID"),
+        header("Tus-Resumable", "1.0.0"),
+        header("Upload-Length", "the file's size in bytes"),
+        header("Upload-Metadata", "filename (required), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
+    ),
+    bearer=True,
+)
+@tus_route
+async def create_upload(request: Request) -> Response:
+    """tus creation: the name is reserved now; a body is the first piece of the file."""
+    services = services_of(request)
+    user_id, token = await owner(request)
+    if has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
+        raise Refused(415, f"send a first piece as Content-Type: {OFFSET_OCTET_STREAM}, or no body")
+    length = upload_length(request, services.settings)
+    filename, options = upload_metadata(request.headers.get("upload-metadata"))
+    upload = await services.resumable.create(user_id, token, filename, options, length)
+    headers = {"Location": upload_url(request, upload), "Upload-Expires": http_date(upload.expires_at)}
+    if has_body(request):  # creation-with-upload: a body is the file's first bytes
+        headers["Upload-Offset"] = str(await receive_upload(request, services, upload, 0, token))
+    return Response(status_code=201, headers=headers)
+
+
+@API.route(
+    "/users/{user_id}/uploads/{upload_id}",
+    ["HEAD"],
+    "Where a resumable upload stands: the bytes received and stored",
+    {
+        200: answer("the offset to go on from", headers={**UPLOAD_STATE, "Cache-Control": "no-store"}),
+        423: error("all bytes are in and the record is being stored: ask again after Retry-After", {"Retry-After": "seconds"}),
+        **TUS_REFUSALS,
+    },
+    parameters=UPLOAD_URL,
+    bearer=True,
+)
+@tus_route
+async def head_upload(request: Request) -> Response:
+    """The offset a client goes on from: every byte it counts is stored (a restart keeps it)."""
+    services = services_of(request)
+    user_id, token = await owner(request)
+    upload = await services.resumable.settled(await find_upload(request, services, user_id), token)
+    return Response(status_code=200, headers={**upload_state(upload), "Cache-Control": "no-store"})
+
+
+@API.route(
+    "/users/{user_id}/uploads/{upload_id}",
+    ["PATCH"],
+    "The next bytes of a resumable upload, at its offset; the last ones store the record",
+    {
+        204: answer("stored (the last ones: and the record too)", headers=UPLOAD_STATE),
+        400: error("no Upload-Offset, or an Upload-Checksum that is malformed or of an algorithm not offered"),
+        408: error("the client stalled or sent too slowly: the bytes that arrived are kept"),
+        409: error("Upload-Offset is not the upload's offset, or another request is sending this upload's bytes", {"Upload-Offset": "where it is"}),
+        413: error("more bytes than Upload-Length leaves"),
+        415: error("not application/offset+octet-stream, or a WAV refused as on POST /users/wav (the upload is then ended)"),
+        422: error("a WAV refused as on POST /users/wav: the upload is then ended"),
+        460: error("Upload-Checksum does not match: the piece is dropped, the offset stays"),
+        **TUS_REFUSALS,
+    },
+    parameters=(
+        *UPLOAD_URL,
+        header("Tus-Resumable", "1.0.0"),
+        header("Upload-Offset", "where these bytes start: the upload's offset"),
+        header("Upload-Checksum", "optional: `sha1 base64(digest)` of this piece (also sha256, sha512, md5)"),
+    ),
+    body={"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    bearer=True,
+)
+@tus_route
+async def patch_upload(request: Request) -> Response:
+    """tus core: bytes at the offset, converted as they arrive and stored; 204 once they are (the last: once the record is)."""
+    services = services_of(request)
+    user_id, token = await owner(request)
+    upload = await find_upload(request, services, user_id)
+    if media_type(request) != OFFSET_OCTET_STREAM:
+        raise Refused(415, f"send the bytes as Content-Type: {OFFSET_OCTET_STREAM}")
+    offset = parse_count(request.headers.get("upload-offset", ""), "Upload-Offset", 400)
+    offset = await receive_upload(request, services, upload, offset, token)
+    return Response(status_code=204, headers={"Upload-Offset": str(offset), "Upload-Expires": http_date(upload.expires_at)})
+
+
+@API.route(
+    "/users/{user_id}/uploads/{upload_id}",
+    ["GET"],
+    "A finished resumable upload's record, as POST /users/wav answers it",
+    {200: answer("the record", "Record"), 409: error("not complete yet", {"Upload-Offset": "where it is"}), **TUS_REFUSALS},
+    parameters=UPLOAD_URL,
+    bearer=True,
+)
+@tus_route
+async def get_upload(request: Request) -> Response:
+    """After the last PATCH: the record's link and details (the 201 body of POST /users/wav)."""
+    services = services_of(request)
+    user_id, _ = await owner(request)
+    upload = await find_upload(request, services, user_id)
+    if upload.record_id is None:
+        raise Refused(409, "the upload is not complete: send the rest of its bytes (PATCH)", {"Upload-Offset": str(upload.received)})
+    record = await services.store.find_record(upload.record_id, user_id)
+    if record is None:
+        raise Refused(404, "the record of this upload has been deleted")
+    return JSONResponse(record_json(record, base_url(request, services.settings)))
+
+
+@API.route(
+    "/users/{user_id}/uploads/{upload_id}",
+    ["DELETE"],
+    "End a resumable upload (tus termination): its bytes are deleted and its file name is free again",
+    {204: answer("terminated"), **TUS_REFUSALS},
+    parameters=UPLOAD_URL,
+    bearer=True,
+)
+@tus_route
+async def delete_upload(request: Request) -> Response:
+    """tus termination; a finished upload's record stays (DELETE /record deletes it)."""
+    services = services_of(request)
+    user_id, _ = await owner(request)
+    upload = await find_upload(request, services, user_id)
+    await services.resumable.end(upload, "terminated")
+    return Response(status_code=204)
+
+
+@API.route("/users/{user_id}/uploads/{upload_id}", ["POST"], "", {}, documented=False)
+@tus_route
+async def override_upload_method(request: Request) -> Response:
+    """For clients that can send only GET and POST (tus 1.0.0 §X-HTTP-Method-Override, tus-js-client's overridePatchMethod)."""
+    method = request.headers.get("x-http-method-override", "").upper()
+    if method not in ("PATCH", "DELETE"):
+        raise Refused(405, "POST to an upload needs X-HTTP-Method-Override: PATCH or DELETE")
+    return await (patch_upload if method == "PATCH" else delete_upload)(request)
 
 
 RECORD_HEADERS = {
@@ -780,6 +1016,71 @@ def parse_uuid(value: Any) -> str | None:
         return str(uuid.UUID(value))
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+# The headers of a resumable upload (tus 1.0.0).
+OFFSET_OCTET_STREAM = "application/offset+octet-stream"
+METADATA_KEY = re.compile(r"[^\s,]+")
+
+
+def upload_length(request: Request, settings: Settings) -> int:
+    """Upload-Length: 400 without one (Upload-Defer-Length is not offered), 413 past MAX_UPLOAD_MB, 422 for an empty file."""
+    text = request.headers.get("upload-length")
+    if text is None:
+        raise Refused(400, "send Upload-Length, the file's size in bytes (Upload-Defer-Length is not offered)")
+    length = parse_count(text, "Upload-Length", 400)
+    if length > settings.max_upload_bytes:
+        raise Refused(413, f"Upload-Length is larger than the {settings.max_upload_mb} MiB limit (Tus-Max-Size)")
+    if length == 0:
+        raise BadWav("audio_file is empty (0 bytes)")
+    return length
+
+
+def upload_metadata(header: str | None) -> tuple[str, dict[str, int]]:
+    """Upload-Metadata (`key base64(value)` pairs, comma-separated): the file name, and the encoding options of
+    FORM_OPTIONS under their own names. Other keys (filetype, relativePath...) are read and let be."""
+    if header is not None and len(header) > MAX_FIELD_BYTES:
+        raise Refused(422, f"Upload-Metadata is longer than {MAX_FIELD_BYTES} bytes")
+    pairs: dict[str, str] = {}
+    for item in (header or "").split(","):
+        key, _, encoded = item.strip().partition(" ")
+        if not METADATA_KEY.fullmatch(key) or key in pairs:
+            raise Refused(422, "Upload-Metadata must be comma-separated `key base64(value)` pairs, each key once")
+        try:
+            pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(422, f"Upload-Metadata's {key} is not base64 of UTF-8 text") from None
+    if "filename" not in pairs:
+        raise Refused(422, "Upload-Metadata needs a filename")
+    form: dict[str, int] = {}
+    for name in FORM_OPTIONS.keys() & pairs.keys():
+        add_option(form, name, pairs[name])
+    return clean_filename(pairs["filename"]), form
+
+
+def parse_checksum(header: str | None) -> tuple[Callable[[], Any], bytes] | None:
+    """Upload-Checksum (tus checksum extension): `<algorithm> <base64 digest>` of this request's bytes."""
+    if header is None:
+        return None
+    name, _, encoded = header.strip().partition(" ")
+    algorithm = CHECKSUMS.get(name.lower())
+    if algorithm is None:
+        raise Refused(400, f"Upload-Checksum's algorithm must be one of {', '.join(CHECKSUMS)}")
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        digest = b""
+    if len(digest) != algorithm().digest_size:
+        raise Refused(400, f"Upload-Checksum must be `{name} <base64 of the {algorithm().digest_size}-byte digest>`")
+    return algorithm, digest
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def has_body(request: Request) -> bool:
+    return request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
 
 
 # 2. Request bodies ################################################################
@@ -1019,6 +1320,14 @@ def bearer_token(request: Request) -> str | None:
     return parse_uuid(token.strip())
 
 
+async def owner(request: Request) -> tuple[str, str]:
+    """The owner's routes: the user of the path, authenticated by `Authorization: Bearer`; (user id, token)."""
+    token = bearer_token(request)
+    user_id = await authenticate(services_of(request).store, parse_uuid(request.path_params["user_id"]), token)
+    assert token is not None  # authenticate() refused a missing one
+    return user_id, token
+
+
 def data_credentials(body: bytes) -> tuple[str, str]:
     """The upload's `data` part: {"user_id": uuid, "access_token": uuid}, or 422."""
     payload = parse_json(body, "data")
@@ -1192,8 +1501,8 @@ class FormUpload:
 
     async def _check_name_free(self) -> None:
         # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
-        if self.user_id is not None and self.filename is not None and await self.services.store.record_name_taken(self.user_id, self.filename):
-            raise NameTaken(self.filename)
+        if self.user_id is not None and self.filename is not None and (holder := await self.services.store.name_holder(self.user_id, self.filename)):
+            raise NameTaken(self.filename, holder)
 
     async def converted(self) -> Mp3File:
         """After the body: the finished MP3 (encoded again for an option that came after the audio), or the refusal."""
@@ -1222,7 +1531,7 @@ class FormUpload:
 
 # 6. Upload sessions ###############################################################
 # A session is what outlives a request: the file's offset and its conversion. POST /users/wav feeds
-# one session with one request.
+# one session with one request; a resumable upload feeds one with as many requests as it takes.
 
 
 class UploadSession:
@@ -1258,6 +1567,318 @@ class UploadSession:
 
     def close(self) -> None:
         self._job.close()
+
+
+# Resumable uploads (tus). Their bytes are stored in the database as they come (upload_chunks), so any
+# replica can go on with an upload after a restart; the process that has an upload's live session goes on
+# with it as it is, and one that has not (a restart, another replica, a session let go while paused)
+# re-encodes the stored bytes first, at LAME speed. nginx sends an upload's requests to one replica
+# (deploy/nginx.conf), so that this stays the exception.
+
+
+class ResumableUpload:
+    """A resumable upload this process converts: its session (the live encoder) and the bytes fed but not stored yet.
+
+    One request at a time holds its `turn`. Its session is trusted only where it stands exactly where the
+    database does: otherwise `catch_up` starts it anew from the stored bytes.
+    """
+
+    def __init__(self, upload: StoredUpload, services: Services) -> None:
+        self.upload = upload
+        self.turn = asyncio.Lock()
+        self.catching_up = False
+        self.paused_since = time.monotonic()
+        self.mp3: Mp3File | None = None  # finished, not stored yet: the database was down
+        self._services = services
+        self._session: UploadSession | None = None
+        self._stored = 0  # bytes of the file in the database; the session has been fed these and the pending ones
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    async def catch_up(self, upload: StoredUpload) -> None:
+        """Stand where the database stands: go on as it is, or start anew and feed the stored bytes."""
+        self.upload = upload
+        if self._session is not None and self._stored == upload.received and not self._pending:
+            return
+        self.close()
+        settings, store = self._services.settings, self._services.store
+        self._session = UploadSession(Mp3Options.of(upload.options, settings), self._services.encoders)
+        self.catching_up = True
+        try:
+            async for piece in store.upload_pieces(upload.upload_id, upload.received):
+                await self._session.room()
+                await self._session.feed(piece)
+        finally:
+            self.catching_up = False
+        if upload.received:
+            RESUMABLE_UPLOADS.labels("resumed").inc()
+        self._stored = upload.received
+
+    async def room(self) -> None:
+        """Wait, before reading more, until the shared audio buffer has room (ConversionJob.room)."""
+        assert self._session is not None
+        await self._session.room()
+
+    async def feed(self, data: bytes) -> None:
+        """The file's next bytes: converted now, stored with the next FLUSH_BYTES."""
+        assert self._session is not None
+        await self._session.feed(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= FLUSH_BYTES:
+            await self.store_pending()
+
+    async def store_pending(self) -> int:
+        """Store the bytes fed since the last time: from now on they are acknowledged. The stored offset."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            try:
+                stored = await self._services.store.append_upload(self.upload.upload_id, self._stored, data)
+            except Unavailable:
+                self.close()  # fed but not stored: next time, start over from what is
+                raise
+            if not stored:
+                self.close()
+                raise Refused(409, "this upload went on elsewhere meanwhile: ask for its offset (HEAD) and send from there")
+            self._stored += len(data)
+        return self._stored
+
+    async def finish(self) -> Mp3File:
+        """The MP3 once every byte is stored (kept if it cannot be stored yet)."""
+        if self.mp3 is None:
+            assert self._session is not None
+            self.mp3 = await self._session.finish()
+        return self.mp3
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self.mp3 is not None:
+            self.mp3.close()
+            self.mp3 = None
+        self._pending, self._pending_bytes = [], 0
+
+
+class ResumableUploads:
+    """This process's live resumable uploads: one request at a time feeds each; a paused one keeps its session
+    for PAUSED_UPLOAD_SECONDS, and only the MAX_PAUSED_UPLOADS most recent do (1,000 paused uploads cost
+    nothing but their rows). Ending, terminating and expiring uploads is here too."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._live: dict[str, ResumableUpload] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()  # catching up, storing records, purging: kept until done
+
+    async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int) -> StoredUpload:
+        created = datetime.now(UTC)
+        expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
+        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires))
+        if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created)):
+            raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
+        RESUMABLE_UPLOADS.labels("created").inc()
+        return upload
+
+    @contextlib.asynccontextmanager
+    async def turn(self, upload: StoredUpload, wait: float = LOCK_WAIT_SECONDS) -> AsyncIterator[ResumableUpload]:
+        """The upload's turn, standing where the database does when it begins (409 if another request holds it
+        longer than `wait`; catching up is waited out); paused when it ends."""
+        live = self._live.get(upload.upload_id)
+        if live is None:
+            live = self._live[upload.upload_id] = ResumableUpload(upload, self._services)
+            RESUMABLE_LIVE.inc()
+        try:
+            await asyncio.wait_for(live.turn.acquire(), None if live.catching_up else wait)
+        except TimeoutError:
+            raise Refused(409, "another request is sending this upload's bytes: ask for its offset (HEAD) and try again") from None
+        try:
+            fresh = await self._services.store.find_upload(upload.upload_id, upload.user_id)
+            if fresh is None:
+                raise Refused(404, "no such upload for this user")
+            if fresh.record_id is None:
+                await live.catch_up(fresh)
+            live.upload = fresh
+            yield live
+        finally:
+            live.turn.release()
+            live.paused_since = time.monotonic()
+            self.let_go()
+
+    async def settled(self, upload: StoredUpload, token: str) -> StoredUpload:
+        """The upload as a HEAD should report it: after a request of this process that is storing its last bytes has
+        done so; with every byte in, only once its record is stored (423 meanwhile: ask again)."""
+        live = self._live.get(upload.upload_id)
+        if live is not None and live.turn.locked() and not live.catching_up:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOCK_WAIT_SECONDS):
+                    await live.turn.acquire()
+                    live.turn.release()
+            upload = await self._services.store.find_upload(upload.upload_id, upload.user_id) or upload
+        if upload.record_id is None and upload.received == upload.length:
+            completion = self._in_background(self._complete_later(upload, token))
+            await asyncio.wait([completion], timeout=2 * LOCK_WAIT_SECONDS)
+            if completion.done():
+                with contextlib.suppress(Unavailable):
+                    return completion.result()
+            raise Refused(423, "every byte is in and the record is being stored: ask again shortly", {"Retry-After": "2"})
+        if upload.record_id is None and upload.received and upload.upload_id not in self._live:
+            self._in_background(self._warm(upload))  # the next PATCH finds it caught up
+        return upload
+
+    async def _warm(self, upload: StoredUpload) -> None:
+        with contextlib.suppress(Refused):
+            async with self.turn(upload):
+                pass
+
+    async def _complete_later(self, upload: StoredUpload, token: str) -> StoredUpload:
+        async with self.turn(upload, wait=24 * 3600) as live:
+            if live.upload.record_id is None:
+                await self.complete(live, token)
+            return await self._services.store.find_upload(upload.upload_id, upload.user_id) or live.upload
+
+    async def complete(self, live: ResumableUpload, token: str) -> StoredRecord:
+        """Every byte is stored: the MP3, then the record, which marks the upload complete in the same transaction."""
+        upload, store = live.upload, self._services.store
+        try:
+            mp3 = await live.finish()
+        except (BadWav, UnsupportedWav):
+            await self.end(upload, "failed")
+            raise
+        mp3.rewind()
+        record = NewRecord(str(uuid.uuid4()), upload.user_id, hash_token(token), upload.filename, mp3.size, mp3.duration_seconds, mp3.sha256, now())
+        stored = await store.save_record(record, mp3, upload.upload_id)
+        if stored is None:
+            raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile: the MP3 waits for the new one
+        RESUMABLE_UPLOADS.labels("completed").inc()
+        AUDIO_SECONDS.inc(stored.duration_seconds)
+        self.forget(upload.upload_id)
+        self.purge_soon()
+        return stored
+
+    async def end(self, upload: StoredUpload, why: str) -> None:
+        """Terminated, failed or expired: the row goes now (and with it the file name), its bytes soon after."""
+        await self._services.store.delete_upload(upload.upload_id, upload.user_id)
+        RESUMABLE_UPLOADS.labels(why).inc()
+        self.forget(upload.upload_id)
+        self.purge_soon()
+
+    def forget(self, upload_id: str) -> None:
+        live = self._live.pop(upload_id, None)
+        if live is not None:
+            live.close()
+            RESUMABLE_LIVE.dec()
+
+    def let_go(self) -> None:
+        """Close the sessions of uploads paused too long, and of the least recent beyond MAX_PAUSED_UPLOADS."""
+        paused = sorted((live for live in self._live.values() if not live.turn.locked()), key=lambda live: live.paused_since)
+        stale = time.monotonic() - PAUSED_UPLOAD_SECONDS
+        for index, live in enumerate(paused):
+            if live.paused_since < stale or index < len(paused) - MAX_PAUSED_UPLOADS:
+                self.forget(live.upload.upload_id)
+
+    def purge_soon(self) -> None:
+        """Delete the stored bytes of uploads that are gone or complete, in the background, a few at a time."""
+        if not any(task.get_name() == "purge" for task in self._tasks):
+            self._in_background(self._services.store.purge_upload_chunks(), name="purge")
+
+    async def expire(self) -> None:
+        """Delete the uploads past UPLOAD_EXPIRY_HOURS, a few per transaction (the storage sweep calls this)."""
+        while expired := await self._services.store.delete_expired_uploads(now(), SWEEP_BATCH):
+            for upload_id, record_id in expired:
+                RESUMABLE_UPLOADS.labels("expired" if record_id is None else "done").inc()
+                self.forget(upload_id)
+            await asyncio.sleep(0.05)
+        self.purge_soon()
+        self.let_go()
+
+    def _in_background(self, work: Awaitable[T], name: str | None = None) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(work)
+        if name:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: logged where it matters
+        return task
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for upload_id in list(self._live):
+            self.forget(upload_id)
+
+
+async def receive_upload(request: Request, services: Services, upload: StoredUpload, offset: int, token: str) -> int:
+    """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
+    when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
+    store the record. The offset the upload stands at afterwards."""
+    if offset != upload.received or upload.record_id is not None:
+        if upload.record_id is not None and offset == upload.length and not has_body(request):
+            return upload.length  # the last PATCH, repeated: done already
+        raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
+    remaining = upload.length - offset
+    declared = request.headers.get("content-length")
+    if declared is not None and parse_count(declared, "Content-Length", 400) > remaining:
+        raise Refused(413, f"more bytes than Upload-Length leaves: {remaining} to go", CLOSE)
+    checksum = parse_checksum(request.headers.get("upload-checksum"))
+    body = BodyReader(request, remaining, services.settings)
+    if not services.uploads.acquire():
+        await body.drain(*OVERLOAD_DRAIN)
+        OVERLOAD_REFUSALS.labels("uploads").inc()
+        raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
+    try:
+        async with services.resumable.turn(upload) as live:
+            if live.upload.received != offset:  # another request moved it on while this one waited for its turn
+                raise Refused(409, f"the upload stands at {live.upload.received}, not {offset}", {"Upload-Offset": str(live.upload.received)})
+            try:
+                if checksum:
+                    await receive_checked(body, live, checksum, services.encoders.disk)
+                else:
+                    await receive_streaming(body, live)
+            except (BadWav, UnsupportedWav):
+                await services.resumable.end(live.upload, "failed")
+                raise
+            stored = await live.store_pending()
+            if stored == upload.length:
+                await services.resumable.complete(live, token)
+            return stored
+    finally:
+        services.uploads.release()
+        UPLOAD_BYTES.labels("tus").inc(body.received)
+
+
+async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
+    chunks = body.chunks()
+    try:
+        while True:
+            await live.room()  # read only when there is room: else TCP holds the bytes
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                break
+            await live.feed(chunk)
+            del chunk  # not held while the next one is awaited (see BodyReader.chunks)
+    except Refused as cut:
+        if cut.status in (400, 408, 413):  # the connection broke, the client was too slow, or sent too much
+            await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH)
+        raise
+
+
+async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], disk: DiskBudget) -> None:
+    """With Upload-Checksum the bytes wait in a temporary file until the last one has been checked: a piece that
+    does not match is dropped whole (460), and so is one cut short (it cannot be checked)."""
+    algorithm, expected = checksum
+    digest = algorithm()
+    with contextlib.closing(TempFile(disk)) as piece:
+        async for chunk in body.chunks():
+            digest.update(chunk)
+            piece.write(chunk)
+        if not hmac.compare_digest(digest.digest(), expected):
+            raise Refused(460, "Upload-Checksum does not match these bytes: they were dropped, the offset stays")
+        piece.seek(0)
+        while data := await asyncio.to_thread(piece.read, FLUSH_BYTES):
+            await live.room()
+            await live.feed(data)
 
 
 # 7. Conversion ####################################################################
@@ -2000,12 +2621,18 @@ class Mp3File:
     sha256: str
     duration_seconds: float
 
+    _read: int = 0  # of the head
+
     def read(self, size: int) -> bytes:
         """The whole file in pieces: the head, then the frames."""
-        if self.head:
-            piece, self.head = self.head[:size], self.head[size:]
-            return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
-        return self.frames.read(size)
+        piece = self.head[self._read : self._read + size]
+        self._read += len(piece)
+        return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
+
+    def rewind(self) -> None:
+        """Read from the start again (a store that failed is tried again)."""
+        self._read = 0
+        self.frames.seek(0)
 
     def close(self) -> None:
         self.frames.close()
@@ -2069,12 +2696,17 @@ def id3_tag(info: Mapping[bytes, bytes]) -> bytes:
 SQL_INSERT_USERS = "INSERT INTO users (id, name, token_sha256, created_at) VALUES {rows} ON CONFLICT (name) DO NOTHING RETURNING id"
 SQL_INSERT_USERS_ROW = "(:id{n}, :name{n}, :token_sha256{n}, :created_at{n})"
 SQL_USER_TOKEN = "SELECT token_sha256 FROM users WHERE id = :id"
-SQL_RECORD_NAME_TAKEN = "SELECT 1 FROM records WHERE user_id = :user_id AND filename = :filename"
-# The record is stored only while the token it was uploaded with is still the user's.
+# A record and a resumable upload each reserve their file name. Whoever takes a name first locks the
+# user's row (an UPDATE that changes nothing, and checks the token), then looks at both tables: on
+# PostgreSQL two transactions of one user cannot both see a name free; SQLite has one writer anyway.
+SQL_LOCK_USER = "UPDATE users SET token_sha256 = token_sha256 WHERE id = :id AND token_sha256 = :token_sha256 RETURNING id"
+SQL_NAME_HOLDER = (
+    "SELECT 'record' FROM records WHERE user_id = :user_id AND filename = :filename UNION ALL"
+    " SELECT 'upload' FROM uploads WHERE user_id = :user_id AND filename = :filename AND record_id IS NULL AND id <> :upload_id"
+)
 SQL_INSERT_RECORD = (
     "INSERT INTO records (id, user_id, filename, size_bytes, duration_seconds, sha256, created_at)"
-    " SELECT :id, :user_id, :filename, CAST(:size_bytes AS BIGINT), CAST(:duration_seconds AS DOUBLE PRECISION), :sha256, :created_at"
-    " WHERE EXISTS (SELECT 1 FROM users WHERE id = :user_id AND token_sha256 = :token_sha256) RETURNING id"
+    " VALUES (:id, :user_id, :filename, :size_bytes, :duration_seconds, :sha256, :created_at)"
 )
 SQL_INSERT_CHUNK = "INSERT INTO record_chunks (record_id, seq, data) VALUES (:record_id, :seq, :data)"
 SQL_FIND_RECORD = "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records WHERE id = :id AND user_id = :user_id"
@@ -2091,16 +2723,40 @@ SQL_DELETE_EXPIRED = (
 SQL_REPLACE_TOKEN = "UPDATE users SET token_sha256 = :new WHERE id = :id AND token_sha256 = :old RETURNING id"
 SQL_RECORD_CHUNKS = "SELECT seq, data FROM record_chunks WHERE record_id = :record_id AND seq >= :first AND seq <= :last ORDER BY seq"
 SQL_PING = "SELECT 1"
+# Resumable uploads: the row, then its bytes in pieces. Storing a piece moves `received` on only from where
+# the storer found it (a compare-and-set), so two requests that feed one upload at once, in one process or
+# in two replicas, cannot both succeed: one is told 409, and no byte is lost or stored twice.
+UPLOAD_COLUMNS = "id, user_id, filename, options, length, received, record_id, expires_at"
+SQL_INSERT_UPLOAD = (
+    "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at)"
+    " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at)"
+)
+SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
+SQL_ADVANCE_UPLOAD = "UPDATE uploads SET received = :received WHERE id = :id AND received = :start AND record_id IS NULL RETURNING id"
+SQL_INSERT_UPLOAD_CHUNK = "INSERT INTO upload_chunks (upload_id, start, data) VALUES (:upload_id, :start, :data)"
+SQL_UPLOAD_CHUNKS = (
+    "SELECT start, data FROM upload_chunks WHERE upload_id = :upload_id AND start >= :start AND start < :end ORDER BY start LIMIT :limit"
+)
+SQL_COMPLETE_UPLOAD = "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id"
+SQL_DELETE_UPLOAD = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id RETURNING id"
+SQL_DELETE_EXPIRED_UPLOADS = "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at < :now LIMIT :limit) RETURNING id, record_id"
+SQL_SPENT_UPLOADS = (
+    "SELECT DISTINCT upload_id FROM upload_chunks WHERE upload_id NOT IN (SELECT id FROM uploads WHERE record_id IS NULL) LIMIT :limit"
+)
+SQL_PURGE_UPLOAD_CHUNKS = (
+    "DELETE FROM upload_chunks WHERE upload_id = :upload_id"
+    " AND start IN (SELECT start FROM upload_chunks WHERE upload_id = :upload_id ORDER BY start LIMIT :limit) RETURNING start"
+)
 # SQLite: a new database reclaims freed pages on request (incremental_vacuum), so the file can shrink.
 SQL_SQLITE_FILE = ("PRAGMA auto_vacuum = INCREMENTAL", "PRAGMA journal_mode = WAL")
 SQL_SQLITE_FREE_PAGES = "PRAGMA freelist_count"
 SQL_SQLITE_VACUUM_STEP = "PRAGMA incremental_vacuum({pages})"
-# PostgreSQL: a 256 KiB chunk is TOASTed out of line in ~2 KB rows; MP3 does not compress, so skip the attempt,
-# and let autovacuum reclaim deleted chunks sooner than its 20 % default.
-SQL_POSTGRES_CHUNK_STORAGE = "SELECT attstorage FROM pg_attribute WHERE attrelid = 'record_chunks'::regclass AND attname = 'data'"
+# PostgreSQL: a 256 KiB chunk is TOASTed out of line in ~2 KB rows; MP3 and PCM hardly compress, so skip the
+# attempt, and let autovacuum reclaim deleted chunks sooner than its 20 % default.
+SQL_POSTGRES_CHUNK_STORAGE = "SELECT attstorage FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attname = 'data'"
 SQL_POSTGRES_TUNE_CHUNKS = (
-    "ALTER TABLE record_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
-    "ALTER TABLE record_chunks SET (autovacuum_vacuum_scale_factor = 0.02, toast.autovacuum_vacuum_scale_factor = 0.02)",
+    "ALTER TABLE {table} ALTER COLUMN data SET STORAGE EXTERNAL",
+    "ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, toast.autovacuum_vacuum_scale_factor = 0.02)",
 )
 
 
@@ -2118,8 +2774,12 @@ UNIQUE_VIOLATIONS: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, as
 OUTAGES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.Error)
 
 
+def timestamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return timestamp(datetime.now(UTC))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2136,7 +2796,7 @@ class NewRecord:
 
 @dataclasses.dataclass(frozen=True)
 class StoredRecord:
-    record_id: str
+    record_id: str  # then the fields of RECORD_FIELDS
     user_id: str
     filename: str
     size_bytes: int
@@ -2145,8 +2805,23 @@ class StoredRecord:
     created_at: str
 
 
+RECORD_FIELDS = ("user_id", "filename", "size_bytes", "duration_seconds", "sha256", "created_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredUpload:
+    upload_id: str
+    user_id: str
+    filename: str
+    options: dict[str, int]  # of FORM_OPTIONS
+    length: int
+    received: int  # bytes stored
+    record_id: str | None  # once complete
+    expires_at: str
+
+
 class Store:
-    """Users and records in SQLite or PostgreSQL: raw SQL through `databases`, nothing else."""
+    """Users, records and resumable uploads in SQLite or PostgreSQL: raw SQL through `databases`, nothing else."""
 
     def __init__(self, url: str, timeout: float, connections: int) -> None:
         self.timeout = timeout
@@ -2211,9 +2886,10 @@ class Store:
         for statement in schema.split(";"):
             if statement.strip():
                 await self.database.execute(statement)
-        if not self.is_sqlite and await self.database.fetch_val(SQL_POSTGRES_CHUNK_STORAGE) != "e":
-            for statement in SQL_POSTGRES_TUNE_CHUNKS:
-                await self.database.execute(statement)
+        for table in ("record_chunks", "upload_chunks"):
+            if not self.is_sqlite and await self.database.fetch_val(SQL_POSTGRES_CHUNK_STORAGE.format(table=table)) != "e":
+                for statement in SQL_POSTGRES_TUNE_CHUNKS:
+                    await self.database.execute(statement.format(table=table))
 
     async def disconnect(self) -> None:
         if self.database.is_connected:
@@ -2246,20 +2922,30 @@ class Store:
     async def token_hash(self, user_id: str) -> str | None:
         return await self._call(self.database.fetch_val(SQL_USER_TOKEN, {"id": user_id}))
 
-    async def record_name_taken(self, user_id: str, filename: str) -> bool:
-        return await self._call(self.database.fetch_val(SQL_RECORD_NAME_TAKEN, {"user_id": user_id, "filename": filename})) is not None
+    async def name_holder(self, user_id: str, filename: str, upload_id: str = "") -> str | None:
+        """What holds the user's file name, if anything: 'record', or 'upload' (an unfinished upload but `upload_id`)."""
+        values = {"user_id": user_id, "filename": filename, "upload_id": upload_id}
+        return await self._call(self.database.fetch_val(SQL_NAME_HOLDER, values))
 
-    async def save_record(self, record: NewRecord, mp3: Mp3File) -> StoredRecord | None:
-        """The record row and all its chunks in one transaction; 409 if the name is taken, 403 if
-        the token changed meanwhile."""
-        values = dataclasses.asdict(record)
-        values["id"] = values.pop("record_id")
+    async def _reserve_name(self, user_id: str, token_sha256: str, filename: str, upload_id: str = "") -> bool:
+        """Inside a transaction: lock the user's row if the token is still the user's (else False), then 409 if the name is held."""
+        if await self._call(self.database.fetch_val(SQL_LOCK_USER, {"id": user_id, "token_sha256": token_sha256})) is None:
+            return False
+        if holder := await self.name_holder(user_id, filename, upload_id):
+            raise NameTaken(filename, holder)
+        return True
+
+    async def save_record(self, record: NewRecord, mp3: Mp3File, upload_id: str | None = None) -> StoredRecord | None:
+        """The record row and all its chunks in one transaction (and, for a resumable upload, the upload marked
+        complete); 409 if the name is taken, None if the token was replaced meanwhile (nothing stored)."""
+        values = {"id": record.record_id, **{field: getattr(record, field) for field in RECORD_FIELDS}}
         try:
             async with self.writing(), self.database.transaction():
-                # The record row first: on SQLite its INSERT takes the write lock (waiting out
-                # the busy timeout), and on a duplicate name nothing else has been written.
-                if await self._call(self.database.fetch_val(SQL_INSERT_RECORD, values)) is None:
-                    return None  # the token it was uploaded with has been replaced meanwhile: nothing stored
+                # The user's row first: on SQLite it takes the write lock (waiting out the busy timeout), and
+                # on a taken name or a replaced token nothing else has been written.
+                if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
+                    return None
+                await self._call(self.database.execute(SQL_INSERT_RECORD, values))
                 seq = 0
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
                     rows = []
@@ -2267,10 +2953,11 @@ class Store:
                         rows.append({"record_id": record.record_id, "seq": seq, "data": Blob(batch[offset : offset + CHUNK_BYTES])})
                         seq += 1
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
+                if upload_id is not None:
+                    await self._call(self.database.execute(SQL_COMPLETE_UPLOAD, {"id": upload_id, "record_id": record.record_id}))
         except UNIQUE_VIOLATIONS:
-            raise NameTaken(record.filename) from None
-        fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(StoredRecord)}
-        return StoredRecord(**fields)
+            raise NameTaken(record.filename, "record") from None
+        return StoredRecord(record.record_id, *(getattr(record, field) for field in RECORD_FIELDS))
 
     async def find_record(self, record_id: str, user_id: str) -> StoredRecord | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_RECORD, {"id": record_id, "user_id": user_id}))
@@ -2311,6 +2998,92 @@ class Store:
         """Delete up to `limit` records created before `before`; how many went."""
         async with self.writing():
             return len(await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED, {"before": before, "limit": limit})))
+
+    async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str) -> bool:
+        """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name,
+        False if the token was replaced meanwhile."""
+        values = {
+            "id": upload.upload_id,
+            "user_id": upload.user_id,
+            "filename": upload.filename,
+            "options": json.dumps(upload.options),
+            "length": upload.length,
+            "created_at": created_at,
+            "expires_at": upload.expires_at,
+        }
+        async with self.writing(), self.database.transaction():
+            if not await self._reserve_name(upload.user_id, token_sha256, upload.filename):
+                return False
+            await self._call(self.database.execute(SQL_INSERT_UPLOAD, values))
+        return True
+
+    async def find_upload(self, upload_id: str, user_id: str) -> StoredUpload | None:
+        row = await self._call(self.database.fetch_one(SQL_FIND_UPLOAD, {"id": upload_id, "user_id": user_id, "now": now()}))
+        if row is None:
+            return None
+        return StoredUpload(
+            row["id"],
+            row["user_id"],
+            row["filename"],
+            json.loads(row["options"]),
+            int(row["length"]),
+            int(row["received"]),
+            row["record_id"],
+            row["expires_at"],
+        )
+
+    async def append_upload(self, upload_id: str, start: int, data: bytes) -> bool:
+        """Store bytes of an upload that stood at `start`; False if it stands elsewhere by now (or is gone)."""
+        async with self.writing(), self.database.transaction():
+            moved = await self._call(self.database.fetch_val(SQL_ADVANCE_UPLOAD, {"id": upload_id, "start": start, "received": start + len(data)}))
+            if moved is None:
+                return False
+            await self._call(self.database.execute(SQL_INSERT_UPLOAD_CHUNK, {"upload_id": upload_id, "start": start, "data": Blob(data)}))
+        return True
+
+    async def upload_pieces(self, upload_id: str, end: int) -> AsyncIterator[bytes]:
+        """An upload's stored bytes up to `end`, piece by piece, a few pieces per query; 404 when some are gone."""
+        start = 0
+        while start < end:
+            values = {"upload_id": upload_id, "start": start, "end": end, "limit": CHUNKS_PER_QUERY}
+            async with self._bulk_readers:
+                rows = await self._call(self.database.fetch_all(SQL_UPLOAD_CHUNKS, values))
+            pieces = []
+            for row in rows:
+                if row["start"] != start:
+                    break
+                pieces.append(bytes(row["data"]))
+                start += len(pieces[-1])
+            del rows
+            if not pieces:
+                raise Refused(404, "no such upload for this user: it was ended meanwhile")
+            while pieces:
+                yield pieces.pop(0)
+
+    async def delete_upload(self, upload_id: str, user_id: str) -> bool:
+        async with self.writing():
+            return await self._call(self.database.fetch_val(SQL_DELETE_UPLOAD, {"id": upload_id, "user_id": user_id})) is not None
+
+    async def delete_expired_uploads(self, before: str, limit: int) -> list[tuple[str, str | None]]:
+        """Up to `limit` uploads that expired before `before`: deleted; their ids and records."""
+        async with self.writing():
+            rows = await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED_UPLOADS, {"now": before, "limit": limit}))
+        return [(row["id"], row["record_id"]) for row in rows]
+
+    async def purge_upload_chunks(self) -> int:
+        """Delete the stored bytes of uploads that are gone or complete, SWEEP_BATCH pieces per transaction; how many."""
+        purged = 0
+        while spent := await self._call(self.database.fetch_all(SQL_SPENT_UPLOADS, {"limit": SWEEP_BATCH})):
+            for row in spent:
+                while True:
+                    async with self.writing():
+                        values = {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}
+                        deleted = len(await self._call(self.database.fetch_all(SQL_PURGE_UPLOAD_CHUNKS, values)))
+                    purged += deleted
+                    if deleted < SWEEP_BATCH:
+                        break
+                    await asyncio.sleep(0.01)  # requests have the database between batches
+        return purged
 
     async def release_free_pages(self) -> int:
         """SQLite: give free pages beyond a reserve back to the file system, a step at a time; pages released."""
@@ -2377,6 +3150,36 @@ class UserBatcher:
 
 def base_url(request: Request, settings: Settings) -> str:
     return settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+
+
+def upload_url(request: Request, upload: StoredUpload) -> str:
+    return f"{base_url(request, services_of(request).settings)}/users/{upload.user_id}/uploads/{upload.upload_id}"
+
+
+async def find_upload(request: Request, services: Services, user_id: str) -> StoredUpload:
+    upload_id = parse_uuid(request.path_params["upload_id"])
+    upload = await services.store.find_upload(upload_id, user_id) if upload_id else None
+    if upload is None:
+        raise Refused(404, "no such upload for this user: unknown, terminated, failed or expired")
+    return upload
+
+
+def upload_state(upload: StoredUpload) -> dict[str, str]:
+    return {"Upload-Offset": str(upload.received), "Upload-Length": str(upload.length), "Upload-Expires": http_date(upload.expires_at)}
+
+
+def http_date(moment: str) -> str:
+    """An ISO 8601 time as RFC 9110 §5.6.7 writes dates: `Wed, 25 Jun 2014 16:00:00 GMT` (tus Upload-Expires)."""
+    return email.utils.format_datetime(datetime.fromisoformat(moment).astimezone(UTC), usegmt=True)
+
+
+def tus_capabilities(settings: Settings) -> dict[str, str]:
+    return {
+        "Tus-Version": "1.0.0",
+        "Tus-Extension": TUS_EXTENSIONS,
+        "Tus-Max-Size": str(settings.max_upload_bytes),
+        "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
+    }
 
 
 def mp3_name(filename: str) -> str:
@@ -2658,6 +3461,7 @@ class Services:
     encoders: Encoders
     uploads: UploadSlots
     downloads: ByteBudget
+    resumable: ResumableUploads = dataclasses.field(init=False)
 
 
 class UploadSlots:
@@ -2750,11 +3554,14 @@ class RequestMetrics:
                 MALLOC.trim_soon()
 
 
-async def keep_storage(store: Store, settings: Settings) -> None:
-    """In the background: delete records past RETENTION_DAYS, a few per transaction, and give SQLite's free
-    pages beyond a reserve back to the file system. Every replica may run it: deleting twice is harmless."""
+async def keep_storage(services: Services) -> None:
+    """In the background: delete records past RETENTION_DAYS and resumable uploads past UPLOAD_EXPIRY_HOURS (and
+    the bytes of finished ones), a few per transaction, and give SQLite's free pages beyond a reserve back to
+    the file system. Every replica may run it: deleting twice is harmless."""
+    store, settings = services.store, services.settings
     while True:
         try:
+            await services.resumable.expire()
             if settings.retention_days is not None:
                 before = (datetime.now(UTC) - timedelta(days=settings.retention_days)).isoformat(timespec="milliseconds")
                 deleted = 0
@@ -2767,6 +3574,13 @@ async def keep_storage(store: Store, settings: Settings) -> None:
         except Unavailable as failure:  # the database is down: try again at the next sweep
             log.warning("storage sweep skipped: %s", failure.message)
         await asyncio.sleep(SWEEP_SECONDS)
+
+
+# What browser tus clients send and read (tus-js-client, Uppy): CORS lets them, with CORS_ORIGINS set.
+TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Checksum", "Upload-Defer-Length",
+                       "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With")  # fmt: skip
+TUS_RESPONSE_HEADERS = ("Upload-Offset", "Upload-Length", "Upload-Expires", "Upload-Metadata", "Tus-Resumable", "Tus-Version",
+                        "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm")  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -2785,14 +3599,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with anyio.create_task_group():
             pass
         downloads = ByteBudget(DOWNLOAD_BUFFER_BYTES, BUFFERED_DOWNLOADS)
-        app.state.services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads), downloads)
-        sweeper = asyncio.create_task(keep_storage(store, settings))
+        services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads), downloads)
+        services.resumable = ResumableUploads(services)
+        app.state.services = services
+        sweeper = asyncio.create_task(keep_storage(services))
         try:
             yield
         finally:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper  # it may hold a connection: let it give it back before the pool closes
+            await services.resumable.close()
             encoders.shutdown()
             await store.disconnect()
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -2806,9 +3623,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=origins,
-                allow_methods=["GET", "HEAD", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Range", "If-None-Match", "If-Range"],
-                expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag"],
+                allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Range", "If-None-Match", "If-Range", *TUS_REQUEST_HEADERS],
+                expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag", "Retry-After", *TUS_RESPONSE_HEADERS],
             )
         )
     routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)))]

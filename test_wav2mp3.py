@@ -10,11 +10,13 @@ loopback. WAVs are generated in code (conftest.py); MP3s are decoded with miniau
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import getpass
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ import mutagen.mp3
 import numpy as np
 import pytest
 import schemathesis
+import tusclient.client
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -1809,7 +1812,7 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/uploads/{upload_id}", "delete"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
-    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "409", "412", "413", "415", "422", "503"}
+    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "409", "412", "413", "415", "422", "503"}
     assert set(upload["patch"]["responses"]) == {"204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"}
     assert set(upload["head"]["responses"]) == {"200", "401", "403", "404", "412", "423", "503"}
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
@@ -2471,6 +2474,514 @@ async def test_writes_waiting_for_sqlites_writer_are_503_after_db_timeout(databa
         await lifespan.__aexit__(None, None, None)
 
 
+# Resumable uploads (tus 1.0.0) ###################################################
+
+
+OCTETS = {"Content_Type": "application/offset+octet-stream"}  # a tus PATCH's body
+
+
+def tus(user: dict[str, str], **headers: str) -> dict[str, str]:
+    """A tus request's headers: the Bearer token and Tus-Resumable, and more (Upload_Offset= for Upload-Offset)."""
+    return {"Authorization": f"Bearer {user['access_token']}", "Tus-Resumable": "1.0.0", **{k.replace("_", "-"): v for k, v in headers.items()}}
+
+
+def tus_metadata(**values: str) -> str:
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in values.items())
+
+
+async def tus_create(client: httpx.AsyncClient, user: dict[str, str], length: int, filename: str = "call.wav", **options: str) -> str:
+    """A new resumable upload's URL."""
+    response = await client.post(
+        f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length=str(length), Upload_Metadata=tus_metadata(filename=filename, **options))
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["tus-resumable"] == "1.0.0"
+    return response.headers["location"]
+
+
+async def tus_patch(client: httpx.AsyncClient, user: dict[str, str], url: str, offset: int, data: bytes, **headers: str) -> httpx.Response:
+    return await client.patch(url, content=data, headers=tus(user, Upload_Offset=str(offset), **OCTETS, **headers))
+
+
+async def tus_upload(
+    client: httpx.AsyncClient, user: dict[str, str], wav: bytes, pieces: int = 3, filename: str = "call.wav", **options: str
+) -> dict[str, Any]:
+    """A WAV uploaded through tus in `pieces` PATCHes; the record, as GET of the upload URL answers it."""
+    url = await tus_create(client, user, len(wav), filename, **options)
+    cuts = [len(wav) * i // pieces for i in range(pieces + 1)]
+    for start, end in itertools.pairwise(cuts):
+        response = await tus_patch(client, user, url, start, wav[start:end])
+        assert response.status_code == 204, response.text
+        assert response.headers["upload-offset"] == str(end)
+    record = await client.get(url, headers=bearer(user))
+    assert record.status_code == 200, record.text
+    return record.json()  # type: ignore[no-any-return]
+
+
+async def test_tus_options_name_the_version_extensions_size_and_checksums(client: httpx.AsyncClient) -> None:
+    response = await client.options(f"/users/{uuid.uuid4()}/uploads")
+    assert response.status_code == 204
+    assert response.headers["tus-resumable"] == response.headers["tus-version"] == "1.0.0"
+    assert set(response.headers["tus-extension"].split(",")) == {"creation", "creation-with-upload", "termination", "expiration", "checksum"}
+    assert response.headers["tus-max-size"] == str(wav2mp3.Settings().max_upload_bytes)
+    assert "sha1" in response.headers["tus-checksum-algorithm"].split(",")
+
+
+@pytest.mark.parametrize("options", [{}, {"bitrate": "64", "channels": "1"}, {"vbr_quality": "2"}], ids=["defaults", "cbr-64-mono", "vbr-2"])
+async def test_tus_upload_in_pieces_gives_the_mp3_post_gives(client: httpx.AsyncClient, database_url: str, options: dict[str, str]) -> None:
+    user = await new_user(client)
+    wav = make_wav(7.0, 44100, 2, signal=music(7.0, 44100, 2), before_data=info_list(INAM="Résumé"))
+    record = await tus_upload(client, user, wav, 4, "resumed.wav", **options)
+    posted = (await upload(client, user, wav, "posted.wav", **options)).json()
+    assert record["sha256"] == posted["sha256"] and record["size_bytes"] == posted["size_bytes"]
+    assert (record["filename"], record["duration_seconds"]) == ("resumed.mp3", pytest.approx(7.0))
+    mp3 = (await client.get(record_path(record["url"]))).content
+    assert hashlib.sha256(mp3).hexdigest() == record["sha256"]
+    listed = (await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()["records"]
+    assert {r["record_id"] for r in listed} == {record["record_id"], posted["record_id"]}
+    await wait_for_purge(database_url)  # the stored WAV bytes go once the record is stored
+
+
+async def wait_for_purge(database_url: str) -> None:
+    deadline = time.monotonic() + 20
+    while (await db_rows(database_url, "SELECT count(*) FROM upload_chunks WHERE upload_id NOT IN (SELECT id FROM uploads WHERE record_id IS NULL)"))[
+        0
+    ][0]:
+        assert time.monotonic() < deadline, "the bytes of finished or ended uploads were not deleted"
+        await asyncio.sleep(0.1)
+
+
+async def test_tus_creation_with_upload_stores_the_first_piece(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(3.0, 44100, 2)
+    headers = tus(user, Upload_Length=str(len(wav)), Upload_Metadata=tus_metadata(filename="first.wav"), **OCTETS)
+    created = await client.post(f"/users/{user['user_id']}/uploads", content=wav[:100_000], headers=headers)
+    assert created.status_code == 201 and created.headers["upload-offset"] == "100000"
+    url = created.headers["location"]
+    assert (await client.head(url, headers=tus(user))).headers["upload-offset"] == "100000"
+    assert (await tus_patch(client, user, url, 100_000, wav[100_000:])).status_code == 204
+    whole = await client.post(
+        f"/users/{user['user_id']}/uploads", content=wav, headers={**headers, "Upload-Metadata": tus_metadata(filename="whole.wav")}
+    )
+    assert whole.status_code == 201 and whole.headers["upload-offset"] == str(len(wav))  # the whole file in the POST: done
+    first, second = [(await client.get(u, headers=bearer(user))).json() for u in (url, whole.headers["location"])]
+    assert first["sha256"] == second["sha256"]
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD", "PATCH", "DELETE"])
+async def test_tus_requests_without_tus_resumable_are_412_with_tus_version(client: httpx.AsyncClient, method: str) -> None:
+    user = await new_user(client)
+    url = await tus_create(client, user, 1000)
+    target = f"/users/{user['user_id']}/uploads" if method == "POST" else url
+    response = await client.request(method, target, headers={"Authorization": f"Bearer {user['access_token']}", "Tus-Resumable": "0.2.2"})
+    assert response.status_code == 412 and response.headers["tus-version"] == "1.0.0"
+    assert method == "HEAD" or list(response.json()) == ["error"]
+
+
+CREATION_REFUSALS = {
+    "no-length": (400, {"Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Length"),
+    "deferred-length": (400, {"Upload-Defer-Length": "1", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Defer-Length is not offered"),
+    "length-not-a-number": (400, {"Upload-Length": "-5", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Length"),
+    "length-over-the-limit": (413, {"Upload-Length": str(2 * wav2mp3.MIB), "Upload-Metadata": tus_metadata(filename="a.wav")}, "1 MiB"),
+    "empty-file": (422, {"Upload-Length": "0", "Upload-Metadata": tus_metadata(filename="a.wav")}, "empty"),
+    "no-metadata": (422, {"Upload-Length": "1000"}, "filename"),
+    "no-filename": (422, {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filetype="audio/wav")}, "filename"),
+    "not-base64": (422, {"Upload-Length": "1000", "Upload-Metadata": "filename a.wav"}, "base64"),
+    "repeated-key": (
+        422,
+        {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filename="a.wav") + "," + tus_metadata(filename="b.wav")},
+        "once",
+    ),
+    "bad-bitrate": (422, {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filename="a.wav", bitrate="100")}, "bitrate"),
+    "cbr-and-vbr": (422, {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filename="a.wav", bitrate="64", vbr_quality="2")}, "exclude"),
+    "empty-filename": (422, {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filename="dir/")}, "empty file name"),
+    "first-piece-not-offset-octet-stream": (
+        415,
+        {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filename="a.wav"), "Content-Type": "audio/wav", "Content-Length": "4"},
+        "application/offset+octet-stream",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CREATION_REFUSALS))
+async def test_tus_creation_refusals_are_4xx_and_create_nothing(database_url: str, case: str) -> None:
+    status, headers, message = CREATION_REFUSALS[case]
+    async with running_app(database_url, max_upload_mb=1) as client:
+        user = await new_user(client)
+        before = await db_rows(database_url, "SELECT count(*) FROM uploads")
+        body = b"RIFF" if "Content-Length" in headers else b""
+        response = await client.post(f"/users/{user['user_id']}/uploads", content=body, headers={**tus(user), **headers})
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"] and response.headers["tus-resumable"] == "1.0.0"
+        assert await db_rows(database_url, "SELECT count(*) FROM uploads") == before
+
+
+async def test_tus_creation_reserves_the_name_until_completion_termination_or_expiry(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(1.0)
+    first = await tus_create(client, user, len(wav), "take.wav")
+    held = await client.post(
+        f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="10", Upload_Metadata=tus_metadata(filename="take.wav"))
+    )
+    assert held.status_code == 409 and "unfinished upload" in held.json()["error"]
+    posted = await upload(client, user, wav, "take.wav")
+    assert posted.status_code == 409 and "unfinished upload" in posted.json()["error"]
+    assert (await client.delete(first, headers=tus(user))).status_code == 204  # termination frees it
+    second = await tus_create(client, user, len(wav), "take.wav")
+    assert (await tus_patch(client, user, second, 0, wav)).status_code == 204  # completion moves it to the record
+    again = await client.post(
+        f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="10", Upload_Metadata=tus_metadata(filename="take.wav"))
+    )
+    assert again.status_code == 409 and "record" in again.json()["error"]
+    other = await new_user(client)
+    assert await tus_create(client, other, len(wav), "take.wav")  # names are per user
+
+
+async def test_tus_head_reports_the_stored_offset_length_and_expiry(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    url = await tus_create(client, user, 50_000)
+    assert (await tus_patch(client, user, url, 0, make_wav(1.0)[:12_345])).status_code == 204
+    response = await client.head(url, headers=tus(user))
+    assert response.status_code == 200 and response.content == b""
+    assert (response.headers["upload-offset"], response.headers["upload-length"]) == ("12345", "50000")
+    assert response.headers["cache-control"] == "no-store" and response.headers["tus-resumable"] == "1.0.0"
+    expires = datetime.strptime(response.headers["upload-expires"], "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=UTC)
+    assert timedelta(hours=23.9) < expires - datetime.now(UTC) <= timedelta(hours=24)
+
+
+async def test_tus_patch_refusals_change_nothing(client: httpx.AsyncClient, database_url: str) -> None:
+    user, stranger = await new_user(client), await new_user(client)
+    wav = make_wav(2.0, 44100, 2)
+    url = await tus_create(client, user, len(wav))
+    assert (await tus_patch(client, user, url, 0, wav[:50_000])).status_code == 204
+    cases = [
+        (415, await client.patch(url, content=wav[50_000:60_000], headers=tus(user, Upload_Offset="50000", Content_Type="audio/wav"))),
+        (409, await tus_patch(client, user, url, 40_000, wav[40_000:60_000])),
+        (409, await tus_patch(client, user, url, 60_000, wav[60_000:70_000])),
+        (413, await tus_patch(client, user, url, 50_000, wav[50_000:] + b"x")),
+        (400, await client.patch(url, content=b"x", headers=tus(user, **OCTETS))),
+        (400, await tus_patch(client, user, url, 50_000, wav[50_000:60_000], Upload_Checksum="crc32 AAAA")),
+        (400, await tus_patch(client, user, url, 50_000, wav[50_000:60_000], Upload_Checksum="sha1 not-base64")),
+        (460, await tus_patch(client, user, url, 50_000, wav[50_000:60_000], Upload_Checksum="sha1 " + sha1_b64(wav[50_001:60_001]))),
+        (404, await tus_patch(client, user, url.rsplit("/", 1)[0] + f"/{uuid.uuid4()}", 50_000, wav[50_000:60_000])),
+        (
+            403,
+            await client.patch(
+                url, content=b"x", headers={**tus(stranger, Upload_Offset="50000"), "Content-Type": "application/offset+octet-stream"}
+            ),
+        ),
+        (401, await client.patch(url, content=b"x", headers={"Tus-Resumable": "1.0.0", "Upload-Offset": "50000"})),
+    ]
+    for status, response in cases:
+        assert response.status_code == status, (status, response.text)
+        assert list(response.json()) == ["error"]
+    assert cases[1][1].headers["upload-offset"] == "50000"  # where to go on from
+    assert (await client.head(url, headers=tus(user))).headers["upload-offset"] == "50000"
+    assert (await db_rows(database_url, "SELECT sum(length(data)) FROM upload_chunks WHERE upload_id = $1", url.rsplit("/", 1)[1]))[0][0] == 50_000
+    done = await tus_patch(client, user, url, 50_000, wav[50_000:], Upload_Checksum="sha1 " + sha1_b64(wav[50_000:]))
+    assert (
+        done.status_code == 204
+        and (await client.get(url, headers=bearer(user))).json()["sha256"] == (await upload(client, user, wav, "p.wav")).json()["sha256"]
+    )
+
+
+def sha1_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha1(data).digest()).decode()
+
+
+@pytest.mark.parametrize(
+    "wav, status", [(b"ID3\x04" + bytes(5000), 415), (patch(make_wav(0.5), 22, struct.pack("<H", 0)), 422)], ids=["not-wav", "zero-channels"]
+)
+async def test_tus_bad_wav_is_refused_and_ends_the_upload(client: httpx.AsyncClient, database_url: str, wav: bytes, status: int) -> None:
+    user = await new_user(client)
+    url = await tus_create(client, user, len(wav), "bad.wav")
+    response = await tus_patch(client, user, url, 0, wav)
+    assert response.status_code == status and list(response.json()) == ["error"]
+    assert (await client.head(url, headers=tus(user))).status_code == 404
+    assert await tus_create(client, user, 100, "bad.wav")  # the name is free again
+    await wait_for_purge(database_url)
+
+
+async def test_tus_get_is_409_with_the_offset_before_completion_and_the_record_after(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(1.0)
+    url = await tus_create(client, user, len(wav))
+    assert (await tus_patch(client, user, url, 0, wav[:1000])).status_code == 204
+    early = await client.get(url, headers=bearer(user))
+    assert early.status_code == 409 and early.headers["upload-offset"] == "1000" and list(early.json()) == ["error"]
+    assert (await tus_patch(client, user, url, 1000, wav[1000:])).status_code == 204
+    record = (await client.get(url, headers=bearer(user))).json()
+    assert set(record) == {"url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"}
+    repeated = await tus_patch(client, user, url, len(wav), b"")  # the last PATCH again: done already
+    assert repeated.status_code == 204 and repeated.headers["upload-offset"] == str(len(wav))
+    assert (await client.delete(record_path(record["url"]), headers=bearer(user))).status_code == 204
+    assert (await client.get(url, headers=bearer(user))).status_code == 404
+
+
+async def test_tus_termination_deletes_the_bytes_and_frees_the_name(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    url = await tus_create(client, user, 400_000, "end.wav")
+    assert (await tus_patch(client, user, url, 0, make_wav(2.0, 44100, 2)[:300_000])).status_code == 204
+    assert (await client.delete(url, headers=tus(user))).status_code == 204
+    for method in ("HEAD", "PATCH", "DELETE", "GET"):
+        response = await client.request(method, url, headers=tus(user, Upload_Offset="300000", **OCTETS))
+        assert response.status_code == 404, method
+    await wait_for_purge(database_url)
+    assert (await db_rows(database_url, "SELECT count(*) FROM upload_chunks WHERE upload_id = $1", url.rsplit("/", 1)[1]))[0][0] == 0
+    assert await tus_create(client, user, 100, "end.wav")
+
+
+async def test_tus_two_patches_at_once_one_wins_and_no_byte_is_lost_or_doubled(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(3.0, 44100, 2)
+    url = await tus_create(client, user, len(wav))
+    go_on = asyncio.Event()
+
+    async def slow_piece() -> AsyncIterator[bytes]:
+        yield wav[:100_000]
+        await go_on.wait()
+        yield wav[100_000:200_000]
+
+    headers = tus(user, Upload_Offset="0", **OCTETS, Content_Length="200000")
+    first = asyncio.create_task(client.patch(url, content=slow_piece(), headers=headers))
+    await asyncio.sleep(0.3)
+    second = await tus_patch(client, user, url, 0, wav[:200_000])
+    assert second.status_code == 409 and "another request" in second.json()["error"]
+    go_on.set()
+    assert (await first).status_code == 204
+    assert (await tus_patch(client, user, url, 200_000, wav[200_000:])).status_code == 204
+    assert (await client.get(url, headers=bearer(user))).json()["sha256"] == (await upload(client, user, wav, "twice.wav")).json()["sha256"]
+
+
+async def test_tus_uploads_expire_with_their_bytes_and_free_the_name(database_url: str) -> None:
+    app, lifespan = await start_app(database_url, upload_expiry_hours=1.5 / 3600)
+    try:
+        async with asgi_client(app) as client:
+            user = await new_user(client)
+            url = await tus_create(client, user, 200_000, "late.wav")
+            assert (await tus_patch(client, user, url, 0, make_wav(2.0)[:100_000])).status_code == 204
+            before = metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired")
+            await asyncio.sleep(2)
+            assert (await client.head(url, headers=tus(user))).status_code == 404
+            await app.state.services.resumable.expire()  # what the storage sweep does every minute
+            assert metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired") == before + 1
+            assert (await db_rows(database_url, "SELECT count(*) FROM uploads WHERE id = $1", url.rsplit("/", 1)[1]))[0][0] == 0
+            await wait_for_purge(database_url)
+            assert await tus_create(client, user, 100, "late.wav")
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
+async def test_tus_post_with_x_http_method_override_patches_and_deletes(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(1.0)
+    url = await tus_create(client, user, len(wav))
+    headers = tus(user, Upload_Offset="0", **OCTETS, X_HTTP_Method_Override="PATCH")
+    assert (await client.post(url, content=wav[:5000], headers=headers)).status_code == 204
+    assert (await client.post(url, headers=tus(user, X_HTTP_Method_Override="DELETE"))).status_code == 204
+    assert (await client.post(url, headers=tus(user, X_HTTP_Method_Override="PUT"))).status_code == 405
+
+
+async def test_tus_old_token_stops_and_the_new_one_goes_on(client: httpx.AsyncClient) -> None:
+    user = await new_user(client)
+    wav = make_wav(1.0)
+    url = await tus_create(client, user, len(wav))
+    assert (await tus_patch(client, user, url, 0, wav[:5000])).status_code == 204
+    renewed = {**user, **(await client.post(f"/users/{user['user_id']}/token", headers=bearer(user))).json()}
+    assert (await tus_patch(client, user, url, 5000, wav[5000:])).status_code == 403
+    assert (await tus_patch(client, renewed, url, 5000, wav[5000:])).status_code == 204
+
+
+async def test_tus_cors_lets_a_browser_client_send_and_read_the_tus_headers(database_url: str) -> None:
+    async with running_app(database_url, cors_origins="https://app.example.com") as client:
+        preflight = await client.options(
+            f"/users/{uuid.uuid4()}/uploads/{uuid.uuid4()}",
+            headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "PATCH",
+                     "Access-Control-Request-Headers": "authorization, tus-resumable, upload-offset, upload-checksum, content-type"},
+        )  # fmt: skip
+        assert preflight.status_code == 200 and "PATCH" in preflight.headers["access-control-allow-methods"]
+        user = await new_user(client)
+        created = await client.post(
+            f"/users/{user['user_id']}/uploads",
+            headers={**tus(user, Upload_Length="100", Upload_Metadata=tus_metadata(filename="x.wav")), "Origin": "https://app.example.com"},
+        )
+        exposed = {h.strip().lower() for h in created.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "upload-offset", "upload-length", "upload-expires", "tus-resumable", "tus-version", "tus-max-size"} <= exposed
+
+
+async def test_tus_metrics_count_uploads_and_their_bytes(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    user = await new_user(client)
+    wav = make_wav(1.0)
+    await tus_upload(client, user, wav, 2)
+    after = (await client.get("/metrics")).text
+    for event, count in (("created", 1), ("completed", 1)):
+        assert metric(after, "wav2mp3_resumable_uploads_total", event=event) - metric(before, "wav2mp3_resumable_uploads_total", event=event) == count
+    assert metric(after, "wav2mp3_upload_bytes_total", protocol="tus") - metric(before, "wav2mp3_upload_bytes_total", protocol="tus") == len(wav)
+    assert metric(after, "wav2mp3_resumable_uploads_live") == 0
+
+
+def test_live_tuspy_uploads_in_chunks_with_checksums(live: LiveServer) -> None:
+    """tuspy, a real tus client, unchanged: creation, PATCHes with sha1 checksums, and the same MP3 as a POST."""
+    user = live.new_user()
+    wav = make_wav(30.0, 44100, 2, signal=music(30.0, 44100, 2))
+    tus_client = tusclient.client.TusClient(
+        f"{live.url}/users/{user['user_id']}/uploads", headers={"Authorization": f"Bearer {user['access_token']}"}
+    )
+    uploader = tus_client.uploader(
+        file_stream=io.BytesIO(wav), chunk_size=1_000_000, metadata={"filename": "tuspy.wav", "bitrate": "192"}, upload_checksum=True
+    )
+    uploader.upload()
+    record = httpx.get(uploader.url, headers=bearer(user)).json()
+    posted = httpx.post(live.url + "/users/wav", **upload_form(user, wav, "posted.wav", bitrate="192"), timeout=60).json()
+    assert record["sha256"] == posted["sha256"]
+
+
+def raw_patch(live: LiveServer, user: dict[str, str], url: str, offset: int, declared: int) -> bytes:
+    path = url.split(str(live.port), 1)[1]
+    return (
+        f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {user['access_token']}\r\nTus-Resumable: 1.0.0\r\n"
+        f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {declared}\r\n\r\n"
+    ).encode()
+
+
+def live_tus_create(live: LiveServer, user: dict[str, str], length: int, filename: str) -> str:
+    response = httpx.post(
+        f"{live.url}/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length=str(length), Upload_Metadata=tus_metadata(filename=filename))
+    )
+    assert response.status_code == 201, response.text
+    return response.headers["location"]
+
+
+def live_offset(user: dict[str, str], url: str) -> int:
+    response = httpx.head(url, headers=tus(user), timeout=30)
+    assert response.status_code == 200, response.headers
+    return int(response.headers["upload-offset"])
+
+
+def test_live_tus_connection_cut_mid_patch_keeps_what_arrived(live: LiveServer) -> None:
+    user = live.new_user()
+    wav = make_wav(20.0, 44100, 2)
+    url = live_tus_create(live, user, len(wav), "cut.wav")
+    sent = 1_234_567
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(raw_patch(live, user, url, 0, len(wav)) + wav[:sent])
+        time.sleep(0.5)  # the bytes reach the server; then the connection breaks
+    deadline = time.monotonic() + 10
+    while live_offset(user, url) != sent:
+        assert time.monotonic() < deadline, live_offset(user, url)
+        time.sleep(0.1)
+    response = httpx.patch(url, content=wav[sent:], headers=tus(user, Upload_Offset=str(sent), **OCTETS))
+    assert response.status_code == 204, response.text
+    posted = httpx.post(live.url + "/users/wav", **upload_form(user, wav, "whole.wav"), timeout=60).json()
+    assert httpx.get(url, headers=bearer(user)).json()["sha256"] == posted["sha256"]
+
+
+def test_live_tus_dripping_patch_is_cut_off_and_keeps_its_bytes(tmp_path: Path, database_url: str) -> None:
+    with LiveServer(tmp_path, database_url, "--min-rate-window", "2", "--min-upload-rate", "1024") as server:
+        user = server.new_user()
+        wav = make_wav(5.0, 44100, 2)
+        url = live_tus_create(server, user, len(wav), "drip.wav")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(raw_patch(server, user, url, 0, len(wav)) + wav[:100_000])
+            answer, started = b"", time.monotonic()
+            sock.settimeout(0.4)
+            while not answer and time.monotonic() - started < 15:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"\x00")
+                with contextlib.suppress(TimeoutError):
+                    answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        offset = live_offset(user, url)
+        assert 100_000 < offset <= 100_100  # the audio and the drips (zero bytes) that arrived
+        response = httpx.patch(url, content=wav[offset:], headers=tus(user, Upload_Offset=str(offset), **OCTETS))
+        assert response.status_code == 204, response.text
+
+
+def test_live_tus_goes_on_after_a_sigkill_and_in_another_process(tmp_path: Path, database_url: str) -> None:
+    """Half an upload, the server killed (SIGKILL), a new one on the same database goes on from the stored
+    bytes (re-encoding them), and the MP3 is the one a POST gives."""
+    user_wav = make_wav(60.0, 44100, 2, signal=music(60.0, 44100, 2))
+    first = LiveServer(tmp_path / "first", database_url)  # killed below: no `with`
+    try:
+        user = first.new_user()
+        url = live_tus_create(first, user, len(user_wav), "killed.wav")
+        half = len(user_wav) // 2
+        assert httpx.patch(url, content=user_wav[:half], headers=tus(user, Upload_Offset="0", **OCTETS)).status_code == 204
+    finally:
+        first.process.kill()
+        first.process.wait()
+    with LiveServer(tmp_path / "second", database_url) as second:
+        url = url.replace(str(first.port), str(second.port))
+        assert live_offset(user, url) == half
+        response = httpx.patch(url, content=user_wav[half:], headers=tus(user, Upload_Offset=str(half), **OCTETS), timeout=120)
+        assert response.status_code == 204, response.text
+        record = httpx.get(url, headers=bearer(user)).json()
+        posted = httpx.post(second.url + "/users/wav", **upload_form(user, user_wav, "posted.wav"), timeout=60).json()
+        assert record["sha256"] == posted["sha256"]
+        assert metric(httpx.get(second.url + "/metrics").text, "wav2mp3_resumable_uploads_total", event="resumed") == 1
+
+
+def test_live_tus_paused_uploads_keep_few_live_sessions(live: LiveServer) -> None:
+    user = live.new_user()
+    wav = make_wav(2.0, 44100, 2)
+    resumed = metric(httpx.get(live.url + "/metrics").text, "wav2mp3_resumable_uploads_total", event="resumed")
+    urls = [live_tus_create(live, user, len(wav), f"paused{i}.wav") for i in range(wav2mp3.MAX_PAUSED_UPLOADS + 8)]
+    for url in urls:
+        assert httpx.patch(url, content=wav[:300_000], headers=tus(user, Upload_Offset="0", **OCTETS)).status_code == 204
+    metrics = httpx.get(live.url + "/metrics").text
+    assert metric(metrics, "wav2mp3_resumable_uploads_live") == wav2mp3.MAX_PAUSED_UPLOADS
+    # the least recent let its session go: going on re-encodes its stored bytes, and gives the same MP3
+    response = httpx.patch(urls[0], content=wav[300_000:], headers=tus(user, Upload_Offset="300000", **OCTETS))
+    assert response.status_code == 204, response.text
+    assert metric(httpx.get(live.url + "/metrics").text, "wav2mp3_resumable_uploads_total", event="resumed") == resumed + 1
+    posted = httpx.post(live.url + "/users/wav", **upload_form(user, wav, "posted.wav"), timeout=60).json()
+    assert httpx.get(urls[0], headers=bearer(user)).json()["sha256"] == posted["sha256"]
+
+
+@needs_nginx
+@pytest.mark.slow
+def test_live_tus_through_nginx_capped_at_100m_takes_300_mb_in_pieces_despite_a_cut(live: LiveServer, tmp_path: Path) -> None:
+    """deploy/nginx.conf with client_max_body_size 100m (a CDN's cap): a 300 MB POST cannot pass, the same WAV
+    over tus in 50 MB PATCHes does, one connection killed mid-PATCH, and the MP3 is the one a direct POST makes."""
+    seconds = 300e6 / (44100 * 4)
+    wav = b"".join(long_wav(seconds))
+    piece = 50 * 1000 * 1000
+    with nginx_in_front(live.port, tmp_path, cap=("client_max_body_size 4100m;", "client_max_body_size 100m;")) as port:
+        proxy = f"http://127.0.0.1:{port}"
+        user = live.new_user()
+        capped = httpx.post(proxy + "/users/wav", **upload_form(user, wav, "capped.wav"), timeout=600)
+        assert capped.status_code == 413  # nginx's own refusal: the file cannot pass in one request
+        created = httpx.post(
+            f"{proxy}/users/{user['user_id']}/uploads",
+            headers=tus(user, Upload_Length=str(len(wav)), Upload_Metadata=tus_metadata(filename="big.wav")),
+        )
+        url = created.headers["location"]
+        assert url.startswith(proxy)
+        sent = 0
+        offset = 0
+        for number, start in enumerate(range(0, len(wav), piece)):
+            end = min(start + piece, len(wav))
+            if number == 2:  # the third PATCH: its connection dies 20 MB in
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    head = raw_patch(live, user, url.replace(str(port), str(live.port)), offset, end - offset)
+                    sock.sendall(head + wav[offset : offset + 20_000_000])
+                    sent += 20_000_000
+                    time.sleep(1.0)
+                time.sleep(1.0)
+                offset = int(httpx.head(url, headers=tus(user), timeout=60).headers["upload-offset"])
+                assert start <= offset <= start + 20_000_000
+            response = httpx.patch(url, content=wav[offset:end], headers=tus(user, Upload_Offset=str(offset), **OCTETS), timeout=600)
+            assert response.status_code == 204, response.text
+            sent += end - offset
+            offset = end
+        assert sent - len(wav) <= piece  # bytes sent twice: at most one PATCH
+        record = httpx.get(url, headers=bearer(user), timeout=60).json()
+    body, headers = streamed_upload(user, long_wav(seconds), "direct.wav")
+    direct = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=600).json()
+    assert record["sha256"] == direct["sha256"]
+
+
 # Work-arounds of library internals, pinned ######################################
 
 
@@ -2528,9 +3039,10 @@ def test_nginx_timeouts_and_limits_are_the_services() -> None:
 
 
 def readme_walkthrough(base: str) -> str:
-    """The shell block of README.md's "Try it", aimed at `base`."""
-    section = (HERE / "README.md").read_text().split("## Try it", 1)[1]
-    return section.split("```sh\n", 1)[1].split("```", 1)[0].replace("http://127.0.0.1:8000", base)
+    """The shell blocks of README.md's "Try it" and its resumable upload by hand, aimed at `base`."""
+    readme = (HERE / "README.md").read_text()
+    blocks = [readme.split(title, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0] for title in ("## Try it", "## Large files")]
+    return "".join(blocks).replace("http://127.0.0.1:8000", base)
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
@@ -2539,7 +3051,7 @@ def test_readme_walkthrough_works_pasted_twice(live: LiveServer, tmp_path: Path)
     for _ in range(2):
         done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines()[-2:] == ["tone.mp3", "204"], done.stdout
+        assert done.stdout.splitlines()[-5:] == ["tone.mp3", "204", "204", "204", "tone-tus.mp3"], done.stdout
         rate, channels, samples = decode((tmp_path / "tone.mp3").read_bytes())
         assert (rate, channels) == (44100, 1)
         assert_duration(len(samples), rate, 3.0)
@@ -2557,9 +3069,10 @@ def test_every_flag_sets_its_environment_variable(monkeypatch: pytest.MonkeyPatc
 def test_api_reference_documents_every_operation_and_status() -> None:
     reference = (HERE / "docs" / "API.md").read_text()
     for operation in wav2mp3.API.operations:
-        heading = f"## {operation.method} {operation.path}" if operation.method != "HEAD" else f"{operation.method} {operation.path}"
+        heading = f"## {operation.method} {operation.path}\n" if operation.method != "HEAD" else f"{operation.method} {operation.path}"
         assert heading in reference, heading
-        section = reference.split(f"## {'GET' if operation.method == 'HEAD' else operation.method} {operation.path}", 1)[1].split("\n## ", 1)[0]
+        title = f"## {'GET' if operation.method == 'HEAD' and '/uploads/' not in operation.path else operation.method} {operation.path}\n"
+        section = reference.split(title, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
         for status in operation.answers:
             assert f"**{status}**" in section, (operation.method, operation.path, status)
     assert "/openapi.json" in reference

@@ -685,7 +685,8 @@ async def tus_options(request: Request) -> Response:
         413: error("Upload-Length larger than MAX_UPLOAD_MB"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error("Upload-Metadata malformed, without filename, or with a bad option; or an empty file"),
-        **TUS_REFUSALS,
+        412: TUS_REFUSALS[412],
+        **UNAVAILABLE,
     },
     parameters=(
         path_parameter("user_id", "the user's UUID"),
@@ -773,7 +774,7 @@ async def patch_upload(request: Request) -> Response:
     "/users/{user_id}/uploads/{upload_id}",
     ["GET"],
     "A finished resumable upload's record, as POST /users/wav answers it",
-    {200: answer("the record", "Record"), 409: error("not complete yet", {"Upload-Offset": "where it is"}), **TUS_REFUSALS},
+    {200: answer("the record", "Record"), 404: TUS_REFUSALS[404], 409: error("not complete yet", {"Upload-Offset": "where it is"}), **UNAVAILABLE},
     parameters=UPLOAD_URL,
     bearer=True,
 )
@@ -1042,7 +1043,7 @@ def upload_metadata(header: str | None) -> tuple[str, dict[str, int]]:
     if header is not None and len(header) > MAX_FIELD_BYTES:
         raise Refused(422, f"Upload-Metadata is longer than {MAX_FIELD_BYTES} bytes")
     pairs: dict[str, str] = {}
-    for item in (header or "").split(","):
+    for item in header.split(",") if header and header.strip() else ():
         key, _, encoded = item.strip().partition(" ")
         if not METADATA_KEY.fullmatch(key) or key in pairs:
             raise Refused(422, "Upload-Metadata must be comma-separated `key base64(value)` pairs, each key once")

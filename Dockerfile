@@ -16,6 +16,7 @@ RUN pip install -r requirements.txt \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent wav2mp3 \
  && mkdir -p /data && chown wav2mp3:wav2mp3 /data
 COPY wav2mp3.py schema.sql ./
+COPY static/ ./static/
 
 USER wav2mp3
 VOLUME ["/data"]

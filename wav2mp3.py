@@ -96,7 +96,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
@@ -929,6 +929,14 @@ async def rotate_token(request: Request) -> Response:
     if not await store.replace_token(user_id, hash_token(token), hash_token(new_token)):
         raise Refused(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
     return JSONResponse({"user_id": user_id, "access_token": new_token}, status_code=201)
+
+
+@API.route(
+    "/", ["GET"], "The page for people: drop WAVs, get MP3s (its script and styles under /static/)", {200: answer("the page", media="text/html")}
+)
+async def page(request: Request) -> Response:
+    """The page: plain HTML, script and styles from static/, no build step and no CDN, so it works offline."""
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 @API.route("/health", ["GET"], "Is the database reachable", {200: answer("healthy", "Health"), **UNAVAILABLE})
@@ -3440,6 +3448,14 @@ def openapi_document() -> dict[str, Any]:
     return {"openapi": "3.0.3", "info": info, "paths": paths, "components": {"schemas": COMPONENTS, "securitySchemes": security}}
 
 
+STATIC = Path(__file__).with_name("static")
+# The page loads only what the service serves; audio plays from the service's own links.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 # Swagger UI from the swagger-ui-bundle package: relative links, so it works under a proxy's path prefix too.
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wav2mp3 API</title>
@@ -3629,7 +3645,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag", "Retry-After", *TUS_RESPONSE_HEADERS],
             )
         )
-    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)))]
+    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path))), Mount("/static", StaticFiles(directory=STATIC))]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import multiprocessing
 import os
@@ -40,6 +41,7 @@ from testkit import LiveServer, credentials, form_part, music, pcm16, wav_header
 
 HERE = Path(__file__).parent
 RATE, CHANNELS = 44100, 2
+TUS_PIECE = 5_000_000  # bytes per PATCH in the T figures
 BITRATE, QUALITY = 128, 3
 
 
@@ -66,6 +68,18 @@ class Wav:
             yield view[offset : offset + take]
             remaining -= take
             offset = (offset + take) % len(view)
+
+    def between(self, start: int, end: int, piece: int = 256 * 1024) -> Iterator[bytes | memoryview]:
+        """Bytes start..end (end excluded) of the file, in pieces: what a tus PATCH sends."""
+        if start < len(self.header):
+            yield self.header[start:end]
+        position, end = max(start - len(self.header), 0), end - len(self.header)
+        view = memoryview(self.block)
+        while position < end:
+            offset = position % len(view)
+            take = min(piece, end - position, len(view) - offset)
+            yield view[offset : offset + take]
+            position += take
 
     def pcm_pieces(self, piece: int = wav2mp3.ENCODE_BLOCK_BYTES) -> Iterator[bytes | memoryview]:
         chunks = self.pieces(piece)
@@ -100,6 +114,12 @@ class Server(LiveServer):
 
 def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
     """One HTTP/1.1 response with a Content-Length body, from a keep-alive socket."""
+    status, _, body = read_full_response(sock, buffer)
+    return status, body
+
+
+def read_full_response(sock: socket.socket, buffer: bytearray, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (status, headers in lower case, body) from a keep-alive socket; a HEAD's has no body."""
     while b"\r\n\r\n" not in buffer:
         chunk = sock.recv(65536)
         if not chunk:
@@ -108,7 +128,8 @@ def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
     head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = next((int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")), 0)
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    length = 0 if head_only else int(headers.get("content-length", "0"))
     body = bytearray(rest)
     while len(body) < length:
         chunk = sock.recv(1 << 20)
@@ -116,7 +137,7 @@ def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
             raise ConnectionError("closed")
         body += chunk
     buffer[:] = body[length:]
-    return status, bytes(body[:length])
+    return status, headers, bytes(body[:length])
 
 
 def request(port: int, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
@@ -432,6 +453,162 @@ def tag_cost(seconds: float) -> list[Figure]:
         what = f"LAME tag ({label}, {len(tag)} bytes) for {seconds:g} s: {tagged * 1000:.1f} ms / encode {encoded * 1000:.0f} ms"
         figures.append(Figure("B9", what, f"{ratio:.2%}", "<= 1%", ratio <= 0.01))
     return figures
+
+
+# Resumable uploads (tus) ##########################################################
+
+
+def tus_head(port: int, user: dict[str, str], extra: str = "") -> str:
+    return f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {user['access_token']}\r\nTus-Resumable: 1.0.0\r\n{extra}"
+
+
+def tus_create(sock: socket.socket, buffer: bytearray, port: int, user: dict[str, str], wav: Wav) -> str:
+    """POST /users/{user_id}/uploads on a kept-alive socket; the upload's path."""
+    metadata = "filename " + base64.b64encode(f"{uuid.uuid4().hex}.wav".encode()).decode()
+    head = tus_head(port, user, f"Upload-Length: {wav.size}\r\nUpload-Metadata: {metadata}\r\nContent-Length: 0\r\n")
+    sock.sendall(f"POST /users/{user['user_id']}/uploads HTTP/1.1\r\n{head}\r\n".encode())
+    status, headers, body = read_full_response(sock, buffer)
+    assert status == 201, body
+    return "/" + headers["location"].split("/", 3)[3]
+
+
+def tus_patch(sock: socket.socket, buffer: bytearray, port: int, user: dict[str, str], path: str, wav: Wav, start: int, end: int) -> int:
+    """One PATCH of bytes start..end on a kept-alive socket; the new offset."""
+    head = tus_head(port, user, f"Upload-Offset: {start}\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {end - start}\r\n")
+    sock.sendall(f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode())
+    for piece in wav.between(start, end):
+        sock.sendall(piece)
+    status, headers, body = read_full_response(sock, buffer)
+    assert status == 204, body
+    return int(headers["upload-offset"])
+
+
+def tus_upload(port: int, user: dict[str, str], wav: Wav, piece: int) -> str:
+    """A whole file through tus in PATCHes of `piece` bytes; the upload's path (GET it for the record)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        buffer = bytearray()
+        path = tus_create(sock, buffer, port, user, wav)
+        offset = 0
+        while offset < wav.size:
+            offset = tus_patch(sock, buffer, port, user, path, wav, offset, min(offset + piece, wav.size))
+    return path
+
+
+def tus_record(port: int, user: dict[str, str], path: str) -> dict[str, Any]:
+    status, body = request(port, "GET", path, headers=f"Authorization: Bearer {user['access_token']}\r\n")
+    assert status == 200, body
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def tus_offset(port: int, user: dict[str, str], path: str) -> int:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\n{tus_head(port, user)}\r\n".encode())
+        status, headers, _ = read_full_response(sock, bytearray(), head_only=True)
+    assert status == 200, status
+    return int(headers["upload-offset"])
+
+
+def t1_tus_vs_encode(server: Server, runs: int) -> Figure:
+    wav = Wav(60.0)
+    user = new_user(server.port)
+    tus_upload(server.port, user, wav, TUS_PIECE)  # warm-up
+    bares, serveds = [], []
+    for _ in range(runs):  # interleaved, as B1
+        bares.append(bare_encode_seconds(wav))
+        started = time.perf_counter()
+        tus_upload(server.port, user, wav, TUS_PIECE)
+        serveds.append(time.perf_counter() - started)
+    bare, served = statistics.median(bares), statistics.median(serveds)
+    what = f"60 s stereo in {TUS_PIECE // 1_000_000} MB PATCHes: creation->record {served:.3f} s / bare encode {bare:.3f} s"
+    return Figure("T1", what, f"{served / bare:.3f}", "<= 1.15", served / bare <= 1.15)
+
+
+def t2_cut_at_half(server: Server, minutes: float) -> Figure:
+    """A connection cut in the middle of the file, mid-PATCH: what is sent twice, and whether the MP3 is the same."""
+    wav = Wav(minutes * 60)
+    user = new_user(server.port)
+    middle, sent, offset, cut = wav.size // 2, 0, 0, False
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        buffer = bytearray()
+        path = tus_create(sock, buffer, server.port, user, wav)
+        while offset < wav.size:
+            end = min(offset + TUS_PIECE, wav.size)
+            if not cut and end > middle:  # this PATCH's connection dies halfway through the file
+                cut = True
+                with socket.create_connection(("127.0.0.1", server.port)) as dying:
+                    head = tus_head(
+                        server.port,
+                        user,
+                        f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {end - offset}\r\n",
+                    )
+                    dying.sendall(f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode())
+                    for piece in wav.between(offset, middle):
+                        dying.sendall(piece)
+                sent += middle - offset
+                time.sleep(0.5)
+                offset = tus_offset(server.port, user, path)  # where the server stands: what arrived is kept
+                continue
+            sent += end - offset
+            offset = tus_patch(sock, buffer, server.port, user, path, wav, offset, end)
+    resent = sent - wav.size
+    interrupted = tus_record(server.port, user, path)["sha256"]
+    whole = tus_record(server.port, user, tus_upload(server.port, user, wav, TUS_PIECE))["sha256"]
+    same = interrupted == whole
+    mp3 = "same MP3 as uninterrupted" if same else "MP3 DIFFERS from uninterrupted"
+    what = f"{minutes:g} min WAV ({wav.size / 1e6:.0f} MB), connection cut mid-PATCH at 50%: bytes sent twice; {mp3}"
+    return Figure("T2", what, f"{resent / 1e6:.2f} MB", f"<= {TUS_PIECE / 1e6:g} MB, same MP3", resent <= TUS_PIECE and same)
+
+
+def t3_resume_after_sigkill(directory: Path, minutes: float) -> Figure:
+    """Half a file stored, the server killed (SIGKILL) and started again: the first PATCH after it (empty, at the
+    offset) answers once the stored half is re-encoded; against a bare encode of that half."""
+    database_url = f"sqlite:///{directory / 't3.db'}"
+    wav, half = Wav(minutes * 60), Wav(minutes * 30)
+    server = Server(directory / "t3-before", database_url)
+    try:
+        user = new_user(server.port)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            buffer = bytearray()
+            path = tus_create(sock, buffer, server.port, user, wav)
+            offset = 0
+            while offset < half.size:
+                offset = tus_patch(sock, buffer, server.port, user, path, wav, offset, min(offset + TUS_PIECE, half.size))
+    finally:
+        server.process.kill()
+        server.process.wait()
+    bare = bare_encode_seconds(half)
+    with Server(directory / "t3-after", database_url) as restarted, socket.create_connection(("127.0.0.1", restarted.port)) as sock:
+        buffer = bytearray()
+        started = time.perf_counter()
+        tus_patch(sock, buffer, restarted.port, user, path, wav, offset, offset)  # answered once caught up
+        caught_up = time.perf_counter() - started
+        while offset < wav.size:
+            offset = tus_patch(sock, buffer, restarted.port, user, path, wav, offset, min(offset + TUS_PIECE, wav.size))
+        resumed = tus_record(restarted.port, user, path)["sha256"]
+        posted = upload(restarted.port, user, wav).body["sha256"]
+    mp3 = "same MP3 as a POST" if resumed == posted else "MP3 DIFFERS from a POST's"
+    what = f"resume after SIGKILL at 50% of {minutes:g} min: re-encoding the stored half {caught_up:.2f} s / bare encode {bare:.2f} s; {mp3}"
+    return Figure("T3", what, f"{caught_up / bare:.3f}", "<= 1.2, same MP3", caught_up / bare <= 1.2 and resumed == posted)
+
+
+def t4_paused_uploads(directory: Path, count: int) -> Figure:
+    """`count` resumable uploads, each paused after a first PATCH of 300 KB: the server's RSS growth."""
+    wav = Wav(4.0)
+    with Server(directory / "t4", f"sqlite:///{directory / 't4.db'}") as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
+        buffer = bytearray()
+        user = new_user(server.port)
+        for _ in range(5):  # warm-up
+            tus_patch(sock, buffer, server.port, user, tus_create(sock, buffer, server.port, user, wav), wav, 0, 300_000)
+        time.sleep(1.0)
+        before = server.status_kib("VmRSS")
+        for _ in range(count):
+            tus_patch(sock, buffer, server.port, user, tus_create(sock, buffer, server.port, user, wav), wav, 0, 300_000)
+        time.sleep(1.5)  # idle: the allocator gives back what it can
+        growth = (server.status_kib("VmRSS") - before) / 1024
+        _, metrics = request(server.port, "GET", "/metrics")
+        live = next(line.split()[-1] for line in metrics.decode().splitlines() if line.startswith("wav2mp3_resumable_uploads_live "))
+    what = f"{count} paused resumable uploads (300 KB stored each; {float(live):.0f} keep a live session): server RSS growth"
+    return Figure("T4", what, f"{growth:.1f} MB", "<= 50 MB", growth <= 50)
 
 
 # Load: real traffic on one process ###############################################
@@ -880,8 +1057,12 @@ def main() -> None:
             figures.extend(b3_b4_parallel(server, 1 if quick else 3))
             figures.append(b7_download(server, 5.0 if quick else 60.0))
             figures.extend(b5_big_upload_rss(server, 0.125 if quick else 1.0))
+            figures.append(t1_tus_vs_encode(server, 1 if quick else 5))
+            figures.append(t2_cut_at_half(server, 2.0 if quick else 10.0))
         finally:
             server.stop()
+        figures.append(t3_resume_after_sigkill(directory, 2.0 if quick else 10.0))
+        figures.append(t4_paused_uploads(directory, 100 if quick else 1000))
         figures.extend(tag_cost(10.0 if quick else 60.0))
         ceiling = parallel_encode_ceiling(1 if quick else 3)
         figures.append(Figure("B3c", "ceiling for B3/B8: two bare LAME encodes in two threads vs one", f"{ceiling:.2f}", "(machine)", None))

@@ -339,7 +339,7 @@ class DatabaseUnavailable(Unavailable):
     """The database did not answer in time, or is down."""
 
     def __init__(self) -> None:
-        super().__init__("database unavailable")
+        super().__init__("database unavailable", retry_after=RETRY_AFTER_SECONDS)
 
 
 class DatabaseBusy(Unavailable):
@@ -1631,7 +1631,11 @@ class ResumableUpload:
     async def feed(self, data: bytes) -> None:
         """The file's next bytes: converted now, stored with the next FLUSH_BYTES."""
         assert self._session is not None
-        await self._session.feed(data)
+        try:
+            await self._session.feed(data)
+        except BaseException:
+            self.close()  # a conversion that failed midway cannot go on: next time, start over from what is stored
+            raise
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
@@ -1649,6 +1653,8 @@ class ResumableUpload:
                 raise
             if not stored:
                 self.close()
+                if await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id) is None:
+                    raise Refused(404, "no such upload for this user: it was ended meanwhile")
                 raise Refused(409, "this upload went on elsewhere meanwhile: ask for its offset (HEAD) and send from there")
             self._stored += len(data)
         return self._stored
@@ -1679,6 +1685,8 @@ class ResumableUploads:
         self._services = services
         self._live: dict[str, ResumableUpload] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # catching up, storing records, purging: kept until done
+        self._completing: dict[str, asyncio.Task[StoredUpload]] = {}
+        self._warming = asyncio.Semaphore(2)  # catch-ups a HEAD starts ahead of time, at once: a flood of HEADs costs two encoders
 
     async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int) -> StoredUpload:
         created = datetime.now(UTC)
@@ -1723,22 +1731,29 @@ class ResumableUploads:
                 async with asyncio.timeout(LOCK_WAIT_SECONDS):
                     await live.turn.acquire()
                     live.turn.release()
-            upload = await self._services.store.find_upload(upload.upload_id, upload.user_id) or upload
+            found = await self._services.store.find_upload(upload.upload_id, upload.user_id)
+            if found is None:
+                raise Refused(404, "no such upload for this user: it was ended meanwhile")
+            upload = found
         if upload.record_id is None and upload.received == upload.length:
-            completion = self._in_background(self._complete_later(upload, token))
+            completion = self._completing.get(upload.upload_id)
+            if completion is None:
+                completion = self._completing[upload.upload_id] = self._in_background(self._complete_later(upload, token))
+                completion.add_done_callback(lambda _: self._completing.pop(upload.upload_id, None))
             await asyncio.wait([completion], timeout=2 * LOCK_WAIT_SECONDS)
             if completion.done():
                 with contextlib.suppress(Unavailable):
                     return completion.result()
             raise Refused(423, "every byte is in and the record is being stored: ask again shortly", {"Retry-After": "2"})
-        if upload.record_id is None and upload.received and upload.upload_id not in self._live:
+        if upload.record_id is None and upload.received and upload.upload_id not in self._live and not self._warming.locked():
             self._in_background(self._warm(upload))  # the next PATCH finds it caught up
         return upload
 
     async def _warm(self, upload: StoredUpload) -> None:
-        with contextlib.suppress(Refused):
-            async with self.turn(upload):
-                pass
+        async with self._warming:
+            with contextlib.suppress(Refused):
+                async with self.turn(upload):
+                    pass
 
     async def _complete_later(self, upload: StoredUpload, token: str) -> StoredUpload:
         async with self.turn(upload, wait=24 * 3600) as live:
@@ -1822,9 +1837,11 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
     when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
     store the record. The offset the upload stands at afterwards."""
-    if offset != upload.received or upload.record_id is not None:
-        if upload.record_id is not None and offset == upload.length and not has_body(request):
+    if upload.record_id is not None:
+        if offset == upload.length and not has_body(request):
             return upload.length  # the last PATCH, repeated: done already
+        raise Refused(409, "this upload is complete: GET its URL for the record", {"Upload-Offset": str(upload.length)})
+    if offset != upload.received:
         raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
     remaining = upload.length - offset
     declared = request.headers.get("content-length")

@@ -57,6 +57,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 import wav2mp3
 from conftest import (
@@ -3066,6 +3072,343 @@ def test_live_tus_through_nginx_capped_at_100m_takes_300_mb_in_pieces_despite_a_
     body, headers = streamed_upload(user, long_wav(seconds), "direct.wav")
     direct = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=600).json()
     assert record["sha256"] == direct["sha256"]
+
+
+# The page in a real browser ######################################################
+# Debian's chromium, headless, driven through chromedriver by selenium; elements found as a person
+# finds them, by their labels and their text.
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+PAGE_WAIT = 90  # seconds: generous, for a slow CI machine; the waits end as soon as the page is there
+SLOW_NETWORK = {"latency": 5, "download_throughput": 500 * 1024, "upload_throughput": 300 * 1024}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Debian's chromium, headless, driven by its chromedriver; a fresh profile for the module."""
+    if not CHROMEDRIVER.exists() or not CHROMIUM.exists():
+        pytest.skip("the page's tests need chromium and chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
+        options.add_argument(argument)
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver.set_window_size(1280, 900)
+    yield driver
+    driver.quit()
+
+
+def page_wait(browser: webdriver.Chrome, condition: Any, timeout: float = PAGE_WAIT) -> Any:
+    """Wait until condition(browser) is truthy; elements not there yet, or redrawn meanwhile, are waited for too."""
+    return WebDriverWait(browser, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
+
+
+def page_field(browser: webdriver.Chrome, label: str) -> WebElement:
+    """The form control that a <label> with this text names, as a person finds it."""
+    found = browser.find_element(By.XPATH, f"//label[normalize-space()='{label}']")
+    return browser.find_element(By.ID, found.get_attribute("for"))
+
+
+def page_button(within: webdriver.Chrome | WebElement, text: str) -> WebElement:
+    return within.find_element(By.XPATH, f".//button[normalize-space()='{text}']")
+
+
+def page_network_normal(browser: webdriver.Chrome) -> None:
+    with contextlib.suppress(WebDriverException):  # chromedriver refuses to delete conditions never set
+        browser.delete_network_conditions()
+
+
+def page_console_errors(browser: webdriver.Chrome) -> list[str]:
+    """Console errors (script errors, CSP violations), leaving out the failed requests that a test provokes on
+    purpose: Chrome logs every 4xx answer and dropped request as a "network" error."""
+    return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry.get("source") != "network"]
+
+
+def page_open(browser: webdriver.Chrome, live: LiveServer) -> None:
+    """The page, signed out, with nothing kept from an earlier test (credentials, resume fingerprints)."""
+    page_network_normal(browser)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]})
+    browser.get(live.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(live.url + "/")
+    page_wait(browser, lambda d: page_field(d, "Name").is_displayed())
+    browser.get_log("browser")  # start each test with an empty console
+
+
+def page_sign_in(browser: webdriver.Chrome, live: LiveServer) -> dict[str, str]:
+    """A new user, signed in through the "Sign in" form."""
+    user = live.new_user()
+    page_open(browser, live)
+    page_field(browser, "User ID").send_keys(user["user_id"])
+    page_field(browser, "Access token").send_keys(user["access_token"])
+    page_button(browser, "Sign in").click()
+    page_wait(browser, lambda d: page_button(d, "Sign out").is_displayed())
+    return user
+
+
+def page_choose(browser: webdriver.Chrome, tmp_path: Path, files: dict[str, bytes]) -> None:
+    """Write the files and choose them at once in the "WAV files" picker."""
+    paths = []
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        paths.append(str(tmp_path / name))
+    page_field(browser, "WAV files").send_keys("\n".join(paths))
+
+
+def page_upload_row(browser: webdriver.Chrome, filename: str) -> WebElement:
+    """The row of a chosen file in the list the page calls "Uploads"."""
+    return browser.find_element(By.XPATH, f"//ul[@aria-label='Uploads']/li[.//*[normalize-space()='{filename}']]")
+
+
+def page_progress(browser: webdriver.Chrome, filename: str) -> float:
+    return float(page_upload_row(browser, filename).find_element(By.TAG_NAME, "progress").get_attribute("value") or 0)
+
+
+def page_finished(browser: webdriver.Chrome, filename: str) -> WebElement | None:
+    """The "Download" link of a converted file's row, once it is shown."""
+    link = page_upload_row(browser, filename).find_element(By.XPATH, ".//a[normalize-space()='Download']")
+    return link if link.is_displayed() else None
+
+
+def page_records(browser: webdriver.Chrome) -> list[WebElement]:
+    """The rows under the heading "Your MP3s", top to bottom."""
+    return browser.find_elements(By.XPATH, "//h2[normalize-space()='Your MP3s']/ancestor::section[1]//ul/li")
+
+
+def page_record_names(browser: webdriver.Chrome) -> list[str]:
+    return [row.find_element(By.XPATH, "./div[1]/span[1]").text for row in page_records(browser)]
+
+
+def page_record(browser: webdriver.Chrome, filename: str) -> WebElement:
+    return browser.find_element(By.XPATH, f"//h2[normalize-space()='Your MP3s']/ancestor::section[1]//ul/li[.//*[normalize-space()='{filename}']]")
+
+
+def page_listing(live: LiveServer, user: dict[str, str]) -> list[dict[str, Any]]:
+    response = httpx.get(f"{live.url}/users/{user['user_id']}/records", headers={"Authorization": f"Bearer {user['access_token']}"})
+    assert response.status_code == 200
+    return response.json()["records"]  # type: ignore[no-any-return]
+
+
+def page_create_user(browser: webdriver.Chrome, live: LiveServer, name: str) -> dict[str, str] | None:
+    """Create a user through the page's form: the credentials as the page shows them, or None when the name is taken."""
+    page_open(browser, live)
+    page_field(browser, "Name").send_keys(name)
+    page_button(browser, "Create user").click()
+    warning = "//p[contains(normalize-space(), 'only time your access token is shown')]"
+    page_wait(browser, lambda d: "That name is taken" in d.find_element(By.TAG_NAME, "main").text or d.find_element(By.XPATH, warning).is_displayed())
+    if not browser.find_element(By.XPATH, warning).is_displayed():
+        return None
+
+    def shown(label: str) -> str:
+        return browser.find_element(By.XPATH, f"//*[@aria-labelledby=//*[normalize-space()='{label}']/@id]").text
+
+    return {"user_id": shown("Your user ID"), "access_token": shown("Your access token")}
+
+
+def test_page_creates_a_user_and_shows_its_token_once(browser: webdriver.Chrome, live: LiveServer) -> None:
+    name = unique_name("page")
+    user = page_create_user(browser, live, name)
+    assert user is not None
+    assert page_listing(live, user) == []  # the id and token shown are the new user's, and they work
+    assert len(browser.find_elements(By.XPATH, "//button[normalize-space()='Copy']")) == 2
+    page_button(browser, "I have saved them").click()
+    page_wait(browser, lambda d: user["access_token"] not in d.find_element(By.TAG_NAME, "body").text)
+    browser.refresh()  # still signed in, and the token is not shown again
+    page_wait(browser, lambda d: page_button(d, "Sign out").is_displayed())
+    assert name in browser.find_element(By.TAG_NAME, "header").text
+    assert user["access_token"] not in browser.find_element(By.TAG_NAME, "body").text
+    page_button(browser, "Sign out").click()
+    page_wait(browser, lambda d: page_field(d, "Name").is_displayed())
+    assert browser.execute_script("return localStorage.length") == 0
+    page_field(browser, "Name").send_keys(name)
+    page_button(browser, "Create user").click()
+    page_wait(browser, lambda d: "That name is taken" in d.find_element(By.TAG_NAME, "main").text)
+    assert not page_console_errors(browser)
+
+
+def test_page_sign_in_refuses_a_wrong_token(browser: webdriver.Chrome, live: LiveServer) -> None:
+    user = live.new_user()
+    page_open(browser, live)
+    page_field(browser, "User ID").send_keys(user["user_id"])
+    page_field(browser, "Access token").send_keys(str(uuid.uuid4()))
+    page_button(browser, "Sign in").click()
+    page_wait(browser, lambda d: "Unknown user ID or wrong access token" in d.find_element(By.TAG_NAME, "main").text)
+    assert page_field(browser, "Name").is_displayed()  # still signed out
+    assert not page_console_errors(browser)
+
+
+def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    user = page_sign_in(browser, live)
+    files = {"morning.wav": make_wav(4.0, 44100, 2), "evening.wav": make_wav(4.0, 44100, 1)}
+    browser.set_network_conditions(offline=False, **SLOW_NETWORK)  # slow enough to see both on their way
+    try:
+        page_choose(browser, tmp_path, files)
+        # Both upload at the same time: both have bytes up before either has all of them.
+        page_wait(browser, lambda d: all(0 < page_progress(d, name) < len(files[name]) for name in files))
+    finally:
+        page_network_normal(browser)
+    for name in files:
+        link = page_wait(browser, lambda d, name=name: page_finished(d, name))
+        row = page_upload_row(browser, name)
+        player = row.find_element(By.TAG_NAME, "audio")
+        assert player.is_displayed() and player.get_attribute("controls") is not None
+        assert player.get_attribute("src") == link.get_attribute("href")
+        assert "0:04" in row.text  # the duration
+    records = {record["filename"]: record for record in page_listing(live, user)}
+    assert set(records) == {"morning.mp3", "evening.mp3"}
+    for name in files:  # the link is the record's, and the MP3's size is shown
+        record = records[name.replace(".wav", ".mp3")]
+        link = page_finished(browser, name)
+        assert link is not None and link.get_attribute("href") == record["url"]
+        assert record["size_bytes"] > 10_000
+    page_wait(browser, lambda d: set(page_record_names(d)) == {"morning.mp3", "evening.mp3"})  # and in "Your MP3s"
+    assert not page_console_errors(browser)
+
+
+def test_page_mp3_is_the_one_post_users_wav_makes(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    page_sign_in(browser, live)
+    wav = make_wav(3.0, 48000, 2)
+    page_choose(browser, tmp_path, {"same.wav": wav})
+    link = page_wait(browser, lambda d: page_finished(d, "same.wav"))
+    download = httpx.get(link.get_attribute("href"), timeout=60)
+    assert download.status_code == 200 and download.headers["content-type"] == "audio/mpeg"
+    direct = httpx.post(live.url + "/users/wav", **upload_form(live.new_user(), wav, "same.wav", bitrate="128"), timeout=60)
+    assert direct.status_code == 201, direct.text
+    direct_mp3 = httpx.get(live.url + record_path(direct.json()["url"]), timeout=60).content
+    assert hashlib.sha256(download.content).hexdigest() == direct.json()["sha256"] == hashlib.sha256(direct_mp3).hexdigest()
+    assert not page_console_errors(browser)
+
+
+def test_page_lists_records_after_a_reload_and_deletes_one(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    user = page_sign_in(browser, live)
+    for name in ("first.wav", "second.wav"):
+        assert httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(1.0), name), timeout=60).status_code == 201
+    page_choose(browser, tmp_path, {"third.wav": make_wav(2.0)})
+    page_wait(browser, lambda d: page_finished(d, "third.wav"))
+    browser.refresh()
+    page_wait(browser, lambda d: page_record_names(d) == ["third.mp3", "second.mp3", "first.mp3"])  # newest first
+    for row in page_records(browser):
+        assert str(row.find_element(By.TAG_NAME, "audio").get_attribute("src")).startswith(live.url + "/record?")
+        assert row.find_element(By.XPATH, ".//a[normalize-space()='Download']").is_displayed()
+    page_button(page_record(browser, "second.mp3"), "Delete").click()
+    confirm = page_wait(browser, expected_conditions.alert_is_present())
+    assert "second.mp3" in confirm.text
+    confirm.accept()
+    page_wait(browser, lambda d: page_record_names(d) == ["third.mp3", "first.mp3"])
+    assert [record["filename"] for record in page_listing(live, user)] == ["third.mp3", "first.mp3"]
+    page_button(page_record(browser, "first.mp3"), "Delete").click()
+    page_wait(browser, expected_conditions.alert_is_present()).dismiss()  # "Cancel" in the confirmation keeps it
+    browser.refresh()
+    page_wait(browser, lambda d: page_record_names(d) == ["third.mp3", "first.mp3"])
+    assert not page_console_errors(browser)
+
+
+def test_page_shows_records_twenty_at_a_time(browser: webdriver.Chrome, live: LiveServer) -> None:
+    user = page_sign_in(browser, live)
+    wav = make_wav(0.2)
+    for n in range(22):
+        assert httpx.post(live.url + "/users/wav", **upload_form(user, wav, f"take-{n:02}.wav"), timeout=60).status_code == 201
+    browser.refresh()
+    page_wait(browser, lambda d: len(page_records(d)) == 20)
+    assert page_record_names(browser)[0] == "take-21.mp3"
+    page_button(browser, "More").click()
+    page_wait(browser, lambda d: len(page_records(d)) == 22)
+    assert page_record_names(browser) == [f"take-{n:02}.mp3" for n in range(21, -1, -1)]
+    page_wait(browser, lambda d: not page_button(d, "More").is_displayed())
+    assert not page_console_errors(browser)
+
+
+def test_page_says_an_mp3_is_not_a_wav(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    user = page_sign_in(browser, live)
+    page_choose(browser, tmp_path, {"song.mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(4096)})
+    page_wait(browser, lambda d: "This is not a WAV file (it looks like MP3)" in page_upload_row(d, "song.mp3").text)
+    row = page_upload_row(browser, "song.mp3")
+    assert "{" not in row.text and "415" not in row.text  # words for people, never the raw answer
+    assert not [button.text for button in row.find_elements(By.TAG_NAME, "button") if button.is_displayed()]  # nothing to pause or cancel
+    assert page_listing(live, user) == []
+    assert not page_console_errors(browser)
+
+
+def test_page_explains_a_name_already_converted(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    user = page_sign_in(browser, live)
+    assert httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(0.5), "twice.wav"), timeout=60).status_code == 201
+    page_choose(browser, tmp_path, {"twice.wav": make_wav(0.5)})
+    page_wait(browser, lambda d: "A file with this name is already converted" in page_upload_row(d, "twice.wav").text)
+    # Delete it below, then "Try again" converts the file.
+    page_wait(browser, lambda d: page_record_names(d) == ["twice.mp3"])
+    page_button(page_record(browser, "twice.mp3"), "Delete").click()
+    page_wait(browser, expected_conditions.alert_is_present()).accept()
+    page_wait(browser, lambda d: page_record_names(d) == [])
+    page_button(page_upload_row(browser, "twice.wav"), "Try again").click()
+    page_wait(browser, lambda d: page_finished(d, "twice.wav"))
+    page_wait(browser, lambda d: page_record_names(d) == ["twice.mp3"])
+    assert not page_console_errors(browser)
+
+
+@pytest.mark.slow
+def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    user = page_sign_in(browser, live)
+    wav = make_wav(36.0, 44100, 2)  # ~6.3 MB: more than one 5 MiB PATCH, ~20 s at 300 KiB/s
+    browser.set_network_conditions(offline=False, **SLOW_NETWORK)
+    try:
+        page_choose(browser, tmp_path, {"long-take.wav": wav})
+        page_wait(browser, lambda d: page_progress(d, "long-take.wav") > 1_000_000)
+        browser.set_network_conditions(offline=True, **SLOW_NETWORK)
+        page_wait(browser, lambda d: any(words in page_upload_row(d, "long-take.wav").text for words in ("offline", "connection dropped")))
+        time.sleep(3)  # a few seconds without a network, on purpose
+        assert page_finished(browser, "long-take.wav") is None
+        browser.set_network_conditions(offline=False, **SLOW_NETWORK)
+        link = page_wait(browser, lambda d: page_finished(d, "long-take.wav"), timeout=180)  # nobody clicks anything
+    finally:
+        page_network_normal(browser)
+    [record] = page_listing(live, user)
+    assert record["filename"] == "long-take.mp3" and abs(record["duration_seconds"] - 36.0) < 0.01
+    assert link.get_attribute("href") == record["url"]
+    assert hashlib.sha256(httpx.get(record["url"], timeout=60).content).hexdigest() == record["sha256"]
+    direct = httpx.post(live.url + "/users/wav", **upload_form(live.new_user(), wav, "long-take.wav", bitrate="128"), timeout=120)
+    assert direct.json()["sha256"] == record["sha256"]  # resumed mid-way, the MP3 is still the very same
+    assert browser.execute_script("return Object.keys(localStorage).filter(k => k.includes('upload')).length") == 0  # fingerprint gone
+    assert not page_console_errors(browser)
+
+
+def test_page_screenshot_for_the_docs(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+    """docs/page.png: the page at 1280x900, light, signed in, with finished files and records."""
+    user = page_create_user(browser, live, "Ada Lovelace") or page_create_user(browser, live, unique_name("Ada"))
+    assert user is not None
+    page_button(browser, "I have saved them").click()
+    for name, seconds in (("Choir rehearsal.wav", 95.0), ("Interview with Grace.wav", 61.0)):
+        response = httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(seconds, 22050, 1), name), timeout=120)
+        assert response.status_code == 201
+    browser.refresh()
+    page_wait(browser, lambda d: len(page_records(d)) == 2)
+    page_choose(browser, tmp_path, {"Birdsong at dawn.wav": make_wav(12.0, 44100, 2, freq=880), "Voice memo.wav": make_wav(7.0, 44100, 1)})
+    for name in ("Birdsong at dawn.wav", "Voice memo.wav"):
+        page_wait(browser, lambda d, name=name: page_finished(d, name))
+    page_wait(browser, lambda d: len(page_records(d)) == 4)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]})
+    browser.set_window_size(1280, 900)
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+        time.sleep(0.5)  # let the colours' transitions end
+        png = browser.get_screenshot_as_png()
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1280, 900)
+    (HERE / "docs" / "page.png").write_bytes(png)
+    assert not page_console_errors(browser)
 
 
 # Work-arounds of library internals, pinned ######################################

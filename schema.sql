@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     received BIGINT NOT NULL,  -- bytes stored so far
     record_id TEXT,  -- the record, once the upload is complete
     created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL
+    expires_at TEXT NOT NULL,
+    metadata TEXT NOT NULL  -- Upload-Metadata as sent, which a HEAD gives back
 );
 
 CREATE INDEX IF NOT EXISTS uploads_by_owner_and_name ON uploads (user_id, filename);

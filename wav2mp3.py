@@ -20,13 +20,14 @@ contents), then those steps in the order POST /users/wav takes them:
      3  multipart parts    bytes in, part events out
      4  authentication     the one credential check
      5  the upload form    what the parts of POST /users/wav mean
-     6  upload sessions    a file on its way from bytes to an MP3, fed at offsets
+     6  upload sessions    a file on its way from bytes to an MP3; resumable uploads (tus), whose bytes
+                           and records go through storage (11), as the application (14) holds them
      7  conversion         the shared encoder threads, the memory and disk budgets, one WAV's job
      8  WAV reading        the chunk list, as it streams past
      9  samples            any WAV encoding to 16-bit PCM, with numpy
     10  MP3 encoding       LAME through lameenc, the ID3 tag
     11  storage            raw SQL through `databases`
-    12  responses          the download: Range, ETag, streamed from the database
+    12  responses          links and tus's headers; the download: Range, ETag, streamed from the database
     13  API documents      OpenAPI from the route declarations, /docs
     14  the application    the app factory and its lifespan, the access log, the storage sweep
     15  command line       main()
@@ -209,7 +210,7 @@ class Settings:
     )
     host: str = _setting("127.0.0.1", "address `python wav2mp3.py` listens on")
     port: int = _setting(8000, "port it listens on")
-    workers: int = _setting(1, "server processes")
+    workers: int = _setting(1, "server processes (a resumable upload may move between them, re-encoding its stored bytes: scale with replicas)")
     max_upload_mb: int = _setting(4096, "largest request body, MiB (413 above it, with or without `Content-Length`)")
     mp3_bitrate: int = _setting(128, "CBR kbps; the form field `bitrate` overrides it per upload")
     mp3_vbr_quality: int | None = _setting(None, "VBR instead of CBR: LAME `-V`, 0 (best) ... 9; the form fields override it", int)
@@ -303,6 +304,7 @@ def settings_table() -> str:
 
 FORBIDDEN = "unknown user_id or wrong access_token"  # one message whatever was wrong
 NO_SUCH_RECORD = "no such record for this user"
+NO_SUCH_UPLOAD = "no such upload for this user: unknown, terminated, failed or expired"
 CLOSE = {"Connection": "close"}  # the rest of the body will not be read
 
 
@@ -376,10 +378,16 @@ class RangeNotSatisfiable(Refused):
         super().__init__(416, reason or f"range not satisfiable: the record is {size} bytes", {"Content-Range": f"bytes */{size}"})
 
 
-def too_large(limit: int) -> Refused:
-    return Refused(
-        413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes", CLOSE
-    )
+class BodyCut(Refused):
+    """A request body that ended before its end: its client left (400: no one reads the answer), was too slow (408),
+    or sent more than the limit (413). A resumable upload keeps the bytes that arrived before it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message, CLOSE)
+
+
+def too_large(limit: int) -> BodyCut:
+    return BodyCut(413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes")
 
 
 # Metrics ##########################################################################
@@ -589,10 +597,7 @@ async def upload_wav(request: Request) -> Response:
     services = services_of(request)
     body_reader = BodyReader(request, services.settings.max_upload_bytes, services.settings)
     parts = MultipartReader(request.headers.get("content-type", ""))
-    if not services.uploads.acquire():
-        await body_reader.drain(*OVERLOAD_DRAIN)
-        OVERLOAD_REFUSALS.labels("uploads").inc()
-        raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
+    await services.uploads.admit(body_reader)
     upload = FormUpload(services, parts)
     try:
         await upload.receive(body_reader)
@@ -626,7 +631,7 @@ UPLOAD_STATE = {
 }
 UPLOAD_URL = (path_parameter("user_id", "the user's UUID"), path_parameter("upload_id", "the upload's UUID"))
 TUS_REFUSALS = {
-    404: error("no such upload for this user: unknown, terminated, failed or expired"),
+    404: error(NO_SUCH_UPLOAD),
     412: error("no Tus-Resumable: 1.0.0", {"Tus-Version": "1.0.0"}),
     **UNAVAILABLE,
 }
@@ -651,6 +656,7 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
     return tus_endpoint
 
 
+@API.route("/users/{user_id}/uploads/{upload_id}", ["OPTIONS"], "", {}, documented=False)
 @API.route(
     "/users/{user_id}/uploads",
     ["OPTIONS"],
@@ -704,11 +710,13 @@ async def create_upload(request: Request) -> Response:
     if has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send a first piece as Content-Type: {OFFSET_OCTET_STREAM}, or no body")
     length = upload_length(request, services.settings)
-    filename, options = upload_metadata(request.headers.get("upload-metadata"))
-    upload = await services.resumable.create(user_id, token, filename, options, length)
+    metadata = request.headers.get("upload-metadata", "")
+    filename, options = upload_metadata(metadata)
+    upload_checksum(request, length)  # a first piece's own refusals come before the upload exists
+    upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
     headers = {"Location": upload_url(request, upload), "Upload-Expires": http_date(upload.expires_at)}
     if has_body(request):  # creation-with-upload: a body is the file's first bytes
-        headers["Upload-Offset"] = str(await receive_upload(request, services, upload, 0, token))
+        headers["Upload-Offset"] = str(await receive_first_piece(request, services, upload, token))
     return Response(status_code=201, headers=headers)
 
 
@@ -717,7 +725,7 @@ async def create_upload(request: Request) -> Response:
     ["HEAD"],
     "Where a resumable upload stands: the bytes received and stored",
     {
-        200: answer("the offset to go on from", headers={**UPLOAD_STATE, "Cache-Control": "no-store"}),
+        200: answer("the offset to go on from", headers={**UPLOAD_STATE, "Upload-Metadata": "as given at creation", "Cache-Control": "no-store"}),
         423: error("all bytes are in and the record is being stored: ask again after Retry-After", {"Retry-After": "seconds"}),
         **TUS_REFUSALS,
     },
@@ -729,8 +737,12 @@ async def head_upload(request: Request) -> Response:
     """The offset a client goes on from: every byte it counts is stored (a restart keeps it)."""
     services = services_of(request)
     user_id, token = await owner(request)
-    upload = await services.resumable.settled(await find_upload(request, services, user_id), token)
-    return Response(status_code=200, headers={**upload_state(upload), "Cache-Control": "no-store"})
+    upload = await services.resumable.settled(await find_upload(request, services, user_id))
+    if upload.record_id is None and upload.received == upload.length:
+        upload = await services.resumable.completed(upload, token)  # 423 until its record is stored
+    services.resumable.warm(upload)
+    metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
+    return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
 
 
 @API.route(
@@ -1067,8 +1079,13 @@ def upload_metadata(header: str | None) -> tuple[str, dict[str, int]]:
     return clean_filename(pairs["filename"]), form
 
 
-def parse_checksum(header: str | None) -> tuple[Callable[[], Any], bytes] | None:
-    """Upload-Checksum (tus checksum extension): `<algorithm> <base64 digest>` of this request's bytes."""
+def upload_checksum(request: Request, remaining: int) -> tuple[Callable[[], Any], bytes] | None:
+    """A piece of a resumable upload: 413 when it declares more bytes than are left; its Upload-Checksum (tus checksum
+    extension: `<algorithm> <base64 digest>` of this request's bytes), if any."""
+    declared = request.headers.get("content-length")
+    if declared is not None and parse_count(declared, "Content-Length", 400) > remaining:
+        raise Refused(413, f"more bytes than Upload-Length leaves: {remaining} to go", CLOSE)
+    header = request.headers.get("upload-checksum")
     if header is None:
         return None
     name, _, encoded = header.strip().partition(" ")
@@ -1132,11 +1149,11 @@ class BodyReader:
                 message = await self.request.receive()
         except TimeoutError:
             SLOW_CLIENTS.labels("stalled").inc()
-            raise Refused(408, f"upload stalled for {self.idle_timeout:g} s", CLOSE) from None
+            raise BodyCut(408, f"upload stalled for {self.idle_timeout:g} s") from None
         finally:
             self.waited += time.monotonic() - started
         if message["type"] == "http.disconnect":
-            raise Refused(400, "client disconnected mid-upload; nothing stored", CLOSE)
+            raise BodyCut(400, "client disconnected mid-upload")
         self._more = message.get("more_body", False)
         return message.get("body", b"")  # type: ignore[no-any-return]
 
@@ -1157,7 +1174,7 @@ class BodyReader:
         since, then = marks[0]
         if self.min_rate and self.waited - since >= self.window and self.received - then < self.min_rate * (self.waited - since):
             SLOW_CLIENTS.labels("too_slow").inc()
-            raise Refused(408, f"upload slower than {self.min_rate} bytes/s over {self.window:g} s", CLOSE)
+            raise BodyCut(408, f"upload slower than {self.min_rate} bytes/s over {self.window:g} s")
         marks.append((self.waited, self.received))
 
     async def read(self) -> bytes:
@@ -1555,10 +1572,8 @@ class UploadSession:
         self.offset = 0  # bytes of the file fed so far
         self._job = ConversionJob(options, encoders, keep_audio=options_may_change)
 
-    async def feed(self, data: bytes, at: int | None = None) -> None:
-        """The file's next bytes; `at`, when given, must be where the bytes fed so far end."""
-        if at is not None and at != self.offset:
-            raise Refused(409, f"these bytes start at {at}, but the upload is at {self.offset}")
+    async def feed(self, data: bytes) -> None:
+        """The file's next bytes."""
         await self._job.feed(data)
         self.offset += len(data)
 
@@ -1578,24 +1593,27 @@ class UploadSession:
         self._job.close()
 
 
-# Resumable uploads (tus). Their bytes are stored in the database as they come (upload_chunks), so any
-# replica can go on with an upload after a restart; the process that has an upload's live session goes on
-# with it as it is, and one that has not (a restart, another replica, a session let go while paused)
-# re-encodes the stored bytes first, at LAME speed. nginx sends an upload's requests to one replica
-# (deploy/nginx.conf), so that this stays the exception.
+# Resumable uploads (tus). Their bytes are stored in the database as they come (upload_chunks, through
+# Store in chapter 11), so any replica can go on with an upload after a restart; the process that has an
+# upload's live session goes on with it as it is, and one that has not (a restart, another replica, a
+# session let go while paused) re-encodes the stored bytes first, at LAME speed. nginx sends an upload's
+# requests to one replica (deploy/nginx.conf), so that this stays the exception.
 
 
 class ResumableUpload:
     """A resumable upload this process converts: its session (the live encoder) and the bytes fed but not stored yet.
 
-    One request at a time holds its `turn`. Its session is trusted only where it stands exactly where the
-    database does: otherwise `catch_up` starts it anew from the stored bytes.
+    One request, or one catch-up, at a time holds its `turn`. Its session is trusted only where it stands
+    exactly where the database does: otherwise `catch_up` starts it anew from the stored bytes. An upload
+    ended while someone holds its turn is closed by that holder, when the turn ends.
     """
 
     def __init__(self, upload: StoredUpload, services: Services) -> None:
         self.upload = upload
         self.turn = asyncio.Lock()
+        self.holder = ""  # who holds the turn: "request" or "catch-up"
         self.catching_up = False
+        self.ended = False
         self.paused_since = time.monotonic()
         self.mp3: Mp3File | None = None  # finished, not stored yet: the database was down
         self._services = services
@@ -1610,13 +1628,12 @@ class ResumableUpload:
         if self._session is not None and self._stored == upload.received and not self._pending:
             return
         self.close()
-        settings, store = self._services.settings, self._services.store
-        self._session = UploadSession(Mp3Options.of(upload.options, settings), self._services.encoders)
+        self._session = UploadSession(Mp3Options.of(upload.options, self._services.settings), self._services.encoders)
         self.catching_up = True
         try:
-            async for piece in store.upload_pieces(upload.upload_id, upload.received):
-                await self._session.room()
-                await self._session.feed(piece)
+            async for piece in self._services.store.upload_pieces(upload.upload_id, upload.received):
+                await self.room()
+                await self.feed(piece, stored=True)
         finally:
             self.catching_up = False
         if upload.received:
@@ -1625,37 +1642,41 @@ class ResumableUpload:
 
     async def room(self) -> None:
         """Wait, before reading more, until the shared audio buffer has room (ConversionJob.room)."""
-        assert self._session is not None
-        await self._session.room()
+        if self._session is not None:
+            await self._session.room()
 
-    async def feed(self, data: bytes) -> None:
-        """The file's next bytes: converted now, stored with the next FLUSH_BYTES."""
-        assert self._session is not None
+    async def feed(self, data: bytes, stored: bool = False) -> None:
+        """The file's next bytes: converted now, and (unless they come from the database) stored with the next FLUSH_BYTES."""
+        if self.ended or self._session is None:
+            raise Refused(404, NO_SUCH_UPLOAD)  # terminated or expired meanwhile
         try:
             await self._session.feed(data)
         except BaseException:
             self.close()  # a conversion that failed midway cannot go on: next time, start over from what is stored
             raise
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= FLUSH_BYTES:
-            await self.store_pending()
+        if not stored:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= FLUSH_BYTES:
+                await self.store_pending()
 
     async def store_pending(self) -> int:
         """Store the bytes fed since the last time: from now on they are acknowledged. The stored offset."""
         if self._pending:
             data = b"".join(self._pending)
             self._pending, self._pending_bytes = [], 0
+            store = self._services.store
             try:
-                stored = await self._services.store.append_upload(self.upload.upload_id, self._stored, data)
+                stored = await store.append_upload(self.upload.upload_id, self._stored, data)
             except Unavailable:
                 self.close()  # fed but not stored: next time, start over from what is
                 raise
             if not stored:
                 self.close()
-                if await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id) is None:
-                    raise Refused(404, "no such upload for this user: it was ended meanwhile")
-                raise Refused(409, "this upload went on elsewhere meanwhile: ask for its offset (HEAD) and send from there")
+                now_there = await store.find_upload(self.upload.upload_id, self.upload.user_id)
+                if now_there is None:
+                    raise Refused(404, NO_SUCH_UPLOAD)
+                raise Refused(409, "this upload went on elsewhere meanwhile: send from its offset", {"Upload-Offset": str(now_there.received)})
             self._stored += len(data)
         return self._stored
 
@@ -1686,83 +1707,99 @@ class ResumableUploads:
         self._live: dict[str, ResumableUpload] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # catching up, storing records, purging: kept until done
         self._completing: dict[str, asyncio.Task[StoredUpload]] = {}
-        self._warming = asyncio.Semaphore(2)  # catch-ups a HEAD starts ahead of time, at once: a flood of HEADs costs two encoders
+        self._warming = asyncio.Semaphore(2)  # catch-ups a HEAD starts ahead of time: a flood of HEADs costs two encoders
+        self._purge_again = False
 
-    async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int) -> StoredUpload:
+    async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str) -> StoredUpload:
         created = datetime.now(UTC)
         expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
-        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires))
+        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata)
         if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created)):
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
         RESUMABLE_UPLOADS.labels("created").inc()
         return upload
 
     @contextlib.asynccontextmanager
-    async def turn(self, upload: StoredUpload, wait: float = LOCK_WAIT_SECONDS) -> AsyncIterator[ResumableUpload]:
-        """The upload's turn, standing where the database does when it begins (409 if another request holds it
-        longer than `wait`; catching up is waited out); paused when it ends."""
+    async def turn(self, upload: StoredUpload, wait: float | None = LOCK_WAIT_SECONDS, holder: str = "request") -> AsyncIterator[ResumableUpload]:
+        """The upload's turn, standing where the database does when it begins; paused when it ends. Another request
+        holding it longer than `wait` is 409 (a catch-up is waited out: it only re-encodes what is stored)."""
         live = self._live.get(upload.upload_id)
         if live is None:
             live = self._live[upload.upload_id] = ResumableUpload(upload, self._services)
             RESUMABLE_LIVE.inc()
         try:
-            await asyncio.wait_for(live.turn.acquire(), None if live.catching_up else wait)
+            await asyncio.wait_for(live.turn.acquire(), None if live.holder == "catch-up" or live.catching_up else wait)
         except TimeoutError:
-            raise Refused(409, "another request is sending this upload's bytes: ask for its offset (HEAD) and try again") from None
+            raise Refused(
+                409,
+                "another request is sending this upload's bytes: ask for its offset (HEAD) and try again",
+                {"Upload-Offset": str(upload.received)},
+            ) from None
+        live.holder = holder
         try:
             fresh = await self._services.store.find_upload(upload.upload_id, upload.user_id)
-            if fresh is None:
-                raise Refused(404, "no such upload for this user")
+            if fresh is None or live.ended:
+                live.ended = True
+                raise Refused(404, NO_SUCH_UPLOAD)
             if fresh.record_id is None:
                 await live.catch_up(fresh)
             live.upload = fresh
             yield live
         finally:
+            live.holder = ""
             live.turn.release()
             live.paused_since = time.monotonic()
+            if live.ended:
+                self.forget(upload.upload_id)
             self.let_go()
 
-    async def settled(self, upload: StoredUpload, token: str) -> StoredUpload:
-        """The upload as a HEAD should report it: after a request of this process that is storing its last bytes has
-        done so; with every byte in, only once its record is stored (423 meanwhile: ask again)."""
+    async def settled(self, upload: StoredUpload) -> StoredUpload:
+        """The upload after a request of this process that is storing its last bytes (its connection just broke)
+        has done so: a HEAD waits for it, a second at most, so that the offset it reports includes them."""
         live = self._live.get(upload.upload_id)
-        if live is not None and live.turn.locked() and not live.catching_up:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LOCK_WAIT_SECONDS):
-                    await live.turn.acquire()
-                    live.turn.release()
-            found = await self._services.store.find_upload(upload.upload_id, upload.user_id)
-            if found is None:
-                raise Refused(404, "no such upload for this user: it was ended meanwhile")
-            upload = found
-        if upload.record_id is None and upload.received == upload.length:
-            completion = self._completing.get(upload.upload_id)
-            if completion is None:
-                completion = self._completing[upload.upload_id] = self._in_background(self._complete_later(upload, token))
-                completion.add_done_callback(lambda _: self._completing.pop(upload.upload_id, None))
-            await asyncio.wait([completion], timeout=2 * LOCK_WAIT_SECONDS)
-            if completion.done():
-                with contextlib.suppress(Unavailable):
-                    return completion.result()
-            raise Refused(423, "every byte is in and the record is being stored: ask again shortly", {"Retry-After": "2"})
-        if upload.record_id is None and upload.received and upload.upload_id not in self._live and not self._warming.locked():
-            self._in_background(self._warm(upload))  # the next PATCH finds it caught up
-        return upload
+        if live is None or not live.turn.locked() or live.catching_up:
+            return upload
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOCK_WAIT_SECONDS):
+                await live.turn.acquire()
+                live.turn.release()
+        found = await self._services.store.find_upload(upload.upload_id, upload.user_id)
+        if found is None:
+            raise Refused(404, NO_SUCH_UPLOAD)
+        return found
 
-    async def _warm(self, upload: StoredUpload) -> None:
-        async with self._warming:
-            with contextlib.suppress(Refused):
-                async with self.turn(upload):
-                    pass
+    async def completed(self, upload: StoredUpload, token: str) -> StoredUpload:
+        """An upload with every byte stored but no record yet (its last PATCH met a database that could not store
+        the record): store it now. 423 while that takes longer than a moment, or fails: ask again."""
+        completion = self._completing.get(upload.upload_id)
+        if completion is None:
+            completion = self._completing[upload.upload_id] = self._in_background(self._complete_later(upload, token))
+            completion.add_done_callback(lambda _: self._completing.pop(upload.upload_id, None))
+        await asyncio.wait([completion], timeout=2 * LOCK_WAIT_SECONDS)
+        if completion.done():
+            with contextlib.suppress(Unavailable):
+                return completion.result()
+        raise Refused(423, "every byte is in and the record is being stored: ask again shortly", {"Retry-After": "2"})
 
     async def _complete_later(self, upload: StoredUpload, token: str) -> StoredUpload:
-        async with self.turn(upload, wait=24 * 3600) as live:
+        async with self.turn(upload, wait=None) as live:
             if live.upload.record_id is None:
                 await self.complete(live, token)
             return await self._services.store.find_upload(upload.upload_id, upload.user_id) or live.upload
 
+    def warm(self, upload: StoredUpload) -> None:
+        """After a HEAD: catch up ahead of time, so that the PATCH that follows finds the upload live."""
+        if upload.record_id is None and upload.received and upload.upload_id not in self._live and not self._warming.locked():
+            self._in_background(self._warm(upload))
+
+    async def _warm(self, upload: StoredUpload) -> None:
+        async with self._warming:
+            with contextlib.suppress(Refused):
+                async with self.turn(upload, holder="catch-up"):
+                    pass
+
     async def complete(self, live: ResumableUpload, token: str) -> StoredRecord:
-        """Every byte is stored: the MP3, then the record, which marks the upload complete in the same transaction."""
+        """Every byte is stored: the MP3, then the record, which claims the upload's completion in the same transaction."""
         upload, store = live.upload, self._services.store
         try:
             mp3 = await live.finish()
@@ -1771,7 +1808,16 @@ class ResumableUploads:
             raise
         mp3.rewind()
         record = NewRecord(str(uuid.uuid4()), upload.user_id, hash_token(token), upload.filename, mp3.size, mp3.duration_seconds, mp3.sha256, now())
-        stored = await store.save_record(record, mp3, upload.upload_id)
+        try:
+            stored = await store.save_record(record, mp3, upload.upload_id)
+        except Refused as gone:  # ended meanwhile, or completed by another request (a HEAD's, another replica's)
+            if gone.status != 404:
+                raise
+            self.forget(upload.upload_id)
+            now_there = await store.find_upload(upload.upload_id, upload.user_id)
+            if now_there is None or now_there.record_id is None or (done := await store.find_record(now_there.record_id, upload.user_id)) is None:
+                raise
+            return done
         if stored is None:
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile: the MP3 waits for the new one
         RESUMABLE_UPLOADS.labels("completed").inc()
@@ -1788,9 +1834,14 @@ class ResumableUploads:
         self.purge_soon()
 
     def forget(self, upload_id: str) -> None:
-        live = self._live.pop(upload_id, None)
-        if live is not None:
+        """Close an upload's live session; one whose turn is held is closed by its holder when the turn ends."""
+        live = self._live.get(upload_id)
+        if live is None:
+            return
+        live.ended = True
+        if not live.turn.locked():
             live.close()
+            del self._live[upload_id]
             RESUMABLE_LIVE.dec()
 
     def let_go(self) -> None:
@@ -1803,8 +1854,16 @@ class ResumableUploads:
 
     def purge_soon(self) -> None:
         """Delete the stored bytes of uploads that are gone or complete, in the background, a few at a time."""
-        if not any(task.get_name() == "purge" for task in self._tasks):
-            self._in_background(self._services.store.purge_upload_chunks(), name="purge")
+        if any(task.get_name() == "purge" for task in self._tasks):
+            self._purge_again = True  # the running purge goes round once more
+        else:
+            self._in_background(self._purge(), name="purge")
+
+    async def _purge(self) -> None:
+        self._purge_again = True
+        while self._purge_again:
+            self._purge_again = False
+            await self._services.store.purge_upload_chunks()
 
     async def expire(self) -> None:
         """Delete the uploads past UPLOAD_EXPIRY_HOURS, a few per transaction (the storage sweep calls this)."""
@@ -1822,8 +1881,13 @@ class ResumableUploads:
             task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: logged where it matters
+        task.add_done_callback(self._log_failure)
         return task
+
+    @staticmethod
+    def _log_failure(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (failure := task.exception()) is not None and not isinstance(failure, Refused):
+            log.error("background work on resumable uploads failed", exc_info=failure)  # a bug: say so
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -1844,15 +1908,9 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     if offset != upload.received:
         raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
     remaining = upload.length - offset
-    declared = request.headers.get("content-length")
-    if declared is not None and parse_count(declared, "Content-Length", 400) > remaining:
-        raise Refused(413, f"more bytes than Upload-Length leaves: {remaining} to go", CLOSE)
-    checksum = parse_checksum(request.headers.get("upload-checksum"))
+    checksum = upload_checksum(request, remaining)
     body = BodyReader(request, remaining, services.settings)
-    if not services.uploads.acquire():
-        await body.drain(*OVERLOAD_DRAIN)
-        OVERLOAD_REFUSALS.labels("uploads").inc()
-        raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
+    await services.uploads.admit(body)
     try:
         async with services.resumable.turn(upload) as live:
             if live.upload.received != offset:  # another request moved it on while this one waited for its turn
@@ -1874,6 +1932,21 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
         UPLOAD_BYTES.labels("tus").inc(body.received)
 
 
+async def receive_first_piece(request: Request, services: Services, upload: StoredUpload, token: str) -> int:
+    """creation-with-upload: the POST's body is the file's first bytes. The upload exists from now on, so a piece
+    that meets a refusal (a checksum that does not match, a cut, the upload cap) still gets its 201, with the offset
+    stored; only a file that turns out to be no WAV, which ends the upload, is answered with its refusal."""
+    try:
+        return await receive_upload(request, services, upload, 0, token)
+    except (BadWav, UnsupportedWav):
+        raise
+    except Refused:
+        stored = await services.store.find_upload(upload.upload_id, upload.user_id)
+        if stored is None:
+            raise
+        return stored.received
+
+
 async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
     chunks = body.chunks()
     try:
@@ -1884,9 +1957,8 @@ async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
                 break
             await live.feed(chunk)
             del chunk  # not held while the next one is awaited (see BodyReader.chunks)
-    except Refused as cut:
-        if cut.status in (400, 408, 413):  # the connection broke, the client was too slow, or sent too much
-            await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH)
+    except BodyCut:  # the connection broke, the client was too slow, or sent too much
+        await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH)
         raise
 
 
@@ -1898,7 +1970,7 @@ async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tup
     with contextlib.closing(TempFile(disk)) as piece:
         async for chunk in body.chunks():
             digest.update(chunk)
-            piece.write(chunk)
+            piece.write(chunk)  # (to the page cache: what an encoder thread's MP3 spool does too)
         if not hmac.compare_digest(digest.digest(), expected):
             raise Refused(460, "Upload-Checksum does not match these bytes: they were dropped, the offset stays")
         piece.seek(0)
@@ -1967,7 +2039,7 @@ class ByteBudget:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.give(size)  # granted as it was cancelled: hand it on
-            else:
+            elif (size, waiter) in self._waiters:  # (give() may have popped it, finding it cancelled)
                 self._waiters.remove((size, waiter))
             raise
 
@@ -2092,6 +2164,9 @@ class ConversionJob:
                 if self._frames.available:  # make way: what this upload holds goes to the encoders first
                     await self._encode(self._frames.read(self._frames.available))
                 await self._budget.take(len(audio))
+                if self._closed:  # closed while it waited (the upload was ended): its share goes back at once
+                    self._budget.give(len(audio))
+                    return
             self._buffered += len(audio)
             self._frames.append(audio)
             while self._frames.available >= self._block_frames:
@@ -2752,10 +2827,10 @@ SQL_PING = "SELECT 1"
 # Resumable uploads: the row, then its bytes in pieces. Storing a piece moves `received` on only from where
 # the storer found it (a compare-and-set), so two requests that feed one upload at once, in one process or
 # in two replicas, cannot both succeed: one is told 409, and no byte is lost or stored twice.
-UPLOAD_COLUMNS = "id, user_id, filename, options, length, received, record_id, expires_at"
+UPLOAD_COLUMNS = "id, user_id, filename, options, length, received, record_id, expires_at, metadata"
 SQL_INSERT_UPLOAD = (
-    "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at)"
-    " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at)"
+    "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at, metadata)"
+    " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at, :metadata)"
 )
 SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
 SQL_ADVANCE_UPLOAD = "UPDATE uploads SET received = :received WHERE id = :id AND received = :start AND record_id IS NULL RETURNING id"
@@ -2763,7 +2838,7 @@ SQL_INSERT_UPLOAD_CHUNK = "INSERT INTO upload_chunks (upload_id, start, data) VA
 SQL_UPLOAD_CHUNKS = (
     "SELECT start, data FROM upload_chunks WHERE upload_id = :upload_id AND start >= :start AND start < :end ORDER BY start LIMIT :limit"
 )
-SQL_COMPLETE_UPLOAD = "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id"
+SQL_COMPLETE_UPLOAD = "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id AND record_id IS NULL RETURNING id"
 SQL_DELETE_UPLOAD = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id RETURNING id"
 SQL_DELETE_EXPIRED_UPLOADS = "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at < :now LIMIT :limit) RETURNING id, record_id"
 SQL_SPENT_UPLOADS = (
@@ -2844,6 +2919,7 @@ class StoredUpload:
     received: int  # bytes stored
     record_id: str | None  # once complete
     expires_at: str
+    metadata: str  # Upload-Metadata as sent: a HEAD gives it back
 
 
 class Store:
@@ -2971,6 +3047,12 @@ class Store:
                 # on a taken name or a replaced token nothing else has been written.
                 if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
                     return None
+                # A resumable upload's record claims its completion first: one of two at once wins, none after an end.
+                if (
+                    upload_id is not None
+                    and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, {"id": upload_id, "record_id": record.record_id})) is None
+                ):
+                    raise Refused(404, NO_SUCH_UPLOAD)
                 await self._call(self.database.execute(SQL_INSERT_RECORD, values))
                 seq = 0
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
@@ -2979,8 +3061,6 @@ class Store:
                         rows.append({"record_id": record.record_id, "seq": seq, "data": Blob(batch[offset : offset + CHUNK_BYTES])})
                         seq += 1
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
-                if upload_id is not None:
-                    await self._call(self.database.execute(SQL_COMPLETE_UPLOAD, {"id": upload_id, "record_id": record.record_id}))
         except UNIQUE_VIOLATIONS:
             raise NameTaken(record.filename, "record") from None
         return StoredRecord(record.record_id, *(getattr(record, field) for field in RECORD_FIELDS))
@@ -3036,6 +3116,7 @@ class Store:
             "length": upload.length,
             "created_at": created_at,
             "expires_at": upload.expires_at,
+            "metadata": upload.metadata,
         }
         async with self.writing(), self.database.transaction():
             if not await self._reserve_name(upload.user_id, token_sha256, upload.filename):
@@ -3056,6 +3137,7 @@ class Store:
             int(row["received"]),
             row["record_id"],
             row["expires_at"],
+            row["metadata"],
         )
 
     async def append_upload(self, upload_id: str, start: int, data: bytes) -> bool:
@@ -3082,7 +3164,7 @@ class Store:
                 start += len(pieces[-1])
             del rows
             if not pieces:
-                raise Refused(404, "no such upload for this user: it was ended meanwhile")
+                raise Refused(404, NO_SUCH_UPLOAD)
             while pieces:
                 yield pieces.pop(0)
 
@@ -3186,7 +3268,7 @@ async def find_upload(request: Request, services: Services, user_id: str) -> Sto
     upload_id = parse_uuid(request.path_params["upload_id"])
     upload = await services.store.find_upload(upload_id, user_id) if upload_id else None
     if upload is None:
-        raise Refused(404, "no such upload for this user: unknown, terminated, failed or expired")
+        raise Refused(404, NO_SUCH_UPLOAD)
     return upload
 
 
@@ -3505,12 +3587,15 @@ class UploadSlots:
         self.limit = limit
         self.active = 0
 
-    def acquire(self) -> bool:
+    async def admit(self, body: BodyReader) -> None:
+        """A place for one more upload, or 503 with Retry-After (after reading a little of the body, up to
+        OVERLOAD_DRAIN, so that a client that is still sending sees the answer); release() gives it back."""
         if self.active >= self.limit:
-            return False
+            await body.drain(*OVERLOAD_DRAIN)
+            OVERLOAD_REFUSALS.labels("uploads").inc()
+            raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
         self.active += 1
         UPLOADS_IN_PROGRESS.inc()
-        return True
 
     def release(self) -> None:
         self.active -= 1

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 
 import wav2mp3
-from testkit import LiveServer, credentials, unique_name
+from testkit import LiveServer, RemoteSite, credentials, unique_name
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+PAGE_URL = os.environ.get("PAGE_URL", "")
 
 
 # MP3 decoding ####################################################################
@@ -221,3 +222,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server = LiveServer(directory, TEST_DATABASE_URL or f"sqlite:///{directory / 'live.db'}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def site(request: pytest.FixtureRequest) -> LiveServer | RemoteSite:
+    """Where the page's tests open the page: `live`, or a deployment given as PAGE_URL (e.g. compose's nginx,
+    http://127.0.0.1:8000), so that the same tests check the page from the container, behind the proxy."""
+    return RemoteSite(PAGE_URL) if PAGE_URL else request.getfixturevalue("live")  # type: ignore[no-any-return]

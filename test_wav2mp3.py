@@ -89,6 +89,7 @@ from testkit import (
     HERE,
     KSDATAFORMAT_SUFFIX,
     LiveServer,
+    RemoteSite,
     credentials,
     encode_samples,
     fmt_chunk,
@@ -366,6 +367,7 @@ async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: 
         (make_wav(0.1, rate=200000), 422, "200000 Hz"),
         (patch(make_wav(0.2), 22, struct.pack("<H", 0)), 422, "zero channels"),
         (make_wav(1.0)[:-1000], 422, "truncated"),
+        (make_wav(0.2, before_data=fmt_chunk(1, 2, 8000, 16)), 422, "more than one fmt chunk"),
     ],
     ids=[
         "id3",
@@ -380,6 +382,7 @@ async def test_upload_duplicate_name_is_409_also_when_audio_comes_first(client: 
         "rate-high",
         "zero-channels",
         "truncated-data",
+        "two-fmt",
     ],
 )
 async def test_upload_bad_wav_is_refused_with_its_reason_and_stores_nothing(
@@ -563,7 +566,16 @@ async def test_download_of_another_users_record_is_404(client: httpx.AsyncClient
     assert response.json() == {"error": "no such record for this user"}
 
 
-@pytest.mark.parametrize("query", ["id=nope&user=nope", "id={record}&user=1", f"id={uuid.uuid4()}&user={{user}}"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "id=nope&user=nope",
+        "id={record}&user=1",
+        f"id={uuid.uuid4()}&user={{user}}",
+        "id={{{record}}}&user={user}",  # what uuid.UUID() also takes, not the form the service gives
+        "id=urn:uuid:{record}&user={user}",
+    ],
+)
 async def test_download_unknown_or_malformed_ids_are_404(client: httpx.AsyncClient, query: str) -> None:
     body, _ = await uploaded(client, make_wav(0.3))
     response = await client.get("/record?" + query.format(record=body["record_id"], user=body["user_id"]))
@@ -1233,7 +1245,20 @@ async def test_listing_pages_hold_every_record_exactly_once_while_records_come_a
     assert pages == 4
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "limit=-1", "limit=1.5", "cursor=nope", "cursor=W10", "cursor=WyJ4IiwgInkiXQ"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=101",
+        "limit=x",
+        "limit=-1",
+        "limit=1.5",
+        "cursor=nope",
+        "cursor=W10",
+        "cursor=WyJ4IiwgInkiXQ",
+        "cursor=" + base64.urlsafe_b64encode(b"[" * 5000).decode(),  # deeper than json's recursion limit
+    ],
+)
 async def test_listing_with_a_bad_limit_or_cursor_is_422(client: httpx.AsyncClient, query: str) -> None:
     user = await new_user(client)
     response = await client.get(f"/users/{user['user_id']}/records?{query}", headers=bearer(user))
@@ -1446,6 +1471,29 @@ async def test_httpx_sends_quotes_as_percent_22_which_is_decoded(client: httpx.A
     assert response.json()["filename"] == 'say "hi" ё.mp3'
 
 
+@pytest.mark.parametrize(
+    "charset, name, answer",
+    [
+        ("ISO-8859-1", "caf%E9.wav", "café.mp3"),
+        ("utf-8", "caf%C3%A9.wav", "café.mp3"),
+        ("utf-7", "%2B2D3-.wav", 422),  # Python decodes it to a lone surrogate, which is no text
+        ("idna", "xn--caf-dma.wav", 422),
+        ("utf-16", "%FF%FEa%00.%00w%00a%00v%00", 422),
+    ],
+)
+async def test_filename_star_takes_utf_8_and_iso_8859_1_only(client: httpx.AsyncClient, charset: str, name: str, answer: str | int) -> None:
+    """RFC 8187 §3.2.1: the two charsets a recipient must support; any other, decoded by whatever codec Python has
+    under that name, could give names that are not text."""
+    user = await new_user(client)
+    audio = f"Content-Disposition: form-data; name=\"audio_file\"; filename*={charset}''{name}\r\n\r\n".encode() + make_wav(0.2)
+    body, headers = multipart(form_part("data", credentials(user)), audio)
+    response = await client.post("/users/wav", content=body, headers=headers)
+    if isinstance(answer, int):
+        assert response.status_code == answer and list(response.json()) == ["error"], response.text
+    else:
+        assert response.status_code == 201 and response.json()["filename"] == answer, response.text
+
+
 @pytest.mark.parametrize("name", ["line%0Abreak.wav", "carriage%0Dreturn.wav"])
 async def test_escaped_line_breaks_in_names_are_422(client: httpx.AsyncClient, name: str) -> None:
     user = await new_user(client)
@@ -1609,6 +1657,36 @@ def test_live_downloads_give_their_read_ahead_back_even_when_clients_leave(live:
     while metric(httpx.get(live.url + "/metrics").text, "wav2mp3_download_buffered_bytes") != 0:
         assert time.monotonic() < deadline, "downloads kept their budget"
         time.sleep(0.1)
+
+
+def test_live_a_download_nobody_reads_is_cut_off(tmp_path: Path, database_url: str) -> None:
+    """A client that asks for an MP3 and reads nothing of it: past DOWNLOAD_IDLE_TIMEOUT its connection is
+    dropped, with what the server held for it, and the log says so in one line (no traceback)."""
+    with LiveServer(tmp_path, database_url, "--download-idle-timeout", "1") as server:
+        user = server.new_user()
+        wav = make_wav(600.0, 22050, 1)  # a 9.6 MB MP3: more than the kernel's socket buffers take
+        created = httpx.post(server.url + "/users/wav", **upload_form(user, wav, "long.wav"), timeout=60).json()
+        before = httpx.get(server.url + "/metrics").text
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(f"GET {record_path(created['url'])} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            deadline = time.monotonic() + 15
+            while metric(httpx.get(server.url + "/metrics").text, "wav2mp3_slow_clients_total", reason="download_stalled") == 0:
+                assert time.monotonic() < deadline, "the download was not cut off"
+                time.sleep(0.2)
+            time.sleep(0.5)
+            metrics = httpx.get(server.url + "/metrics").text
+            # One connection open: the /metrics request's own (the stalled one is gone, not waiting to flush).
+            assert metric(metrics, "wav2mp3_connections_open") == metric(before, "wav2mp3_connections_open") == 1
+            assert metric(metrics, "wav2mp3_download_buffered_bytes") == 0
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while piece := sock.recv(65536):
+                    received += piece
+            assert received.startswith(b"HTTP/1.1 200") and len(received) < created["size_bytes"]
+        log = server.log.read_text()
+        assert "download cut off: its client took nothing for 1 s" in log and "Traceback" not in log
 
 
 def test_live_stalled_clients_do_not_stop_other_uploads(tmp_path: Path, database_url: str) -> None:
@@ -2452,11 +2530,19 @@ def test_live_logs_never_hold_a_records_id_and_its_user_together(tmp_path: Path,
         created = httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(1.0)), timeout=60).json()
         assert httpx.get(server.url + record_path(created["url"])).status_code == 200
         assert httpx.get(server.url + record_path(created["url"]), headers={"Range": b"bytes=0-\xb2"}).status_code == 416
+        record_id, user_id = created["record_id"], user["user_id"]
+        for disguised in (
+            f"/record%3Fid={record_id}%26user={user_id}",
+            f"/record?id%3D{record_id}%26user%3D{user_id}",
+            f"/record?{record_id}&{user_id.replace('-', '').upper()}",
+        ):
+            assert httpx.get(server.url + disguised).status_code in (404, 422)
         assert httpx.delete(server.url + record_path(created["url"]), headers=bearer(user)).status_code == 204
         server.wait_for_log('"DELETE /record?id=…&user=… HTTP/1.1" 204')
     lines = server.log.read_text().splitlines()
     assert any('"GET /record?id=…&user=… HTTP/1.1" 200' in line for line in lines)
-    assert not [line for line in lines if created["record_id"] in line and user["user_id"] in line]
+    ids = {created["record_id"], user["user_id"]}
+    assert not [line for line in lines if len({id for id in ids if id in line or id.replace("-", "") in line.lower()}) == 2]
 
 
 # SQLite's one writer: a request waits for its turn at most DB_TIMEOUT.
@@ -2498,6 +2584,74 @@ async def test_writes_waiting_for_sqlites_writer_are_503_after_db_timeout(databa
             assert (await client.delete(record_path(created["url"]), headers=bearer(owner))).status_code == 204
     finally:
         await lifespan.__aexit__(None, None, None)
+
+
+async def test_a_write_held_up_by_another_process_is_503_database_busy(database_url: str) -> None:
+    """Another process (a backup, a migration, sqlite3 at a shell) holds SQLite's writer: SQLite's own busy
+    timeout ends the wait, and that is 'busy' (Retry-After), not an outage; nothing is half-written."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only: one writer across processes")
+    async with running_app(database_url, db_timeout=0.5) as client:
+        owner = await new_user(client)
+        with sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None) as other:
+            other.execute("BEGIN IMMEDIATE")
+            name = unique_name()
+            refused = await client.post("/users", json={"name": name})
+            other.execute("ROLLBACK")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json() == {"error": "database busy: try again shortly"}
+        assert (await client.post("/users", json={"name": name})).status_code == 201
+        assert (await upload(client, owner, make_wav(0.2))).status_code == 201
+
+
+async def cut_off_download(app: Any, url: str, after: int) -> int:
+    """A GET of `url` as uvicorn hands it to the app (ASGI 2.3: the app listens for the disconnect), whose client
+    leaves once `after` bytes of the body have been sent: the app goes on to read the next chunks as it leaves."""
+    path, query = record_path(url).split("?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "", "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    left, asked, sent = asyncio.Event(), False, 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal sent
+        sent += len(message.get("body", b""))
+        if sent >= after:
+            left.set()
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_downloads_cut_off_mid_read_leave_no_read_snapshot_behind(database_url: str, app: Any, client: httpx.AsyncClient) -> None:
+    """A download whose client leaves while its next chunks are being read: the read is finished and its cursor
+    closed. Abandoned, aiosqlite's thread keeps the cursor until that connection's next statement, its read
+    snapshot with it, and SQLite cannot checkpoint the WAL past it: an idle pool connection kept it for good."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's write-ahead log")
+    user = await new_user(client)
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, size=(44100 * 30, 2))
+    record = (await upload(client, user, make_wav(30.0, 44100, 2, signal=noise), bitrate="320")).json()
+    assert record["size_bytes"] > 1_100_000  # more than one batch of chunks
+    with sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None) as other:
+        other.execute("CREATE TABLE scratch (x)")
+        for _ in range(3):
+            assert await cut_off_download(app, record["url"], wav2mp3.CHUNK_BYTES * wav2mp3.CHUNKS_PER_QUERY) < record["size_bytes"]
+            await asyncio.sleep(0.3)  # the abandoned read ends
+            other.execute("INSERT INTO scratch VALUES (1)")
+            busy, log, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert (busy, done) == (0, log), "a read snapshot is still held"
+    assert len((await client.get(record_path(record["url"]))).content) == record["size_bytes"]
 
 
 # Resumable uploads (tus 1.0.0) ###################################################
@@ -2833,18 +2987,19 @@ async def test_tus_creation_with_a_refused_first_piece_still_gives_the_upload(cl
     if case == "checksum-mismatch":  # the piece is dropped whole
         headers["Upload-Checksum"] = "sha1 " + sha1_b64(b"something else")
         created, kept = await client.post(f"/users/{user['user_id']}/uploads", content=wav[:100_000], headers=headers), 0
-    else:  # no Content-Length: more bytes than the file has, found as they come; the bytes before them are kept
+    else:  # no Content-Length: more bytes than the file has, found as they come; the file's own bytes are kept
 
         async def too_long() -> AsyncIterator[bytes]:
             yield wav[:100_000]
-            yield wav[100_000:] + bytes(100_000)
+            yield wav[100_000:] + bytes(100_000)  # the excess comes in the same chunk as the file's last bytes
 
-        created, kept = await client.post(f"/users/{user['user_id']}/uploads", content=too_long(), headers=headers), 100_000
+        created, kept = await client.post(f"/users/{user['user_id']}/uploads", content=too_long(), headers=headers), len(wav)
     assert created.status_code == 201, created.text
     assert created.headers["upload-offset"] == str(kept)
     url = created.headers["location"]
     assert (await client.head(url, headers=tus(user))).headers["upload-offset"] == str(kept)
-    assert (await tus_patch(client, user, url, kept, wav[kept:])).status_code == 204
+    if kept < len(wav):
+        assert (await tus_patch(client, user, url, kept, wav[kept:])).status_code == 204
     assert (await client.get(url, headers=bearer(user))).json()["sha256"] == (await upload(client, user, wav, "direct.wav")).json()["sha256"]
 
 
@@ -2879,11 +3034,11 @@ async def test_tus_uploads_expire_with_their_bytes_and_free_the_name(database_ur
             before = metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired")
             await asyncio.sleep(2)
             assert (await client.head(url, headers=tus(user))).status_code == 404
+            assert await tus_create(client, user, 100, "late.wav")  # its name is free once it expires, before the sweep
             await app.state.services.resumable.expire()  # what the storage sweep does every minute
             assert metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired") == before + 1
             assert (await db_rows(database_url, "SELECT count(*) FROM uploads WHERE id = $1", url.rsplit("/", 1)[1]))[0][0] == 0
             await wait_for_purge(database_url)
-            assert await tus_create(client, user, 100, "late.wav")
     finally:
         await lifespan.__aexit__(None, None, None)
 
@@ -3183,6 +3338,7 @@ def test_live_tus_through_nginx_capped_at_100m_takes_300_mb_in_pieces_despite_a_
 # Debian's chromium, headless, driven through chromedriver by selenium; elements found as a person
 # finds them, by their labels and their text.
 
+Site = LiveServer | RemoteSite  # `site`: where the page is served
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PAGE_WAIT = 90  # seconds: generous, for a slow CI machine; the waits end as soon as the page is there
@@ -3241,21 +3397,21 @@ def page_console_errors(browser: webdriver.Chrome) -> list[str]:
     return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry.get("source") != "network"]
 
 
-def page_open(browser: webdriver.Chrome, live: LiveServer) -> None:
+def page_open(browser: webdriver.Chrome, site: Site) -> None:
     """The page, signed out, with nothing kept from an earlier test (credentials, resume fingerprints)."""
     page_network_normal(browser)
     browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "light"}]})
-    browser.get(live.url + "/")
+    browser.get(site.url + "/")
     browser.execute_script("localStorage.clear()")
-    browser.get(live.url + "/")
+    browser.get(site.url + "/")
     page_wait(browser, lambda d: page_field(d, "Name").is_displayed())
     browser.get_log("browser")  # start each test with an empty console
 
 
-def page_sign_in(browser: webdriver.Chrome, live: LiveServer) -> dict[str, str]:
+def page_sign_in(browser: webdriver.Chrome, site: Site) -> dict[str, str]:
     """A new user, signed in through the "Sign in" form."""
-    user = live.new_user()
-    page_open(browser, live)
+    user = site.new_user()
+    page_open(browser, site)
     page_field(browser, "User ID").send_keys(user["user_id"])
     page_field(browser, "Access token").send_keys(user["access_token"])
     page_button(browser, "Sign in").click()
@@ -3300,15 +3456,15 @@ def page_record(browser: webdriver.Chrome, filename: str) -> WebElement:
     return browser.find_element(By.XPATH, f"//h2[normalize-space()='Your MP3s']/ancestor::section[1]//ul/li[.//*[normalize-space()='{filename}']]")
 
 
-def page_listing(live: LiveServer, user: dict[str, str]) -> list[dict[str, Any]]:
-    response = httpx.get(f"{live.url}/users/{user['user_id']}/records", headers={"Authorization": f"Bearer {user['access_token']}"})
+def page_listing(site: Site, user: dict[str, str]) -> list[dict[str, Any]]:
+    response = httpx.get(f"{site.url}/users/{user['user_id']}/records", headers={"Authorization": f"Bearer {user['access_token']}"})
     assert response.status_code == 200
     return response.json()["records"]  # type: ignore[no-any-return]
 
 
-def page_create_user(browser: webdriver.Chrome, live: LiveServer, name: str) -> dict[str, str] | None:
+def page_create_user(browser: webdriver.Chrome, site: Site, name: str) -> dict[str, str] | None:
     """Create a user through the page's form: the credentials as the page shows them, or None when the name is taken."""
-    page_open(browser, live)
+    page_open(browser, site)
     page_field(browser, "Name").send_keys(name)
     page_button(browser, "Create user").click()
     warning = "//p[contains(normalize-space(), 'only time your access token is shown')]"
@@ -3322,11 +3478,11 @@ def page_create_user(browser: webdriver.Chrome, live: LiveServer, name: str) -> 
     return {"user_id": shown("Your user ID"), "access_token": shown("Your access token")}
 
 
-def test_page_creates_a_user_and_shows_its_token_once(browser: webdriver.Chrome, live: LiveServer) -> None:
+def test_page_creates_a_user_and_shows_its_token_once(browser: webdriver.Chrome, site: Site) -> None:
     name = unique_name("page")
-    user = page_create_user(browser, live, name)
+    user = page_create_user(browser, site, name)
     assert user is not None
-    assert page_listing(live, user) == []  # the id and token shown are the new user's, and they work
+    assert page_listing(site, user) == []  # the id and token shown are the new user's, and they work
     assert len(browser.find_elements(By.XPATH, "//button[normalize-space()='Copy']")) == 2
     page_button(browser, "I have saved them").click()
     page_wait(browser, lambda d: user["access_token"] not in d.find_element(By.TAG_NAME, "body").text)
@@ -3343,9 +3499,9 @@ def test_page_creates_a_user_and_shows_its_token_once(browser: webdriver.Chrome,
     assert not page_console_errors(browser)
 
 
-def test_page_sign_in_refuses_a_wrong_token(browser: webdriver.Chrome, live: LiveServer) -> None:
-    user = live.new_user()
-    page_open(browser, live)
+def test_page_sign_in_refuses_a_wrong_token(browser: webdriver.Chrome, site: Site) -> None:
+    user = site.new_user()
+    page_open(browser, site)
     page_field(browser, "User ID").send_keys(user["user_id"])
     page_field(browser, "Access token").send_keys(str(uuid.uuid4()))
     page_button(browser, "Sign in").click()
@@ -3354,8 +3510,8 @@ def test_page_sign_in_refuses_a_wrong_token(browser: webdriver.Chrome, live: Liv
     assert not page_console_errors(browser)
 
 
-def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    user = page_sign_in(browser, live)
+def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
     files = {"morning.wav": make_wav(4.0, 44100, 2), "evening.wav": make_wav(4.0, 44100, 1)}
     browser.set_network_conditions(offline=False, **SLOW_NETWORK)  # slow enough to see both on their way
     try:
@@ -3371,7 +3527,7 @@ def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome,
         assert player.is_displayed() and player.get_attribute("controls") is not None
         assert player.get_attribute("src") == link.get_attribute("href")
         assert "0:04" in row.text  # the duration
-    records = {record["filename"]: record for record in page_listing(live, user)}
+    records = {record["filename"]: record for record in page_listing(site, user)}
     assert set(records) == {"morning.mp3", "evening.mp3"}
     for name in files:  # the link is the record's, and the MP3's size is shown
         record = records[name.replace(".wav", ".mp3")]
@@ -3382,37 +3538,37 @@ def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome,
     assert not page_console_errors(browser)
 
 
-def test_page_mp3_is_the_one_post_users_wav_makes(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    page_sign_in(browser, live)
+def test_page_mp3_is_the_one_post_users_wav_makes(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    page_sign_in(browser, site)
     wav = make_wav(3.0, 48000, 2)
     page_choose(browser, tmp_path, {"same.wav": wav})
     link = page_wait(browser, lambda d: page_finished(d, "same.wav"))
     download = httpx.get(link.get_attribute("href"), timeout=60)
     assert download.status_code == 200 and download.headers["content-type"] == "audio/mpeg"
-    direct = httpx.post(live.url + "/users/wav", **upload_form(live.new_user(), wav, "same.wav", bitrate="128"), timeout=60)
+    direct = httpx.post(site.url + "/users/wav", **upload_form(site.new_user(), wav, "same.wav", bitrate="128"), timeout=60)
     assert direct.status_code == 201, direct.text
-    direct_mp3 = httpx.get(live.url + record_path(direct.json()["url"]), timeout=60).content
+    direct_mp3 = httpx.get(site.url + record_path(direct.json()["url"]), timeout=60).content
     assert hashlib.sha256(download.content).hexdigest() == direct.json()["sha256"] == hashlib.sha256(direct_mp3).hexdigest()
     assert not page_console_errors(browser)
 
 
-def test_page_lists_records_after_a_reload_and_deletes_one(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    user = page_sign_in(browser, live)
+def test_page_lists_records_after_a_reload_and_deletes_one(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
     for name in ("first.wav", "second.wav"):
-        assert httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(1.0), name), timeout=60).status_code == 201
+        assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(1.0), name), timeout=60).status_code == 201
     page_choose(browser, tmp_path, {"third.wav": make_wav(2.0)})
     page_wait(browser, lambda d: page_finished(d, "third.wav"))
     browser.refresh()
     page_wait(browser, lambda d: page_record_names(d) == ["third.mp3", "second.mp3", "first.mp3"])  # newest first
     for row in page_records(browser):
-        assert str(row.find_element(By.TAG_NAME, "audio").get_attribute("src")).startswith(live.url + "/record?")
+        assert str(row.find_element(By.TAG_NAME, "audio").get_attribute("src")).startswith(site.url + "/record?")
         assert row.find_element(By.XPATH, ".//a[normalize-space()='Download']").is_displayed()
     page_button(page_record(browser, "second.mp3"), "Delete").click()
     confirm = page_wait(browser, expected_conditions.alert_is_present())
     assert "second.mp3" in confirm.text
     confirm.accept()
     page_wait(browser, lambda d: page_record_names(d) == ["third.mp3", "first.mp3"])
-    assert [record["filename"] for record in page_listing(live, user)] == ["third.mp3", "first.mp3"]
+    assert [record["filename"] for record in page_listing(site, user)] == ["third.mp3", "first.mp3"]
     page_button(page_record(browser, "first.mp3"), "Delete").click()
     page_wait(browser, expected_conditions.alert_is_present()).dismiss()  # "Cancel" in the confirmation keeps it
     browser.refresh()
@@ -3420,11 +3576,11 @@ def test_page_lists_records_after_a_reload_and_deletes_one(browser: webdriver.Ch
     assert not page_console_errors(browser)
 
 
-def test_page_shows_records_twenty_at_a_time(browser: webdriver.Chrome, live: LiveServer) -> None:
-    user = page_sign_in(browser, live)
+def test_page_shows_records_twenty_at_a_time(browser: webdriver.Chrome, site: Site) -> None:
+    user = page_sign_in(browser, site)
     wav = make_wav(0.2)
     for n in range(22):
-        assert httpx.post(live.url + "/users/wav", **upload_form(user, wav, f"take-{n:02}.wav"), timeout=60).status_code == 201
+        assert httpx.post(site.url + "/users/wav", **upload_form(user, wav, f"take-{n:02}.wav"), timeout=60).status_code == 201
     browser.refresh()
     page_wait(browser, lambda d: len(page_records(d)) == 20)
     assert page_record_names(browser)[0] == "take-21.mp3"
@@ -3435,20 +3591,20 @@ def test_page_shows_records_twenty_at_a_time(browser: webdriver.Chrome, live: Li
     assert not page_console_errors(browser)
 
 
-def test_page_says_an_mp3_is_not_a_wav(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    user = page_sign_in(browser, live)
+def test_page_says_an_mp3_is_not_a_wav(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
     page_choose(browser, tmp_path, {"song.mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(4096)})
     page_wait(browser, lambda d: "This is not a WAV file (it looks like MP3)" in page_upload_row(d, "song.mp3").text)
     row = page_upload_row(browser, "song.mp3")
     assert "{" not in row.text and "415" not in row.text  # words for people, never the raw answer
     assert not [button.text for button in row.find_elements(By.TAG_NAME, "button") if button.is_displayed()]  # nothing to pause or cancel
-    assert page_listing(live, user) == []
+    assert page_listing(site, user) == []
     assert not page_console_errors(browser)
 
 
-def test_page_explains_a_name_already_converted(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    user = page_sign_in(browser, live)
-    assert httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(0.5), "twice.wav"), timeout=60).status_code == 201
+def test_page_explains_a_name_already_converted(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
+    assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(0.5), "twice.wav"), timeout=60).status_code == 201
     page_choose(browser, tmp_path, {"twice.wav": make_wav(0.5)})
     page_wait(browser, lambda d: "A file with this name is already converted" in page_upload_row(d, "twice.wav").text)
     # Delete it below, then "Try again" converts the file.
@@ -3463,8 +3619,8 @@ def test_page_explains_a_name_already_converted(browser: webdriver.Chrome, live:
 
 
 @pytest.mark.slow
-def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
-    user = page_sign_in(browser, live)
+def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
     wav = make_wav(36.0, 44100, 2)  # ~6.3 MB: more than one 5 MiB PATCH, ~20 s at 300 KiB/s
     browser.set_network_conditions(offline=False, **SLOW_NETWORK)
     try:
@@ -3478,23 +3634,23 @@ def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriv
         link = page_wait(browser, lambda d: page_finished(d, "long-take.wav"), timeout=180)  # nobody clicks anything
     finally:
         page_network_normal(browser)
-    [record] = page_listing(live, user)
+    [record] = page_listing(site, user)
     assert record["filename"] == "long-take.mp3" and abs(record["duration_seconds"] - 36.0) < 0.01
     assert link.get_attribute("href") == record["url"]
     assert hashlib.sha256(httpx.get(record["url"], timeout=60).content).hexdigest() == record["sha256"]
-    direct = httpx.post(live.url + "/users/wav", **upload_form(live.new_user(), wav, "long-take.wav", bitrate="128"), timeout=120)
+    direct = httpx.post(site.url + "/users/wav", **upload_form(site.new_user(), wav, "long-take.wav", bitrate="128"), timeout=120)
     assert direct.json()["sha256"] == record["sha256"]  # resumed mid-way, the MP3 is still the very same
     assert browser.execute_script("return Object.keys(localStorage).filter(k => k.includes('upload')).length") == 0  # fingerprint gone
     assert not page_console_errors(browser)
 
 
-def test_page_screenshot_for_the_docs(browser: webdriver.Chrome, live: LiveServer, tmp_path: Path) -> None:
+def test_page_screenshot_for_the_docs(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
     """docs/page.png: the page at 1280x900, light, signed in, with finished files and records."""
-    user = page_create_user(browser, live, "Ada Lovelace") or page_create_user(browser, live, unique_name("Ada"))
+    user = page_create_user(browser, site, "Ada Lovelace") or page_create_user(browser, site, unique_name("Ada"))
     assert user is not None
     page_button(browser, "I have saved them").click()
     for name, seconds in (("Choir rehearsal.wav", 95.0), ("Interview with Grace.wav", 61.0)):
-        response = httpx.post(live.url + "/users/wav", **upload_form(user, make_wav(seconds, 22050, 1), name), timeout=120)
+        response = httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(seconds, 22050, 1), name), timeout=120)
         assert response.status_code == 201
     browser.refresh()
     page_wait(browser, lambda d: len(page_records(d)) == 2)
@@ -3567,7 +3723,7 @@ def test_nginx_timeouts_and_limits_are_the_services() -> None:
     defaults = wav2mp3.Settings()
     assert directives["client_header_timeout"] == f"{defaults.header_timeout:g}s"
     assert directives["client_body_timeout"] == f"{defaults.upload_idle_timeout:g}s"
-    assert directives["send_timeout"] == f"{wav2mp3.SEND_TIMEOUT_SECONDS:g}s"
+    assert directives["send_timeout"] == f"{wav2mp3.Settings().download_idle_timeout:g}s"
     assert directives["keepalive_timeout"] == f"{wav2mp3.KEEP_ALIVE_SECONDS:g}s"
     assert int(directives["client_max_body_size"].removesuffix("m")) >= defaults.max_upload_mb
 

@@ -239,6 +239,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class RemoteSite:
+    """A service already running elsewhere (compose, behind nginx), for the page's tests: PAGE_URL=http://host:port."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def new_user(self) -> dict[str, str]:
+        response = httpx.post(self.url + "/users", json={"name": unique_name()}, timeout=30)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+
 class LiveServer:
     """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file (tests and benchmark)."""
 

@@ -75,7 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import aiosqlite
 import anycrc
@@ -123,7 +123,6 @@ SPOOL_MEMORY_BYTES = 16 * 1024  # an MP3 larger than this is spooled to an unnam
 OVERLOAD_DRAIN = (1 * MIB, 1.0)  # bytes and seconds of a body read before a 503, so that the client can see it
 RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead of their clients
-SEND_TIMEOUT_SECONDS = 60.0  # a download whose client takes nothing for this long is cut off
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
 KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
@@ -219,6 +218,7 @@ class Settings:
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
     header_timeout: float = _setting(20.0, "seconds a client has to send its request headers; then 408 and the connection closed")
     upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
+    download_idle_timeout: float = _setting(60.0, "seconds a client may take nothing of a download before it is cut off")
     min_upload_rate: int = _setting(1024, "bytes per second a request body must average over MIN_RATE_WINDOW (408 below it); 0: no minimum")
     min_rate_window: float = _setting(30.0, "seconds of waiting for the client over which MIN_UPLOAD_RATE is averaged")
     max_uploads: int = _setting(256, "uploads converted at once per process; beyond: 503 with Retry-After")
@@ -265,6 +265,7 @@ class Settings:
             "audio_buffer_mb",
             "db_connections",
             "header_timeout",
+            "download_idle_timeout",
             "upload_expiry_hours",
         )
         for name in positive:
@@ -868,12 +869,13 @@ RECORD_HEADERS = {
 )
 async def get_record(request: Request) -> Response:
     """Download a record's MP3 (GET or HEAD): single byte ranges, ETag and If-None-Match."""
-    store = services_of(request).store
+    services = services_of(request)
     record_id, user_id = record_query(request)
-    record = await store.find_record(record_id, user_id) if record_id and user_id else None
+    record = await services.store.find_record(record_id, user_id) if record_id and user_id else None
     if record is None:
         raise Refused(404, NO_SUCH_RECORD)
-    return await RecordResponse(request, record, store, services_of(request).downloads).read_ahead()
+    idle_timeout = services.settings.download_idle_timeout
+    return await RecordResponse(request, record, services.store, services.downloads, idle_timeout).read_ahead()
 
 
 @API.route(
@@ -1032,11 +1034,12 @@ def valid_name(value: Any) -> str:
     return name
 
 
+UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def parse_uuid(value: Any) -> str | None:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        return None
+    """A UUID in its usual form (8-4-4-4-12 hex digits), lower-cased; None for anything else."""
+    return str(uuid.UUID(value)) if isinstance(value, str) and UUID_TEXT.fullmatch(value) else None
 
 
 # The headers of a resumable upload (tus 1.0.0).
@@ -1161,6 +1164,8 @@ class BodyReader:
         while (chunk := await self._next()) is not None:
             self.received += len(chunk)
             if self.received > self.limit:
+                if (within := len(chunk) - (self.received - self.limit)) > 0:
+                    yield chunk[:within]  # the bytes up to the limit (a resumable upload keeps them)
                 raise too_large(self.limit)
             self._check_rate()
             if chunk:
@@ -1295,9 +1300,11 @@ def part_filename(part: Part) -> str | None:
         if extended is None:
             raise Refused(422, "audio_file filename* is not charset'language'percent-encoded (RFC 8187)")
         charset, encoded = extended.groups()
+        if charset.lower() not in ("utf-8", "iso-8859-1"):  # RFC 8187 §3.2.1: the two a recipient must support
+            raise Refused(422, "audio_file filename* must be UTF-8 or ISO-8859-1")
         try:
             return unquote_to_bytes(encoded).decode(charset)
-        except (LookupError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             raise Refused(422, f"audio_file name is not valid {charset}") from None
     raw = part.params.get("filename")
     if raw is None:
@@ -1314,8 +1321,8 @@ def clean_filename(name: str) -> str:
     name = re.split(r"[/\\]", name)[-1]
     if name in ("", ".", ".."):
         raise Refused(422, "audio_file has an empty file name")
-    if CONTROL_CHARS.search(name):
-        raise Refused(422, "audio_file name contains control characters")
+    if not valid_text(name):
+        raise Refused(422, "audio_file name contains control characters, or is not text")
     if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
         raise Refused(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
     return name
@@ -1923,6 +1930,10 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
             except (BadWav, UnsupportedWav):
                 await services.resumable.end(live.upload, "failed")
                 raise
+            except BodyCut:  # what arrived is stored; if that was the whole file, its record is stored too
+                if await live.store_pending() == upload.length:
+                    await services.resumable.complete(live, token)
+                raise
             stored = await live.store_pending()
             if stored == upload.length:
                 await services.resumable.complete(live, token)
@@ -1958,7 +1969,7 @@ async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
             await live.feed(chunk)
             del chunk  # not held while the next one is awaited (see BodyReader.chunks)
     except BodyCut:  # the connection broke, the client was too slow, or sent too much
-        await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH)
+        await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH); receive_upload goes on
         raise
 
 
@@ -2441,6 +2452,8 @@ class WavParser:
                 continue  # the next header is read once the data chunk has passed
             read = 0
             if chunk_id == b"fmt " and before_data:
+                if self.format is not None:  # which one would win would depend on how the bytes arrive
+                    raise BadWav("WAV header is corrupt: more than one fmt chunk")
                 payload = yield from self._take(min(size, FMT_BYTES))
                 self.format = parse_fmt_chunk(payload, self._endian)
                 read = len(payload)
@@ -2804,6 +2817,7 @@ SQL_LOCK_USER = "UPDATE users SET token_sha256 = token_sha256 WHERE id = :id AND
 SQL_NAME_HOLDER = (
     "SELECT 'record' FROM records WHERE user_id = :user_id AND filename = :filename UNION ALL"
     " SELECT 'upload' FROM uploads WHERE user_id = :user_id AND filename = :filename AND record_id IS NULL AND id <> :upload_id"
+    " AND expires_at > :now"
 )
 SQL_INSERT_RECORD = (
     "INSERT INTO records (id, user_id, filename, size_bytes, duration_seconds, sha256, created_at)"
@@ -3006,6 +3020,12 @@ class Store:
                 return await operation
         except UNIQUE_VIOLATIONS:
             raise
+        except sqlite3.OperationalError as failure:
+            DB_ERRORS.inc()
+            if "locked" in str(failure) or "busy" in str(failure):  # another process holds the one writer
+                raise DatabaseBusy() from None
+            log.error("database call failed: %r", failure)
+            raise DatabaseUnavailable() from None
         except OUTAGES as failure:
             DB_ERRORS.inc()
             log.error("database call failed: %r", failure)
@@ -3026,7 +3046,7 @@ class Store:
 
     async def name_holder(self, user_id: str, filename: str, upload_id: str = "") -> str | None:
         """What holds the user's file name, if anything: 'record', or 'upload' (an unfinished upload but `upload_id`)."""
-        values = {"user_id": user_id, "filename": filename, "upload_id": upload_id}
+        values = {"user_id": user_id, "filename": filename, "upload_id": upload_id, "now": now()}
         return await self._call(self.database.fetch_val(SQL_NAME_HOLDER, values))
 
     async def _reserve_name(self, user_id: str, token_sha256: str, filename: str, upload_id: str = "") -> bool:
@@ -3077,7 +3097,7 @@ class Store:
             batch_last = min(last, batch_first + CHUNKS_PER_QUERY - 1)
             values = {"record_id": record_id, "first": batch_first, "last": batch_last}
             async with self._bulk_readers:
-                rows = await self._call(self.database.fetch_all(SQL_RECORD_CHUNKS, values))
+                rows = await self._call(read_to_the_end(self.database.fetch_all(SQL_RECORD_CHUNKS, values)))
             if len(rows) != batch_last - batch_first + 1:
                 raise RecordVanished(record_id)
             handed = [[bytes(row["data"])[max(start - row["seq"] * CHUNK_BYTES, 0) : end - row["seq"] * CHUNK_BYTES + 1] for row in rows]]
@@ -3155,7 +3175,7 @@ class Store:
         while start < end:
             values = {"upload_id": upload_id, "start": start, "end": end, "limit": CHUNKS_PER_QUERY}
             async with self._bulk_readers:
-                rows = await self._call(self.database.fetch_all(SQL_UPLOAD_CHUNKS, values))
+                rows = await self._call(read_to_the_end(self.database.fetch_all(SQL_UPLOAD_CHUNKS, values)))
             pieces = []
             for row in rows:
                 if row["start"] != start:
@@ -3340,7 +3360,7 @@ def parse_cursor(text: str | None) -> tuple[str, str]:
         created_at, record_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         if isinstance(created_at, str) and len(created_at) == len(FIRST_PAGE[0]) and parse_uuid(record_id) == record_id:
             return created_at, record_id
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         pass
     raise Refused(422, "cursor is not a next_cursor this service gave")
 
@@ -3403,14 +3423,16 @@ class RecordResponse(StreamingResponse):
     """A stored MP3 as HTTP: ETag and 304, one Range (206, 416), HEAD, streamed from the database.
 
     The chunks read ahead of the client come out of a budget shared by all downloads, so many at once
-    hold a bounded amount of memory; a client that takes nothing for SEND_TIMEOUT_SECONDS is cut off.
+    hold a bounded amount of memory; a client that takes nothing for DOWNLOAD_IDLE_TIMEOUT is cut off.
     """
 
-    def __init__(self, request: Request, record: StoredRecord, store: Store, budget: ByteBudget) -> None:
+    def __init__(self, request: Request, record: StoredRecord, store: Store, budget: ByteBudget, idle_timeout: float) -> None:
         etag = f'"{record.sha256}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
         self._batches: AsyncIterator[list[bytes]] | None = None
         self._budget = budget
+        self._idle_timeout = idle_timeout
+        self._scope: Any = {}  # the request's, once called
         self._holding = 0  # bytes of the budget this answer holds
         # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
         if etag_matches(request.headers.get("if-none-match"), etag):
@@ -3476,14 +3498,24 @@ class RecordResponse(StreamingResponse):
         self._holding = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._scope = scope
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._release()  # also when the answer never started or its client left
 
     async def stream_response(self, send: Any) -> None:
-        """Starlette's, with a deadline on every send (appendix A): a client that reads nothing gives its budget back."""
-        await with_send_deadline(super().stream_response, send, SEND_TIMEOUT_SECONDS)
+        """Starlette's, with a deadline on every send (appendix A): a client that reads nothing gives its budget back.
+        Its connection is closed with the answer short of its Content-Length: the client sees a cut download."""
+        try:
+            await with_send_deadline(super().stream_response, send, self._idle_timeout)
+        except TimeoutError:
+            SLOW_CLIENTS.labels("download_stalled").inc()
+            log.info("download cut off: its client took nothing for %g s", self._idle_timeout)
+            # uvicorn closes a connection whose answer ended short only once the client has read what it holds
+            # for it (asyncio's close() flushes first): abort it, buffer and all, where our protocol serves.
+            if abort := self._scope.get(ABORT_KEY):
+                abort()
 
 
 # 13. API documents ################################################################
@@ -3615,7 +3647,7 @@ async def answer_refusal(request: Request, failure: Exception) -> Response:
     else:
         assert isinstance(failure, HTTPException)
         status, message, headers = failure.status_code, failure.detail, dict(failure.headers or {})
-    log.info("refused %s %s: %d %s", request.method, request.url.path, status, message)
+    log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), status, message)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -3630,9 +3662,17 @@ ACCESS_LOG = logging.getLogger("wav2mp3.access")
 
 def logged_target(scope: Any) -> str:
     """The path and the names of the query's parameters, never their values: `id` and `user` together are a
-    download link, which needs no token (a capability), so they stay out of the logs."""
+    download link, which needs no token (a capability), so they stay out of the logs, however a client
+    arranges them (a UUID anywhere, even encoded in the path, is cut to its first 8 digits)."""
     names = [pair.split("=", 1)[0] for pair in scope.get("query_string", b"").decode("latin-1").split("&") if pair]
-    return str(scope["path"]) + ("?" + "&".join(f"{name}=…" for name in names) if names else "")
+    return without_ids(unquote(str(scope["path"])) + ("?" + "&".join(f"{unquote(name)}=…" for name in names) if names else ""))
+
+
+def without_ids(text: str) -> str:
+    return UUID_ANYWHERE.sub(lambda found: found.group()[:8] + "…", text)
+
+
+UUID_ANYWHERE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
 class RequestMetrics:
@@ -3817,6 +3857,20 @@ class _SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA secure_delete = ON")  # a deleted record's bytes are overwritten, not left in free pages
 
 
+async def read_to_the_end(query: Awaitable[T]) -> T:
+    """A read (outside any transaction) that runs to its end even when its caller is cancelled, as a download is
+    when its client leaves (Starlette's StreamingResponse, listen_for_disconnect). aiosqlite runs a statement
+    in its own thread whatever happens to the awaiting task, and that thread holds the last result it made
+    until the connection's next statement (aiosqlite/core.py, _connection_worker_thread): a cursor whose
+    `execute` is cancelled is never read to its end nor closed, and its statement keeps a read snapshot past
+    which SQLite cannot checkpoint the WAL, for as long as that pool connection stays idle (80 stalled
+    downloads cut off at once left the WAL growing by 150 MB a minute). Pinned by
+    test_downloads_cut_off_mid_read_leave_no_read_snapshot_behind."""
+    task = asyncio.ensure_future(query)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: its caller has left
+    return await asyncio.shield(task)
+
+
 class SQLitePool(databases.backends.sqlite.SQLitePool):
     """Keeps SQLite connections open between requests.
 
@@ -3936,6 +3990,9 @@ class WavFrames:
         return block
 
 
+ABORT_KEY = "wav2mp3.abort"  # in a request's scope: drops its connection at once (GuardedHttpToolsProtocol)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (httptools) with the two limits it lacks, for `python wav2mp3.py`.
 
@@ -3943,7 +4000,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     its connection forever: here the headers must be complete within HEADER_TIMEOUT (then a 408 and
     the connection closes). And it has no cap on connections but a 503 per request: here a
     connection beyond MAX_CONNECTIONS is answered 503 and closed at once, before it costs anything.
-    Pinned by test_live_header_timeout_closes_a_dripping_client and ..._connection_cap.
+    It also gives each request a way to drop its connection (ABORT_KEY), for a download cut off.
+    Pinned by test_live_header_timeout_closes_a_dripping_client, ..._connection_cap and
+    test_live_a_download_nobody_reads_is_cut_off.
     """
 
     limits = Settings()  # create_app() puts the service's own here: uvicorn makes the protocol, not us
@@ -3970,6 +4029,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+        cast(dict[str, Any], self.scope)[ABORT_KEY] = self.transport.abort  # before uvicorn starts the request with it
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

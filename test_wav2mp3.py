@@ -2046,8 +2046,10 @@ async def test_upload_with_too_many_parts_is_422(client: httpx.AsyncClient) -> N
     "payload, message",
     [
         (b'{"user_id": "' + b"x" * 70000 + b'"}', "larger than"),
-        (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
-        (b'{"a":' * 1200 + b"1" + b"}" * 1200, "nested too deeply"),
+        # Python 3.11 refuses these depths with a RecursionError; 3.12 and 3.13 parse some of them, and
+        # then the value is refused for its shape: a 422 either way, never a 500.
+        (b"[" * 3000 + b"]" * 3000, "nested too deeply|must be a JSON object"),
+        (b'{"a":' * 1200 + b"1" + b"}" * 1200, "nested too deeply|must hold string fields"),
     ],
     ids=["huge", "deep-array", "deep-object"],
 )
@@ -2055,7 +2057,7 @@ async def test_upload_data_part_too_large_or_too_deep_is_422(client: httpx.Async
     body, headers = multipart(form_part("data", payload), form_part("audio_file", make_wav(0.2), "a.wav"))
     response = await client.post("/users/wav", content=body, headers=headers)
     assert response.status_code == 422
-    assert message in response.json()["error"]
+    assert re.search(message, response.json()["error"])
 
 
 # Hardening: races ###############################################################

@@ -614,7 +614,7 @@ async def upload_wav(request: Request) -> Response:
     CONVERSION_SECONDS.observe(time.perf_counter() - upload.started)
     log.info(
         "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",
-        record.record_id, record.duration_seconds, upload.bytes_in, record.size_bytes, time.perf_counter() - upload.started,
+        record.record_id, record.duration_seconds, body_reader.received, record.size_bytes, time.perf_counter() - upload.started,
     )  # fmt: skip
     body = record_json(record, base_url(request, services.settings))
     return JSONResponse(body, status_code=201, headers={"Location": body["url"]})
@@ -1436,65 +1436,43 @@ class FormUpload:
         self.options: dict[str, int] = {}
         self.session: UploadSession | None = None
         self.mp3: Mp3File | None = None
-        self.bytes_in = 0
         self._part: str | None = None  # name of the part being received, if one we use
         self._field = bytearray()
         self._count = 0
 
     async def receive(self, body: BodyReader) -> None:
         """Read the whole body, acting on each part; a refusal stops the work but not the reading."""
-        chunks = body.chunks()
         try:
-            while True:
-                if self._part == "audio_file" and self._converting():
-                    assert self.session is not None
-                    await self.session.room()  # audio is read only when there is room for it: else TCP holds it
-                chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
+            async for chunk in body.chunks():
                 if self.refusal is None:
                     try:
-                        await self._act_on(self.parts.feed(chunk))
+                        for event in self.parts.feed(chunk):
+                            await self._act_on(event)
                     except Refused as error:
-                        self._refuse(error)
+                        self.refusal = error
+                        self.close()
                 del chunk  # while the next chunk is awaited, hold nothing of this one (see BodyReader.chunks)
+                if self._part == "audio_file" and (session := self._live_session()) is not None:
+                    await session.room()  # audio is read only when there is room for it: else TCP holds it
         except Refused as error:
             if error.status == 413:
                 await body.drain(DRAIN_BYTES)
             raise
-        finally:
-            self.bytes_in = body.received
         if self.refusal is not None:
             raise self.refusal
 
-    def _converting(self) -> bool:
-        return self.session is not None and self.refusal is None and self.conflict is None
+    def _live_session(self) -> UploadSession | None:
+        """The session, while its conversion can still be the answer."""
+        return self.session if self.refusal is None and self.conflict is None else None
 
-    def _refuse(self, error: Refused) -> None:
-        """Stop converting; keep the first refusal (a taken name is kept apart: anything else wins over it)."""
-        if self.session is not None:
-            self.session.close()
-        if isinstance(error, NameTaken):
-            self.conflict = self.conflict or error
-        else:
-            self.refusal = error
-
-    async def _act_on(self, events: list[PartEvent]) -> None:
-        for event in events:
-            try:
-                await self._act_on_event(event)
-            except NameTaken as conflict:  # the parts go on being read: one of them may yet be the answer
-                self._refuse(conflict)
-
-    async def _act_on_event(self, event: PartEvent) -> None:
+    async def _act_on(self, event: PartEvent) -> None:
         if event[0] == "start":
             await self._begin_part(event[1])
         elif event[0] == "end":
             await self._end_part()
         elif self._part == "audio_file":
-            if self._converting():
-                assert self.session is not None
-                await self.session.feed(event[1])
+            if (session := self._live_session()) is not None:
+                await session.feed(event[1])
         elif self._part is not None:
             self._field += event[1]
             if len(self._field) > MAX_FIELD_BYTES:
@@ -1534,7 +1512,8 @@ class FormUpload:
     async def _check_name_free(self) -> None:
         # Saves the conversion when the answer is already known; the UNIQUE constraint decides races.
         if self.user_id is not None and self.filename is not None and (holder := await self.services.store.name_holder(self.user_id, self.filename)):
-            raise NameTaken(self.filename, holder)
+            self.conflict = NameTaken(self.filename, holder)  # the parts go on being read: one of them may yet be the answer
+            self.close()
 
     async def converted(self) -> Mp3File:
         """After the body: the finished MP3 (encoded again for an option that came after the audio), or the refusal."""

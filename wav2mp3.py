@@ -465,7 +465,6 @@ class Api:
         answers: Mapping[int, Mapping[str, Any]],
         parameters: tuple[Mapping[str, Any], ...] = (),
         body: Mapping[str, Any] | None = None,
-        documented: bool = True,
         bearer: bool = False,
     ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
         if bearer:
@@ -473,10 +472,9 @@ class Api:
 
         def register(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
             self.routes.append(Route(path, endpoint, methods=methods))
-            if documented:
-                for method in methods:
-                    operation_answers = answers if method != "HEAD" else {status: _headers_only(a) for status, a in answers.items()}
-                    self.operations.append(Operation(method, path, summary, operation_answers, parameters, body, bearer))
+            bodiless = {status: {key: value for key, value in a.items() if key != "content"} for status, a in answers.items()}
+            for method in methods if summary else ():  # a route without a summary is left out of the OpenAPI
+                self.operations.append(Operation(method, path, summary, bodiless if method == "HEAD" else answers, parameters, body, bearer))
             return endpoint
 
         return register
@@ -502,10 +500,6 @@ def answer(
 
 def error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
     return answer(description, "Error", headers)
-
-
-def _headers_only(response: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in response.items() if key != "content"}
 
 
 def query(name: str, description: str, required: bool = True, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -554,7 +548,6 @@ BODY_LIMITS = {
     },
 )
 async def create_user(request: Request) -> Response:
-    """Create a user: 201 with its id and the access token, shown this once."""
     services = services_of(request)
     payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "body")
     name = valid_name(payload.get("name"))
@@ -594,7 +587,6 @@ async def create_user(request: Request) -> Response:
     },
 )
 async def upload_wav(request: Request) -> Response:
-    """Upload a WAV (multipart: data, audio_file, options): 201 with the MP3's link."""
     services = services_of(request)
     body_reader = BodyReader(request, services.settings.max_upload_bytes, services.settings)
     parts = MultipartReader(request.headers.get("content-type", ""))
@@ -656,7 +648,7 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
     return tus_endpoint
 
 
-@API.route("/users/{user_id}/uploads/{upload_id}", ["OPTIONS"], "", {}, documented=False)
+@API.route("/users/{user_id}/uploads/{upload_id}", ["OPTIONS"], "", {})
 @API.route(
     "/users/{user_id}/uploads",
     ["OPTIONS"],
@@ -676,7 +668,6 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
 )
 @tus_route
 async def tus_options(request: Request) -> Response:
-    """What a tus client asks before it starts: the version, the extensions, the largest file, the checksums."""
     return Response(status_code=204, headers=tus_capabilities(services_of(request).settings))
 
 
@@ -792,7 +783,6 @@ async def patch_upload(request: Request) -> Response:
 )
 @tus_route
 async def get_upload(request: Request) -> Response:
-    """After the last PATCH: the record's link and details (the 201 body of POST /users/wav)."""
     services = services_of(request)
     user_id, _ = await owner(request)
     upload = await find_upload(request, services, user_id)
@@ -822,7 +812,7 @@ async def delete_upload(request: Request) -> Response:
     return Response(status_code=204)
 
 
-@API.route("/users/{user_id}/uploads/{upload_id}", ["POST"], "", {}, documented=False)
+@API.route("/users/{user_id}/uploads/{upload_id}", ["POST"], "", {})
 @tus_route
 async def override_upload_method(request: Request) -> Response:
     """For clients that can send only GET and POST (tus 1.0.0 §X-HTTP-Method-Override, tus-js-client's overridePatchMethod)."""
@@ -867,14 +857,12 @@ RECORD_HEADERS = {
     ),
 )
 async def get_record(request: Request) -> Response:
-    """Download a record's MP3 (GET or HEAD): single byte ranges, ETag and If-None-Match."""
     services = services_of(request)
     record_id, user_id = record_query(request)
     record = await services.store.find_record(record_id, user_id) if record_id and user_id else None
     if record is None:
         raise Refused(404, NO_SUCH_RECORD)
-    idle_timeout = services.settings.download_idle_timeout
-    return await RecordResponse(request, record, services.store, services.downloads, idle_timeout).read_ahead()
+    return await RecordResponse(request, record, services.store, services.downloads, services.settings.download_idle_timeout).read_ahead()
 
 
 @API.route(
@@ -886,7 +874,6 @@ async def get_record(request: Request) -> Response:
     bearer=True,
 )
 async def delete_record(request: Request) -> Response:
-    """Delete one of the user's records: 204, then GET is 404 and the name is free."""
     store = services_of(request).store
     token = bearer_token(request)
     record_id, user_param = record_query(request)
@@ -911,7 +898,7 @@ async def delete_record(request: Request) -> Response:
 async def list_records(request: Request) -> Response:
     """A page of the user's records, newest first; next_cursor continues it (keyset pagination)."""
     services = services_of(request)
-    user_id = await authenticate(services.store, parse_uuid(request.path_params["user_id"]), bearer_token(request))
+    user_id, _ = await owner(request)
     limit, after = page_limit(request.query_params.get("limit")), parse_cursor(request.query_params.get("cursor"))
     records = await services.store.list_records(user_id, after, limit + 1)
     page = records[:limit]
@@ -933,13 +920,9 @@ async def list_records(request: Request) -> Response:
     bearer=True,
 )
 async def rotate_token(request: Request) -> Response:
-    """201 with a new access token; uploads, listings and deletions with the old one are 403 from now on."""
-    store = services_of(request).store
-    token = bearer_token(request)
-    user_id = await authenticate(store, parse_uuid(request.path_params["user_id"]), token)
+    user_id, token = await owner(request)
     new_token = str(uuid.uuid4())
-    assert token is not None  # authenticate() refused a missing one
-    if not await store.replace_token(user_id, hash_token(token), hash_token(new_token)):
+    if not await services_of(request).store.replace_token(user_id, hash_token(token), hash_token(new_token)):
         raise Refused(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
     return JSONResponse({"user_id": user_id, "access_token": new_token}, status_code=201)
 
@@ -954,12 +937,11 @@ async def page(request: Request) -> Response:
 
 @API.route("/health", ["GET"], "Is the database reachable", {200: answer("healthy", "Health"), **UNAVAILABLE})
 async def health(request: Request) -> Response:
-    """200 when the database answers, 503 otherwise."""
     await services_of(request).store.ping()
     return JSONResponse({"status": "ok"})
 
 
-@API.route("/openapi.json", ["GET"], "", {}, documented=False)
+@API.route("/openapi.json", ["GET"], "", {})
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
@@ -973,7 +955,7 @@ async def metrics(request: Request) -> Response:
     return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
-@API.route("/docs", ["GET"], "", {}, documented=False)
+@API.route("/docs", ["GET"], "", {})
 async def docs(request: Request) -> Response:
     """Swagger UI for /openapi.json, its assets served from the swagger-ui-bundle package: no CDN, works offline."""
     return HTMLResponse(DOCS_PAGE)

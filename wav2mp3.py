@@ -510,10 +510,8 @@ def header(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": description}
 
 
-def path_parameter(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
-
-
+USER_ID: dict[str, Any] = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "the user's UUID"}
+RECORD_QUERY = (query("id", "record UUID"), query("user", "owner's user UUID"))
 UNAVAILABLE = {503: error("the database is unreachable")}
 OWNER_ONLY = {
     401: error("no Authorization: Bearer header", {"WWW-Authenticate": "Bearer"}),
@@ -621,7 +619,7 @@ UPLOAD_STATE = {
     "Upload-Length": "the file's size",
     "Upload-Expires": "RFC 9110 date after which an unfinished upload is deleted",
 }
-UPLOAD_URL = (path_parameter("user_id", "the user's UUID"), path_parameter("upload_id", "the upload's UUID"))
+UPLOAD_URL = (USER_ID, {**USER_ID, "name": "upload_id", "description": "the upload's UUID"})
 TUS_REFUSALS = {
     404: error(NO_SUCH_UPLOAD),
     412: error("no Tus-Resumable: 1.0.0", {"Tus-Version": "1.0.0"}),
@@ -664,7 +662,7 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
             },
         )
     },
-    parameters=(path_parameter("user_id", "the user's UUID"),),
+    parameters=(USER_ID,),
 )
 @tus_route
 async def tus_options(request: Request) -> Response:
@@ -686,7 +684,7 @@ async def tus_options(request: Request) -> Response:
         **UNAVAILABLE,
     },
     parameters=(
-        path_parameter("user_id", "the user's UUID"),
+        USER_ID,
         header("Tus-Resumable", "1.0.0"),
         header("Upload-Length", "the file's size in bytes"),
         header("Upload-Metadata", "filename (required), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
@@ -849,8 +847,7 @@ RECORD_HEADERS = {
         **UNAVAILABLE,
     },
     parameters=(
-        query("id", "record UUID"),
-        query("user", "owner's user UUID"),
+        *RECORD_QUERY,
         header("Range", "one bytes= range"),
         header("If-None-Match", "ETags, or *"),
         header("If-Range", "the ETag the Range is for"),
@@ -870,7 +867,7 @@ async def get_record(request: Request) -> Response:
     ["DELETE"],
     "Delete a record: its MP3 is gone from the database, its file name free again",
     {204: answer("deleted"), 404: error("no such record for this user, or ids that are not UUIDs"), 422: error("id or user missing"), **UNAVAILABLE},
-    parameters=(query("id", "record UUID"), query("user", "owner's user UUID")),
+    parameters=RECORD_QUERY,
     bearer=True,
 )
 async def delete_record(request: Request) -> Response:
@@ -889,7 +886,7 @@ async def delete_record(request: Request) -> Response:
     "The user's records, newest first, a page at a time",
     {200: answer("a page of records", "RecordPage"), 422: error("a bad limit or cursor"), **UNAVAILABLE},
     parameters=(
-        path_parameter("user_id", "the user's UUID"),
+        USER_ID,
         query("limit", f"records per page, 1..{MAX_PAGE} (default {DEFAULT_PAGE})", False, {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
         query("cursor", "next_cursor of the page before", False),
     ),
@@ -916,7 +913,7 @@ async def list_records(request: Request) -> Response:
     ["POST"],
     "Replace the user's access token; the old one stops working at once",
     {201: answer("the new token, shown only in this answer", "NewUser"), **UNAVAILABLE},
-    parameters=(path_parameter("user_id", "the user's UUID"),),
+    parameters=(USER_ID,),
     bearer=True,
 )
 async def rotate_token(request: Request) -> Response:
@@ -1041,13 +1038,13 @@ def upload_length(request: Request, settings: Settings) -> int:
     return length
 
 
-def upload_metadata(header: str | None) -> tuple[str, dict[str, int]]:
+def upload_metadata(header: str) -> tuple[str, dict[str, int]]:
     """Upload-Metadata (`key base64(value)` pairs, comma-separated): the file name, and the encoding options of
     FORM_OPTIONS under their own names. Other keys (filetype, relativePath...) are read and let be."""
-    if header is not None and len(header) > MAX_FIELD_BYTES:
+    if len(header) > MAX_FIELD_BYTES:
         raise Refused(422, f"Upload-Metadata is longer than {MAX_FIELD_BYTES} bytes")
     pairs: dict[str, str] = {}
-    for item in header.split(",") if header and header.strip() else ():
+    for item in header.split(",") if header.strip() else ():
         key, _, encoded = item.strip().partition(" ")
         if not METADATA_KEY.fullmatch(key) or key in pairs:
             raise Refused(422, "Upload-Metadata must be comma-separated `key base64(value)` pairs, each key once")
@@ -1195,11 +1192,10 @@ DISPOSITION_PARAM = re.compile(r'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(
 def disposition_params(header: bytes) -> tuple[str, dict[str, str]]:
     """The kind (form-data) and the parameters of a Content-Disposition; the first of a repeated name wins."""
     text = header.decode("latin-1")
-    kind, _, rest = text.partition(";")
+    kind = text.partition(";")[0]
     params: dict[str, str] = {}
-    position = 0
-    rest = ";" + rest
-    while match := DISPOSITION_PARAM.match(rest, position):
+    position = len(kind)
+    while match := DISPOSITION_PARAM.match(text, position):
         name, value = match.group(1).lower(), match.group(2)
         if value.startswith('"'):
             value = value[1:-1].replace("\\\\", "\\").replace('\\"', '"')  # the escapes clients use (python-multipart's reading)
@@ -1270,12 +1266,8 @@ class MultipartReader:
 EXT_VALUE = re.compile(r"([A-Za-z0-9!#$&+^`{}~-]+)'[A-Za-z0-9-]*'(.*)")
 
 
-# The HTML form encoding (WHATWG, "multipart/form-data encoding algorithm") escapes these three in names.
-WHATWG_ESCAPES = {"%22": '"', "%0D": "\r", "%0A": "\n"}
-
-
-def part_filename(part: Part) -> str | None:
-    """The file name a client meant: `filename*` when sent, else `filename` with the HTML form escapes undone; None without one."""
+def part_filename(part: Part) -> str:
+    """The file name a client meant: `filename*` when sent, else `filename` with the HTML form escapes undone; 422 without one."""
     if "filename*" in part.params:
         extended = EXT_VALUE.fullmatch(part.params["filename*"])
         if extended is None:
@@ -1289,12 +1281,13 @@ def part_filename(part: Part) -> str | None:
             raise Refused(422, f"audio_file name is not valid {charset}") from None
     raw = part.params.get("filename")
     if raw is None:
-        return None
+        raise Refused(422, "audio_file part has no filename")
     try:
         name = raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
         raise Refused(422, "audio_file name is not valid UTF-8") from None
-    return re.sub("%22|%0D|%0A", lambda escape: WHATWG_ESCAPES[escape.group()], name)
+    # The HTML form encoding (WHATWG, "multipart/form-data encoding algorithm") escapes these three in names.
+    return name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
 
 
 def clean_filename(name: str) -> str:
@@ -1468,10 +1461,7 @@ class FormUpload:
         if part.name == "audio_file":
             if self.filename is not None:
                 raise Refused(422, "more than one audio_file part")
-            filename = part_filename(part)
-            if filename is None:
-                raise Refused(422, "audio_file part has no filename")
-            self.filename = clean_filename(filename)
+            self.filename = clean_filename(part_filename(part))
             self._part = part.name
             options = Mp3Options.of(self.options, self.services.settings)
             self.session = UploadSession(options, self.services.encoders, options_may_change=not options_settled(self.options))

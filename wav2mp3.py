@@ -989,16 +989,8 @@ def parse_json(body: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def valid_text(value: str) -> bool:
-    """Encodable as UTF-8 (no lone surrogates from JSON escapes) and free of control characters."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return CONTROL_CHARS.search(value) is None
+# Control characters, and the lone surrogates JSON escapes can make (text that UTF-8 cannot encode).
+NOT_TEXT = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def valid_name(value: Any) -> str:
@@ -1007,7 +999,7 @@ def valid_name(value: Any) -> str:
     name = value.strip()
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         raise Refused(422, f"name must be 1..{MAX_NAME_CHARS} characters")
-    if not valid_text(name):
+    if NOT_TEXT.search(name):
         raise Refused(422, "name must not contain control characters")
     return name
 
@@ -1295,7 +1287,7 @@ def clean_filename(name: str) -> str:
     name = re.split(r"[/\\]", name)[-1]
     if name in ("", ".", ".."):
         raise Refused(422, "audio_file has an empty file name")
-    if not valid_text(name):
+    if NOT_TEXT.search(name):
         raise Refused(422, "audio_file name contains control characters, or is not text")
     if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
         raise Refused(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")

@@ -760,7 +760,6 @@ async def head_upload(request: Request) -> Response:
 )
 @tus_route
 async def patch_upload(request: Request) -> Response:
-    """tus core: bytes at the offset, converted as they arrive and stored; 204 once they are (the last: once the record is)."""
     services = services_of(request)
     user_id, token = await owner(request)
     upload = await find_upload(request, services, user_id)
@@ -1009,7 +1008,7 @@ UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 
 def parse_uuid(value: Any) -> str | None:
     """A UUID in its usual form (8-4-4-4-12 hex digits), lower-cased; None for anything else."""
-    return str(uuid.UUID(value)) if isinstance(value, str) and UUID_TEXT.fullmatch(value) else None
+    return value.lower() if isinstance(value, str) and UUID_TEXT.fullmatch(value) else None
 
 
 # The headers of a resumable upload (tus 1.0.0).
@@ -1374,11 +1373,6 @@ def add_option(form: dict[str, int], name: str, text: str) -> None:
         raise Refused(422, f"{rivals[0]} and {name} exclude each other (CBR or VBR): send one of them")
 
 
-def options_settled(form: Mapping[str, int]) -> bool:
-    """Whether every group of options has its value, so that no option still to come could change the encoding."""
-    return {option.group for option in FORM_OPTIONS.values()} <= {FORM_OPTIONS[name].group for name in form}
-
-
 class FormUpload:
     """What the parts of one POST /users/wav mean, acted on as they arrive.
 
@@ -1449,17 +1443,16 @@ class FormUpload:
         self._count += 1
         if self._count > MAX_PARTS:
             raise Refused(422, f"more than {MAX_PARTS} multipart parts")
-        self._part, self._field = None, bytearray()
+        self._part = part.name if part.name in ("audio_file", "data") or part.name in FORM_OPTIONS else None
+        self._field = bytearray()
         if part.name == "audio_file":
             if self.filename is not None:
                 raise Refused(422, "more than one audio_file part")
             self.filename = clean_filename(part_filename(part))
-            self._part = part.name
-            options = Mp3Options.of(self.options, self.services.settings)
-            self.session = UploadSession(options, self.services.encoders, options_may_change=not options_settled(self.options))
+            # Until every group of options has its value, one still to come could change the encoding.
+            settled = {option.group for option in FORM_OPTIONS.values()} <= {FORM_OPTIONS[name].group for name in self.options}
+            self.session = UploadSession(Mp3Options.of(self.options, self.services.settings), self.services.encoders, options_may_change=not settled)
             await self._check_name_free()
-        elif part.name == "data" or part.name in FORM_OPTIONS:
-            self._part = part.name
 
     async def _end_part(self) -> None:
         part, self._part = self._part, None

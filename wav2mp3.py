@@ -1064,10 +1064,9 @@ def upload_checksum(request: Request, remaining: int) -> tuple[Callable[[], Any]
     algorithm = CHECKSUMS.get(name.lower())
     if algorithm is None:
         raise Refused(400, f"Upload-Checksum's algorithm must be one of {', '.join(CHECKSUMS)}")
-    try:
+    digest = b""
+    with contextlib.suppress(ValueError):
         digest = base64.b64decode(encoded.strip(), validate=True)
-    except ValueError:
-        digest = b""
     if len(digest) != algorithm().digest_size:
         raise Refused(400, f"Upload-Checksum must be `{name} <base64 of the {algorithm().digest_size}-byte digest>`")
     return algorithm, digest

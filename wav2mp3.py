@@ -1497,42 +1497,9 @@ class FormUpload:
 
 
 # 6. Upload sessions ###############################################################
-# A session is what outlives a request: the file's offset and its conversion. POST /users/wav feeds
-# one session with one request; a resumable upload feeds one with as many requests as it takes.
-
-
-class UploadSession:
-    """One file on its way from bytes to an MP3: fed in order, at offsets, converted as the bytes come.
-
-    POST /users/wav is a session fed once, by one request. Knows nothing of HTTP: what goes wrong is a
-    Refused, with its status as data, whichever request fed the bytes that showed it.
-    """
-
-    def __init__(self, options: Mp3Options, encoders: Encoders, options_may_change: bool = False) -> None:
-        self.options = options
-        self._job = ConversionJob(options, encoders, keep_audio=options_may_change)
-
-    async def feed(self, data: bytes) -> None:
-        """The file's next bytes."""
-        await self._job.feed(data)
-
-    async def room(self) -> None:
-        """Wait, before reading more, until the shared audio buffer has room (ConversionJob.room)."""
-        await self._job.room()
-
-    async def finish(self, options: Mp3Options | None = None) -> Mp3File:
-        """The MP3, once every byte has been fed; encoded again when `options` differ from the ones it began with."""
-        mp3 = await self._job.finish()
-        if options is not None and options != self.options:
-            mp3.close()
-            mp3 = await self._job.encode_again(options)
-        return mp3
-
-    def close(self) -> None:
-        self._job.close()
-
-
-# Resumable uploads (tus). Their bytes are stored in the database as they come (upload_chunks, through
+# A session is what outlives a request: the file's offset and its conversion (UploadSession, in chapter 7).
+# POST /users/wav feeds one session with one request; a resumable upload (tus) feeds one with as many
+# requests as it takes. Its bytes are stored in the database as they come (upload_chunks, through
 # Store in chapter 11), so any replica can go on with an upload after a restart; the process that has an
 # upload's live session goes on with it as it is, and one that has not (a restart, another replica, a
 # session let go while paused) re-encodes the stored bytes first, at LAME speed. nginx sends an upload's
@@ -1550,16 +1517,14 @@ class ResumableUpload:
     def __init__(self, upload: StoredUpload, services: Services) -> None:
         self.upload = upload
         self.turn = asyncio.Lock()
-        self.holder = ""  # who holds the turn: "request" or "catch-up"
-        self.catching_up = False
+        self.holder = ""  # who holds the turn: "request" or "catch-up" (a request's too, while it catches up)
         self.ended = False
         self.paused_since = time.monotonic()
         self.mp3: Mp3File | None = None  # finished, not stored yet: the database was down
         self._services = services
         self._session: UploadSession | None = None
         self._stored = 0  # bytes of the file in the database; the session has been fed these and the pending ones
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._pending = bytearray()
 
     async def catch_up(self, upload: StoredUpload) -> None:
         """Stand where the database stands: go on as it is, or start anew and feed the stored bytes."""
@@ -1568,19 +1533,19 @@ class ResumableUpload:
             return
         self.close()
         self._session = UploadSession(Mp3Options.of(upload.options, self._services.settings), self._services.encoders)
-        self.catching_up = True
+        holder, self.holder = self.holder, "catch-up"
         try:
             async for piece in self._services.store.upload_pieces(upload.upload_id, upload.received):
                 await self.room()
                 await self.feed(piece, stored=True)
         finally:
-            self.catching_up = False
+            self.holder = holder
         if upload.received:
             RESUMABLE_UPLOADS.labels("resumed").inc()
         self._stored = upload.received
 
     async def room(self) -> None:
-        """Wait, before reading more, until the shared audio buffer has room (ConversionJob.room)."""
+        """Wait, before reading more, until the shared audio buffer has room (UploadSession.room)."""
         if self._session is not None:
             await self._session.room()
 
@@ -1594,16 +1559,14 @@ class ResumableUpload:
             self.close()  # a conversion that failed midway cannot go on: next time, start over from what is stored
             raise
         if not stored:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            if self._pending_bytes >= FLUSH_BYTES:
+            self._pending += data
+            if len(self._pending) >= FLUSH_BYTES:
                 await self.store_pending()
 
     async def store_pending(self) -> int:
         """Store the bytes fed since the last time: from now on they are acknowledged. The stored offset."""
         if self._pending:
-            data = b"".join(self._pending)
-            self._pending, self._pending_bytes = [], 0
+            data, self._pending = bytes(self._pending), bytearray()
             store = self._services.store
             try:
                 stored = await store.append_upload(self.upload.upload_id, self._stored, data)
@@ -1633,7 +1596,7 @@ class ResumableUpload:
         if self.mp3 is not None:
             self.mp3.close()
             self.mp3 = None
-        self._pending, self._pending_bytes = [], 0
+        self._pending = bytearray()
 
 
 class ResumableUploads:
@@ -1667,7 +1630,7 @@ class ResumableUploads:
             live = self._live[upload.upload_id] = ResumableUpload(upload, self._services)
             RESUMABLE_LIVE.inc()
         try:
-            await asyncio.wait_for(live.turn.acquire(), None if live.holder == "catch-up" or live.catching_up else wait)
+            await asyncio.wait_for(live.turn.acquire(), None if live.holder == "catch-up" else wait)
         except TimeoutError:
             raise Refused(
                 409,
@@ -1696,7 +1659,7 @@ class ResumableUploads:
         """The upload after a request of this process that is storing its last bytes (its connection just broke)
         has done so: a HEAD waits for it, a second at most, so that the offset it reports includes them."""
         live = self._live.get(upload.upload_id)
-        if live is None or not live.turn.locked() or live.catching_up:
+        if live is None or live.holder != "request":
             return upload
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LOCK_WAIT_SECONDS):
@@ -1862,7 +1825,7 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
             except (BadWav, UnsupportedWav):
                 await services.resumable.end(live.upload, "failed")
                 raise
-            except BodyCut:  # what arrived is stored; if that was the whole file, its record is stored too
+            except BodyCut:  # the bytes that arrived count (tus 1.0.0 §PATCH); if they were the whole file, its record is stored too
                 if await live.store_pending() == upload.length:
                     await services.resumable.complete(live, token)
                 raise
@@ -1881,28 +1844,21 @@ async def receive_first_piece(request: Request, services: Services, upload: Stor
     stored; only a file that turns out to be no WAV, which ends the upload, is answered with its refusal."""
     try:
         return await receive_upload(request, services, upload, 0, token)
-    except (BadWav, UnsupportedWav):
-        raise
-    except Refused:
-        stored = await services.store.find_upload(upload.upload_id, upload.user_id)
-        if stored is None:
+    except Refused as refusal:
+        if isinstance(refusal, BadWav | UnsupportedWav) or (stored := await services.store.find_upload(upload.upload_id, upload.user_id)) is None:
             raise
         return stored.received
 
 
 async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
     chunks = body.chunks()
-    try:
-        while True:
-            await live.room()  # read only when there is room: else TCP holds the bytes
-            chunk = await anext(chunks, None)
-            if chunk is None:
-                break
-            await live.feed(chunk)
-            del chunk  # not held while the next one is awaited (see BodyReader.chunks)
-    except BodyCut:  # the connection broke, the client was too slow, or sent too much
-        await live.store_pending()  # the bytes that arrived count (tus 1.0.0 §PATCH); receive_upload goes on
-        raise
+    while True:
+        await live.room()  # read only when there is room: else TCP holds the bytes
+        chunk = await anext(chunks, None)
+        if chunk is None:
+            break
+        await live.feed(chunk)
+        del chunk  # not held while the next one is awaited (see BodyReader.chunks)
 
 
 async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], disk: DiskBudget) -> None:
@@ -1928,13 +1884,13 @@ async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tup
 
 # 7. Conversion ####################################################################
 # The shared pool of LAME threads; the budgets all uploads draw from (memory for buffered audio, disk
-# for temporary files); and ConversionJob, one WAV's conversion on them, which knows nothing of requests.
+# for temporary files); and UploadSession, one WAV's conversion on them, which knows nothing of requests.
 
 
 class Encoders:
     """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network.
 
-    Each upload has at most one block in the pool's queue (ConversionJob), so the threads serve the
+    Each upload has at most one block in the pool's queue (UploadSession), so the threads serve the
     uploads in turn, fairly, whatever their clients' speed.
     """
 
@@ -1960,7 +1916,7 @@ class Encoders:
 class ByteBudget:
     """Bytes that one kind of work may hold in memory at once, all requests together; whoever would go
     over it waits, in turn (while its client's TCP window fills). Uploads hold WAV audio in it: one that
-    must wait first sends its own partial block to the encoders (ConversionJob), so the budget always
+    must wait first sends its own partial block to the encoders (UploadSession), so the budget always
     comes back. Downloads hold the chunks they read ahead of their clients (RecordResponse)."""
 
     def __init__(self, limit: int, gauge: Gauge) -> None:
@@ -2076,17 +2032,18 @@ class TempFile:
         self.size = 0
 
 
-class ConversionJob:
-    """One WAV's conversion, fed the WAV as it arrives; the MP3 comes out of finish().
+class UploadSession:
+    """One file on its way from bytes to an MP3: fed the WAV in order, as it arrives; the MP3 comes out of finish().
 
-    Knows nothing of HTTP. The event loop parses and buffers; a whole block goes to the
+    Knows nothing of HTTP: what goes wrong is a Refused, with its status as data, whichever request fed
+    the bytes that showed it. The event loop parses and buffers; a whole block goes to the
     encoder pool, and the next one is gathered while it encodes (one block in flight).
-    With `keep_audio` (an option may still come after the audio) the encoder thread also
-    writes each block to a temporary file, so that encode_again() can start over with
-    other options; a file over KEEP_WAV_BYTES, or one the disk budget cannot hold, is not kept.
+    With `options_may_change` (an option may still come after the audio) the encoder thread also
+    writes each block to a temporary file, so that finish() can start over with other options;
+    a file over KEEP_WAV_BYTES, or one the disk budget cannot hold, is not kept.
     """
 
-    def __init__(self, options: Mp3Options, encoders: Encoders, keep_audio: bool) -> None:
+    def __init__(self, options: Mp3Options, encoders: Encoders, options_may_change: bool = False) -> None:
         self.options = options
         self._encoders = encoders
         self._budget = encoders.budget
@@ -2095,7 +2052,7 @@ class ConversionJob:
         self._frames: WavFrames | None = None
         self._encoder: Mp3Encoder | None = None
         self._in_flight: asyncio.Future[None] | None = None
-        self._copy: TempFile | None = TempFile(encoders.disk) if keep_audio else None
+        self._copy: TempFile | None = TempFile(encoders.disk) if options_may_change else None
         self._copy_lost: Refused | None = None  # why the copy was let go
         self._closed = False
 
@@ -2134,26 +2091,26 @@ class ConversionJob:
             await self._encode(self._frames.read(self._frames.available))
         await self._budget.room()
 
-    async def finish(self) -> Mp3File:
-        self._wav.close()
+    async def finish(self, options: Mp3Options | None = None) -> Mp3File:
+        """The MP3, once every byte has been fed; when `options` differ from the ones it began with, the kept
+        audio encoded again with them, block by block as before."""
+        wav_format = self._wav.close()
         assert self._frames is not None and self._encoder is not None
         if self._frames.available:
             await self._encode(self._frames.read(self._frames.available))
         await self._settle()
         mp3 = await self._encoders.run(self._encoder.finish, self._wav.info)
         self._encoder = None  # the MP3 owns the spool now
-        return mp3
-
-    async def encode_again(self, options: Mp3Options) -> Mp3File:
-        """The kept audio encoded with other options, block by block as before; after finish()."""
+        if options is None or options == self.options:
+            return mp3
+        mp3.close()
         if self._copy is None or self._copy_lost is not None:
             raise self._copy_lost or Refused(422, "send the encoding options before audio_file")
         copy, self._copy = self._copy, None
-        assert self._wav.format is not None
-        encoder = Mp3Encoder(self._wav.format, options, self._encoders.disk)
+        encoder = Mp3Encoder(wav_format, options, self._encoders.disk)
         try:
             copy.seek(0)
-            block_bytes = self._block_frames * self._wav.format.frame_size
+            block_bytes = self._block_frames * wav_format.frame_size
             while await self._encoders.run(self._encode_kept, copy, encoder, block_bytes):
                 pass
             return await self._encoders.run(encoder.finish, self._wav.info)
@@ -2187,9 +2144,8 @@ class ConversionJob:
                     raise Refused(422, f"send the encoding options before audio_file for files over {KEEP_WAV_BYTES // MIB} MiB")
                 copy.write(block)
             except Refused as reason:  # a late option cannot be honoured now; the conversion goes on
-                self._copy_lost = reason
-                if isinstance(reason, DiskFull):
-                    self._copy_lost = DiskFull("the service's temporary disk is full: send the options before audio_file, or try again shortly")
+                full = DiskFull("the service's temporary disk is full: send the options before audio_file, or try again shortly")
+                self._copy_lost = full if isinstance(reason, DiskFull) else reason
                 copy.close()  # its disk is free at once
         encoder.encode(block)
 

@@ -1756,13 +1756,11 @@ class ResumableUploads:
 
     def purge_soon(self) -> None:
         """Delete the stored bytes of uploads that are gone or complete, in the background, a few at a time."""
-        if any(task.get_name() == "purge" for task in self._tasks):
-            self._purge_again = True  # the running purge goes round once more
-        else:
+        self._purge_again = True  # a running purge goes round once more
+        if not any(task.get_name() == "purge" for task in self._tasks):
             self._in_background(self._purge(), name="purge")
 
     async def _purge(self) -> None:
-        self._purge_again = True
         while self._purge_again:
             self._purge_again = False
             await self._services.store.purge_upload_chunks()
@@ -1851,14 +1849,11 @@ async def receive_first_piece(request: Request, services: Services, upload: Stor
 
 
 async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
-    chunks = body.chunks()
-    while True:
-        await live.room()  # read only when there is room: else TCP holds the bytes
-        chunk = await anext(chunks, None)
-        if chunk is None:
-            break
+    await live.room()  # read only when there is room: else TCP holds the bytes
+    async for chunk in body.chunks():
         await live.feed(chunk)
         del chunk  # not held while the next one is awaited (see BodyReader.chunks)
+        await live.room()
 
 
 async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], disk: DiskBudget) -> None:
@@ -1945,11 +1940,6 @@ class ByteBudget:
             elif (size, waiter) in self._waiters:  # (give() may have popped it, finding it cancelled)
                 self._waiters.remove((size, waiter))
             raise
-
-    async def room(self) -> None:
-        """Wait, in turn, until the budget is not spent: a reader asks before it reads, so that it holds nothing while it waits."""
-        await self.take(1)
-        self.give(1)
 
     def give(self, size: int) -> None:
         self.used -= size
@@ -2064,13 +2054,10 @@ class UploadSession:
             self._frames = WavFrames(self._wav.format)
             self._encoder = Mp3Encoder(self._wav.format, self.options, self._encoders.disk)
         if audio and self._frames is not None:
-            if not self._budget.try_take(len(audio)):
-                if self._frames.available:  # make way: what this upload holds goes to the encoders first
-                    await self._encode(self._frames.read(self._frames.available))
-                await self._budget.take(len(audio))
-                if self._closed:  # closed while it waited (the upload was ended): its share goes back at once
-                    self._budget.give(len(audio))
-                    return
+            await self._take(len(audio))
+            if self._closed:  # closed while it waited (the upload was ended): its share goes back at once
+                self._budget.give(len(audio))
+                return
             self._buffered += len(audio)
             self._frames.append(audio)
             while self._frames.available >= self._block_frames:
@@ -2082,14 +2069,17 @@ class UploadSession:
         return max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
 
     async def room(self) -> None:
-        """Wait for room in the audio budget before the next read; hand over this upload's partial block first,
+        """Wait, in turn, for room in the audio budget: a reader asks before it reads, so that it holds nothing while it waits."""
+        await self._take(1)
+        self._budget.give(1)
+
+    async def _take(self, size: int) -> None:
+        """Audio from the budget. One that must wait makes way first: this upload's partial block goes to the encoders,
         so that the budget always comes back (no upload waits while it holds some)."""
-        if self._budget.try_take(1):
-            self._budget.give(1)
-            return
-        if self._frames is not None and self._frames.available:
-            await self._encode(self._frames.read(self._frames.available))
-        await self._budget.room()
+        if not self._budget.try_take(size):
+            if self._frames is not None and self._frames.available:
+                await self._encode(self._frames.read(self._frames.available))
+            await self._budget.take(size)
 
     async def finish(self, options: Mp3Options | None = None) -> Mp3File:
         """The MP3, once every byte has been fed; when `options` differ from the ones it began with, the kept
@@ -2123,8 +2113,7 @@ class UploadSession:
     @staticmethod
     def _encode_kept(copy: TempFile, encoder: Mp3Encoder, size: int) -> bool:
         """In an encoder thread: the next kept block into the encoder; False at the end."""
-        block = copy.read(size)
-        if block:
+        if block := copy.read(size):
             encoder.encode(block)
         return bool(block)
 
@@ -2162,19 +2151,17 @@ class UploadSession:
         self._budget.give(self._buffered)  # a block in flight gives its share back when it is done
         self._buffered = 0
         held = [item for item in (self._encoder, self._copy) if item is not None]
-        in_flight = self._in_flight
-        if in_flight is None:
-            for item in held:
-                item.close()
-            return
 
-        def close_after(future: asyncio.Future[None]) -> None:
-            if not future.cancelled():
-                future.exception()  # retrieved: the request has its answer already
+        def close_held(in_flight: asyncio.Future[None] | None = None) -> None:
+            if in_flight is not None and not in_flight.cancelled():
+                in_flight.exception()  # retrieved: the request has its answer already
             for item in held:
                 item.close()
 
-        in_flight.add_done_callback(close_after)
+        if self._in_flight is None:
+            close_held()
+        else:
+            self._in_flight.add_done_callback(close_held)
 
 
 # 8. WAV reading ###################################################################

@@ -1526,23 +1526,22 @@ class ResumableUpload:
         self._stored = 0  # bytes of the file in the database; the session has been fed these and the pending ones
         self._pending = bytearray()
 
-    async def catch_up(self, upload: StoredUpload) -> None:
-        """Stand where the database stands: go on as it is, or start anew and feed the stored bytes."""
-        self.upload = upload
-        if self._session is not None and self._stored == upload.received and not self._pending:
+    async def catch_up(self) -> None:
+        """Stand where the database stands (`upload`): go on as it is, or start anew and feed the stored bytes."""
+        if self._session is not None and self._stored == self.upload.received and not self._pending:
             return
         self.close()
-        self._session = UploadSession(Mp3Options.of(upload.options, self._services.settings), self._services.encoders)
+        self._session = UploadSession(Mp3Options.of(self.upload.options, self._services.settings), self._services.encoders)
         holder, self.holder = self.holder, "catch-up"
         try:
-            async for piece in self._services.store.upload_pieces(upload.upload_id, upload.received):
+            async for piece in self._services.store.upload_pieces(self.upload.upload_id, self.upload.received):
                 await self.room()
                 await self.feed(piece, stored=True)
         finally:
             self.holder = holder
-        if upload.received:
+        if self.upload.received:
             RESUMABLE_UPLOADS.labels("resumed").inc()
-        self._stored = upload.received
+        self._stored = self.upload.received
 
     async def room(self) -> None:
         """Wait, before reading more, until the shared audio buffer has room (UploadSession.room)."""
@@ -1567,15 +1566,14 @@ class ResumableUpload:
         """Store the bytes fed since the last time: from now on they are acknowledged. The stored offset."""
         if self._pending:
             data, self._pending = bytes(self._pending), bytearray()
-            store = self._services.store
             try:
-                stored = await store.append_upload(self.upload.upload_id, self._stored, data)
+                stored = await self._services.store.append_upload(self.upload.upload_id, self._stored, data)
             except Unavailable:
                 self.close()  # fed but not stored: next time, start over from what is
                 raise
             if not stored:
                 self.close()
-                now_there = await store.find_upload(self.upload.upload_id, self.upload.user_id)
+                now_there = await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id)
                 if now_there is None:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 raise Refused(409, "this upload went on elsewhere meanwhile: send from its offset", {"Upload-Offset": str(now_there.received)})
@@ -1643,9 +1641,9 @@ class ResumableUploads:
             if fresh is None or live.ended:
                 live.ended = True
                 raise Refused(404, NO_SUCH_UPLOAD)
-            if fresh.record_id is None:
-                await live.catch_up(fresh)
             live.upload = fresh
+            if fresh.record_id is None:
+                await live.catch_up()
             yield live
         finally:
             live.holder = ""

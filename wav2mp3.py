@@ -1544,7 +1544,6 @@ class ResumableUpload:
         self._stored = self.upload.received
 
     async def room(self) -> None:
-        """Wait, before reading more, until the shared audio buffer has room (UploadSession.room)."""
         if self._session is not None:
             await self._session.room()
 
@@ -1756,7 +1755,7 @@ class ResumableUploads:
         """Delete the stored bytes of uploads that are gone or complete, in the background, a few at a time."""
         self._purge_again = True  # a running purge goes round once more
         if not any(task.get_name() == "purge" for task in self._tasks):
-            self._in_background(self._purge(), name="purge")
+            self._in_background(self._purge()).set_name("purge")
 
     async def _purge(self) -> None:
         while self._purge_again:
@@ -1773,10 +1772,8 @@ class ResumableUploads:
         self.purge_soon()
         self.let_go()
 
-    def _in_background(self, work: Awaitable[T], name: str | None = None) -> asyncio.Task[T]:
+    def _in_background(self, work: Awaitable[T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(work)
-        if name:
-            task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(self._log_failure)
@@ -2038,6 +2035,7 @@ class UploadSession:
         self._buffered = 0  # bytes of audio taken from the budget and not yet handed to the encoders
         self._wav = WavParser()
         self._frames: WavFrames | None = None
+        self._block_frames = 1  # frames handed to LAME at once, once the format is known
         self._encoder: Mp3Encoder | None = None
         self._in_flight: asyncio.Future[None] | None = None
         self._copy: TempFile | None = TempFile(encoders.disk) if options_may_change else None
@@ -2050,6 +2048,7 @@ class UploadSession:
         audio = self._wav.feed(data)
         if self._frames is None and self._wav.format is not None:
             self._frames = WavFrames(self._wav.format)
+            self._block_frames = max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
             self._encoder = Mp3Encoder(self._wav.format, self.options, self._encoders.disk)
         if audio and self._frames is not None:
             await self._take(len(audio))
@@ -2060,11 +2059,6 @@ class UploadSession:
             self._frames.append(audio)
             while self._frames.available >= self._block_frames:
                 await self._encode(self._frames.read(self._block_frames))
-
-    @property
-    def _block_frames(self) -> int:
-        assert self._frames is not None
-        return max(1, ENCODE_BLOCK_BYTES // self._frames.frame_size)
 
     async def room(self) -> None:
         """Wait, in turn, for room in the audio budget: a reader asks before it reads, so that it holds nothing while it waits."""

@@ -2209,10 +2209,6 @@ FMT_BYTES, DS64_BYTES, MAX_INFO_TEXT = 40, 28, 1024
 MAX_CHUNKS = 1024  # chunk headers per WAV (INFO entries included): real files have a few dozen
 
 
-def format_name(tag: int) -> str:
-    return f"{FORMAT_NAMES.get(tag, 'unknown encoding')} (format tag 0x{tag:04X})"
-
-
 @dataclasses.dataclass(frozen=True)
 class WavFormat:
     encoding: int  # one of ENCODINGS
@@ -2242,7 +2238,7 @@ def parse_fmt_chunk(payload: bytes, endian: str = "<") -> WavFormat:
             raise UnsupportedWav(f"unsupported WAV encoding: EXTENSIBLE sub-format {guid.hex()}")
         tag = struct.unpack("<H", guid[:2])[0]
     if tag not in ENCODINGS:
-        raise UnsupportedWav(f"unsupported WAV encoding: {format_name(tag)}")
+        raise UnsupportedWav(f"unsupported WAV encoding: {FORMAT_NAMES.get(tag, 'unknown encoding')} (format tag 0x{tag:04X})")
     encoding_name, widths = ENCODINGS[tag]
     width = (bits + 7) // 8
     if width not in widths:
@@ -2452,23 +2448,18 @@ SPEAKER_GAINS = {
 
 
 @functools.lru_cache(maxsize=64)
-def downmix_matrix(channels: int, mask: int) -> np.ndarray:
-    """(channels x 2) gains folding any layout to stereo; channels beyond the mask go to both sides."""
-    bits = [bit for bit in range(32) if mask >> bit & 1] if mask else list(range(channels))
-    bits = (bits + [-1] * channels)[:channels]
-    gains = [SPEAKER_GAINS.get(bit, (0.5, 0.5)) for bit in bits]
-    return np.array(gains, dtype=np.float32)
-
-
-@functools.lru_cache(maxsize=64)
 def mix_matrix(channels: int, mask: int, out: int) -> np.ndarray | None:
     """(channels x out) gains, or None where the channels pass as they are (or mono is copied to both sides).
 
-    More than two channels fold to stereo by downmix_matrix; a mono MP3 is the mean of that stereo.
+    More than two channels fold to stereo by SPEAKER_GAINS (channels beyond the mask go to both sides); a mono MP3
+    is the mean of that stereo.
     """
     if channels == 1 or channels == out:
         return None
-    stereo = downmix_matrix(channels, mask) if channels > 2 else np.eye(2, dtype=np.float32)
+    stereo = np.eye(2, dtype=np.float32)
+    if channels > 2:
+        bits = [bit for bit in range(32) if mask >> bit & 1] if mask else list(range(channels))
+        stereo = np.array([SPEAKER_GAINS.get(bit, (0.5, 0.5)) for bit in (bits + [-1] * channels)[:channels]], dtype=np.float32)
     return stereo if out == 2 else stereo @ np.array([[0.5], [0.5]], dtype=np.float32)
 
 
@@ -2891,14 +2882,10 @@ class Store:
                 return await operation
         except UNIQUE_VIOLATIONS:
             raise
-        except sqlite3.OperationalError as failure:
-            DB_ERRORS.inc()
-            if "locked" in str(failure) or "busy" in str(failure):  # another process holds the one writer
-                raise DatabaseBusy() from None
-            log.error("database call failed: %r", failure)
-            raise DatabaseUnavailable() from None
         except OUTAGES as failure:
             DB_ERRORS.inc()
+            if isinstance(failure, sqlite3.OperationalError) and ("locked" in str(failure) or "busy" in str(failure)):
+                raise DatabaseBusy() from None  # another process holds the one writer
             log.error("database call failed: %r", failure)
             raise DatabaseUnavailable() from None
 
@@ -2939,18 +2926,14 @@ class Store:
                 if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
                     return None
                 # A resumable upload's record claims its completion first: one of two at once wins, none after an end.
-                if (
-                    upload_id is not None
-                    and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, {"id": upload_id, "record_id": record.record_id})) is None
-                ):
+                complete = {"id": upload_id, "record_id": record.record_id}
+                if upload_id is not None and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, complete)) is None:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 await self._call(self.database.execute(SQL_INSERT_RECORD, values))
-                seq = 0
+                seq = itertools.count()
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
-                    rows = []
-                    for offset in range(0, len(batch), CHUNK_BYTES):
-                        rows.append({"record_id": record.record_id, "seq": seq, "data": Blob(batch[offset : offset + CHUNK_BYTES])})
-                        seq += 1
+                    chunks = (batch[offset : offset + CHUNK_BYTES] for offset in range(0, len(batch), CHUNK_BYTES))
+                    rows = [{"record_id": record.record_id, "seq": next(seq), "data": Blob(chunk)} for chunk in chunks]
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
         except UNIQUE_VIOLATIONS:
             raise NameTaken(record.filename, "record") from None
@@ -3019,17 +3002,8 @@ class Store:
         row = await self._call(self.database.fetch_one(SQL_FIND_UPLOAD, {"id": upload_id, "user_id": user_id, "now": now()}))
         if row is None:
             return None
-        return StoredUpload(
-            row["id"],
-            row["user_id"],
-            row["filename"],
-            json.loads(row["options"]),
-            int(row["length"]),
-            int(row["received"]),
-            row["record_id"],
-            row["expires_at"],
-            row["metadata"],
-        )
+        upload_id, user_id, filename, options, *rest = (row[column] for column in UPLOAD_COLUMNS.split(", "))
+        return StoredUpload(upload_id, user_id, filename, json.loads(options), *rest)
 
     async def append_upload(self, upload_id: str, start: int, data: bytes) -> bool:
         """Store bytes of an upload that stood at `start`; False if it stands elsewhere by now (or is gone)."""
@@ -3104,9 +3078,7 @@ class RecordVanished(Exception):
 
 
 def stored_record(row: Any) -> StoredRecord:
-    return StoredRecord(
-        row["id"], row["user_id"], row["filename"], int(row["size_bytes"]), float(row["duration_seconds"]), row["sha256"], row["created_at"]
-    )
+    return StoredRecord(row["id"], *(row[field] for field in RECORD_FIELDS))
 
 
 class UserBatcher:

@@ -2276,7 +2276,6 @@ class WavParser:
         self._skip = 0  # bytes of a chunk being skipped
         self._seen = 0
         self._chunks = 0
-        self._ds64_data_bytes: int | None = None
         self._endian = "<"
         self._reader = self._header()
         self._want = next(self._reader)  # the size of the piece the reader waits for
@@ -2311,11 +2310,17 @@ class WavParser:
             raise UnsupportedWav("audio_file is not a RIFF/WAVE file")
         self._endian = ">" if riff[:4] == b"RIFX" else "<"
         self._stage = "chunks"
+        ds64_data_bytes = None
         while True:
             chunk_id, size = yield from self._chunk_header()
             before_data = self._stage == "chunks"
             if chunk_id == b"data" and before_data:
-                self._begin_data(size)
+                if self.format is None:
+                    raise BadWav("WAV header is corrupt or truncated: missing fmt chunk")
+                if size == 0xFFFFFFFF and ds64_data_bytes is not None:
+                    size = ds64_data_bytes
+                self.data_bytes = None if size in STREAMED_SIZES else size
+                self._stage = "data"
                 continue  # the next header is read once the data chunk has passed
             read = 0
             if chunk_id == b"fmt " and before_data:
@@ -2327,7 +2332,7 @@ class WavParser:
             elif chunk_id == b"ds64" and before_data:
                 payload = yield from self._take(min(size, DS64_BYTES))
                 if len(payload) >= 16:  # EBU Tech 3306 §2: RIFF size, then data size, as 64-bit numbers.
-                    self._ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
+                    ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
                 read = len(payload)
             elif chunk_id == b"LIST" and size >= 4:
                 if (yield 4) == b"INFO":
@@ -2362,14 +2367,6 @@ class WavParser:
             self._skip += size - len(kept) + pad
             remaining -= size + pad
         self._skip += remaining
-
-    def _begin_data(self, size: int) -> None:
-        if self.format is None:
-            raise BadWav("WAV header is corrupt or truncated: missing fmt chunk")
-        if size == 0xFFFFFFFF and self._ds64_data_bytes is not None:
-            size = self._ds64_data_bytes
-        self.data_bytes = None if size in STREAMED_SIZES else size
-        self._stage = "data"
 
     def close(self) -> WavFormat:
         """The end of the upload: the format, or 415/422 for a file that is no WAV, or a header or data chunk cut short."""
@@ -2600,7 +2597,6 @@ class Mp3File:
     _read: int = 0  # of the head
 
     def read(self, size: int) -> bytes:
-        """The whole file in pieces: the head, then the frames."""
         piece = self.head[self._read : self._read + size]
         self._read += len(piece)
         return piece + self.frames.read(size - len(piece)) if len(piece) < size else piece
@@ -2889,6 +2885,11 @@ class Store:
             log.error("database call failed: %r", failure)
             raise DatabaseUnavailable() from None
 
+    async def _write(self, sql: str, values: dict[str, Any]) -> list[Any]:
+        """One statement in SQLite's write turn; the rows it returns."""
+        async with self.writing():
+            return await self._call(self.database.fetch_all(sql, values))
+
     async def ping(self) -> None:
         await self._call(self.database.fetch_val(SQL_PING))
 
@@ -2896,8 +2897,7 @@ class Store:
         """Insert users whose names are free, in one statement; the ids that were inserted."""
         sql = SQL_INSERT_USERS.format(rows=", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(rows))))
         values = {f"{key}{n}": value for n, row in enumerate(rows) for key, value in row.items()}
-        async with self.writing():
-            return {row["id"] for row in await self._call(self.database.fetch_all(sql, values))}
+        return {row["id"] for row in await self._write(sql, values)}
 
     async def token_hash(self, user_id: str) -> str | None:
         return await self._call(self.database.fetch_val(SQL_USER_TOKEN, {"id": user_id}))
@@ -2966,18 +2966,13 @@ class Store:
         return [stored_record(row) for row in await self._call(self.database.fetch_all(SQL_LIST_RECORDS, values))]
 
     async def delete_record(self, record_id: str, user_id: str) -> bool:
-        async with self.writing():
-            return await self._call(self.database.fetch_val(SQL_DELETE_RECORD, {"id": record_id, "user_id": user_id})) is not None
+        return bool(await self._write(SQL_DELETE_RECORD, {"id": record_id, "user_id": user_id}))
 
     async def replace_token(self, user_id: str, old_sha256: str, new_sha256: str) -> bool:
-        async with self.writing():
-            replaced = await self._call(self.database.fetch_val(SQL_REPLACE_TOKEN, {"id": user_id, "old": old_sha256, "new": new_sha256}))
-        return replaced is not None
+        return bool(await self._write(SQL_REPLACE_TOKEN, {"id": user_id, "old": old_sha256, "new": new_sha256}))
 
     async def delete_expired(self, before: str, limit: int) -> int:
-        """Delete up to `limit` records created before `before`; how many went."""
-        async with self.writing():
-            return len(await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED, {"before": before, "limit": limit})))
+        return len(await self._write(SQL_DELETE_EXPIRED, {"before": before, "limit": limit}))
 
     async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str) -> bool:
         """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name,
@@ -3034,14 +3029,11 @@ class Store:
                 yield pieces.pop(0)
 
     async def delete_upload(self, upload_id: str, user_id: str) -> bool:
-        async with self.writing():
-            return await self._call(self.database.fetch_val(SQL_DELETE_UPLOAD, {"id": upload_id, "user_id": user_id})) is not None
+        return bool(await self._write(SQL_DELETE_UPLOAD, {"id": upload_id, "user_id": user_id}))
 
     async def delete_expired_uploads(self, before: str, limit: int) -> list[tuple[str, str | None]]:
         """Up to `limit` uploads that expired before `before`: deleted; their ids and records."""
-        async with self.writing():
-            rows = await self._call(self.database.fetch_all(SQL_DELETE_EXPIRED_UPLOADS, {"now": before, "limit": limit}))
-        return [(row["id"], row["record_id"]) for row in rows]
+        return [(row["id"], row["record_id"]) for row in await self._write(SQL_DELETE_EXPIRED_UPLOADS, {"now": before, "limit": limit})]
 
     async def purge_upload_chunks(self) -> int:
         """Delete the stored bytes of uploads that are gone or complete, SWEEP_BATCH pieces per transaction; how many."""
@@ -3049,9 +3041,7 @@ class Store:
         while spent := await self._call(self.database.fetch_all(SQL_SPENT_UPLOADS, {"limit": SWEEP_BATCH})):
             for row in spent:
                 while True:
-                    async with self.writing():
-                        values = {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}
-                        deleted = len(await self._call(self.database.fetch_all(SQL_PURGE_UPLOAD_CHUNKS, values)))
+                    deleted = len(await self._write(SQL_PURGE_UPLOAD_CHUNKS, {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}))
                     purged += deleted
                     if deleted < SWEEP_BATCH:
                         break

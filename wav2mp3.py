@@ -2490,12 +2490,11 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> b
         # times faster than one fancy-indexed copy); little-endian keeps them last, RIFX first.
         triples = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3)
         pairs = scratch("u8", (len(triples), 2), np.uint8)
-        pairs[:, 0], pairs[:, 1] = (triples[:, 1], triples[:, 2]) if order == "<" else (triples[:, 1], triples[:, 0])
+        pairs[:, 0], pairs[:, 1] = triples[:, 1], triples[:, 2 if order == "<" else 0]
         samples = pairs.view("<i2").ravel()
     elif encoding == WAVE_FORMAT_PCM and width in (4, 8):
         # The high 16 bits: the last of the 2 or 4 words of a little-endian sample, the first of a RIFX one.
-        words = width // 2
-        samples = np.frombuffer(frames, dtype=order + "i2")[words - 1 :: words] if order == "<" else np.frombuffer(frames, dtype=">i2")[::words]
+        samples = np.frombuffer(frames, dtype=order + "i2")[width // 2 - 1 if order == "<" else 0 :: width // 2]
     else:  # IEEE float, 32 or 64 bit: NaN to silence, clip to [-1, 1], scale, all in place
         floats = np.frombuffer(frames, dtype=order + ("f4" if width == 4 else "f8"))
         samples = scratch("f32", floats.shape, np.float32)
@@ -2564,7 +2563,12 @@ class Mp3Encoder:
         if frames_in == 0:
             raise BadWav("WAV has no audio frames")
         self._write(self._lame.flush())
-        head = id3_tag(info) + self._lame_tag()
+        try:
+            lame_tag = lame_tag_frame(self.settings, self._frames, self._calls)
+        except ValueError as mismatch:  # a LAME this port does not know: the MP3 is still good, only untagged
+            log.warning("no LAME tag written: %s", mismatch)
+            lame_tag = b""
+        head = id3_tag(info) + lame_tag
         size = len(head) + self._spool.tell()
         self._spool.seek(0)
         digest = hashlib.sha256(head)
@@ -2572,13 +2576,6 @@ class Mp3Encoder:
             digest.update(piece)
         self._spool.seek(0)
         return Mp3File(head, self._spool, size, digest.hexdigest(), frames_in / self.fmt.rate)
-
-    def _lame_tag(self) -> bytes:
-        try:
-            return lame_tag_frame(self.settings, self._frames, self._calls)
-        except ValueError as mismatch:  # a LAME this port does not know: the MP3 is still good, only untagged
-            log.warning("no LAME tag written: %s", mismatch)
-            return b""
 
     def close(self) -> None:
         self._spool.close()
@@ -2977,16 +2974,8 @@ class Store:
     async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str) -> bool:
         """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name,
         False if the token was replaced meanwhile."""
-        values = {
-            "id": upload.upload_id,
-            "user_id": upload.user_id,
-            "filename": upload.filename,
-            "options": json.dumps(upload.options),
-            "length": upload.length,
-            "created_at": created_at,
-            "expires_at": upload.expires_at,
-            "metadata": upload.metadata,
-        }
+        values = {"id": upload.upload_id, "options": json.dumps(upload.options), "created_at": created_at}
+        values |= {column: getattr(upload, column) for column in ("user_id", "filename", "length", "expires_at", "metadata")}
         async with self.writing(), self.database.transaction():
             if not await self._reserve_name(upload.user_id, token_sha256, upload.filename):
                 return False

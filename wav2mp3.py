@@ -3029,12 +3029,11 @@ class Store:
         purged = 0
         while spent := await self._call(self.database.fetch_all(SQL_SPENT_UPLOADS, {"limit": SWEEP_BATCH})):
             for row in spent:
-                while True:
-                    deleted = len(await self._write(SQL_PURGE_UPLOAD_CHUNKS, {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}))
+                values = {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}
+                while (deleted := len(await self._write(SQL_PURGE_UPLOAD_CHUNKS, values))) == SWEEP_BATCH:
                     purged += deleted
-                    if deleted < SWEEP_BATCH:
-                        break
                     await asyncio.sleep(0.01)  # requests have the database between batches
+                purged += deleted
         return purged
 
     async def release_free_pages(self) -> int:

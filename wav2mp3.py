@@ -2448,8 +2448,7 @@ SPEAKER_GAINS = {
 def mix_matrix(channels: int, mask: int, out: int) -> np.ndarray | None:
     """(channels x out) gains, or None where the channels pass as they are (or mono is copied to both sides).
 
-    More than two channels fold to stereo by SPEAKER_GAINS (channels beyond the mask go to both sides); a mono MP3
-    is the mean of that stereo.
+    More than two channels fold to stereo by SPEAKER_GAINS (channels beyond the mask to both sides); a mono MP3 is their mean.
     """
     if channels == 1 or channels == out:
         return None

@@ -81,12 +81,10 @@ import aiosqlite
 import anycrc
 import anyio
 import asyncpg
-import databases
 import databases.backends.sqlite
 import lameenc
 import mutagen.id3
 import numpy as np
-import prometheus_client
 import prometheus_client.multiprocess
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -131,8 +129,13 @@ FLUSH_BYTES = 256 * 1024  # a resumable upload's bytes are stored in pieces of t
 LOCK_WAIT_SECONDS = 1.0  # a request waits this long for another's turn on a resumable upload before 409
 MAX_PAUSED_UPLOADS = 32  # paused resumable uploads that keep their live session (LAME's state, ~0.3 MB each)
 PAUSED_UPLOAD_SECONDS = 120.0  # a paused resumable upload lets its session go after this; going on re-encodes its stored bytes
-TUS_EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}  # Upload-Checksum
+TUS_CAPABILITIES = {  # what OPTIONS tells a tus client, as the OpenAPI shows it; the answer has the number in Tus-Max-Size
+    "Tus-Version": "1.0.0",
+    "Tus-Extension": "creation,creation-with-upload,termination,expiration,checksum",
+    "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
+    "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
+}
 CHUNK_BYTES = 256 * 1024  # one record_chunks row (GridFS uses 255 KiB; a power of two reads well)
 CHUNKS_PER_QUERY = 4  # rows fetched or inserted per round trip: 1 MiB in memory at most
 USER_BATCH = 64  # users created by one INSERT (group commit)
@@ -362,15 +365,12 @@ class DiskFull(Unavailable):
 class NameTaken(Refused):
     """A user's file names are unique: a record of this name exists, or an unfinished resumable upload holds it."""
 
-    def __init__(self, filename: str, holder: str = "record") -> None:
+    def __init__(self, filename: str, holder: str) -> None:
         if holder == "record":
-            super().__init__(
-                409, f"this user already has a record from a file named {filename!r}: delete it first, or send the file under another name"
-            )
+            what_to_do = f"this user already has a record from a file named {filename!r}: delete it first"
         else:
-            super().__init__(
-                409, f"an unfinished upload of this user holds the name {filename!r}: finish or delete it, or send the file under another name"
-            )
+            what_to_do = f"an unfinished upload of this user holds the name {filename!r}: finish or delete it"
+        super().__init__(409, f"{what_to_do}, or send the file under another name")
 
 
 class RangeNotSatisfiable(Refused):
@@ -651,22 +651,12 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
     "/users/{user_id}/uploads",
     ["OPTIONS"],
     "The tus version, extensions and limits of the resumable uploads (no credentials needed)",
-    {
-        204: answer(
-            "what the server offers",
-            headers={
-                "Tus-Version": "1.0.0",
-                "Tus-Extension": TUS_EXTENSIONS,
-                "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
-                "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
-            },
-        )
-    },
+    {204: answer("what the server offers", headers=TUS_CAPABILITIES)},
     parameters=(USER_ID,),
 )
 @tus_route
 async def tus_options(request: Request) -> Response:
-    return Response(status_code=204, headers=tus_capabilities(services_of(request).settings))
+    return Response(status_code=204, headers={**TUS_CAPABILITIES, "Tus-Max-Size": str(services_of(request).settings.max_upload_bytes)})
 
 
 @API.route(
@@ -3121,15 +3111,6 @@ def http_date(moment: str) -> str:
     return email.utils.format_datetime(datetime.fromisoformat(moment).astimezone(UTC), usegmt=True)
 
 
-def tus_capabilities(settings: Settings) -> dict[str, str]:
-    return {
-        "Tus-Version": "1.0.0",
-        "Tus-Extension": TUS_EXTENSIONS,
-        "Tus-Max-Size": str(settings.max_upload_bytes),
-        "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
-    }
-
-
 def mp3_name(filename: str) -> str:
     stem, dot, _suffix = filename.rpartition(".")
     return f"{stem if dot and stem else filename}.mp3"
@@ -3220,11 +3201,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def etag_matches(header: str | None, etag: str) -> bool:
     """If-None-Match uses the weak comparison (RFC 9110 §13.1.2): W/ prefixes are ignored."""
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    return etag in [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return header is not None and (header.strip() == "*" or etag in [tag.strip().removeprefix("W/") for tag in header.split(",")])
 
 
 def content_disposition(filename: str) -> str:
@@ -3558,8 +3535,7 @@ async def keep_storage(services: Services) -> None:
 # What browser tus clients send and read (tus-js-client, Uppy): CORS lets them, with CORS_ORIGINS set.
 TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Checksum", "Upload-Defer-Length",
                        "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With")  # fmt: skip
-TUS_RESPONSE_HEADERS = ("Upload-Offset", "Upload-Length", "Upload-Expires", "Upload-Metadata", "Tus-Resumable", "Tus-Version",
-                        "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm")  # fmt: skip
+TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -3618,11 +3594,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP (every flag overrides its environment variable)")
     for field in dataclasses.fields(Settings):
         parser.add_argument(f"--{field.name.replace('_', '-')}", metavar=field.name.upper(), help=field.metadata["meaning"])
-    args = parser.parse_args(argv)
-    for field in dataclasses.fields(Settings):
-        value = getattr(args, field.name)
+    for name, value in vars(parser.parse_args(argv)).items():
         if value is not None:
-            os.environ[field.name.upper()] = value  # the workers import this module afresh and read them
+            os.environ[name.upper()] = value  # the workers import this module afresh and read them
     settings = Settings.from_env()  # fail now, with the message, on a bad setting
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # The workers write their metrics here and /metrics adds them up (prometheus_client's multiprocess mode).
@@ -3772,21 +3746,12 @@ class WavFrames:
         self.frame_size = fmt.frame_size
         self.frames = 0
         self._source = _FrameSource()
-        bits = 8 * fmt.sample_width
         # The largest even (no pad byte) whole-frame size a RIFF header can declare around it.
         self._segment = (0xFFFFFFFF - 44) // fmt.frame_size * fmt.frame_size
         if self._segment % 2:
             self._segment -= fmt.frame_size
-        fmt_chunk = struct.pack("<HHLLHH", WAVE_FORMAT_PCM, fmt.channels, fmt.rate, fmt.rate * fmt.frame_size, fmt.frame_size, bits)
-        self._header = (
-            b"RIFF"
-            + struct.pack("<L", 36 + self._segment)
-            + b"WAVEfmt "
-            + struct.pack("<L", 16)
-            + fmt_chunk
-            + b"data"
-            + struct.pack("<L", self._segment)
-        )
+        fmt_fields = (WAVE_FORMAT_PCM, fmt.channels, fmt.rate, fmt.rate * fmt.frame_size, fmt.frame_size, 8 * fmt.sample_width)
+        self._header = struct.pack("<4sL8sLHHLLHH4sL", b"RIFF", 36 + self._segment, b"WAVEfmt ", 16, *fmt_fields, b"data", self._segment)
         self._view = self._new_view()
 
     def _new_view(self) -> wave.Wave_read:

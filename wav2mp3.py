@@ -247,11 +247,9 @@ class Settings:
                     values[field.name] = field.metadata["parse"](text)
                 except ValueError:
                     raise ValueError(f"{field.name.upper()}={text!r} is not a valid {field.type}") from None
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls(**values)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.mp3_bitrate not in FORM_OPTIONS["bitrate"].values:
             raise ValueError(f"MP3_BITRATE must be {FORM_OPTIONS['bitrate'].allowed}, not {self.mp3_bitrate}")
         if self.mp3_vbr_quality is not None and self.mp3_vbr_quality not in FORM_OPTIONS["vbr_quality"].values:
@@ -335,17 +333,17 @@ class UnsupportedWav(Refused):
 
 
 class Unavailable(Refused):
-    """The service cannot do it now, through no fault of the client's: 503, with Retry-After when waiting helps."""
+    """The service cannot do it now, through no fault of the client's: 503, with Retry-After."""
 
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(503, message, {"Retry-After": str(retry_after)} if retry_after else None)
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(503, message, {"Retry-After": str(retry_after)})
 
 
 class DatabaseUnavailable(Unavailable):
     """The database did not answer in time, or is down."""
 
     def __init__(self) -> None:
-        super().__init__("database unavailable", retry_after=RETRY_AFTER_SECONDS)
+        super().__init__("database unavailable")
 
 
 class DatabaseBusy(Unavailable):
@@ -359,7 +357,7 @@ class DiskFull(Unavailable):
     """The temporary-disk budget is spent, or the disk itself is full: nothing is kept; the next upload may fit."""
 
     def __init__(self, message: str = "the service's temporary disk is full: try again shortly") -> None:
-        super().__init__(message, retry_after=RETRY_AFTER_SECONDS)
+        super().__init__(message)
 
 
 class NameTaken(Refused):
@@ -398,17 +396,17 @@ def too_large(limit: int) -> BodyCut:
 
 METRICS = CollectorRegistry()  # this module's own: `python wav2mp3.py` imports the module twice
 ProcessCollector(registry=METRICS)
-UPLOADS = Counter("wav2mp3_uploads", "POST /users/wav answers, by status", ["status"], registry=METRICS)
-UPLOAD_BYTES = Counter("wav2mp3_upload_bytes", "bytes of uploads received, by protocol (multipart, tus)", ["protocol"], registry=METRICS)
-DOWNLOAD_BYTES = Counter("wav2mp3_download_bytes", "MP3 bytes sent by downloads", registry=METRICS)
-AUDIO_SECONDS = Counter("wav2mp3_audio_seconds", "seconds of audio converted and stored", registry=METRICS)
-UPLOADS_IN_PROGRESS = Gauge("wav2mp3_uploads_in_progress", "uploads being received and converted", registry=METRICS, multiprocess_mode="livesum")
-BLOCKS_ENCODING = Gauge("wav2mp3_encoder_blocks_running", "audio blocks LAME is encoding", registry=METRICS, multiprocess_mode="livesum")
-BLOCKS_QUEUED = Gauge("wav2mp3_encoder_blocks_queued", "audio blocks waiting for an encoder thread", registry=METRICS, multiprocess_mode="livesum")
-BUFFERED_AUDIO = Gauge("wav2mp3_audio_buffered_bytes", "WAV audio held in memory by uploads", registry=METRICS, multiprocess_mode="livesum")
-BUFFERED_DOWNLOADS = Gauge(
-    "wav2mp3_download_buffered_bytes", "MP3 chunks read ahead of download clients", registry=METRICS, multiprocess_mode="livesum"
-)
+counter = functools.partial(Counter, registry=METRICS)
+live_gauge = functools.partial(Gauge, registry=METRICS, multiprocess_mode="livesum")  # summed over the live worker processes
+UPLOADS = counter("wav2mp3_uploads", "POST /users/wav answers, by status", ["status"])
+UPLOAD_BYTES = counter("wav2mp3_upload_bytes", "bytes of uploads received, by protocol (multipart, tus)", ["protocol"])
+DOWNLOAD_BYTES = counter("wav2mp3_download_bytes", "MP3 bytes sent by downloads")
+AUDIO_SECONDS = counter("wav2mp3_audio_seconds", "seconds of audio converted and stored")
+UPLOADS_IN_PROGRESS = live_gauge("wav2mp3_uploads_in_progress", "uploads being received and converted")
+BLOCKS_ENCODING = live_gauge("wav2mp3_encoder_blocks_running", "audio blocks LAME is encoding")
+BLOCKS_QUEUED = live_gauge("wav2mp3_encoder_blocks_queued", "audio blocks waiting for an encoder thread")
+BUFFERED_AUDIO = live_gauge("wav2mp3_audio_buffered_bytes", "WAV audio held in memory by uploads")
+BUFFERED_DOWNLOADS = live_gauge("wav2mp3_download_buffered_bytes", "MP3 chunks read ahead of download clients")
 CONVERSION_SECONDS = Histogram(
     "wav2mp3_conversion_seconds",
     "an upload from its first byte to its stored MP3",
@@ -416,21 +414,18 @@ CONVERSION_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 REQUEST_SECONDS = Histogram("wav2mp3_request_seconds", "time to answer, by method and route", ["method", "route"], registry=METRICS)
-SLOW_CLIENTS = Counter("wav2mp3_slow_clients", "clients cut off, by reason", ["reason"], registry=METRICS)
-OVERLOAD_REFUSALS = Counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"], registry=METRICS)
-CONNECTIONS = Gauge("wav2mp3_connections_open", "open HTTP connections", registry=METRICS, multiprocess_mode="livesum")
-DB_ERRORS = Counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)", registry=METRICS)
-RESUMABLE_LIVE = Gauge("wav2mp3_resumable_uploads_live", "resumable uploads with a live session here", registry=METRICS, multiprocess_mode="livesum")
-RESUMABLE_UPLOADS = Counter(
+SLOW_CLIENTS = counter("wav2mp3_slow_clients", "clients cut off, by reason", ["reason"])
+OVERLOAD_REFUSALS = counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"])
+CONNECTIONS = live_gauge("wav2mp3_connections_open", "open HTTP connections")
+DB_ERRORS = counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)")
+RESUMABLE_LIVE = live_gauge("wav2mp3_resumable_uploads_live", "resumable uploads with a live session here")
+RESUMABLE_UPLOADS = counter(
     "wav2mp3_resumable_uploads",
     "resumable uploads by event: created, resumed (re-encoded from stored bytes), completed, terminated, failed, expired, done (row expired)",
     ["event"],
-    registry=METRICS,
 )
-TEMP_DISK = Gauge("wav2mp3_temp_disk_bytes", "bytes in temporary files (MP3s being made, kept audio)", registry=METRICS, multiprocess_mode="livesum")
-DB_CONNECTIONS_IN_USE = Gauge(
-    "wav2mp3_database_connections_in_use", "pooled SQLite connections lent out", registry=METRICS, multiprocess_mode="livesum"
-)
+TEMP_DISK = live_gauge("wav2mp3_temp_disk_bytes", "bytes in temporary files (MP3s being made, kept audio)")
+DB_CONNECTIONS_IN_USE = live_gauge("wav2mp3_database_connections_in_use", "pooled SQLite connections lent out")
 
 
 # Routes ###########################################################################
@@ -3179,24 +3174,22 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first_text, dash, last_text = spec.strip().partition("-")
-    if not dash or not all(side == "" or side.isnumeric() for side in (first_text, last_text)):
+    if not dash or not (first_text + last_text).isnumeric():  # a number on one side at least, nothing else
         return None
     try:
         first = parse_count(first_text, "a Range position") if first_text else None
-        last = parse_count(last_text, "a Range position") if last_text else None
+        last = parse_count(last_text, "a Range position") if last_text else size - 1
     except Refused as refusal:
         raise RangeNotSatisfiable(size, refusal.message) from None
-    if first is None:
-        if last is None:
-            return None
+    if first is None:  # a suffix: the last `last` bytes
         if last == 0:
             raise RangeNotSatisfiable(size)
         return max(size - last, 0), size - 1
-    if last is not None and last < first:
+    if last_text and last < first:
         return None  # invalid range-spec: ignored
     if first >= size:
         raise RangeNotSatisfiable(size)
-    return first, min(last, size - 1) if last is not None else size - 1
+    return first, min(last, size - 1)
 
 
 def etag_matches(header: str | None, etag: str) -> bool:
@@ -3285,7 +3278,6 @@ class RecordResponse(StreamingResponse):
         return self
 
     async def _hold(self) -> None:
-        """Take the next batch's bytes from the budget (up to CHUNKS_PER_QUERY chunks, less at the end)."""
         size = min(CHUNK_BYTES * CHUNKS_PER_QUERY, self._unread)
         await self._budget.take(size)
         self._holding, self._unread = size, self._unread - size
@@ -3763,7 +3755,6 @@ class WavFrames:
 
     @property
     def available(self) -> int:
-        """Whole frames that can be read now."""
         return self._source.available // self.frame_size
 
     def read(self, frames: int) -> bytes:

@@ -237,11 +237,10 @@ class Settings:
     cors_origins: str = _setting("", "origins whose browser apps may call the API: `*` or a comma-separated list; empty: no CORS headers")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+    def from_env(cls) -> Settings:
         values = {}
         for field in dataclasses.fields(cls):
-            text = env.get(field.name.upper(), "").strip()
+            text = os.environ.get(field.name.upper(), "").strip()
             if text:
                 try:
                     values[field.name] = field.metadata["parse"](text)
@@ -3723,7 +3722,7 @@ class _FrameSource:
             taken.append(piece)
             size -= len(piece)
             self.available -= len(piece)
-        return bytes(taken[0]) if len(taken) == 1 else b"".join(taken)
+        return b"".join(taken)  # one piece of bytes comes back as it is, uncopied
 
 
 class WavFrames:
@@ -3880,10 +3879,8 @@ class Malloc:
     """glibc's allocator, tuned when the application starts (`tune`), trimmed when it goes idle (`trim_soon`)."""
 
     M_MMAP_THRESHOLD = -3  # malloc.h
-
-    def __init__(self) -> None:
-        self._libc: ctypes.CDLL | None = None
-        self._trim_pending = False
+    _libc: ctypes.CDLL | None = None  # glibc, once tuned
+    _trim_pending = False
 
     def tune(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # not glibc

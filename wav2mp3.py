@@ -3401,7 +3401,7 @@ class Services:
 
 
 class UploadSlots:
-    """The cap on uploads at once in this process (503 beyond it); memory goes back to the OS when the last ends."""
+    """The cap on uploads at once in this process (503 beyond it)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -3420,8 +3420,6 @@ class UploadSlots:
     def release(self) -> None:
         self.active -= 1
         UPLOADS_IN_PROGRESS.dec()
-        if self.active == 0:
-            MALLOC.trim_soon()
 
 
 def services_of(request: Request) -> Services:

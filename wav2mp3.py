@@ -3250,11 +3250,10 @@ class RecordResponse(StreamingResponse):
         try:
             await self._hold()
             batch = await anext(batches)
-        except RecordVanished:
+        except BaseException as failure:
             self._release()
-            raise Refused(404, NO_SUCH_RECORD) from None
-        except BaseException:
-            self._release()
+            if isinstance(failure, RecordVanished):
+                raise Refused(404, NO_SUCH_RECORD) from None
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -3428,13 +3427,11 @@ def services_of(request: Request) -> Services:
 
 async def answer_refusal(request: Request, failure: Exception) -> Response:
     """Every refusal, ours (Refused) or Starlette's (404, 405), as {"error": message}: the one place one becomes HTTP."""
-    if isinstance(failure, Refused):
-        status, message, headers = failure.status, failure.message, failure.headers
-    else:
-        assert isinstance(failure, HTTPException)
-        status, message, headers = failure.status_code, failure.detail, dict(failure.headers or {})
-    log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), status, message)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    if isinstance(failure, HTTPException):
+        failure = Refused(failure.status_code, failure.detail, failure.headers)
+    assert isinstance(failure, Refused)
+    log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), failure.status, failure.message)
+    return JSONResponse({"error": failure.message}, status_code=failure.status, headers=failure.headers)
 
 
 async def internal_error(request: Request, failure: Exception) -> Response:

@@ -3228,8 +3228,7 @@ class RecordResponse(StreamingResponse):
             super().__init__(_nothing(), 304, headers)
             return
         byte_range = parse_range(request.headers.get("range"), record.size_bytes)
-        if_range = request.headers.get("if-range")
-        if byte_range is not None and if_range is not None and if_range.strip() != etag:
+        if byte_range and request.headers.get("if-range", etag).strip() != etag:
             byte_range = None  # RFC 9110 §13.1.5: the representation changed, send it whole
         status, (first, last) = (206, byte_range) if byte_range else (200, (0, record.size_bytes - 1))
         if byte_range:

@@ -3077,6 +3077,34 @@ async def test_tus_record_that_cannot_be_stored_is_503_then_423_then_done(databa
         assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
 
 
+async def test_tus_last_patch_repeated_while_its_record_is_stored_is_204_at_the_end(database_url: str) -> None:
+    """The last PATCH met a database that could not store the record (503); a HEAD stores it in the background,
+    and while it does the client repeats that PATCH without a body. It waits for the HEAD's turn, finds the upload
+    complete, and is 204 at Upload-Length (it was 404: the turn it waited for belonged to a session now ended)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL: a lock on one table (SQLite's writer lock would stop the bytes too)")
+    async with running_app(database_url, db_timeout=5.0) as client:
+        user = await new_user(client)
+        wav = make_wav(2.0, 44100, 2)
+        url = await tus_create(client, user, len(wav))
+        assert (await tus_patch(client, user, url, 0, wav[:-1000])).status_code == 204
+        migration = await asyncpg.connect(database_url)
+        transaction = migration.transaction()
+        await transaction.start()
+        await migration.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+        try:
+            assert (await tus_patch(client, user, url, len(wav) - 1000, wav[-1000:])).status_code == 503
+            assert (await client.head(url, headers=tus(user))).status_code == 423  # its record is being stored, still locked out
+            repeated = asyncio.ensure_future(tus_patch(client, user, url, len(wav), b""))
+            await asyncio.sleep(0.2)  # the PATCH waits for the turn (a second at most) that the HEAD's storing holds
+        finally:
+            await transaction.rollback()
+            await migration.close()
+        answer = await repeated
+        assert answer.status_code == 204 and answer.headers["upload-offset"] == str(len(wav)), answer.text
+        assert (await client.get(url, headers=bearer(user))).status_code == 200
+
+
 async def test_tus_post_with_x_http_method_override_patches_and_deletes(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
     wav = make_wav(1.0)

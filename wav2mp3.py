@@ -1551,8 +1551,8 @@ class ResumableUpload:
             data, self._pending = bytes(self._pending), bytearray()
             try:
                 stored = await self._services.store.append_upload(self.upload.upload_id, self._stored, data)
-            except Unavailable:
-                self.close()  # fed but not stored: next time, start over from what is
+            except BaseException:
+                self.close()  # fed but maybe not stored (the database down, the request cancelled): next time, start over from what is
                 raise
             if not stored:
                 self.close()
@@ -1621,7 +1621,7 @@ class ResumableUploads:
         live.holder = holder
         try:
             fresh = await self._services.store.find_upload(upload.upload_id, upload.user_id)
-            if fresh is None or live.ended:
+            if fresh is None or (live.ended and fresh.record_id is None):  # ended, not completed (by the holder before)
                 live.ended = True
                 raise Refused(404, NO_SUCH_UPLOAD)
             live.upload = fresh
@@ -1780,20 +1780,16 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
     when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
     store the record. The offset the upload stands at afterwards."""
-    if upload.record_id is not None:
-        if offset == upload.length and not has_body(request):
-            return upload.length  # the last PATCH, repeated: done already
-        raise Refused(409, "this upload is complete: GET its URL for the record", {"Upload-Offset": str(upload.length)})
-    if offset != upload.received:
-        raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
+    if done_at(request, upload, offset):
+        return upload.length
     remaining = upload.length - offset
     checksum = upload_checksum(request, remaining)
     body = BodyReader(request, remaining, services.settings)
     await services.uploads.admit(body)
     try:
         async with services.resumable.turn(upload) as live:
-            if live.upload.received != offset:  # another request moved it on while this one waited for its turn
-                raise Refused(409, f"the upload stands at {live.upload.received}, not {offset}", {"Upload-Offset": str(live.upload.received)})
+            if done_at(request, live.upload, offset):  # another request completed it while this one waited for its turn
+                return upload.length
             try:
                 if checksum:
                     await receive_checked(body, live, checksum, services.encoders.disk)
@@ -1813,6 +1809,17 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     finally:
         services.uploads.release()
         UPLOAD_BYTES.labels("tus").inc(body.received)
+
+
+def done_at(request: Request, upload: StoredUpload, offset: int) -> bool:
+    """Whether this PATCH is the last one repeated, of an upload complete already; else the upload must stand at `offset`."""
+    if upload.record_id is not None:
+        if offset == upload.length and not has_body(request):
+            return True
+        raise Refused(409, "this upload is complete: GET its URL for the record", {"Upload-Offset": str(upload.length)})
+    if offset != upload.received:
+        raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
+    return False
 
 
 async def receive_first_piece(request: Request, services: Services, upload: StoredUpload, token: str) -> int:

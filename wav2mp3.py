@@ -3931,40 +3931,25 @@ BITRATES = (
     (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, -1),
     (0, 8, 16, 24, 32, 40, 48, 56, 64, -1, -1, -1, -1, -1, -1, -1),
 )
-SAMPLERATES = {
-    44100: (1, 0),
-    48000: (1, 1),
-    32000: (1, 2),
-    22050: (0, 0),
-    24000: (0, 1),
-    16000: (0, 2),
-    11025: (0, 0),
-    12000: (0, 1),
-    8000: (0, 2),
-}  # util.c SmpFrqIndex: rate -> (version, index)
+MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # MPEG-1, 2, 2.5 by header bits 20..19
+SAMPLERATES = {rate: (bits & 1, i) for bits, rates in MPEG_RATES.items() for i, rate in enumerate(rates)}  # util.c SmpFrqIndex: (version, index)
 
 
-# util.c nearestBitrateFullIndex table, with lame.c optimum_bandwidth lowpass and presets.c abr_switch_map
-# (safejoint, sfscale) per entry
+# util.c nearestBitrateFullIndex table, with lame.c optimum_bandwidth lowpass per entry
 FULL_BITRATES = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 CBR_LOWPASS = (2000, 3700, 3900, 5500, 7000, 7500, 10000, 11000, 13500, 15100, 15600, 17000, 17500, 18600, 19400, 19700, 20500)
-ABR_SAFEJOINT = (0,) * 12 + (1,) * 5
-ABR_SFSCALE = (1,) * 13 + (0,) * 4
 VBR_MTRH_LOWPASS = (24000, 19500, 18500, 18000, 17500, 17000, 16500, 15600, 15200, 7230, 3950)  # lame.c, vbr_mtrh
 
 
 # lame.c lame_init_params "mapping VBR scale to internal VBR quality settings" (sr_a, qa, qb, ta, tb), rows 2..8
-VBR_Q_MAP: tuple[tuple[int, np.float32, np.float32, np.float32, np.float32], ...] = tuple(
-    (sr, np.float32(qa), np.float32(qb), np.float32(ta), np.float32(tb))
-    for sr, qa, qb, ta, tb in (
-        (32000, 6.5, 8.0, 5.2, 6.5),
-        (24000, 8.0, 8.5, 5.2, 6.0),
-        (22050, 8.5, 9.01, 5.2, 6.5),
-        (16000, 9.01, 9.4, 4.9, 6.5),
-        (12000, 9.4, 9.6, 4.5, 6.0),
-        (11025, 9.6, 9.9, 5.1, 6.5),
-        (8000, 9.9, 10.0, 4.9, 6.5),
-    )
+VBR_Q_MAP = (
+    (32000, 6.5, 8.0, 5.2, 6.5),
+    (24000, 8.0, 8.5, 5.2, 6.0),
+    (22050, 8.5, 9.01, 5.2, 6.5),
+    (16000, 9.01, 9.4, 4.9, 6.5),
+    (12000, 9.4, 9.6, 4.5, 6.0),
+    (11025, 9.6, 9.9, 5.1, 6.5),
+    (8000, 9.9, 10.0, 4.9, 6.5),
 )
 
 
@@ -3980,10 +3965,10 @@ _FIXED_HEADER_BITS = 0xFFFF0DCF  # sync, version, layer, CRC, sample rate, priva
 def _frame_sizes() -> tuple[int, ...]:
     """Layer III frame size indexed by header bits 20..9 (version, layer, CRC, bitrate, rate, padding); 0 = invalid."""
     sizes = [0] * 4096
-    for ver_bits, row, rates in ((3, 1, (44100, 48000, 32000)), (2, 0, (22050, 24000, 16000)), (0, 0, (11025, 12000, 8000))):
-        for prot, bri, pad in ((p, b, d) for p in (0, 1) for b in range(1, 15) for d in (0, 1)):
-            for sri, rate in enumerate(rates):
-                sizes[ver_bits << 10 | 1 << 8 | prot << 7 | bri << 3 | sri << 1 | pad] = (144000 if row else 72000) * BITRATES[row][bri] // rate + pad
+    for ver_bits, rates in MPEG_RATES.items():
+        for prot, bri, pad, (sri, rate) in itertools.product((0, 1), range(1, 15), (0, 1), enumerate(rates)):
+            v = ver_bits & 1  # MPEG-2.5 frames use MPEG-2's bitrate row
+            sizes[ver_bits << 10 | 1 << 8 | prot << 7 | bri << 3 | sri << 1 | pad] = (v + 1) * 72000 * BITRATES[v][bri] // rate + pad
     return tuple(sizes)
 
 
@@ -4082,12 +4067,7 @@ def _nearest_full_index(kbps: int) -> int:
 
 def _find_nearest_bitrate(kbps: int, version: int, rate: int) -> int:
     """util.c FindNearestBitrate: LAME caps e.g. 320 kbps to 160 (MPEG-2) or 64 (MPEG-2.5)."""
-    row = BITRATES[2 if rate < 16000 else version]
-    best = row[1]
-    for b in row[2:15]:
-        if b > 0 and abs(b - kbps) < abs(best - kbps):
-            best = b
-    return best
+    return min((b for b in BITRATES[2 if rate < 16000 else version][1:15] if b > 0), key=lambda b: abs(b - kbps))  # ties: the lower
 
 
 def _optimum_samplefreq(lowpass: int, in_rate: int) -> int:
@@ -4112,7 +4092,8 @@ def lame_config(s: LameSettings) -> LameConfig:
     vbr_q_frac, lowpass, out_rate = np.float32(0), 0, 0
     if vbr:  # lame.c: VBR quality remapping for low input rates (float arithmetic as in C)
         qval = np.float32(vbr_q)
-        for sr, qa, qb, ta, tb in VBR_Q_MAP:
+        for sr, *floats in VBR_Q_MAP:
+            qa, qb, ta, tb = np.array(floats, np.float32)
             if s.in_rate == sr and qval < qa:
                 d = float(qval / qa) * float(ta)
                 vbr_q, vbr_q_frac = int(d), np.float32(d - int(d))
@@ -4138,10 +4119,10 @@ def lame_config(s: LameSettings) -> LameConfig:
     if vbr:  # apply_preset(500 - 10 * VBR_q): vbr_mt_psy_switch_map row VBR_q sets ATH type 5, safejoint for V0-V7
         bitrate, preset, ath_type, safe_joint, shaping = 0, 500 - 10 * vbr_q, 5, vbr_q <= 7, 0
         quality = 0 if q < 5 else min(q, 7)
-    else:  # apply_abr_preset(nearest bitrate): abr_switch_map safejoint / sfscale (noise_shaping = 2)
+    else:  # apply_abr_preset(nearest bitrate): abr_switch_map's sfscale (noise_shaping = 2) below 192 kbps; its safejoint
+        # (above 128 kbps) never shows, as lameenc encodes STEREO there
         bitrate = _find_nearest_bitrate(s.bitrate or 0, version, out_rate)
-        r = _nearest_full_index(bitrate)
-        preset, ath_type, safe_joint, shaping = bitrate, 4, bool(ABR_SAFEJOINT[r]), 2 * ABR_SFSCALE[r]
+        preset, ath_type, safe_joint, shaping = bitrate, 4, False, 2 if bitrate < 192 else 0
         quality = 7 if q == 8 else q  # lame_init_qval
     shaping = 0 if quality >= 7 else shaping or 1  # lame_init_qval
     return LameConfig(
@@ -4189,9 +4170,7 @@ class Mp3Frames:
 
     @property
     def sample_rate(self) -> int:
-        v = self.first_header >> 19 & 3
-        rates = (11025, 12000, 8000) if v == 0 else (22050, 24000, 16000) if v == 2 else (44100, 48000, 32000)
-        return rates[self.first_header >> 10 & 3]
+        return MPEG_RATES[self.first_header >> 19 & 3][self.first_header >> 10 & 3]
 
     @property
     def mode(self) -> int:

@@ -3954,11 +3954,10 @@ VBR_Q_MAP = (
 
 
 STEREO, JOINT_STEREO, MONO = 0, 1, 3  # lame.h MPEG_mode
-ENCDELAY, POSTDELAY = 576, 1152  # encoder.h
+ENCDELAY = 576  # encoder.h
 LAMEHEADERSIZE = 156  # VbrTag.c: Xing (120) + LAME extension (36)
 MAXFRAMESIZE = 2880  # VbrTag.c
 FRAMES_BYTES_TOC_SCALE = 0x0F  # VbrTag.h FRAMES_FLAG | BYTES_FLAG | TOC_FLAG | VBR_SCALE_FLAG
-_HEADER = struct.Struct(">I")
 _FIXED_HEADER_BITS = 0xFFFF0DCF  # sync, version, layer, CRC, sample rate, private, mode, copyright, original, emphasis
 
 
@@ -4027,35 +4026,6 @@ class LameConfig:
     def frame_samples(self) -> int:
         return 1152 if self.out_rate > 24000 else 576
 
-    @property
-    def resampling(self) -> bool:
-        """util.c isResamplingNecessary (float arithmetic)."""
-        lo, hi = int(np.float32(self.out_rate) * np.float32(0.9995)), int(np.float32(self.out_rate) * np.float32(1.0005))
-        return self.in_rate < lo or hi < self.in_rate
-
-    @property
-    def sideinfo_len(self) -> int:
-        """Header + side info bytes (lame.c), i.e. where the Xing tag starts."""
-        if self.version == 1:
-            return 21 if self.mode == MONO else 36
-        return 13 if self.mode == MONO else 21
-
-    @property
-    def tag_bitrate(self) -> int:
-        """VbrTag.c InitVbrTag: CBR uses its own bitrate, VBR pretends 128 / 64 / 32 kbps (MPEG-1 / 2 / 2.5)."""
-        if not self.vbr:
-            return self.bitrate
-        return 128 if self.version == 1 else 32 if self.out_rate < 16000 else 64
-
-    @property
-    def tag_frame_size(self) -> int:
-        return (self.version + 1) * 72000 * self.tag_bitrate // self.out_rate
-
-    @property
-    def writes_tag(self) -> bool:
-        """InitVbrTag disables the tag when it does not fit the frame (e.g. 32 kbps CBR MPEG-1 stereo)."""
-        return self.sideinfo_len + LAMEHEADERSIZE <= self.tag_frame_size <= MAXFRAMESIZE
-
 
 def _nearest_full_index(kbps: int) -> int:
     """util.c nearestBitrateFullIndex (ties go up)."""
@@ -4101,15 +4071,12 @@ def lame_config(s: LameSettings) -> LameConfig:
                 d = float(ta + (tb - ta) * (qval - qa) / (qb - qa))
                 vbr_q, vbr_q_frac, out_rate, lowpass = int(d), np.float32(d - int(d)), sr, -1
                 break
-    if lowpass == 0:  # lame.c: "if a filter has not been enabled, see if we should add one"
-        if vbr:
-            a, b = VBR_MTRH_LOWPASS[vbr_q], VBR_MTRH_LOWPASS[vbr_q + 1]
-            lp = a + float(vbr_q_frac) * (b - a)
-        else:
-            lp = float(CBR_LOWPASS[_nearest_full_index(s.bitrate or 0)])
-            if mode == MONO:
-                lp *= 1.5
-        lowpass = int(lp)
+    # lame.c: "if a filter has not been enabled, see if we should add one"
+    if not vbr:
+        lowpass = int(CBR_LOWPASS[_nearest_full_index(s.bitrate or 0)] * (1.5 if mode == MONO else 1))
+    elif lowpass == 0:
+        a, b = VBR_MTRH_LOWPASS[vbr_q : vbr_q + 2]
+        lowpass = int(a + float(vbr_q_frac) * (b - a))
     if out_rate == 0:
         if 2 * lowpass > s.in_rate:
             lowpass = s.in_rate // 2
@@ -4156,7 +4123,7 @@ class Mp3Frames:
         self.last_header = 0
         self._bitrate_indexes = bytearray()
         self._skip = 0  # bytes of the current frame still to come
-        self._head = b""  # start of a header split across calls
+        self._head = b""  # start of a header split across calls, read again with the next
         self.music_crc = 0
 
     @property
@@ -4187,47 +4154,29 @@ class Mp3Frames:
 
     def feed(self, data: BytesLike) -> None:
         data = bytes(data)
-        n = len(data)
-        if not n:
-            return
-        self.nbytes += n
+        self.nbytes += len(data)
         self.music_crc = crc16(data, self.music_crc)
-        pos = self._skip
-        if self._head:
-            take = 4 - len(self._head)
-            if n < take:
-                self._head += data
-                return
-            pos = self._frame(int.from_bytes(self._head + data[:take], "big")) - len(self._head)
-            self._head = b""
-        sizes, first, indexes, unpack = FRAME_SIZES, self.first_header, self._bitrate_indexes, _HEADER.unpack_from
-        h = self.last_header
+        data = self._head + data
+        n, pos, h = len(data), self._skip, self.last_header
+        sizes, first, indexes, unpack = FRAME_SIZES, self.first_header, self._bitrate_indexes, struct.Struct(">I").unpack_from
         while pos + 4 <= n:
             (h,) = unpack(data, pos)
             size = sizes[h >> 9 & 0xFFF]
             if (h ^ first) & _FIXED_HEADER_BITS or not size:
-                pos += self._frame(h)  # first frame or bad header: the slow path checks and raises
-                first = self.first_header
-                continue
+                first = self._first_frame(h, size)
             indexes.append(h >> 12 & 15)
             pos += size
         self.last_header = h
-        if pos < n:
-            self._head, self._skip = data[pos:], 0
-        else:
-            self._skip = pos - n
+        self._head, self._skip = data[pos:], max(pos - n, 0)
 
-    def _frame(self, h: int) -> int:
-        size = FRAME_SIZES[h >> 9 & 0xFFF]
+    def _first_frame(self, h: int, size: int) -> int:
+        """The slow path: the stream's first header, or a bad one (every later header that differs from the first)."""
         if h >> 21 != 0x7FF or not size:
             raise ValueError(f"not an MPEG Layer III frame header: {h:08x} (in the {self.nbytes} bytes fed so far)")
-        if not self.first_header:
-            self.first_header = h
-        elif (h ^ self.first_header) & _FIXED_HEADER_BITS:
+        if self.first_header:
             raise ValueError(f"frame header {h:08x} does not match the stream's first {self.first_header:08x}")
-        self.last_header = h
-        self._bitrate_indexes.append(h >> 12 & 15)
-        return size
+        self.first_header = self.last_header = h
+        return h
 
 
 def xing_toc(kbps: np.ndarray) -> bytes:
@@ -4275,7 +4224,8 @@ def resampled_count(chunks: Sequence[int], in_rate: int, out_rate: int, frame_sa
 def samples_and_padding(cfg: LameConfig, input_frames: int | Sequence[int]) -> tuple[int, int]:
     """lame.c lame_encode_flush: samples_to_encode (ENCDELAY + samples LAME buffered) and end_padding."""
     chunks = [input_frames] if isinstance(input_frames, int) else input_frames
-    if cfg.resampling:  # "delay due to resampling": samples_to_encode += 16. / resample_ratio (int += double)
+    lo, hi = (int(np.float32(cfg.out_rate) * np.float32(f)) for f in (0.9995, 1.0005))  # util.c isResamplingNecessary (float)
+    if not lo <= cfg.in_rate <= hi:  # "delay due to resampling": samples_to_encode += 16. / resample_ratio (int += double)
         n_out = resampled_count(chunks, cfg.in_rate, cfg.out_rate, cfg.frame_samples)
         samples = int(ENCDELAY + n_out + 16.0 / (float(cfg.in_rate) / float(cfg.out_rate)))
     else:
@@ -4289,12 +4239,16 @@ def lame_tag_frame(settings: LameSettings, frames: Mp3Frames, input_frames: int 
 
     input_frames is the number of PCM frames given to encode(), or the list of per-call counts: with resampling
     (88.2-192 kHz input, low bitrates) LAME's resampler count - hence the padding - can depend on the call sizes in
-    ~1/(in_rate/gcd) of the lengths; an int is exact for a single call. version is the 9-byte encoder string (lame
-    3.100 writes b"LAME3.100"; lameenc 1.9.0's own libmp3lame would write b"LAME4.0 "). b'' where lame writes no tag
-    (frame too small for it, or no frames). Raises ValueError if the frames do not match what LAME makes of the
-    settings (wrong settings or input count)."""
+    ~1/(in_rate/gcd) of the lengths; an int is exact for a single call. version: the tag's 9-byte encoder string. b''
+    where lame writes no tag (frame too small for it, or no frames). Raises ValueError if the frames do not match what
+    LAME makes of the settings (wrong settings or input count)."""
     cfg = lame_config(settings)
-    if not cfg.writes_tag or not frames.frame_count:
+    # VbrTag.c InitVbrTag: CBR uses its own bitrate, VBR pretends 128 / 64 / 32 kbps (MPEG-1 / 2 / 2.5), and no tag is
+    # written where it does not fit the frame (e.g. 32 kbps CBR MPEG-1 stereo)
+    tag_bitrate = cfg.bitrate if not cfg.vbr else 128 if cfg.version == 1 else 32 if cfg.out_rate < 16000 else 64
+    size = (cfg.version + 1) * 72000 * tag_bitrate // cfg.out_rate
+    i = (21 if cfg.mode == MONO else 36) if cfg.version == 1 else (13 if cfg.mode == MONO else 21)  # lame.c sideinfo_len
+    if not i + LAMEHEADERSIZE <= size <= MAXFRAMESIZE or not frames.frame_count:
         return b""
     if (frames.sample_rate, frames.version, frames.mode) != (cfg.out_rate, cfg.version, cfg.mode):
         raise ValueError(f"stream is {frames.sample_rate} Hz v{frames.version} mode {frames.mode}, settings give {cfg}")
@@ -4308,28 +4262,22 @@ def lame_tag_frame(settings: LameSettings, frames: Mp3Frames, input_frames: int 
             f" for {input_frames if isinstance(input_frames, int) else sum(input_frames)} input frames"
         )
 
-    size = cfg.tag_frame_size
     buf = bytearray(size)
     # setLameTagFrameHeader: header of the first frame with the Xing bitrate, no padding, mode_ext of the last frame
     mpeg25 = cfg.out_rate < 16000
-    bitrate_index = BITRATES[2 if mpeg25 else cfg.version].index(cfg.tag_bitrate)
+    bitrate_index = BITRATES[2 if mpeg25 else cfg.version].index(tag_bitrate)
     buf[0] = 0xFF
     buf[1] = 0xFB if cfg.version == 1 else 0xE3 if mpeg25 else 0xF3
     buf[2] = bitrate_index << 4 | cfg.samplerate_index << 2
     buf[3] = cfg.mode << 6 | frames.mode_ext << 4 | 1 << 2  # copyright 0, original 1, emphasis 0
-    i = cfg.sideinfo_len
-    stream_size = frames.nbytes + size  # nBytesWritten counts audio bytes only (copy_buffer mp3data=1), + this frame
-    buf[i : i + 16] = (b"Xing" if cfg.vbr else b"Info") + b"".join(
-        v.to_bytes(4, "big") for v in (FRAMES_BYTES_TOC_SCALE, frames.frame_count, stream_size)
-    )
-    buf[i + 16 : i + 116] = xing_toc(kbps)
-    i += 116
-    buf[i : i + 38] = _lame_extension(cfg, padding, stream_size, frames.music_crc, version)
-    buf[i + 38 : i + 40] = crc16(bytes(buf[: i + 38])).to_bytes(2, "big")  # tag CRC over everything before it
+    stream_size = (frames.nbytes + size).to_bytes(4, "big")  # nBytesWritten counts audio bytes only (copy_buffer mp3data=1), + this frame
+    info = struct.pack(">4sII4s", b"Xing" if cfg.vbr else b"Info", FRAMES_BYTES_TOC_SCALE, frames.frame_count, stream_size)
+    buf[i : i + 154] = info + xing_toc(kbps) + _lame_extension(cfg, padding, stream_size, frames.music_crc, version)  # 16 + 100 + 38
+    buf[i + 154 : i + 156] = crc16(bytes(buf[: i + 154])).to_bytes(2, "big")  # tag CRC over everything before it
     return bytes(buf)
 
 
-def _lame_extension(cfg: LameConfig, padding: int, stream_size: int, music_crc: int, version: bytes) -> bytes:
+def _lame_extension(cfg: LameConfig, padding: int, stream_size: bytes, music_crc: int, version: bytes) -> bytes:
     """VbrTag.c PutLameVBR without the trailing tag CRC (ReplayGain / peak not computed: zeros, as --noreplaygain)."""
     quality = max(0, 100 - 10 * cfg.vbr_q - cfg.quality)  # also the Xing "VBR scale" field
     lowpass = min(255.0, cfg.lowpass / 100.0 + 0.5)
@@ -4340,17 +4288,10 @@ def _lame_extension(cfg: LameConfig, padding: int, stream_size: int, music_crc: 
     non_optimal = cfg.in_rate <= 32000  # the only "nasty option" lameenc can trigger
     source = 0 if cfg.in_rate <= 32000 else 2 if cfg.in_rate == 48000 else 3 if cfg.in_rate > 48000 else 1
     misc = cfg.noise_shaping + (stereo << 2) + (non_optimal << 5) + (source << 6)
-    return b"".join(
-        (
-            quality.to_bytes(4, "big"),
-            version[:9].ljust(9, b"\0"),
-            bytes((rev_method, int(lowpass))),
-            bytes(8),  # peak amplitude (4), radio and audiophile ReplayGain (2 + 2)
-            bytes((flags, abr, ENCDELAY >> 4, (ENCDELAY << 4 & 0xFF) | padding >> 8, padding & 0xFF, misc, 0)),
-            cfg.preset.to_bytes(2, "big"),
-            stream_size.to_bytes(4, "big"),
-            music_crc.to_bytes(2, "big"),
-        )
+    delay_padding = (ENCDELAY << 12 | padding).to_bytes(3, "big")  # 12 bits each
+    # 8x: peak amplitude (4), radio and audiophile ReplayGain (2 + 2); x: MP3Gain's byte, unused
+    return struct.pack(
+        ">I9s2B8x2B3sBxH4sH", quality, version, rev_method, int(lowpass), flags, abr, delay_padding, misc, cfg.preset, stream_size, music_crc
     )
 
 

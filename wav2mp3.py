@@ -4029,10 +4029,7 @@ class LameConfig:
 
 def _nearest_full_index(kbps: int) -> int:
     """util.c nearestBitrateFullIndex (ties go up)."""
-    for b in range(16):
-        if max(kbps, FULL_BITRATES[b + 1]) != kbps:
-            return b if FULL_BITRATES[b + 1] - kbps > kbps - FULL_BITRATES[b] else b + 1
-    return 16
+    return min(range(17), key=lambda b: (abs(FULL_BITRATES[b] - kbps), -b))
 
 
 def _find_nearest_bitrate(kbps: int, version: int, rate: int) -> int:

@@ -2084,21 +2084,14 @@ class UploadSession:
         try:
             copy.seek(0)
             block_bytes = self._block_frames * wav_format.frame_size
-            while await self._encoders.run(self._encode_kept, copy, encoder, block_bytes):
-                pass
+            while block := await asyncio.to_thread(copy.read, block_bytes):
+                await self._encoders.run(encoder.encode, block)
             return await self._encoders.run(encoder.finish, self._wav.info)
         except BaseException:
             encoder.close()
             raise
         finally:
             copy.close()
-
-    @staticmethod
-    def _encode_kept(copy: TempFile, encoder: Mp3Encoder, size: int) -> bool:
-        """In an encoder thread: the next kept block into the encoder; False at the end."""
-        if block := copy.read(size):
-            encoder.encode(block)
-        return bool(block)
 
     async def _encode(self, block: bytes) -> None:
         await self._settle()  # one block in flight: memory stays at two blocks per upload
@@ -3014,21 +3007,16 @@ class Store:
         """Up to `limit` uploads that expired before `before`: deleted; their ids and records."""
         return [(row["id"], row["record_id"]) for row in await self._write(SQL_DELETE_EXPIRED_UPLOADS, {"now": before, "limit": limit})]
 
-    async def purge_upload_chunks(self) -> int:
-        """Delete the stored bytes of uploads that are gone or complete, SWEEP_BATCH pieces per transaction; how many."""
-        purged = 0
+    async def purge_upload_chunks(self) -> None:
+        """Delete the stored bytes of uploads that are gone or complete, SWEEP_BATCH pieces per transaction."""
         while spent := await self._call(self.database.fetch_all(SQL_SPENT_UPLOADS, {"limit": SWEEP_BATCH})):
             for row in spent:
                 values = {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}
-                while (deleted := len(await self._write(SQL_PURGE_UPLOAD_CHUNKS, values))) == SWEEP_BATCH:
-                    purged += deleted
+                while len(await self._write(SQL_PURGE_UPLOAD_CHUNKS, values)) == SWEEP_BATCH:
                     await asyncio.sleep(0.01)  # requests have the database between batches
-                purged += deleted
-        return purged
 
-    async def release_free_pages(self) -> int:
-        """SQLite: give free pages beyond a reserve back to the file system, a step at a time; pages released."""
-        released = 0
+    async def release_free_pages(self) -> None:
+        """SQLite: give free pages beyond a reserve back to the file system, a step at a time."""
         while self.is_sqlite:  # PostgreSQL's autovacuum reclaims deleted chunks itself
             free = await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES
             if free <= 0:
@@ -3037,8 +3025,6 @@ class Store:
                 await self._call(self.database.execute(SQL_SQLITE_VACUUM_STEP.format(pages=min(free, SQLITE_VACUUM_STEP_PAGES))))
             if await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES >= free:
                 break  # auto_vacuum is off (a file made before it): its free pages stay for reuse
-            released += min(free, SQLITE_VACUUM_STEP_PAGES)
-        return released
 
 
 class RecordVanished(Exception):

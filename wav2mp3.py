@@ -1983,6 +1983,10 @@ class TempFile:
             )
         except OSError as error:
             raise _on_full_disk(error) from None
+        # Reading takes nothing from the budget: the file's own methods.
+        self.read = self._file.read
+        self.seek = self._file.seek
+        self.tell = self._file.tell
 
     def write(self, data: BytesLike) -> None:
         self._budget.take(len(data))
@@ -1991,15 +1995,6 @@ class TempFile:
             self._file.write(data)
         except OSError as error:
             raise _on_full_disk(error) from None
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def seek(self, offset: int) -> None:
-        self._file.seek(offset)
-
-    def tell(self) -> int:
-        return self._file.tell()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # the file has no name: closing it frees its blocks, whatever close() says
@@ -2866,7 +2861,6 @@ class Store:
             raise DatabaseUnavailable() from None
 
     async def _write(self, sql: str, values: dict[str, Any]) -> list[Any]:
-        """One statement in SQLite's write turn; the rows it returns."""
         async with self.writing():
             return await self._call(self.database.fetch_all(sql, values))
 
@@ -2874,7 +2868,6 @@ class Store:
         await self._call(self.database.fetch_val(SQL_PING))
 
     async def insert_users(self, rows: list[dict[str, str]]) -> set[str]:
-        """Insert users whose names are free, in one statement; the ids that were inserted."""
         sql = SQL_INSERT_USERS.format(rows=", ".join(SQL_INSERT_USERS_ROW.format(n=n) for n in range(len(rows))))
         values = {f"{key}{n}": value for n, row in enumerate(rows) for key, value in row.items()}
         return {row["id"] for row in await self._write(sql, values)}
@@ -3004,11 +2997,9 @@ class Store:
         return bool(await self._write(SQL_DELETE_UPLOAD, {"id": upload_id, "user_id": user_id}))
 
     async def delete_expired_uploads(self, before: str, limit: int) -> list[tuple[str, str | None]]:
-        """Up to `limit` uploads that expired before `before`: deleted; their ids and records."""
         return [(row["id"], row["record_id"]) for row in await self._write(SQL_DELETE_EXPIRED_UPLOADS, {"now": before, "limit": limit})]
 
     async def purge_upload_chunks(self) -> None:
-        """Delete the stored bytes of uploads that are gone or complete, SWEEP_BATCH pieces per transaction."""
         while spent := await self._call(self.database.fetch_all(SQL_SPENT_UPLOADS, {"limit": SWEEP_BATCH})):
             for row in spent:
                 values = {"upload_id": row["upload_id"], "limit": SWEEP_BATCH}

@@ -1794,7 +1794,11 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
                 if checksum:
                     await receive_checked(body, live, checksum, services.encoders.disk)
                 else:
-                    await receive_streaming(body, live)
+                    await live.room()  # read only when there is room: else TCP holds the bytes
+                    async for chunk in body.chunks():
+                        await live.feed(chunk)
+                        del chunk  # not held while the next one is awaited (see BodyReader.chunks)
+                        await live.room()
             except (BadWav, UnsupportedWav):
                 await services.resumable.end(live.upload, "failed")
                 raise
@@ -1832,14 +1836,6 @@ async def receive_first_piece(request: Request, services: Services, upload: Stor
         if isinstance(refusal, BadWav | UnsupportedWav) or (stored := await services.store.find_upload(upload.upload_id, upload.user_id)) is None:
             raise
         return stored.received
-
-
-async def receive_streaming(body: BodyReader, live: ResumableUpload) -> None:
-    await live.room()  # read only when there is room: else TCP holds the bytes
-    async for chunk in body.chunks():
-        await live.feed(chunk)
-        del chunk  # not held while the next one is awaited (see BodyReader.chunks)
-        await live.room()
 
 
 async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], disk: DiskBudget) -> None:

@@ -1550,16 +1550,14 @@ class ResumableUpload:
         if self._pending:
             data, self._pending = bytes(self._pending), bytearray()
             try:
-                stored = await self._services.store.append_upload(self.upload.upload_id, self._stored, data)
+                if not await self._services.store.append_upload(self.upload.upload_id, self._stored, data):
+                    now_there = await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id)
+                    if now_there is None:
+                        raise Refused(404, NO_SUCH_UPLOAD)
+                    raise Refused(409, "this upload went on elsewhere meanwhile: send from its offset", {"Upload-Offset": str(now_there.received)})
             except BaseException:
-                self.close()  # fed but maybe not stored (the database down, the request cancelled): next time, start over from what is
+                self.close()  # fed but not stored (gone on elsewhere, the database down, the request cancelled): next time, start from what is
                 raise
-            if not stored:
-                self.close()
-                now_there = await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id)
-                if now_there is None:
-                    raise Refused(404, NO_SUCH_UPLOAD)
-                raise Refused(409, "this upload went on elsewhere meanwhile: send from its offset", {"Upload-Offset": str(now_there.received)})
             self._stored += len(data)
         return self._stored
 

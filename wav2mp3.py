@@ -2105,8 +2105,8 @@ class UploadSession:
 
     async def _settle(self) -> None:
         if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            await in_flight
+            await asyncio.shield(self._in_flight)  # a cancelled request's block still encodes: close() waits for it
+            self._in_flight = None
 
     def close(self) -> None:
         """Drop everything; a block still encoding finishes in its thread and is dropped with it."""

@@ -1470,7 +1470,7 @@ class FormUpload:
 
     def new_record(self, mp3: Mp3File) -> NewRecord:
         assert self.user_id is not None and self.filename is not None and self.token is not None
-        return NewRecord(str(uuid.uuid4()), self.user_id, hash_token(self.token), self.filename, mp3.size, mp3.duration_seconds, mp3.sha256, now())
+        return NewRecord.of(mp3, self.user_id, self.token, self.filename)
 
     def close(self) -> None:
         """Whatever happened, leave nothing behind."""
@@ -1688,7 +1688,7 @@ class ResumableUploads:
             await self.end(upload, "failed")
             raise
         mp3.rewind()
-        record = NewRecord(str(uuid.uuid4()), upload.user_id, hash_token(token), upload.filename, mp3.size, mp3.duration_seconds, mp3.sha256, now())
+        record = NewRecord.of(mp3, upload.user_id, token, upload.filename)
         try:
             stored = await store.save_record(record, mp3, upload.upload_id)
         except Refused as gone:  # ended meanwhile, or completed by another request (a HEAD's, another replica's)
@@ -2725,18 +2725,6 @@ def now() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class NewRecord:
-    record_id: str
-    user_id: str
-    token_sha256: str  # the upload's credentials: checked again as the record is stored
-    filename: str
-    size_bytes: int
-    duration_seconds: float
-    sha256: str
-    created_at: str
-
-
-@dataclasses.dataclass(frozen=True)
 class StoredRecord:
     record_id: str  # then the fields of RECORD_FIELDS
     user_id: str
@@ -2748,6 +2736,16 @@ class StoredRecord:
 
 
 RECORD_FIELDS = ("user_id", "filename", "size_bytes", "duration_seconds", "sha256", "created_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewRecord(StoredRecord):
+    token_sha256: str  # the upload's credentials: checked again as the record is stored
+
+    @classmethod
+    def of(cls, mp3: Mp3File, user_id: str, token: str, filename: str) -> NewRecord:
+        """The record of a converted upload: a fresh id, stamped now."""
+        return cls(str(uuid.uuid4()), user_id, filename, mp3.size, mp3.duration_seconds, mp3.sha256, now(), hash_token(token))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3430,7 +3430,7 @@ def without_ids(text: str) -> str:
     return UUID_ANYWHERE.sub(lambda found: found.group()[:8] + "…", text)
 
 
-UUID_ANYWHERE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+UUID_ANYWHERE = re.compile(UUID_TEXT.pattern.replace("}-", "}-?"))  # with its hyphens or without
 
 
 class RequestMetrics:

@@ -130,8 +130,9 @@ LOCK_WAIT_SECONDS = 1.0  # a request waits this long for another's turn on a res
 MAX_PAUSED_UPLOADS = 32  # paused resumable uploads that keep their live session (LAME's state, ~0.3 MB each)
 PAUSED_UPLOAD_SECONDS = 120.0  # a paused resumable upload lets its session go after this; going on re-encodes its stored bytes
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}  # Upload-Checksum
+TUS_VERSION = "1.0.0"  # the one this service speaks, in Tus-Resumable
 TUS_CAPABILITIES = {  # what OPTIONS tells a tus client, as the OpenAPI shows it; the answer has the number in Tus-Max-Size
-    "Tus-Version": "1.0.0",
+    "Tus-Version": TUS_VERSION,
     "Tus-Extension": "creation,creation-with-upload,termination,expiration,checksum",
     "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
     "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
@@ -616,7 +617,7 @@ UPLOAD_STATE = {
 UPLOAD_URL = (USER_ID, {**USER_ID, "name": "upload_id", "description": "the upload's UUID"})
 TUS_REFUSALS = {
     404: error(NO_SUCH_UPLOAD),
-    412: error("no Tus-Resumable: 1.0.0", {"Tus-Version": "1.0.0"}),
+    412: error(f"no Tus-Resumable: {TUS_VERSION}", {"Tus-Version": TUS_VERSION}),
     **UNAVAILABLE,
 }
 
@@ -628,13 +629,13 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
     @functools.wraps(endpoint)
     async def tus_endpoint(request: Request) -> Response:
         try:
-            if request.method not in ("GET", "OPTIONS") and request.headers.get("tus-resumable") != "1.0.0":
-                raise Refused(412, "send Tus-Resumable: 1.0.0, the tus version this service speaks", {"Tus-Version": "1.0.0"})
+            if request.method not in ("GET", "OPTIONS") and request.headers.get("tus-resumable") != TUS_VERSION:
+                raise Refused(412, f"send Tus-Resumable: {TUS_VERSION}, the tus version this service speaks", {"Tus-Version": TUS_VERSION})
             response = await endpoint(request)
         except Refused as refusal:
-            refusal.headers.setdefault("Tus-Resumable", "1.0.0")
+            refusal.headers.setdefault("Tus-Resumable", TUS_VERSION)
             raise
-        response.headers.setdefault("Tus-Resumable", "1.0.0")
+        response.headers.setdefault("Tus-Resumable", TUS_VERSION)
         return response
 
     return tus_endpoint
@@ -669,7 +670,7 @@ async def tus_options(request: Request) -> Response:
     },
     parameters=(
         USER_ID,
-        header("Tus-Resumable", "1.0.0"),
+        header("Tus-Resumable", TUS_VERSION),
         header("Upload-Length", "the file's size in bytes"),
         header("Upload-Metadata", "filename (required), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
     ),
@@ -735,7 +736,7 @@ async def head_upload(request: Request) -> Response:
     },
     parameters=(
         *UPLOAD_URL,
-        header("Tus-Resumable", "1.0.0"),
+        header("Tus-Resumable", TUS_VERSION),
         header("Upload-Offset", "where these bytes start: the upload's offset"),
         header("Upload-Checksum", "optional: `sha1 base64(digest)` of this piece (also sha256, sha512, md5)"),
     ),

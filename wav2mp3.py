@@ -601,7 +601,7 @@ async def upload_wav(request: Request) -> Response:
         "converted record=%s audio=%.2fs in=%d out=%d wall=%.3fs",
         record.record_id, record.duration_seconds, body_reader.received, record.size_bytes, time.perf_counter() - upload.started,
     )  # fmt: skip
-    body = record_json(record, base_url(request, services.settings))
+    body = record_json(request, record)
     return JSONResponse(body, status_code=201, headers={"Location": body["url"]})
 
 
@@ -773,7 +773,7 @@ async def get_upload(request: Request) -> Response:
     record = await services.store.find_record(upload.record_id, user_id)
     if record is None:
         raise Refused(404, "the record of this upload has been deleted")
-    return JSONResponse(record_json(record, base_url(request, services.settings)))
+    return JSONResponse(record_json(request, record))
 
 
 @API.route(
@@ -843,7 +843,7 @@ async def get_record(request: Request) -> Response:
     record = await services.store.find_record(record_id, user_id) if record_id and user_id else None
     if record is None:
         raise Refused(404, NO_SUCH_RECORD)
-    return await RecordResponse(request, record, services.store, services.downloads, services.settings.download_idle_timeout).read_ahead()
+    return await RecordResponse(request, record, services).read_ahead()
 
 
 @API.route(
@@ -883,10 +883,9 @@ async def list_records(request: Request) -> Response:
     limit, after = page_limit(request.query_params.get("limit")), parse_cursor(request.query_params.get("cursor"))
     records = await services.store.list_records(user_id, after, limit + 1)
     page = records[:limit]
-    base = base_url(request, services.settings)
     return JSONResponse(
         {
-            "records": [{**record_json(record, base), "created_at": record.created_at} for record in page],
+            "records": [{**record_json(request, record), "created_at": record.created_at} for record in page],
             "next_cursor": page_cursor(page[-1]) if len(records) > limit else None,
         }
     )
@@ -3057,12 +3056,12 @@ class UserBatcher:
 # 12. Responses ####################################################################
 
 
-def base_url(request: Request, settings: Settings) -> str:
-    return settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+def base_url(request: Request) -> str:
+    return services_of(request).settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
 
 
 def upload_url(request: Request, upload: StoredUpload) -> str:
-    return f"{base_url(request, services_of(request).settings)}/users/{upload.user_id}/uploads/{upload.upload_id}"
+    return f"{base_url(request)}/users/{upload.user_id}/uploads/{upload.upload_id}"
 
 
 async def find_upload(request: Request, services: Services, user_id: str) -> StoredUpload:
@@ -3087,10 +3086,10 @@ def mp3_name(filename: str) -> str:
     return f"{stem if dot and stem else filename}.mp3"
 
 
-def record_json(record: StoredRecord, base: str) -> dict[str, Any]:
+def record_json(request: Request, record: StoredRecord) -> dict[str, Any]:
     """A record as the upload's 201 shows it."""
     return {
-        "url": f"{base}/record?id={record.record_id}&user={record.user_id}",
+        "url": f"{base_url(request)}/record?id={record.record_id}&user={record.user_id}",
         "record_id": record.record_id,
         "user_id": record.user_id,
         "filename": mp3_name(record.filename),
@@ -3192,12 +3191,12 @@ class RecordResponse(StreamingResponse):
     hold a bounded amount of memory; a client that takes nothing for DOWNLOAD_IDLE_TIMEOUT is cut off.
     """
 
-    def __init__(self, request: Request, record: StoredRecord, store: Store, budget: ByteBudget, idle_timeout: float) -> None:
+    def __init__(self, request: Request, record: StoredRecord, services: Services) -> None:
         etag = f'"{record.sha256}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
         self._batches: AsyncIterator[list[bytes]] | None = None
-        self._budget = budget
-        self._idle_timeout = idle_timeout
+        self._budget = services.downloads
+        self._idle_timeout = services.settings.download_idle_timeout
         self._scope: Any = {}  # the request's, once called
         self._holding = 0  # bytes of the budget this answer holds
         # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
@@ -3212,7 +3211,7 @@ class RecordResponse(StreamingResponse):
             headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
         headers["Content-Length"] = str(last - first + 1)
         if request.method != "HEAD":
-            self._batches = store.record_pieces(record.record_id, first, last)
+            self._batches = services.store.record_pieces(record.record_id, first, last)
         self._unread = last - first + 1  # bytes still to be read from the database
         super().__init__(_nothing(), status, headers, media_type="audio/mpeg")
 

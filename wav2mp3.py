@@ -710,8 +710,8 @@ async def create_upload(request: Request) -> Response:
 async def head_upload(request: Request) -> Response:
     """The offset a client goes on from: every byte it counts is stored (a restart keeps it)."""
     services = services_of(request)
-    user_id, token = await owner(request)
-    upload = await services.resumable.settled(await find_upload(request, services, user_id))
+    upload, token = await owned_upload(request)
+    upload = await services.resumable.settled(upload)
     if upload.record_id is None and upload.received == upload.length:
         upload = await services.resumable.completed(upload, token)  # 423 until its record is stored
     services.resumable.warm(upload)
@@ -746,8 +746,7 @@ async def head_upload(request: Request) -> Response:
 @tus_route
 async def patch_upload(request: Request) -> Response:
     services = services_of(request)
-    user_id, token = await owner(request)
-    upload = await find_upload(request, services, user_id)
+    upload, token = await owned_upload(request)
     if media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send the bytes as Content-Type: {OFFSET_OCTET_STREAM}")
     offset = parse_count(request.headers.get("upload-offset", ""), "Upload-Offset", 400)
@@ -766,11 +765,10 @@ async def patch_upload(request: Request) -> Response:
 @tus_route
 async def get_upload(request: Request) -> Response:
     services = services_of(request)
-    user_id, _ = await owner(request)
-    upload = await find_upload(request, services, user_id)
+    upload, _ = await owned_upload(request)
     if upload.record_id is None:
         raise Refused(409, "the upload is not complete: send the rest of its bytes (PATCH)", {"Upload-Offset": str(upload.received)})
-    record = await services.store.find_record(upload.record_id, user_id)
+    record = await services.store.find_record(upload.record_id, upload.user_id)
     if record is None:
         raise Refused(404, "the record of this upload has been deleted")
     return JSONResponse(record_json(request, record))
@@ -788,8 +786,7 @@ async def get_upload(request: Request) -> Response:
 async def delete_upload(request: Request) -> Response:
     """tus termination; a finished upload's record stays (DELETE /record deletes it)."""
     services = services_of(request)
-    user_id, _ = await owner(request)
-    upload = await find_upload(request, services, user_id)
+    upload, _ = await owned_upload(request)
     await services.resumable.end(upload, "terminated")
     return Response(status_code=204)
 
@@ -3064,12 +3061,14 @@ def upload_url(request: Request, upload: StoredUpload) -> str:
     return f"{base_url(request)}/users/{upload.user_id}/uploads/{upload.upload_id}"
 
 
-async def find_upload(request: Request, services: Services, user_id: str) -> StoredUpload:
+async def owned_upload(request: Request) -> tuple[StoredUpload, str]:
+    """The upload of the path, of its user authenticated as owner() does; (upload, token)."""
+    user_id, token = await owner(request)
     upload_id = parse_uuid(request.path_params["upload_id"])
-    upload = await services.store.find_upload(upload_id, user_id) if upload_id else None
+    upload = await services_of(request).store.find_upload(upload_id, user_id) if upload_id else None
     if upload is None:
         raise Refused(404, NO_SUCH_UPLOAD)
-    return upload
+    return upload, token
 
 
 def upload_state(upload: StoredUpload) -> dict[str, str]:

@@ -3479,7 +3479,7 @@ async def keep_storage(services: Services) -> None:
         try:
             await services.resumable.expire()
             if settings.retention_days is not None:
-                before = (datetime.now(UTC) - timedelta(days=settings.retention_days)).isoformat(timespec="milliseconds")
+                before = timestamp(datetime.now(UTC) - timedelta(days=settings.retention_days))
                 deleted = 0
                 while (batch := await store.delete_expired(before, SWEEP_BATCH)) > 0:
                     deleted += batch

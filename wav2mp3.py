@@ -1306,6 +1306,16 @@ async def owner(request: Request) -> tuple[str, str]:
     return user_id, token
 
 
+async def owned_upload(request: Request) -> tuple[StoredUpload, str]:
+    """The upload of the path, of its user authenticated as owner() does; (upload, token)."""
+    user_id, token = await owner(request)
+    upload_id = parse_uuid(request.path_params["upload_id"])
+    upload = await services_of(request).store.find_upload(upload_id, user_id) if upload_id else None
+    if upload is None:
+        raise Refused(404, NO_SUCH_UPLOAD)
+    return upload, token
+
+
 def data_credentials(body: bytes) -> tuple[str, str]:
     """The upload's `data` part: {"user_id": uuid, "access_token": uuid}, or 422."""
     payload = parse_json(body, "data")
@@ -3059,16 +3069,6 @@ def base_url(request: Request) -> str:
 
 def upload_url(request: Request, upload: StoredUpload) -> str:
     return f"{base_url(request)}/users/{upload.user_id}/uploads/{upload.upload_id}"
-
-
-async def owned_upload(request: Request) -> tuple[StoredUpload, str]:
-    """The upload of the path, of its user authenticated as owner() does; (upload, token)."""
-    user_id, token = await owner(request)
-    upload_id = parse_uuid(request.path_params["upload_id"])
-    upload = await services_of(request).store.find_upload(upload_id, user_id) if upload_id else None
-    if upload is None:
-        raise Refused(404, NO_SUCH_UPLOAD)
-    return upload, token
 
 
 def upload_state(upload: StoredUpload) -> dict[str, str]:

@@ -3048,39 +3048,9 @@ async def test_tus_uploads_expire_with_their_bytes_and_free_the_name(database_ur
 
 async def test_tus_record_that_cannot_be_stored_is_503_then_423_then_done(database_url: str) -> None:
     """The last PATCH's bytes are stored but its record cannot be (a migration holds the records table): 503 with
-    Retry-After; HEAD answers 423 while that lasts, then, once the record is stored, 200 at Upload-Length."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL: a lock on one table (SQLite's writer lock would stop the bytes too)")
-    async with running_app(database_url, db_timeout=1.0) as client:
-        user = await new_user(client)
-        wav = make_wav(2.0, 44100, 2)
-        url = await tus_create(client, user, len(wav))
-        assert (await tus_patch(client, user, url, 0, wav[:-1000])).status_code == 204
-        migration = await asyncpg.connect(database_url)
-        transaction = migration.transaction()
-        await transaction.start()
-        await migration.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
-        try:
-            last = await tus_patch(client, user, url, len(wav) - 1000, wav[-1000:])
-            assert last.status_code == 503 and int(last.headers["retry-after"]) > 0
-            waiting = await client.head(url, headers=tus(user))
-            assert waiting.status_code == 423 and int(waiting.headers["retry-after"]) > 0
-        finally:
-            await transaction.rollback()
-            await migration.close()
-        deadline = time.monotonic() + 20
-        while (done := await client.head(url, headers=tus(user))).status_code == 423:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
-        assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
-        record = (await client.get(url, headers=bearer(user))).json()
-        assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
-
-
-async def test_tus_last_patch_repeated_while_its_record_is_stored_is_204_at_the_end(database_url: str) -> None:
-    """The last PATCH met a database that could not store the record (503); a HEAD stores it in the background,
-    and while it does the client repeats that PATCH without a body. It waits for the HEAD's turn, finds the upload
-    complete, and is 204 at Upload-Length (it was 404: the turn it waited for belonged to a session now ended)."""
+    Retry-After; HEAD answers 423 while that lasts, and stores the record in the background. That PATCH repeated
+    meanwhile (no body) waits for the HEAD's turn and finds the upload complete: 204 at Upload-Length (it was 404:
+    the turn it waited for was a session's that completing had ended). Then HEAD is 200 at Upload-Length."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL: a lock on one table (SQLite's writer lock would stop the bytes too)")
     async with running_app(database_url, db_timeout=5.0) as client:
@@ -3093,8 +3063,10 @@ async def test_tus_last_patch_repeated_while_its_record_is_stored_is_204_at_the_
         await transaction.start()
         await migration.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
         try:
-            assert (await tus_patch(client, user, url, len(wav) - 1000, wav[-1000:])).status_code == 503
-            assert (await client.head(url, headers=tus(user))).status_code == 423  # its record is being stored, still locked out
+            last = await tus_patch(client, user, url, len(wav) - 1000, wav[-1000:])
+            assert last.status_code == 503 and int(last.headers["retry-after"]) > 0
+            waiting = await client.head(url, headers=tus(user))  # its record is being stored, and still locked out
+            assert waiting.status_code == 423 and int(waiting.headers["retry-after"]) > 0
             repeated = asyncio.ensure_future(tus_patch(client, user, url, len(wav), b""))
             await asyncio.sleep(0.2)  # the PATCH waits for the turn (a second at most) that the HEAD's storing holds
         finally:
@@ -3102,7 +3074,13 @@ async def test_tus_last_patch_repeated_while_its_record_is_stored_is_204_at_the_
             await migration.close()
         answer = await repeated
         assert answer.status_code == 204 and answer.headers["upload-offset"] == str(len(wav)), answer.text
-        assert (await client.get(url, headers=bearer(user))).status_code == 200
+        deadline = time.monotonic() + 20
+        while (done := await client.head(url, headers=tus(user))).status_code == 423:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
+        record = (await client.get(url, headers=bearer(user))).json()
+        assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
 
 
 async def test_tus_post_with_x_http_method_override_patches_and_deletes(client: httpx.AsyncClient) -> None:

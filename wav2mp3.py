@@ -103,6 +103,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("wav2mp3")
 T = TypeVar("T")
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 # Settings #########################################################################
@@ -461,11 +462,11 @@ class Api:
         parameters: tuple[Mapping[str, Any], ...] = (),
         body: Mapping[str, Any] | None = None,
         bearer: bool = False,
-    ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+    ) -> Callable[[Endpoint], Endpoint]:
         if bearer:
             answers = {**OWNER_ONLY, **answers}
 
-        def register(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        def register(endpoint: Endpoint) -> Endpoint:
             self.routes.append(Route(path, endpoint, methods=methods))
             bodiless = {status: {key: value for key, value in a.items() if key != "content"} for status, a in answers.items()}
             for method in methods if summary else ():  # a route without a summary is left out of the OpenAPI
@@ -622,7 +623,7 @@ TUS_REFUSALS = {
 }
 
 
-def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def tus_route(endpoint: Endpoint) -> Endpoint:
     """A tus request carries `Tus-Resumable: 1.0.0` (tus 1.0.0 §Tus-Resumable: 412 with Tus-Version without
     it; a GET or OPTIONS needs none), and every answer carries it back, refusals too."""
 
@@ -639,6 +640,12 @@ def tus_route(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
         return response
 
     return tus_endpoint
+
+
+def upload_route(method: str, summary: str, answers: Mapping[int, Mapping[str, Any]], **declared: Any) -> Callable[[Endpoint], Endpoint]:
+    """A route of an upload's URL: tus's (`tus_route`), and the owner's alone."""
+    declare = API.route("/users/{user_id}/uploads/{upload_id}", [method], summary, answers, **{"parameters": UPLOAD_URL, "bearer": True, **declared})
+    return lambda endpoint: declare(tus_route(endpoint))
 
 
 @API.route("/users/{user_id}/uploads/{upload_id}", ["OPTIONS"], "", {})
@@ -694,19 +701,15 @@ async def create_upload(request: Request) -> Response:
     return Response(status_code=201, headers=headers)
 
 
-@API.route(
-    "/users/{user_id}/uploads/{upload_id}",
-    ["HEAD"],
+@upload_route(
+    "HEAD",
     "Where a resumable upload stands: the bytes received and stored",
     {
         200: answer("the offset to go on from", headers={**UPLOAD_STATE, "Upload-Metadata": "as given at creation", "Cache-Control": "no-store"}),
         423: error("all bytes are in and the record is being stored: ask again after Retry-After", {"Retry-After": "seconds"}),
         **TUS_REFUSALS,
     },
-    parameters=UPLOAD_URL,
-    bearer=True,
 )
-@tus_route
 async def head_upload(request: Request) -> Response:
     """The offset a client goes on from: every byte it counts is stored (a restart keeps it)."""
     services = services_of(request)
@@ -719,9 +722,8 @@ async def head_upload(request: Request) -> Response:
     return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
 
 
-@API.route(
-    "/users/{user_id}/uploads/{upload_id}",
-    ["PATCH"],
+@upload_route(
+    "PATCH",
     "The next bytes of a resumable upload, at its offset; the last ones store the record",
     {
         204: answer("stored (the last ones: and the record too)", headers=UPLOAD_STATE),
@@ -741,9 +743,7 @@ async def head_upload(request: Request) -> Response:
         header("Upload-Checksum", "optional: `sha1 base64(digest)` of this piece (also sha256, sha512, md5)"),
     ),
     body={"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    bearer=True,
 )
-@tus_route
 async def patch_upload(request: Request) -> Response:
     services = services_of(request)
     upload, token = await owned_upload(request)
@@ -754,15 +754,11 @@ async def patch_upload(request: Request) -> Response:
     return Response(status_code=204, headers={"Upload-Offset": str(offset), "Upload-Expires": http_date(upload.expires_at)})
 
 
-@API.route(
-    "/users/{user_id}/uploads/{upload_id}",
-    ["GET"],
+@upload_route(
+    "GET",
     "A finished resumable upload's record, as POST /users/wav answers it",
     {200: answer("the record", "Record"), 404: TUS_REFUSALS[404], 409: error("not complete yet", {"Upload-Offset": "where it is"}), **UNAVAILABLE},
-    parameters=UPLOAD_URL,
-    bearer=True,
 )
-@tus_route
 async def get_upload(request: Request) -> Response:
     services = services_of(request)
     upload, _ = await owned_upload(request)
@@ -774,15 +770,11 @@ async def get_upload(request: Request) -> Response:
     return JSONResponse(record_json(request, record))
 
 
-@API.route(
-    "/users/{user_id}/uploads/{upload_id}",
-    ["DELETE"],
+@upload_route(
+    "DELETE",
     "End a resumable upload (tus termination): its bytes are deleted and its file name is free again",
     {204: answer("terminated"), **TUS_REFUSALS},
-    parameters=UPLOAD_URL,
-    bearer=True,
 )
-@tus_route
 async def delete_upload(request: Request) -> Response:
     """tus termination; a finished upload's record stays (DELETE /record deletes it)."""
     services = services_of(request)

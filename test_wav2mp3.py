@@ -3083,6 +3083,29 @@ async def test_tus_record_that_cannot_be_stored_is_503_then_423_then_done(databa
         assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
 
 
+async def test_tus_disk_full_at_the_last_piece_is_503_then_the_whole_mp3(app: Any) -> None:
+    """The temporary disk runs out while the last PATCH's audio is encoded: 503 with Retry-After, its bytes stored.
+    Once there is room again, HEAD stores the record, converted anew from the stored bytes: the whole MP3, the same
+    as a POST's (it was short of the block that failed, and then failed for good)."""
+    disk = app.state.services.encoders.disk
+    async with asgi_client(app) as client:
+        user = await new_user(client)
+        wav = make_wav(20.0, 44100, 2)
+        url = await tus_create(client, user, len(wav))
+        assert (await tus_patch(client, user, url, 0, wav[:-100_000])).status_code == 204
+        limit, disk.limit = disk.limit, disk.used  # the MP3 being made (320 KB, on disk) cannot grow
+        last = await tus_patch(client, user, url, len(wav) - 100_000, wav[-100_000:])
+        assert last.status_code == 503 and int(last.headers["retry-after"]) > 0, last.text
+        disk.limit = limit
+        deadline = time.monotonic() + 20
+        while (done := await client.head(url, headers=tus(user))).status_code == 423:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
+        record = (await client.get(url, headers=bearer(user))).json()
+        assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
+
+
 async def test_tus_post_with_x_http_method_override_patches_and_deletes(client: httpx.AsyncClient) -> None:
     user = await new_user(client)
     wav = make_wav(1.0)

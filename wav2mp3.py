@@ -1528,17 +1528,13 @@ class ResumableUpload:
 
     async def room(self) -> None:
         if self._session is not None:
-            await self._session.room()
+            await self._converting(self._session.room())
 
     async def feed(self, data: bytes, stored: bool = False) -> None:
         """The file's next bytes: converted now, and (unless they come from the database) stored with the next FLUSH_BYTES."""
         if self.ended or self._session is None:
             raise Refused(404, NO_SUCH_UPLOAD)  # terminated or expired meanwhile
-        try:
-            await self._session.feed(data)
-        except BaseException:
-            self.close()  # a conversion that failed midway cannot go on: next time, start over from what is stored
-            raise
+        await self._converting(self._session.feed(data))
         if not stored:
             self._pending += data
             if len(self._pending) >= FLUSH_BYTES:
@@ -1564,8 +1560,15 @@ class ResumableUpload:
         """The MP3 once every byte is stored (kept if it cannot be stored yet)."""
         if self.mp3 is None:
             assert self._session is not None
-            self.mp3 = await self._session.finish()
+            self.mp3 = await self._converting(self._session.finish())
         return self.mp3
+
+    async def _converting(self, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except BaseException:
+            self.close()  # a conversion that failed midway (a block, the disk) cannot go on: next time, start over from what is stored
+            raise
 
     def close(self) -> None:
         if self._session is not None:
@@ -2104,8 +2107,11 @@ class UploadSession:
 
     async def _settle(self) -> None:
         if self._in_flight is not None:
-            await asyncio.shield(self._in_flight)  # a cancelled request's block still encodes: close() waits for it
-            self._in_flight = None
+            try:
+                await asyncio.shield(self._in_flight)
+            finally:
+                if self._in_flight.done():  # else this request was cancelled and the block still encodes: close() waits for it
+                    self._in_flight = None
 
     def close(self) -> None:
         """Drop everything; a block still encoding finishes in its thread and is dropped with it."""

@@ -3046,6 +3046,17 @@ async def test_tus_uploads_expire_with_their_bytes_and_free_the_name(database_ur
         await lifespan.__aexit__(None, None, None)
 
 
+async def assert_stored_as_a_post_would(client: httpx.AsyncClient, user: dict[str, str], url: str, wav: bytes) -> None:
+    """HEAD is 423 until the upload's record is stored, then 200 at Upload-Length; the MP3 is the one a POST makes."""
+    deadline = time.monotonic() + 20
+    while (done := await client.head(url, headers=tus(user))).status_code == 423:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
+    record = (await client.get(url, headers=bearer(user))).json()
+    assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
+
+
 async def test_tus_record_that_cannot_be_stored_is_503_then_423_then_done(database_url: str) -> None:
     """The last PATCH's bytes are stored but its record cannot be (a migration holds the records table): 503 with
     Retry-After; HEAD answers 423 while that lasts, and stores the record in the background. That PATCH repeated
@@ -3074,13 +3085,7 @@ async def test_tus_record_that_cannot_be_stored_is_503_then_423_then_done(databa
             await migration.close()
         answer = await repeated
         assert answer.status_code == 204 and answer.headers["upload-offset"] == str(len(wav)), answer.text
-        deadline = time.monotonic() + 20
-        while (done := await client.head(url, headers=tus(user))).status_code == 423:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
-        assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
-        record = (await client.get(url, headers=bearer(user))).json()
-        assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
+        await assert_stored_as_a_post_would(client, user, url, wav)
 
 
 async def test_tus_disk_full_at_the_last_piece_is_503_then_the_whole_mp3(app: Any) -> None:
@@ -3097,13 +3102,7 @@ async def test_tus_disk_full_at_the_last_piece_is_503_then_the_whole_mp3(app: An
         last = await tus_patch(client, user, url, len(wav) - 100_000, wav[-100_000:])
         assert last.status_code == 503 and int(last.headers["retry-after"]) > 0, last.text
         disk.limit = limit
-        deadline = time.monotonic() + 20
-        while (done := await client.head(url, headers=tus(user))).status_code == 423:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
-        assert done.status_code == 200 and done.headers["upload-offset"] == str(len(wav))
-        record = (await client.get(url, headers=bearer(user))).json()
-        assert record["sha256"] == (await upload(client, user, wav, "same.wav")).json()["sha256"]
+        await assert_stored_as_a_post_would(client, user, url, wav)
 
 
 async def test_tus_post_with_x_http_method_override_patches_and_deletes(client: httpx.AsyncClient) -> None:

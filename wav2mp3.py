@@ -20,9 +20,10 @@ contents), then those steps in the order POST /users/wav takes them:
      3  multipart parts    bytes in, part events out
      4  authentication     the one credential check
      5  the upload form    what the parts of POST /users/wav mean
-     6  upload sessions    a file on its way from bytes to an MP3; resumable uploads (tus), whose bytes
-                           and records go through storage (11), as the application (14) holds them
-     7  conversion         the shared encoder threads, the memory and disk budgets, one WAV's job
+     6  upload sessions    resumable uploads (tus): a session fed by many requests, its bytes and records
+                           through storage (11), as the application (14) holds them
+     7  conversion         the shared encoder threads, the memory and disk budgets; UploadSession, one
+                           WAV's conversion on them (POST /users/wav feeds one from one request)
      8  WAV reading        the chunk list, as it streams past
      9  samples            any WAV encoding to 16-bit PCM, with numpy
     10  MP3 encoding       LAME through lameenc, the ID3 tag

@@ -1,7 +1,12 @@
 """Benchmark wav2mp3 against the encoder it is built on, in one run; or load it like real traffic.
 
-    python bench_wav2mp3.py [--quick] [--database-url postgresql://...]
-    python bench_wav2mp3.py --load [--quick] [--database-url postgresql://...]
+    python bench_wav2mp3.py [--quick | --smoke] [--database-url postgresql://...]
+    python bench_wav2mp3.py --load [--quick | --smoke] [--database-url postgresql://...]
+    python bench_wav2mp3.py --suite [--runs 3]
+
+--quick is a smaller run whose figures are still worth reading; --smoke runs every figure once on the
+smallest inputs that go through its code, for the test suite (its figures mean nothing). --suite times
+README.md's test command itself, in fresh clones of the committed tree (S1-S4).
 
 Starts the real service (`python wav2mp3.py`, uvicorn) on loopback ports with SQLite in a
 temporary directory (and PostgreSQL for B6 when --database-url is given), generates its own
@@ -21,8 +26,11 @@ import base64
 import json
 import multiprocessing
 import os
+import re
+import shlex
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +51,17 @@ HERE = Path(__file__).parent
 RATE, CHANNELS = 44100, 2
 TUS_PIECE = 5_000_000  # bytes per PATCH in the T figures
 BITRATE, QUALITY = 128, 3
+MODE = "full"  # or "quick" or "smoke": set by main() from the command line
+
+
+def size(full: Any, quick: Any, smoke: Any) -> Any:
+    """A size (seconds, counts, runs) for this run's MODE."""
+    return {"full": full, "quick": quick, "smoke": smoke}[MODE]
+
+
+def long_seconds() -> float:
+    """The WAV of B1, B3, B8, T1 and the B3 ceiling."""
+    return float(size(60.0, 60.0, 10.0))
 
 
 # WAV generation ##################################################################
@@ -207,7 +226,7 @@ def median_of(runs: int, measure: Callable[[], float]) -> float:
 
 
 def b1_upload_vs_encode(server: Server, runs: int) -> Figure:
-    wav = Wav(60.0)
+    wav = Wav(long_seconds())
     user = new_user(server.port)
     upload(server.port, user, wav)  # warm-up
     bares, serveds = [], []
@@ -217,7 +236,9 @@ def b1_upload_vs_encode(server: Server, runs: int) -> Figure:
         serveds.append(result.answered - result.started)
     bare, served = statistics.median(bares), statistics.median(serveds)
     ratio = served / bare
-    return Figure("B1", f"60 s stereo upload->link {served:.3f} s / bare encode {bare:.3f} s", f"{ratio:.3f}", "<= 1.10", ratio <= 1.10)
+    return Figure(
+        "B1", f"{long_seconds():g} s stereo upload->link {served:.3f} s / bare encode {bare:.3f} s", f"{ratio:.3f}", "<= 1.10", ratio <= 1.10
+    )
 
 
 def b2_paced_tail(server: Server, seconds: float) -> Figure:
@@ -234,7 +255,7 @@ def b2_paced_tail(server: Server, seconds: float) -> Figure:
 
 def parallel_encode_ceiling(runs: int) -> float:
     """How two bare LAME encodes in two threads scale on this machine: the most B3 and B8 can show."""
-    wav = Wav(60.0)
+    wav = Wav(long_seconds())
 
     def ratio() -> float:
         started = time.perf_counter()
@@ -252,7 +273,7 @@ def parallel_encode_ceiling(runs: int) -> float:
 
 
 def b3_b4_parallel(server: Server, rounds: int) -> tuple[Figure, Figure]:
-    wav = Wav(60.0)
+    wav = Wav(long_seconds())
     users = [new_user(server.port) for _ in range(2)]
     upload(server.port, users[0], wav)  # warm-up
     latencies: list[float] = []
@@ -292,7 +313,7 @@ def b3_b4_parallel(server: Server, rounds: int) -> tuple[Figure, Figure]:
     ratio = two / one
     p99 = float(np.percentile(latencies, 99)) * 1000
     return (
-        Figure("B3", f"two 60 s uploads at once vs one: {two:.2f} vs {one:.2f} uploads/s", f"{ratio:.2f}", ">= 1.8", ratio >= 1.8),
+        Figure("B3", f"two {long_seconds():g} s uploads at once vs one: {two:.2f} vs {one:.2f} uploads/s", f"{ratio:.2f}", ">= 1.8", ratio >= 1.8),
         Figure(
             "B4", f"GET /health p99 during B3 ({len(latencies)} probes, max {max(latencies) * 1000:.1f} ms)", f"{p99:.1f} ms", "<= 25 ms", p99 <= 25
         ),
@@ -408,7 +429,7 @@ def b7_download(server: Server, minutes: float) -> Figure:
 
 
 def b8_workers(directory: Path, uploads: int, extra: tuple[str, ...] = ()) -> tuple[float, float]:
-    wav = Wav(60.0)
+    wav = Wav(long_seconds())
     rates = []
     for workers in (1, 2):
         server = Server(directory, f"sqlite:///{directory / f'workers-{workers}-{len(extra)}.db'}", "--workers", str(workers), *extra)
@@ -509,7 +530,7 @@ def tus_offset(port: int, user: dict[str, str], path: str) -> int:
 
 
 def t1_tus_vs_encode(server: Server, runs: int) -> Figure:
-    wav = Wav(60.0)
+    wav = Wav(long_seconds())
     user = new_user(server.port)
     tus_upload(server.port, user, wav, TUS_PIECE)  # warm-up
     bares, serveds = [], []
@@ -519,7 +540,7 @@ def t1_tus_vs_encode(server: Server, runs: int) -> Figure:
         tus_upload(server.port, user, wav, TUS_PIECE)
         serveds.append(time.perf_counter() - started)
     bare, served = statistics.median(bares), statistics.median(serveds)
-    what = f"60 s stereo in {TUS_PIECE // 1_000_000} MB PATCHes: creation->record {served:.3f} s / bare encode {bare:.3f} s"
+    what = f"{long_seconds():g} s stereo in {TUS_PIECE // 1_000_000} MB PATCHes: creation->record {served:.3f} s / bare encode {bare:.3f} s"
     return Figure("T1", what, f"{served / bare:.3f}", "<= 1.15", served / bare <= 1.15)
 
 
@@ -755,11 +776,11 @@ def settle(server: LiveServer, idle_kib: int, reference: list[int], rows: list[R
     )
 
 
-async def scenario_uploads(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_uploads(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
     """L1: uploads at 1 MB/s each, then L2: many at once. Wall against the CPU bound, peak RSS."""
     user = server.new_user()
     cores = os.cpu_count() or 1
-    for name, count, seconds, pace in (("L1", 20 if quick else 100, 30.0, 1e6), ("L2", 40 if quick else 200, 10.0, None)):
+    for name, count, seconds, pace in (("L1", size(100, 20, 6), 30.0, 1e6), ("L2", size(200, 40, 8), 10.0, None)):
         wav = Wav(seconds)
         bare = statistics.median(bare_encode_seconds(wav) for _ in range(3))
         arrival = wav.size / pace if pace else 0.0
@@ -785,10 +806,10 @@ async def scenario_uploads(server: LiveServer, quick: bool, rows: list[Row], lim
         rows.append(Row(name, f"wall / CPU bound ({wall:.1f} s / {bound:.1f} s)", f"{wall / bound:.3f}", "<= 1.15", wall / bound <= 1.15, limit))
 
 
-async def scenario_drippers(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_drippers(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
     """L3: clients dripping 1 byte / 5 s inside the audio part, and normal uploads beside them."""
     user, window = server.new_user(), limits[0]
-    wav, drip_every = Wav(10.0), (0.5 if quick else 5.0)
+    wav, drip_every = Wav(10.0), size(5.0, 0.5, 0.5)
     alone = statistics.median([(await async_upload(server.port, user, wav))[1] for _ in range(3)])
     stop = asyncio.Event()
 
@@ -824,9 +845,9 @@ async def scenario_drippers(server: LiveServer, quick: bool, rows: list[Row], li
     )
 
 
-async def scenario_header_drippers(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_header_drippers(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
     """L4: clients that send their request headers a byte at a time."""
-    count, drip_every = (50, 0.5) if quick else (300, 5.0)
+    count, drip_every = size((300, 5.0), (50, 0.5), (20, 0.5))
     user, timeout = server.new_user(), limits[1]
 
     async def dripper() -> float:
@@ -857,9 +878,9 @@ async def scenario_header_drippers(server: LiveServer, quick: bool, rows: list[R
                     slowest / alone <= 2 and all(s == 201 for s, _ in beside), "unaffected"))  # fmt: skip
 
 
-async def scenario_downloads(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_downloads(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
     """L5: many downloads of one 5 MB MP3 (a third ranged) with uploads beside them, at `ulimit -n 1024`."""
-    count = 100 if quick else 500
+    count = size(500, 100, 30)
     user = server.new_user()
     created = upload(server.port, user, Wav(5 * 60.0, rate=22050, channels=1))
     path = "/record" + str(created.body["url"]).split("/record", 1)[1]
@@ -910,9 +931,9 @@ async def scenario_downloads(server: LiveServer, quick: bool, rows: list[Row], l
     )
 
 
-async def scenario_idle_connections(server: LiveServer, quick: bool, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_idle_connections(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
     """L6: many idle keep-alive connections, and new requests beside them."""
-    count = 200 if quick else 1000
+    count = size(1000, 200, 50)
     before = server.proc_status("VmRSS")
     connections = []
     for _ in range(count):
@@ -941,10 +962,10 @@ async def scenario_idle_connections(server: LiveServer, quick: bool, rows: list[
     )
 
 
-def run_load(directory: Path, database_url: str, label: str, quick: bool) -> list[Row]:
+def run_load(directory: Path, database_url: str, label: str) -> list[Row]:
     rows: list[Row] = []
-    # --quick shortens the two timeouts that L3 and L4 wait out; the full run keeps the defaults.
-    limits = (3.0, 2.0) if quick else (30.0, 20.0)
+    # --quick and --smoke shorten the two timeouts that L3 and L4 wait out; the full run keeps the defaults.
+    limits = size((30.0, 20.0), (3.0, 2.0), (3.0, 2.0))
     args = ("--min-rate-window", str(limits[0]), "--header-timeout", str(limits[1]))
     plan = [
         ([], [("L1-L2", scenario_uploads), ("L3", scenario_drippers), ("L4", scenario_header_drippers), ("L6", scenario_idle_connections)]),
@@ -967,7 +988,7 @@ def run_load(directory: Path, database_url: str, label: str, quick: bool) -> lis
                 )
             )
             for name, scenario in scenarios:
-                asyncio.run(scenario(server, quick, rows, limits))
+                asyncio.run(scenario(server, rows, limits))
                 settle(server, idle, reference, rows, name)
         finally:
             server.stop()
@@ -1026,64 +1047,129 @@ def conversion_costs(seconds: float) -> list[tuple[str, float, float]]:
     return rows
 
 
-# Main ###########################################################################
+# The test suite ##################################################################
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller files and fewer runs: under a minute")
-    parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite (--load: every scenario)")
-    parser.add_argument("--load", action="store_true", help="the load scenarios L1-L6 (many clients, slow ones included) instead")
-    args = parser.parse_args()
-    quick = args.quick
-    if args.load:
-        with tempfile.TemporaryDirectory(prefix="wav2mp3-load-") as tmp:
-            mode = "quick" if quick else "full"
-            print(f"wav2mp3 load ({mode}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}: one server process, its defaults")
-            databases = [("SQLite", f"sqlite:///{Path(tmp) / 'load.db'}")] + ([("PostgreSQL", args.database_url)] if args.database_url else [])
-            for label, url in databases:
-                print_load(run_load(Path(tmp), url, label, quick))
-        return
-    figures: list[Figure] = []
-    with tempfile.TemporaryDirectory(prefix="wav2mp3-bench-") as tmp:
-        directory = Path(tmp)
-        figures.append(b6_user_rate(directory, "SQLite", f"sqlite:///{directory / 'users.db'}", 500 if quick else 2000))
-        if args.database_url:
-            figures.append(b6_user_rate(directory, "PostgreSQL", args.database_url, 500 if quick else 2000))
-        server = Server(directory, f"sqlite:///{directory / 'bench.db'}")
-        try:
-            figures.append(b1_upload_vs_encode(server, 1 if quick else 5))
-            figures.append(b2_paced_tail(server, 60.0 if quick else 600.0))
-            figures.extend(b3_b4_parallel(server, 1 if quick else 3))
-            figures.append(b7_download(server, 5.0 if quick else 60.0))
-            figures.extend(b5_big_upload_rss(server, 0.125 if quick else 1.0))
-            figures.append(t1_tus_vs_encode(server, 1 if quick else 5))
-            figures.append(t2_cut_at_half(server, 2.0 if quick else 10.0))
-        finally:
-            server.stop()
-        figures.append(t3_resume_after_sigkill(directory, 2.0 if quick else 10.0))
-        figures.append(t4_paused_uploads(directory, 100 if quick else 1000))
-        figures.extend(tag_cost(10.0 if quick else 60.0))
-        ceiling = parallel_encode_ceiling(1 if quick else 3)
-        figures.append(Figure("B3c", "ceiling for B3/B8: two bare LAME encodes in two threads vs one", f"{ceiling:.2f}", "(machine)", None))
-        one, two = b8_workers(directory, 4 if quick else 12)
-        figures.append(Figure("B8", f"--workers 2 vs 1, 4 clients: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", ">= 1.8", two / one >= 1.8))
-        one, two = b8_workers(directory, 4 if quick else 12, ("--max-conversions", "1"))
-        figures.append(
-            Figure("B8b", f"same, one conversion per worker: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", "process scaling", None)
-        )
+def readme_test_command() -> str:
+    """README.md's test command, found as .ci/run finds it."""
+    pattern = r"^python3 -m venv \.venv && .* && pip install -r requirements-dev\.txt && python -m pytest -q test_wav2mp3\.py$"
+    found = re.search(pattern, (HERE / "README.md").read_text(), re.MULTILINE)
+    assert found, "README.md gives no test command"
+    return found.group(0)
 
-    print(f"wav2mp3 benchmark ({'quick' if quick else 'full'}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+
+def suite_run(command: str) -> tuple[float, int, str, str]:
+    """One run of the command in a fresh clone of HEAD: wall seconds, peak RSS of its largest process (KiB),
+    its output, and `git status --short` afterwards."""
+    with tempfile.TemporaryDirectory(prefix="wav2mp3-suite-") as tmp:
+        clone = Path(tmp) / "wav2mp3"
+        subprocess.run(["git", "clone", "--quiet", str(HERE), str(clone)], check=True)
+        started = time.perf_counter()
+        with open(Path(tmp) / "output", "w+b") as output:
+            process = subprocess.Popen(["bash", "-c", command], cwd=clone, stdout=output, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(process.pid, 0)  # ru_maxrss: the largest of the process and its descendants
+            wall = time.perf_counter() - started
+            output.seek(0)
+            printed = output.read().decode(errors="replace")
+        assert os.waitstatus_to_exitcode(status) == 0, printed[-3000:]
+        changed = subprocess.run(["git", "status", "--short"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    return wall, usage.ru_maxrss, printed, changed
+
+
+def suite(runs: int) -> list[Figure]:
+    """README.md's test command, `runs` times from fresh clones: its median wall time and the worst of the rest."""
+    command = readme_test_command()
+    results = [suite_run(command) for _ in range(runs)]
+    walls = sorted(wall for wall, *_ in results)
+    peak = max(rss for _, rss, *_ in results) / 1024
+    warned = [line for _, _, printed, _ in results for line in printed.splitlines() if re.search(r"warning|traceback", line, re.IGNORECASE)]
+    changed = sorted({line for *_, status in results for line in status.splitlines()})
+    summary = results[0][2].strip().splitlines()[-1]
+    median = statistics.median(walls)
+    return [
+        Figure(
+            "S1",
+            f"README test command, fresh clone, median of {runs} ({', '.join(f'{w:.0f}' for w in walls)} s): {summary}",
+            f"{median:.0f} s",
+            "<= 240 s",
+            median <= 240,
+        ),  # fmt: skip
+        Figure("S2", "its peak RSS, largest process (pytest, a worker or a server it started)", f"{peak:.0f} MB", "<= 1024 MB", peak <= 1024),
+        Figure("S3", f"lines of its output that warn or trace back: {warned[:3]}", str(len(warned)), "0", not warned),
+        Figure("S4", f"files it changed or left (git status): {changed[:5]}", str(len(changed)), "0", not changed),
+    ]
+
+
+def print_figures(figures: list[Figure]) -> None:
     print(f"{'id':4} | {'value':>10} | {'goal':<32} | {'met':4} | what")
     print("-" * 120)
     for f in figures:
         met = "-" if f.met is None else ("yes" if f.met else "NO")
         print(f"{f.id:4} | {f.value:>10} | {f.goal:<32} | {met:4} | {f.what}")
+
+
+# Main ###########################################################################
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="smaller files and fewer runs: under a minute")
+    sizes.add_argument("--smoke", action="store_true", help="every figure once on tiny inputs, for the test suite: figures mean nothing")
+    parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite (--load: every scenario)")
+    parser.add_argument("--load", action="store_true", help="the load scenarios L1-L6 (many clients, slow ones included) instead")
+    parser.add_argument("--suite", action="store_true", help="README.md's test command from fresh clones instead (S1-S4)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of --suite (default 3)")
+    args = parser.parse_args()
+    if args.suite:
+        print(f"wav2mp3 test suite on {os.cpu_count()} CPUs: {shlex.quote(readme_test_command())}")
+        print_figures(suite(args.runs))
+        return
+    global MODE
+    MODE = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.load:
+        with tempfile.TemporaryDirectory(prefix="wav2mp3-load-") as tmp:
+            print(f"wav2mp3 load ({MODE}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}: one server process, its defaults")
+            databases = [("SQLite", f"sqlite:///{Path(tmp) / 'load.db'}")] + ([("PostgreSQL", args.database_url)] if args.database_url else [])
+            for label, url in databases:
+                print_load(run_load(Path(tmp), url, label))
+        return
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="wav2mp3-bench-") as tmp:
+        directory = Path(tmp)
+        figures.append(b6_user_rate(directory, "SQLite", f"sqlite:///{directory / 'users.db'}", size(2000, 500, 100)))
+        if args.database_url:
+            figures.append(b6_user_rate(directory, "PostgreSQL", args.database_url, size(2000, 500, 100)))
+        server = Server(directory, f"sqlite:///{directory / 'bench.db'}")
+        try:
+            figures.append(b1_upload_vs_encode(server, size(5, 1, 1)))
+            figures.append(b2_paced_tail(server, size(600.0, 60.0, 10.0)))
+            figures.extend(b3_b4_parallel(server, size(3, 1, 1)))
+            figures.append(b7_download(server, size(60.0, 5.0, 1.0)))
+            figures.extend(b5_big_upload_rss(server, size(1.0, 0.125, 0.03)))
+            figures.append(t1_tus_vs_encode(server, size(5, 1, 1)))
+            figures.append(t2_cut_at_half(server, size(10.0, 2.0, 0.5)))
+        finally:
+            server.stop()
+        figures.append(t3_resume_after_sigkill(directory, size(10.0, 2.0, 0.5)))
+        figures.append(t4_paused_uploads(directory, size(1000, 100, 20)))
+        figures.extend(tag_cost(size(60.0, 10.0, 2.0)))
+        ceiling = parallel_encode_ceiling(size(3, 1, 1))
+        figures.append(Figure("B3c", "ceiling for B3/B8: two bare LAME encodes in two threads vs one", f"{ceiling:.2f}", "(machine)", None))
+        one, two = b8_workers(directory, size(12, 4, 2))
+        figures.append(Figure("B8", f"--workers 2 vs 1, 4 clients: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", ">= 1.8", two / one >= 1.8))
+        one, two = b8_workers(directory, size(12, 4, 2), ("--max-conversions", "1"))
+        figures.append(
+            Figure("B8b", f"same, one conversion per worker: {two:.2f} vs {one:.2f} uploads/s", f"{two / one:.2f}", "process scaling", None)
+        )
+
+    print(f"wav2mp3 benchmark ({MODE}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print_figures(figures)
     print()
     print("Sample conversion (numpy, worker thread) vs LAME encode of the same audio; goal < 10% each")
     print(f"{'format':26} | {'convert ms':>10} | {'encode ms':>9} | {'ratio':>6} | met")
     print("-" * 70)
-    for name, converted, encoded in conversion_costs(10.0 if quick else 60.0):
+    for name, converted, encoded in conversion_costs(size(60.0, 10.0, 2.0)):
         ratio = converted / encoded
         print(f"{name:26} | {converted * 1000:10.1f} | {encoded * 1000:9.0f} | {ratio:6.1%} | {'yes' if ratio < 0.10 else 'NO'}")
 

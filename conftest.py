@@ -1,8 +1,13 @@
 """pytest's side of the tests: fixtures for the database, the app in-process and a live server, and helpers
 that decode MP3s and upload through httpx. What the benchmark shares with the tests is in testkit.py.
 
-The tests run on SQLite by default; TEST_DATABASE_URL=postgresql://... runs them on PostgreSQL, which
-must be a throwaway database: the tests leave their users and records in it.
+The tests run on SQLite by default; TEST_DATABASE_URL=postgresql://... runs them on PostgreSQL: each pytest-xdist
+worker makes a database of its own beside that one (`<name>_gw0`, `<name>_gw1`, made afresh, so the role needs
+CREATEDB) and leaves its users and records in it.
+
+The suite runs on both cores (pyproject.toml: `-n auto`): every server, port, directory, database and browser
+a test uses comes from a fixture that makes its own. `--screenshot` runs one test alone, the one that writes
+docs/page.png; without it that test is deselected, so the test command never changes a tracked file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -29,6 +35,26 @@ from testkit import LiveServer, RemoteSite, credentials, unique_name
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
 PAGE_URL = os.environ.get("PAGE_URL", "")
+
+
+# The run ########################################################################
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--screenshot", action="store_true", help="run only the test that writes docs/page.png (the README's command)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The page's tests share one browser, on one worker; `--screenshot` selects the screenshot test alone, and
+    without it that test is deselected."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("browser"))
+    wanted = config.getoption("--screenshot")
+    chosen = [item for item in items if (item.get_closest_marker("screenshot") is not None) == wanted]
+    config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+    items[:] = chosen
 
 
 # MP3 decoding ####################################################################
@@ -107,9 +133,30 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session")
+def postgresql_url() -> str:
+    """This worker's own PostgreSQL database beside TEST_DATABASE_URL's, made afresh; "" without TEST_DATABASE_URL."""
+    if not TEST_DATABASE_URL:
+        return ""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    parts = urlsplit(TEST_DATABASE_URL)
+    name = f"{parts.path.lstrip('/')}_{worker}"
+
+    async def make() -> None:
+        connection = await asyncpg.connect(TEST_DATABASE_URL)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(make())
+    return urlunsplit(parts._replace(path="/" + name))
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return TEST_DATABASE_URL or f"sqlite:///{tmp_path / 'wav2mp3.db'}"
+def database_url(tmp_path: Path, postgresql_url: str) -> str:
+    return postgresql_url or f"sqlite:///{tmp_path / 'wav2mp3.db'}"
 
 
 async def db_rows(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -217,9 +264,9 @@ async def uploaded(client: httpx.AsyncClient, wav: bytes, filename: str = "call.
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live(tmp_path_factory: pytest.TempPathFactory, postgresql_url: str) -> Iterator[LiveServer]:
     directory = tmp_path_factory.mktemp("live")
-    server = LiveServer(directory, TEST_DATABASE_URL or f"sqlite:///{directory / 'live.db'}")
+    server = LiveServer(directory, postgresql_url or f"sqlite:///{directory / 'live.db'}")
     yield server
     server.stop()
 

@@ -126,6 +126,7 @@ DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
 KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
+POOL_CLOSE_SECONDS = 5.0  # at shutdown, how long SQLite's pool waits for a connection still lent out
 KEEP_WAV_BYTES = 64 * MIB  # audio up to this size is kept on disk (within TEMP_DISK_MB) in case an option follows it
 FLUSH_BYTES = 256 * 1024  # a resumable upload's bytes are stored in pieces of this size, and whatever arrived when a request ends
 LOCK_WAIT_SECONDS = 1.0  # a request waits this long for another's turn on a resumable upload before 409
@@ -3632,17 +3633,27 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
     once were 500 threads and 500 open files. This one lends out at most `size` connections and
     keeps them open; a caller waits for one (within DB_TIMEOUT). Installed over the backend's
     private `_pool` (there is no public hook); pinned by test_sqlite_connections_are_reused.
+
+    It closes every connection it opened, lent ones too once they come back: one left to the garbage
+    collector stops its thread from whatever event loop is current then (aiosqlite/core.py, Connection.__del__),
+    which raises "Event loop is closed" in that thread once the loop is gone.
     """
 
     def __init__(self, url: str, size: int, **options: Any) -> None:
         super().__init__(databases.DatabaseURL(url), **options)
+        self._size = size
         self._free = asyncio.Semaphore(size)
         self._idle: list[aiosqlite.Connection] = []
+        self._opened: set[aiosqlite.Connection] = set()
 
     async def acquire(self) -> aiosqlite.Connection:
         await self._free.acquire()
         try:
-            connection = self._idle.pop() if self._idle else await super().acquire()
+            if self._idle:
+                connection = self._idle.pop()
+            else:
+                connection = await super().acquire()
+                self._opened.add(connection)
         except BaseException:
             self._free.release()
             raise
@@ -3659,8 +3670,13 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
             self._free.release()
 
     async def close(self) -> None:
-        while self._idle:
-            await self._idle.pop().close()
+        with contextlib.suppress(TimeoutError):  # a connection lent out now comes back when its statement ends
+            async with asyncio.timeout(POOL_CLOSE_SECONDS):
+                for _ in range(self._size):
+                    await self._free.acquire()
+        self._idle.clear()
+        while self._opened:
+            await self._opened.pop().close()
 
 
 class _FrameSource:

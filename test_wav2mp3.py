@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1732,6 +1732,64 @@ def test_live_slow_drip_client_gets_408_and_nothing_is_stored(tmp_path: Path, da
         assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_slow_clients_total", reason="too_slow") == 1
 
 
+def send_and_read_answer(port: int, head: bytes, then: Iterable[bytes] = ()) -> bytes:
+    """Send a request's start, then more pieces while the server lets us; what it answered before it closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        with contextlib.suppress(OSError):  # the server may close while we still send: that is the point
+            sock.sendall(head)
+            for piece in then:
+                sock.sendall(piece)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+@pytest.mark.xdist_group("machine")
+def test_live_request_heads_are_bounded(tmp_path: Path) -> None:
+    """Request line, headers and trailers are bounded (64 KiB in all, 8 KiB a line) at the protocol, before any
+    route: past it 414 or 431 and the connection closed, and the server's memory does not grow with what was
+    sent. On e37ff88 300 MiB of header lines took the server from 88 to 384 MB, and 200 MiB of headers got 200."""
+    pad_line = b"X-Pad: " + b"p" * 1000 + b"\r\n"
+    with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'heads.db'}") as server:
+        server.reset_peak_memory()
+        before = server.proc_status("VmHWM")
+        # Headers that never end: 64 MiB offered, cut off after the bound.
+        answer = send_and_read_answer(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n", (pad_line * 1024 for _ in range(64)))
+        assert answer.startswith(b"HTTP/1.1 431") and b"64 KiB" in answer, answer[:300]
+        # Headers that end, over the bound: 431, not 200.
+        answer = send_and_read_answer(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + pad_line * 100 + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:300]
+        # One line over 8 KiB: a header, the request target.
+        answer = send_and_read_answer(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"l" * 9000 + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 431") and b"8 KiB" in answer, answer[:300]
+        answer = send_and_read_answer(server.port, b"GET /health?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 414"), answer[:300]
+        # A chunked body's trailers and chunk extensions, endless: cut off, not held until a timeout.
+        chunked = b"POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        started = time.monotonic()
+        answer = send_and_read_answer(server.port, chunked + b'd\r\n{"name":"ab"}\r\n0\r\n', (pad_line * 1024 for _ in range(64)))
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:300]
+        answer = send_and_read_answer(server.port, chunked + b"c;ext=", (b"e" * 1024 * 1024 for _ in range(64)))
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:300]
+        assert time.monotonic() - started < 10
+        growth_mib = (server.proc_status("VmHWM") - before) / 1024
+        assert growth_mib < 20, growth_mib
+        # Within the bounds, as ever: seven 8 KiB headers, and trailers that end.
+        fair = b"".join(b"X-Fair-%d: " % n + b"f" * 8000 + b"\r\n" for n in range(7))
+        answer = send_and_read_answer(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + fair + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        name = unique_name()
+        body = json.dumps({"name": name}).encode()
+        answer = send_and_read_answer(
+            server.port, chunked.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + b"%x\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (len(body), body)
+        )
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+        assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_overload_refusals_total", cap="request_head") == 6
+        assert "Traceback" not in server.log.read_text()
+
+
 def test_live_header_timeout_closes_a_dripping_client(tmp_path: Path) -> None:
     """uvicorn has no header timeout of its own: GuardedHttpToolsProtocol adds one."""
     with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'headers.db'}", "--header-timeout", "1") as server:
@@ -1901,14 +1959,14 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
-    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "409", "412", "413", "415", "422", "503"}
+    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "409", "412", "413", "415", "422", "429", "503"}
     assert set(upload["patch"]["responses"]) == {"204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"}
     assert set(upload["head"]["responses"]) == {"200", "401", "403", "404", "412", "423", "503"}
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
     assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
     assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
-    assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "408", "413", "422", "503"}
+    assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "408", "413", "422", "429", "503"}
     assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
 
 
@@ -2353,6 +2411,9 @@ def test_every_number_a_client_sends_is_ascii_digits_or_a_4xx(live: LiveServer, 
     patched = http.patch(url, content=wav, headers={**tus(user, **OCTETS), "Upload-Offset": header})
     assert patched.status_code == (204 if value == 0 else 409 if value is not None else 400), patched.text
     assert list(patched.json()) == ["error"] if patched.status_code != 204 else patched.headers["upload-offset"] == str(len(wav))
+    for unfinished in (created.headers.get("location"), None if patched.status_code == 204 else url):  # the user's bound on unfinished uploads
+        if unfinished:
+            http.delete(unfinished, headers=tus(user))
 
 
 @pytest.mark.parametrize("declared", ["²", "١٢", "+12", "1" * 5000, "12 "])
@@ -2554,6 +2615,31 @@ def test_live_logs_never_hold_a_records_id_and_its_user_together(tmp_path: Path,
     assert any('"GET /record?id=…&user=… HTTP/1.1" 200' in line for line in lines)
     ids = {created["record_id"], user["user_id"]}
     assert not [line for line in lines if len({id for id in ids if id in line or id.replace("-", "") in line.lower()}) == 2]
+
+
+def test_live_log_lines_carry_no_control_characters_a_client_sent(tmp_path: Path) -> None:
+    """A path, a query's names or a file name with CR, LF or ESC in it is logged with those written as escapes:
+    no forged line, no terminal colours (on e37ff88 each of these wrote a second, forged line)."""
+    forged = "2026-12-07 15:00:00,000 INFO wav2mp3: converted record=forged"
+    with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'log.db'}") as server:
+        user = server.new_user()
+        for target in (
+            f"/x%0A{quote(forged)}",
+            f"/x%250A{quote(forged)}",
+            f"/x%0D%0A{quote(forged)}",
+            "/x%1B[31mred",
+            f"/health?a%0A{quote(forged)}=1",
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # as sent, not as a client library would tidy it
+                sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        body, headers = multipart(form_part("data", credentials(user)), form_part("audio_file", b"not a wav", f"x\n{forged}.wav"))
+        assert httpx.post(server.url + "/users/wav", content=body, headers=headers).status_code in (415, 422)
+        server.wait_for_log("red")
+    log = server.log.read_text()
+    assert "\x1b" not in log and "\r" not in log
+    assert not [line for line in log.splitlines() if line.startswith(forged)]
+    assert "\\x1b[31mred" in log and "\\n" + forged in log  # written as escapes, still readable
 
 
 # SQLite's one writer: a request waits for its turn at most DB_TIMEOUT.
@@ -3372,6 +3458,197 @@ def test_live_tus_through_nginx_with_a_cap_takes_three_times_the_cap_in_pieces_d
     body, headers = streamed_upload(user, long_wav(seconds), "direct.wav")
     direct = httpx.post(live.url + "/users/wav", content=body, headers=headers, timeout=600).json()
     assert record["sha256"] == direct["sha256"]
+
+
+# One client cannot starve everyone else (fair shares) ###########################
+# Every shared pool has a bound per client address (per user once credentials are read) beside its global one.
+
+
+def client_at(app: Any, address: str) -> httpx.AsyncClient:
+    """A client of the in-process app that comes from `address`, as a socket from it would."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60)
+
+
+async def test_user_creations_are_bounded_per_client_address_per_minute(database_url: str) -> None:
+    """On e37ff88 one address made 27,590 users in 20 s. Behind a trusted proxy the forwarded address is the client;
+    anyone else's X-Forwarded-For is ignored, and so are the hops a client wrote before the trusted proxy's."""
+    app, lifespan = await start_app(database_url, user_creations_per_minute=3, trusted_proxies="127.0.0.4")
+    try:
+        async with client_at(app, "127.0.0.2") as one, client_at(app, "127.0.0.3") as neighbour, client_at(app, "127.0.0.4") as proxy:
+
+            async def create(client: httpx.AsyncClient, **headers: str) -> httpx.Response:
+                return await client.post("/users", json={"name": unique_name()}, headers=headers)
+
+            assert [(await create(one)).status_code for _ in range(3)] == [201, 201, 201]
+            before = await table_counts(database_url)
+            refused = await create(one)
+            assert refused.status_code == 429 and "USER_CREATIONS_PER_MINUTE is 3" in refused.json()["error"]
+            assert 50 <= int(refused.headers["retry-after"]) <= 60
+            assert await table_counts(database_url) == before
+            assert (await create(neighbour)).status_code == 201
+            assert (await create(one, **{"X-Forwarded-For": "10.2.2.2"})).status_code == 429  # not a trusted proxy: its header is ignored
+            assert (await create(proxy, **{"X-Forwarded-For": "127.0.0.2"})).status_code == 429
+            assert (await create(proxy, Forwarded='for="127.0.0.2:4711";proto=http')).status_code == 429
+            assert (await create(proxy, **{"X-Forwarded-For": "127.0.0.2, 10.3.3.3"})).status_code == 201  # the client is the last hop
+            assert (await create(proxy, **{"X-Forwarded-For": "10.1.1.1"})).status_code == 201
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
+async def test_unfinished_uploads_are_bounded_per_user_in_count_and_declared_bytes(client: httpx.AsyncClient, database_url: str) -> None:
+    """On e37ff88 one user made 3,000 uploads of Upload-Length 4 GiB. Now: at most MAX_UNFINISHED_UPLOADS (100) of
+    them, declaring at most MAX_UNFINISHED_MB (by default MAX_UPLOAD_MB: one largest upload) in all; refused
+    before anything is stored, and a finished or deleted one makes room at once."""
+    user = await new_user(client)
+
+    async def create(length: int, name: str) -> httpx.Response:
+        metadata = tus_metadata(filename=f"{name}.wav")
+        return await client.post(f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length=str(length), Upload_Metadata=metadata))
+
+    largest = wav2mp3.Settings().max_upload_bytes
+    assert (await create(largest, "huge-0")).status_code == 201
+    before = await table_counts(database_url)
+    flood = await create(largest, "huge-1")
+    assert flood.status_code == 429 and "MAX_UNFINISHED_MB" in flood.json()["error"] and str(largest) in flood.json()["error"]
+    assert await table_counts(database_url) == before
+    assert (await create(1, "tiny")).status_code == 429  # one byte more than one largest upload
+    [(huge,)] = await db_rows(database_url, "SELECT id FROM uploads WHERE user_id = $1", user["user_id"])
+    assert (await client.delete(f"/users/{user['user_id']}/uploads/{huge}", headers=tus(user))).status_code == 204
+    statuses = [(await create(1000, f"small-{n}")).status_code for n in range(101)]
+    assert statuses == [201] * 100 + [429]
+    refused = await create(1000, "one-more")
+    assert refused.status_code == 429 and "MAX_UNFINISHED_UPLOADS" in refused.json()["error"]
+    [(upload_id,)] = await db_rows(database_url, "SELECT id FROM uploads WHERE user_id = $1 AND filename = 'small-7.wav'", user["user_id"])
+    assert (await client.delete(f"/users/{user['user_id']}/uploads/{upload_id}", headers=tus(user))).status_code == 204
+    assert (await create(1000, "one-more")).status_code == 201
+    assert (await create(1000, "and-another")).status_code == 429
+    other = await new_user(client)  # a neighbour is not held up by this user's uploads
+    assert (
+        await client.post(
+            f"/users/{other['user_id']}/uploads", headers=tus(other, Upload_Length="1000", Upload_Metadata=tus_metadata(filename="a.wav"))
+        )
+    ).status_code == 201
+
+
+async def test_unfinished_uploads_of_everyone_are_bounded_by_unfinished_storage_mb(database_url: str) -> None:
+    async with running_app(database_url):
+        pass  # the schema
+    now = wav2mp3.now()  # what other tests left unfinished in this database counts too
+    [(declared,)] = await db_rows(database_url, "SELECT COALESCE(SUM(length), 0) FROM uploads WHERE record_id IS NULL AND expires_at > $1", now)
+    budget_mb = int(declared) // wav2mp3.MIB + 2
+    room = budget_mb * wav2mp3.MIB - int(declared)
+    async with running_app(database_url, unfinished_storage_mb=budget_mb) as client:
+        first, second = await new_user(client), await new_user(client)
+        assert await tus_create(client, first, room - 100_000)
+        refused = await client.post(
+            f"/users/{second['user_id']}/uploads", headers=tus(second, Upload_Length="200000", Upload_Metadata=tus_metadata(filename="b.wav"))
+        )
+        assert refused.status_code == 503 and "UNFINISHED_STORAGE_MB" in refused.json()["error"] and refused.headers["retry-after"]
+        assert await tus_create(client, second, 100_000)
+
+
+async def test_upload_slots_are_shared_per_client_address_and_per_user(database_url: str) -> None:
+    """On e37ff88 256 slow PATCHes from one address held every upload slot, and every bystander got 503. Now one
+    address holds at most MAX_UPLOADS_PER_CLIENT of them, one user at most MAX_UPLOADS_PER_USER, whatever the route."""
+    app, lifespan = await start_app(database_url, max_uploads_per_client=2, max_uploads_per_user=2)
+    release = asyncio.Event()
+    wav = make_wav(3.0, 44100, 2)
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield wav[:100_000]
+        await release.wait()
+        yield wav[100_000:]
+
+    try:
+        async with client_at(app, "127.0.0.2") as greedy, client_at(app, "127.0.0.3") as other, client_at(app, "127.0.0.5") as third:
+            hog, bystander = await new_user(greedy), await new_user(other)
+            urls = [await tus_create(greedy, hog, len(wav), f"hog-{n}.wav") for n in range(3)]
+            held = [asyncio.create_task(greedy.patch(url, content=held_body(), headers=tus(hog, Upload_Offset="0", **OCTETS))) for url in urls[:2]]
+            deadline = time.monotonic() + 20
+            while metric((await other.get("/metrics")).text, "wav2mp3_uploads_in_progress") < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            refused = await tus_patch(greedy, bystander, await tus_create(greedy, bystander, len(wav), "b.wav"), 0, wav)
+            assert refused.status_code == 503 and "MAX_UPLOADS_PER_CLIENT is 2" in refused.json()["error"] and refused.headers["retry-after"]
+            by_user = await tus_patch(third, hog, urls[2], 0, wav)  # the same user from another address
+            assert by_user.status_code == 503 and "MAX_UPLOADS_PER_USER is 2" in by_user.json()["error"]
+            form = await third.post("/users/wav", **upload_form(hog, make_wav(1.0), "form.wav"))
+            assert form.status_code == 503 and "MAX_UPLOADS_PER_USER" in form.json()["error"]
+            assert (await upload(other, bystander, make_wav(1.0), "fair.wav")).status_code == 201  # a neighbour goes on
+            release.set()
+            assert [(await task).status_code for task in held] == [204, 204]
+            assert (await tus_patch(greedy, hog, urls[2], 0, wav)).status_code == 204  # its slots came back
+    finally:
+        release.set()
+        await lifespan.__aexit__(None, None, None)
+
+
+def test_live_connections_are_shared_per_client_address(tmp_path: Path) -> None:
+    """On e37ff88 2,100 connections from one address that never finished their headers took every connection, and a
+    bystander's /health got 503. Now one address holds at most MAX_CONNECTIONS_PER_CLIENT; a trusted proxy's are
+    not counted (it bounds its own clients)."""
+    args = ("--max-connections-per-client", "5", "--trusted-proxies", "127.0.0.4")
+    with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'conns.db'}", *args) as server, contextlib.ExitStack() as stack:
+
+        def connect(address: str) -> socket.socket:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(address, 0)))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            return sock
+
+        for _ in range(5):
+            connect("127.0.0.2")
+        refused = connect("127.0.0.2").recv(65536)
+        assert refused.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS_PER_CLIENT is 5" in refused and b"retry-after" in refused.lower()
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as neighbour:
+            assert neighbour.get(server.url + "/health").status_code == 200
+        proxied = [connect("127.0.0.4") for _ in range(8)]
+        for sock in proxied:
+            sock.sendall(b"\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_overload_refusals_total", cap="connections_per_client") == 1
+
+
+async def test_a_running_patch_stores_nothing_more_once_its_token_is_replaced(client: httpx.AsyncClient) -> None:
+    """On e37ff88 the old token's PATCH stored all its bytes after a rotation. Now each store checks the token: the
+    PATCH gets the 403 a new request with that token would, and what was stored before the rotation stays."""
+    user = await new_user(client)
+    wav = make_wav(6.0, 44100, 2)
+    url = await tus_create(client, user, len(wav))
+    rotated = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield wav[:300_000]  # past one store (FLUSH_BYTES)
+        await rotated.wait()
+        yield wav[300_000:]
+
+    patching = asyncio.create_task(client.patch(url, content=body(), headers=tus(user, Upload_Offset="0", **OCTETS)))
+    await asyncio.sleep(0.5)
+    new = (await client.post(f"/users/{user['user_id']}/token", headers=bearer(user))).json()
+    rotated.set()
+    answer = await patching
+    assert answer.status_code == 403 and answer.json() == {"error": wav2mp3.FORBIDDEN}
+    head = await client.head(url, headers=tus(new))
+    assert head.status_code == 200 and 0 < int(head.headers["upload-offset"]) <= 300_000
+
+
+async def test_a_running_patch_past_its_uploads_expiry_stores_nothing_more(database_url: str) -> None:
+    """On e37ff88 a slow PATCH that ran past its upload's expiry got 204 and its record was stored, while HEAD said 404."""
+    async with running_app(database_url, upload_expiry_hours=2 / 3600) as client:
+        user = await new_user(client)
+        wav = make_wav(3.0, 44100, 2)
+        url = await tus_create(client, user, len(wav))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield wav[:100_000]
+            await asyncio.sleep(2.5)  # the upload expires meanwhile
+            yield wav[100_000:]
+
+        answer = await client.patch(url, content=body(), headers=tus(user, Upload_Offset="0", **OCTETS))
+        assert answer.status_code == 404 and answer.json() == {"error": wav2mp3.NO_SUCH_UPLOAD}
+        assert (await client.head(url, headers=tus(user))).status_code == 404
+        listing = await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))
+        assert listing.json()["records"] == []
 
 
 # The page in a real browser ######################################################

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import ctypes
@@ -54,6 +55,7 @@ import hashlib
 import hmac
 import http
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -125,7 +127,10 @@ RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead of their clients
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers (trailers included), as nginx's large_client_header_buffers 4 16k
+MAX_HEAD_LINE_BYTES = 8 * 1024  # one of them: h11's and nginx's line bound
 KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
+RATE_WINDOW_CLIENTS = 10_000  # client addresses a RateWindow remembers before it forgets the quiet ones
 POOL_CLOSE_SECONDS = 5.0  # at shutdown, how long SQLite's pool waits for a connection still lent out
 KEEP_WAV_BYTES = 64 * MIB  # audio up to this size is kept on disk (within TEMP_DISK_MB) in case an option follows it
 FLUSH_BYTES = 256 * 1024  # a resumable upload's bytes are stored in pieces of this size, and whatever arrived when a request ends
@@ -223,12 +228,24 @@ class Settings:
     mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
+    max_connections_per_client: int = _setting(64, "of those, from one client address (a trusted proxy's are not counted); beyond: 503 and closed")
+    trusted_proxies: str = _setting(
+        "", "addresses or networks (CIDR, comma-separated) of proxies whose `X-Forwarded-For` / `Forwarded` names the client; empty: none"
+    )
     header_timeout: float = _setting(20.0, "seconds a client has to send its request headers; then 408 and the connection closed")
     upload_idle_timeout: float = _setting(60.0, "seconds a client may stall mid-upload before it is cut off (408)")
     download_idle_timeout: float = _setting(60.0, "seconds a client may take nothing of a download before it is cut off")
     min_upload_rate: int = _setting(1024, "bytes per second a request body must average over MIN_RATE_WINDOW (408 below it); 0: no minimum")
     min_rate_window: float = _setting(30.0, "seconds of waiting for the client over which MIN_UPLOAD_RATE is averaged")
     max_uploads: int = _setting(256, "uploads converted at once per process; beyond: 503 with Retry-After")
+    max_uploads_per_client: int = _setting(32, "of those, from one client address; beyond: 503 with Retry-After")
+    max_uploads_per_user: int = _setting(16, "of those, by one user; beyond: 503 with Retry-After")
+    user_creations_per_minute: int = _setting(30, "users one client address may create a minute, per process; beyond: 429 with Retry-After; 0: any")
+    max_unfinished_uploads: int = _setting(100, "unfinished resumable uploads one user may have; beyond: 429")
+    max_unfinished_mb: int = _setting(0, "MiB one user's unfinished uploads may declare (Upload-Length) in all; beyond: 429; 0: MAX_UPLOAD_MB")
+    unfinished_storage_mb: int = _setting(
+        0, "MiB all unfinished uploads may declare in all; beyond: 503; 0: half the free space of SQLite's file system at start-up (PostgreSQL: any)"
+    )
     audio_buffer_mb: int = _setting(16, "MiB of WAV audio all uploads may hold in memory at once; beyond, reading pauses (TCP holds the rest)")
     temp_disk_mb: int = _setting(
         0, "MiB all temporary files may take (MP3s being made, audio kept for a late option); 0: half the free space of TMPDIR at start-up"
@@ -266,6 +283,10 @@ class Settings:
             "workers",
             "max_uploads",
             "max_connections",
+            "max_connections_per_client",
+            "max_uploads_per_client",
+            "max_uploads_per_user",
+            "max_unfinished_uploads",
             "audio_buffer_mb",
             "db_connections",
             "header_timeout",
@@ -277,10 +298,26 @@ class Settings:
                 raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
         if self.max_conversions < 0 or self.min_upload_rate < 0 or self.temp_disk_mb < 0 or self.min_rate_window <= 0:
             raise ValueError("MAX_CONVERSIONS, MIN_UPLOAD_RATE and TEMP_DISK_MB must not be negative, MIN_RATE_WINDOW must be positive")
+        if min(self.user_creations_per_minute, self.max_unfinished_mb, self.unfinished_storage_mb) < 0:
+            raise ValueError("USER_CREATIONS_PER_MINUTE, MAX_UNFINISHED_MB and UNFINISHED_STORAGE_MB must not be negative")
+        trusted_networks(self.trusted_proxies)  # a ValueError names what is not an address or a network
 
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * MIB
+
+    @property
+    def max_unfinished_bytes(self) -> int:
+        return (self.max_unfinished_mb or self.max_upload_mb) * MIB
+
+    def unfinished_storage_bytes(self) -> int | None:
+        """UNFINISHED_STORAGE_MB, or half of what SQLite's file system has free now; None: no bound (PostgreSQL)."""
+        if self.unfinished_storage_mb:
+            return self.unfinished_storage_mb * MIB
+        if not self.database_url.startswith("sqlite"):
+            return None
+        folder = Path(self.database_url.removeprefix("sqlite:///")).resolve().parent
+        return shutil.disk_usage(folder if folder.exists() else Path.cwd()).free // 2
 
     def temp_disk_bytes(self) -> int:
         """TEMP_DISK_MB, or half of what TMPDIR has free now: room is left for the database and everyone else."""
@@ -290,6 +327,23 @@ class Settings:
     def encoder_threads(self) -> int:
         # The cap is per process: share the CPUs between the workers rather than oversubscribe them.
         return self.max_conversions or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+@functools.cache
+def trusted_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
+def is_trusted(address: str, settings: Settings) -> bool:
+    """Whether `address` is one of TRUSTED_PROXIES (a proxy whose forwarding headers name the client)."""
+    networks = trusted_networks(settings.trusted_proxies)
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def settings_table() -> str:
@@ -311,6 +365,7 @@ FORBIDDEN = "unknown user_id or wrong access_token"  # one message whatever was 
 NO_SUCH_RECORD = "no such record for this user"
 NO_SUCH_UPLOAD = "no such upload for this user: unknown, terminated, failed or expired"
 CLOSE = {"Connection": "close"}  # the rest of the body will not be read
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE}  # a cap's 503: the client goes on after a moment
 
 
 class Refused(Exception):
@@ -418,7 +473,7 @@ CONVERSION_SECONDS = Histogram(
 )
 REQUEST_SECONDS = Histogram("wav2mp3_request_seconds", "time to answer, by method and route", ["method", "route"], registry=METRICS)
 SLOW_CLIENTS = counter("wav2mp3_slow_clients", "clients cut off, by reason", ["reason"])
-OVERLOAD_REFUSALS = counter("wav2mp3_overload_refusals", "503 answers for a cap, by cap", ["cap"])
+OVERLOAD_REFUSALS = counter("wav2mp3_overload_refusals", "refusals at a cap (503; 414 or 431 for a request head), by cap", ["cap"])
 CONNECTIONS = live_gauge("wav2mp3_connections_open", "open HTTP connections")
 DB_ERRORS = counter("wav2mp3_database_errors", "database calls that failed or timed out (answered 503)")
 RESUMABLE_LIVE = live_gauge("wav2mp3_resumable_uploads_live", "resumable uploads with a live session here")
@@ -531,6 +586,7 @@ BODY_LIMITS = {
         408: BODY_LIMITS[408],
         413: error(f"body larger than {MAX_JSON_BODY // 1024} KiB"),
         422: error("not JSON, not an object, or a bad name"),
+        429: error("USER_CREATIONS_PER_MINUTE users were created from this address in the last minute", {"Retry-After": "seconds"}),
         **UNAVAILABLE,
     },
     body={
@@ -547,6 +603,7 @@ async def create_user(request: Request) -> Response:
     services = services_of(request)
     payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "body")
     name = valid_name(payload.get("name"))
+    services.user_creations.admit(client_address(request.scope, services.settings))
     created = await services.users.create(name)
     if created is None:
         # The seed's answer, kept as it was for its clients.
@@ -566,7 +623,10 @@ async def create_user(request: Request) -> Response:
         415: error("not RIFF/WAVE, or an unsupported encoding (named)"),
         422: error("malformed parts or data, a bad option, or a corrupt, truncated or empty WAV"),
         **BODY_LIMITS,
-        503: error("the database is unreachable, or MAX_UPLOADS uploads are in progress", {"Retry-After": "seconds, for the upload cap"}),
+        503: error(
+            "the database is unreachable, or an upload cap is reached (MAX_UPLOADS, ..._PER_CLIENT, ..._PER_USER)",
+            {"Retry-After": "seconds, for the upload caps"},
+        ),
     },
     body={
         "multipart/form-data": {
@@ -586,8 +646,8 @@ async def upload_wav(request: Request) -> Response:
     services = services_of(request)
     body_reader = BodyReader(request, services.settings.max_upload_bytes, services.settings)
     parts = MultipartReader(request.headers.get("content-type", ""))
-    await services.uploads.admit(body_reader)
-    upload = FormUpload(services, parts)
+    slot = await services.uploads.admit(body_reader, client_address(request.scope, services.settings))
+    upload = FormUpload(services, parts, slot)
     try:
         await upload.receive(body_reader)
         mp3 = await upload.converted()
@@ -596,7 +656,7 @@ async def upload_wav(request: Request) -> Response:
             raise Refused(403, FORBIDDEN)  # the token was replaced while the upload ran
     finally:
         upload.close()
-        services.uploads.release()
+        slot.release()
         UPLOAD_BYTES.labels("multipart").inc(body_reader.received)
     AUDIO_SECONDS.inc(record.duration_seconds)
     CONVERSION_SECONDS.observe(time.perf_counter() - upload.started)
@@ -674,8 +734,9 @@ async def tus_options(request: Request) -> Response:
         413: error("Upload-Length larger than MAX_UPLOAD_MB"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error("Upload-Metadata malformed, without filename, or with a bad option; or an empty file"),
+        429: error("the user has MAX_UNFINISHED_UPLOADS unfinished uploads, or they would declare more than MAX_UNFINISHED_MB"),
         412: TUS_REFUSALS[412],
-        **UNAVAILABLE,
+        503: error("the database is unreachable, or UNFINISHED_STORAGE_MB is taken", {"Retry-After": "seconds, for the storage"}),
     },
     parameters=(
         USER_ID,
@@ -737,6 +798,9 @@ async def head_upload(request: Request) -> Response:
         422: error("a WAV refused as on POST /users/wav: the upload is then ended"),
         460: error("Upload-Checksum does not match: the piece is dropped, the offset stays"),
         **TUS_REFUSALS,
+        503: error(
+            "the database is unreachable, or an upload cap is reached (MAX_UPLOADS, ..._PER_CLIENT, ..._PER_USER)", {"Retry-After": "seconds"}
+        ),
     },
     parameters=(
         *UPLOAD_URL,
@@ -1268,6 +1332,36 @@ def clean_filename(name: str) -> str:
 
 
 # 4. Authentication ################################################################
+# Who is asking: the client's address (for the per-client shares, before credentials), then the user.
+
+
+def client_address(scope: Any, settings: Settings) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy (TRUSTED_PROXIES), the last address
+    in `X-Forwarded-For` (or `Forwarded: for=`, RFC 7239 §5.2) that is not itself a trusted proxy. Only what
+    trusted proxies appended counts: a client may put anything first."""
+    peer = scope["client"][0] if scope.get("client") else ""
+    if not is_trusted(peer, settings):
+        return peer
+    headers = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in (b"x-forwarded-for", b"forwarded")}
+    if "forwarded" in headers:
+        hops = [found.group(1) for found in FORWARDED_FOR.finditer(headers["forwarded"])]
+    else:
+        hops = headers.get("x-forwarded-for", "").split(",")
+    for address in map(forwarded_address, reversed(hops)):
+        if address and not is_trusted(address, settings):
+            return address
+    return peer
+
+
+FORWARDED_FOR = re.compile(r'for=("[^"]*"|[^;,\s]*)', re.IGNORECASE)
+
+
+def forwarded_address(hop: str) -> str:
+    """An address as a proxy writes it: `192.0.2.1`, `192.0.2.1:4711`, `"[2001:db8::1]:4711"`, `2001:db8::1`."""
+    hop = hop.strip().strip('"')
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    return hop.rsplit(":", 1)[0] if hop.count(":") == 1 else hop
 
 
 def hash_token(token: str) -> str:
@@ -1369,9 +1463,10 @@ class FormUpload:
     malformed part after it is the answer (422), not the name (409).
     """
 
-    def __init__(self, services: Services, parts: MultipartReader) -> None:
+    def __init__(self, services: Services, parts: MultipartReader, slot: UploadSlot) -> None:
         self.services = services
         self.parts = parts
+        self.slot = slot  # its user's share is taken once the user is known
         self.started = time.perf_counter()
         self.refusal: Refused | None = None  # the answer: the rest of the body is discarded
         self.conflict: NameTaken | None = None  # the answer unless a refusal comes up
@@ -1446,6 +1541,7 @@ class FormUpload:
             user_id, token = data_credentials(bytes(self._field))
             self.user_id = await authenticate(self.services.store, user_id, token)
             self.token = token
+            self.slot.take_user(self.user_id)
             await self._check_name_free()
         elif part in FORM_OPTIONS:
             add_option(self.options, part, self._field.decode("latin-1"))
@@ -1510,6 +1606,7 @@ class ResumableUpload:
         self._session: UploadSession | None = None
         self._stored = 0  # bytes of the file in the database; the session has been fed these and the pending ones
         self._pending = bytearray()
+        self.token_sha256 = ""  # of the request feeding it: its bytes are stored only while that token is the user's
 
     async def catch_up(self) -> None:
         """Stand where the database stands (`upload`): go on as it is, or start anew and feed the stored bytes."""
@@ -1547,8 +1644,11 @@ class ResumableUpload:
         if self._pending:
             data, self._pending = bytes(self._pending), bytearray()
             try:
-                if not await self._services.store.append_upload(self.upload.upload_id, self._stored, data):
-                    now_there = await self._services.store.find_upload(self.upload.upload_id, self.upload.user_id)
+                store = self._services.store
+                if not await store.append_upload(self.upload.upload_id, self._stored, data, self.token_sha256):
+                    if await store.token_hash(self.upload.user_id) != self.token_sha256:
+                        raise Refused(403, FORBIDDEN)  # the token was replaced or the user deleted while the request ran
+                    now_there = await store.find_upload(self.upload.upload_id, self.upload.user_id)
                     if now_there is None:
                         raise Refused(404, NO_SUCH_UPLOAD)
                     raise Refused(409, "this upload went on elsewhere meanwhile: send from its offset", {"Upload-Offset": str(now_there.received)})
@@ -1594,12 +1694,14 @@ class ResumableUploads:
         self._completing: dict[str, asyncio.Task[StoredUpload]] = {}
         self._warming = asyncio.Semaphore(2)  # catch-ups a HEAD starts ahead of time: a flood of HEADs costs two encoders
         self._purge_again = False
+        settings = services.settings
+        self._bounds = UnfinishedBounds(settings.max_unfinished_uploads, settings.max_unfinished_bytes, settings.unfinished_storage_bytes())
 
     async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str) -> StoredUpload:
         created = datetime.now(UTC)
         expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
         upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata)
-        if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created)):
+        if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created), self._bounds):
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
         RESUMABLE_UPLOADS.labels("created").inc()
         return upload
@@ -1787,11 +1889,12 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     remaining = upload.length - offset
     checksum = upload_checksum(request, remaining)
     body = BodyReader(request, remaining, services.settings)
-    await services.uploads.admit(body)
+    slot = await services.uploads.admit(body, client_address(request.scope, services.settings), upload.user_id)
     try:
         async with services.resumable.turn(upload) as live:
             if done_at(request, live.upload, offset):  # another request completed it while this one waited for its turn
                 return upload.length
+            live.token_sha256 = hash_token(token)
             try:
                 if checksum:
                     await receive_checked(body, live, checksum, services.encoders.disk)
@@ -1813,7 +1916,7 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
                 await services.resumable.complete(live, token)
             return stored
     finally:
-        services.uploads.release()
+        slot.release()
         UPLOAD_BYTES.labels("tus").inc(body.received)
 
 
@@ -2680,13 +2783,25 @@ SQL_INSERT_UPLOAD = (
     "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at, metadata)"
     " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at, :metadata)"
 )
+SQL_UNFINISHED_OF_USER = (
+    "SELECT COUNT(*) AS uploads, CAST(COALESCE(SUM(length), 0) AS BIGINT) AS declared FROM uploads"
+    " WHERE user_id = :user_id AND record_id IS NULL AND expires_at > :now"
+)
+SQL_UNFINISHED_DECLARED = "SELECT CAST(COALESCE(SUM(length), 0) AS BIGINT) FROM uploads WHERE record_id IS NULL AND expires_at > :now"
 SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
-SQL_ADVANCE_UPLOAD = "UPDATE uploads SET received = :received WHERE id = :id AND received = :start AND record_id IS NULL RETURNING id"
+# A request's bytes count only while the upload stands where it began, has not expired, and the request's token is
+# still its user's: expiry, a new token and a deleted user reach a request that is already running.
+SQL_ADVANCE_UPLOAD = (
+    "UPDATE uploads SET received = :received WHERE id = :id AND received = :start AND record_id IS NULL AND expires_at > :now"
+    " AND EXISTS (SELECT 1 FROM users WHERE users.id = uploads.user_id AND users.token_sha256 = :token_sha256) RETURNING id"
+)
 SQL_INSERT_UPLOAD_CHUNK = "INSERT INTO upload_chunks (upload_id, start, data) VALUES (:upload_id, :start, :data)"
 SQL_UPLOAD_CHUNKS = (
     "SELECT start, data FROM upload_chunks WHERE upload_id = :upload_id AND start >= :start AND start < :end ORDER BY start LIMIT :limit"
 )
-SQL_COMPLETE_UPLOAD = "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id AND record_id IS NULL RETURNING id"
+SQL_COMPLETE_UPLOAD = (
+    "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id AND record_id IS NULL AND expires_at > :now RETURNING id"
+)
 SQL_DELETE_UPLOAD = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id RETURNING id"
 SQL_DELETE_EXPIRED_UPLOADS = "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at < :now LIMIT :limit) RETURNING id, record_id"
 SQL_SPENT_UPLOADS = (
@@ -2898,7 +3013,7 @@ class Store:
                 if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
                     return None
                 # A resumable upload's record claims its completion first: one of two at once wins, none after an end.
-                complete = {"id": upload_id, "record_id": record.record_id}
+                complete = {"id": upload_id, "record_id": record.record_id, "now": now()}
                 if upload_id is not None and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, complete)) is None:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 await self._call(self.database.execute(SQL_INSERT_RECORD, values))
@@ -2946,14 +3061,19 @@ class Store:
     async def delete_expired(self, before: str, limit: int) -> int:
         return len(await self._write(SQL_DELETE_EXPIRED, {"before": before, "limit": limit}))
 
-    async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str) -> bool:
-        """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name,
-        False if the token was replaced meanwhile."""
+    async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str, bounds: UnfinishedBounds) -> bool:
+        """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name, 429
+        or 503 past the bounds on unfinished uploads, False if the token was replaced meanwhile. The user's row is
+        locked first, so that one user's creations are counted one after another."""
         values = {"id": upload.upload_id, "options": json.dumps(upload.options), "created_at": created_at}
         values |= {column: getattr(upload, column) for column in ("user_id", "filename", "length", "expires_at", "metadata")}
         async with self.writing(), self.database.transaction():
             if not await self._reserve_name(upload.user_id, token_sha256, upload.filename):
                 return False
+            row = await self._call(self.database.fetch_one(SQL_UNFINISHED_OF_USER, {"user_id": upload.user_id, "now": created_at}))
+            assert row is not None
+            total = await self._call(self.database.fetch_val(SQL_UNFINISHED_DECLARED, {"now": created_at})) if bounds.storage else 0
+            bounds.check(row["uploads"], row["declared"], total, upload.length)
             await self._call(self.database.execute(SQL_INSERT_UPLOAD, values))
         return True
 
@@ -2964,10 +3084,12 @@ class Store:
         upload_id, user_id, filename, options, *rest = (row[column] for column in UPLOAD_COLUMNS.split(", "))
         return StoredUpload(upload_id, user_id, filename, json.loads(options), *rest)
 
-    async def append_upload(self, upload_id: str, start: int, data: bytes) -> bool:
-        """Store bytes of an upload that stood at `start`; False if it stands elsewhere by now (or is gone)."""
+    async def append_upload(self, upload_id: str, start: int, data: bytes, token_sha256: str) -> bool:
+        """Store bytes of an upload that stood at `start`; False if it stands elsewhere by now, is gone or expired, or
+        the token is no longer its user's."""
+        advance = {"id": upload_id, "start": start, "received": start + len(data), "now": now(), "token_sha256": token_sha256}
         async with self.writing(), self.database.transaction():
-            moved = await self._call(self.database.fetch_val(SQL_ADVANCE_UPLOAD, {"id": upload_id, "start": start, "received": start + len(data)}))
+            moved = await self._call(self.database.fetch_val(SQL_ADVANCE_UPLOAD, advance))
             if moved is None:
                 return False
             await self._call(self.database.execute(SQL_INSERT_UPLOAD_CHUNK, {"upload_id": upload_id, "start": start, "data": Blob(data)}))
@@ -3023,6 +3145,32 @@ class RecordVanished(Exception):
 
 def stored_record(row: Any) -> StoredRecord:
     return StoredRecord(row["id"], *(row[field] for field in RECORD_FIELDS))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnfinishedBounds:
+    """What unfinished resumable uploads may hold: per user (MAX_UNFINISHED_UPLOADS, MAX_UNFINISHED_MB) and in all
+    (UNFINISHED_STORAGE_MB, None for no bound), counted by what they declare (Upload-Length), so that a creation is
+    refused before any byte is sent."""
+
+    uploads: int
+    declared: int
+    storage: int | None
+
+    def check(self, uploads: int, declared: int, total: int, length: int) -> None:
+        if uploads >= self.uploads:
+            OVERLOAD_REFUSALS.labels("unfinished_uploads").inc()
+            raise Refused(429, f"this user has {uploads} unfinished uploads (MAX_UNFINISHED_UPLOADS): finish or delete one first")
+        if declared + length > self.declared:
+            OVERLOAD_REFUSALS.labels("unfinished_mb").inc()
+            raise Refused(
+                429,
+                f"this user's unfinished uploads declare {declared} bytes, and {length} more would pass MAX_UNFINISHED_MB"
+                f" ({self.declared} bytes): finish or delete some first",
+            )
+        if self.storage is not None and total + length > self.storage:
+            OVERLOAD_REFUSALS.labels("unfinished_storage").inc()
+            raise Refused(503, "the storage for unfinished uploads (UNFINISHED_STORAGE_MB) is full: try again later", RETRY_LATER)
 
 
 class UserBatcher:
@@ -3371,28 +3519,93 @@ class Services:
     uploads: UploadSlots
     downloads: ByteBudget
     resumable: ResumableUploads = dataclasses.field(init=False)
+    user_creations: RateWindow = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.user_creations = RateWindow(self.settings.user_creations_per_minute, "users created", "USER_CREATIONS_PER_MINUTE")
+
+
+class RateWindow:
+    """At most `limit` events a minute from one client address (IPv6: one /64, what one host is given), in this
+    process; beyond, 429 with the seconds until the oldest leaves the window. 0: no bound."""
+
+    def __init__(self, limit: int, what: str, setting: str) -> None:
+        self.limit, self.what, self.setting = limit, what, setting
+        self.events: dict[str, deque[float]] = {}
+
+    def admit(self, client: str) -> None:
+        if not self.limit:
+            return
+        if ":" in client:
+            with contextlib.suppress(ValueError):
+                client = str(ipaddress.ip_network(f"{client}/64", strict=False))
+        now, events = time.monotonic(), self.events.setdefault(client, deque())
+        while events and events[0] <= now - 60:
+            events.popleft()
+        if len(events) >= self.limit:
+            wait = max(1, math.ceil(events[0] + 60 - now))
+            OVERLOAD_REFUSALS.labels(self.setting.lower()).inc()
+            raise Refused(
+                429, f"too many {self.what} from this address ({self.setting} is {self.limit}): try again in {wait} s", {"Retry-After": str(wait)}
+            )
+        events.append(now)
+        if len(self.events) > RATE_WINDOW_CLIENTS:  # forget the clients that have been quiet for a minute
+            self.events = {key: times for key, times in self.events.items() if times and times[-1] > now - 60}
 
 
 class UploadSlots:
-    """The cap on uploads at once in this process (503 beyond it)."""
+    """The caps on uploads at once in this process (503 beyond them): in all (MAX_UPLOADS), from one client
+    address (MAX_UPLOADS_PER_CLIENT) and by one user (MAX_UPLOADS_PER_USER), so that one client cannot hold
+    every slot (256 slow PATCHes from one address did, on e37ff88)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.held: collections.Counter[str] = collections.Counter()  # "" for all, "client <address>", "user <id>"
 
-    async def admit(self, body: BodyReader) -> None:
+    async def admit(self, body: BodyReader, client: str, user_id: str | None = None) -> UploadSlot:
         """A place for one more upload, or 503 with Retry-After (after reading a little of the body, up to
-        OVERLOAD_DRAIN, so that a client that is still sending sees the answer); release() gives it back."""
-        if self.active >= self.limit:
+        OVERLOAD_DRAIN, so that a client that is still sending sees the answer); the slot's release() gives it back."""
+        slot = UploadSlot(self)
+        try:
+            slot.take("", "max_uploads", "too many uploads at once")
+            slot.take(f"client {client}", "max_uploads_per_client", "too many uploads from this address at once")
+            if user_id is not None:
+                slot.take_user(user_id)
+        except Refused:
+            slot.release()
             await body.drain(*OVERLOAD_DRAIN)
-            OVERLOAD_REFUSALS.labels("uploads").inc()
-            raise Refused(503, "too many uploads at once: try again shortly", {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE})
-        self.active += 1
-        UPLOADS_IN_PROGRESS.inc()
+            raise
+        return slot
+
+
+class UploadSlot:
+    """One upload's places in UploadSlots: in all, its client's, and its user's once the user is known."""
+
+    def __init__(self, slots: UploadSlots) -> None:
+        self.slots = slots
+        self.keys: list[str] = []
+
+    def take(self, key: str, setting: str, why: str) -> None:
+        limit = getattr(self.slots.settings, setting)
+        if self.slots.held[key] >= limit:
+            OVERLOAD_REFUSALS.labels(setting.removeprefix("max_")).inc()
+            raise Refused(503, f"{why} ({setting.upper()} is {limit}): try again shortly", RETRY_LATER)
+        self.slots.held[key] += 1
+        self.keys.append(key)
+        if key == "":
+            UPLOADS_IN_PROGRESS.inc()
+
+    def take_user(self, user_id: str) -> None:
+        self.take(f"user {user_id}", "max_uploads_per_user", "too many uploads by this user at once")
 
     def release(self) -> None:
-        self.active -= 1
-        UPLOADS_IN_PROGRESS.dec()
+        for key in self.keys:
+            self.slots.held[key] -= 1
+            if not self.slots.held[key]:
+                del self.slots.held[key]
+            if key == "":
+                UPLOADS_IN_PROGRESS.dec()
+        self.keys = []
 
 
 def services_of(request: Request) -> Services:
@@ -3514,7 +3727,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with anyio.create_task_group():
             pass
         downloads = ByteBudget(DOWNLOAD_BUFFER_BYTES, BUFFERED_DOWNLOADS)
-        services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings.max_uploads), downloads)
+        services = Services(settings, store, UserBatcher(store), encoders, UploadSlots(settings), downloads)
         services.resumable = ResumableUploads(services)
         app.state.services = services
         sweeper = asyncio.create_task(keep_storage(services))
@@ -3575,12 +3788,31 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging, and this module's loggers (the access log among them) on stderr, in every worker process."""
+    """uvicorn's logging, and this module's loggers (the access log among them) on stderr, in every worker process;
+    every handler's messages without control characters."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["formatters"]["wav2mp3"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     config["handlers"]["wav2mp3"] = {"class": "logging.StreamHandler", "formatter": "wav2mp3", "stream": "ext://sys.stderr"}
     config["loggers"]["wav2mp3"] = {"handlers": ["wav2mp3"], "level": "INFO", "propagate": False}
+    config.setdefault("filters", {})["printable"] = {"()": PrintableMessages}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("printable")
     return config
+
+
+class PrintableMessages(logging.Filter):
+    """A log message carries what a client sent (a path, a query's names, a file name): its control characters
+    (CR and LF that would start a forged line, ESC that would colour a terminal, and the rest of C0, DEL, C1 and
+    the Unicode line separators) are written as escapes. A traceback keeps its lines: it is not in the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if CONTROL_CHARACTERS.search(message):
+            record.msg, record.args = CONTROL_CHARACTERS.sub(lambda found: ascii(found.group())[1:-1], message), None
+        return True
+
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # Appendix A: work-arounds #########################################################
@@ -3760,20 +3992,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     the connection closes). And it has no cap on connections but a 503 per request: here a
     connection beyond MAX_CONNECTIONS is answered 503 and closed at once, before it costs anything.
     It also gives each request a way to drop its connection (ABORT_KEY), for a download cut off.
-    Pinned by test_live_header_timeout_closes_a_dripping_client, ..._connection_cap and
-    test_live_a_download_nobody_reads_is_cut_off.
+    And it bounds what a request's head holds in memory, which neither httptools nor uvicorn does: httptools
+    joins a header's pieces until the header ends, uvicorn keeps the URL's pieces and every header, trailers
+    of a chunked body included, so 300 MiB of headers were 300 MiB of memory. Here the request line and each
+    header are at most MAX_HEAD_LINE_BYTES (414, 431), all of them with the trailers at most MAX_HEAD_BYTES,
+    and so is what arrives between two pieces of body (chunk extensions, trailers): 431 and the connection closed.
+    Pinned by test_live_header_timeout_closes_a_dripping_client, ..._connection_cap,
+    test_live_a_download_nobody_reads_is_cut_off and test_live_request_heads_are_bounded.
     """
 
     limits = Settings()  # create_app() puts the service's own here: uvicorn makes the protocol, not us
+    per_client: collections.Counter[str] = collections.Counter()  # open connections by client address (not a trusted proxy's)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         CONNECTIONS.inc()
         self._header_deadline: asyncio.TimerHandle | None = None
         self._refused = False
+        address = self.client[0] if self.client else ""
+        self._counted_as = "" if is_trusted(address, self.limits) else address
+        if self._counted_as:
+            self.per_client[self._counted_as] += 1
+        self._head_bytes = 0  # bytes read since the last progress: headers complete, or a piece of body
+        self._progressed = False
+        self._head_refusal: tuple[int, str] | None = None
         if len(self.connections) > min(self.limits.max_connections, connection_limit()):
             OVERLOAD_REFUSALS.labels("connections").inc()
             self._refuse(503, "too many connections: try again shortly", f"Retry-After: {RETRY_AFTER_SECONDS}\r\n")
+            return
+        if self.per_client[self._counted_as] > self.limits.max_connections_per_client:
+            OVERLOAD_REFUSALS.labels("connections_per_client").inc()
+            limit = self.limits.max_connections_per_client
+            self._refuse(
+                503,
+                f"too many connections from this address (MAX_CONNECTIONS_PER_CLIENT is {limit}): try again shortly",
+                f"Retry-After: {RETRY_AFTER_SECONDS}\r\n",
+            )
             return
         self._await_headers()
 
@@ -3782,9 +4036,58 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # answered already: what still comes is read and dropped until the connection closes
         if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()  # the first bytes of a request on a kept-alive connection
+        self._progressed = False
         super().data_received(data)
+        self._head_bytes = 0 if self._progressed else self._head_bytes + len(data)
+        if self._head_bytes > MAX_HEAD_BYTES and self._head_refusal is None:
+            self._head_refusal = (431, f"request headers or trailers over {MAX_HEAD_BYTES // 1024} KiB")
+        if self._head_refusal is not None and not self._refused:
+            self._refuse_head(*self._head_refusal)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_total = 0
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_HEAD_LINE_BYTES:
+            self._head_refusal = self._head_refusal or (414, f"request target over {MAX_HEAD_LINE_BYTES // 1024} KiB")
+        elif self._head_refusal is None:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_total += len(name) + len(value) + 4
+        if len(name) + len(value) > MAX_HEAD_LINE_BYTES:
+            self._head_refusal = self._head_refusal or (431, f"a request header over {MAX_HEAD_LINE_BYTES // 1024} KiB")
+        elif self._head_total + len(self.url) > MAX_HEAD_BYTES:
+            self._head_refusal = self._head_refusal or (431, f"request headers or trailers over {MAX_HEAD_BYTES // 1024} KiB")
+        elif self._head_refusal is None:
+            super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_refusal is None:
+            self._progressed = True
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_refusal is None:
+            super().on_message_complete()
+
+    def _refuse_head(self, status: int, detail: str) -> None:
+        OVERLOAD_REFUSALS.labels("request_head").inc()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # trailers: the request runs, and hears it has ended
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self._refused = True
+                self.transport.close()
+                return
+        self._refuse(status, detail)
 
     def on_headers_complete(self) -> None:
+        if self._head_refusal is not None:
+            return  # answered once this piece has been read, and the request never starts
+        self._progressed = True
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
@@ -3793,6 +4096,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         CONNECTIONS.dec()
+        if self._counted_as:
+            self.per_client[self._counted_as] -= 1
+            if not self.per_client[self._counted_as]:
+                del self.per_client[self._counted_as]
         if self._header_deadline is not None:
             self._header_deadline.cancel()
         super().connection_lost(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import getpass
@@ -3582,6 +3583,71 @@ async def test_upload_slots_are_shared_per_client_address_and_per_user(database_
     finally:
         release.set()
         await lifespan.__aexit__(None, None, None)
+
+
+async def test_a_checksummed_piece_is_bounded_on_the_temporary_disk(database_url: str) -> None:
+    """A PATCH with Upload-Checksum waits on the temporary disk until it is checked: at most MAX_CHECKED_PIECE_MB
+    of it, declared (Content-Length) or as it streams; past it 413 naming the bound, the piece dropped, the offset
+    where it was. On e37ff88 one slow 64 MiB piece held a 64 MiB budget whole."""
+    async with running_app(database_url, max_checked_piece_mb=1) as client:
+        user = await new_user(client)
+        wav = make_wav(20.0, 44100, 2)  # 3.5 MB
+        url = await tus_create(client, user, len(wav))
+        piece = wav[: 2 * wav2mp3.MIB]
+        declared = await tus_patch(client, user, url, 0, piece, Upload_Checksum="sha1 " + sha1_b64(piece))
+        assert declared.status_code == 413 and "MAX_CHECKED_PIECE_MB" in declared.json()["error"]
+
+        async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: found as the bytes come
+            for start in range(0, len(piece), 65536):
+                yield piece[start : start + 65536]
+
+        headers = tus(user, Upload_Offset="0", Upload_Checksum="sha1 " + sha1_b64(piece), **OCTETS)
+        streaming = await client.patch(url, content=streamed(), headers=headers)
+        assert streaming.status_code == 413 and "MAX_CHECKED_PIECE_MB" in streaming.json()["error"]
+        assert (await client.head(url, headers=tus(user))).headers["upload-offset"] == "0"
+        assert metric((await client.get("/metrics")).text, "wav2mp3_temp_disk_bytes") == 0
+        for start in range(0, len(wav), wav2mp3.MIB):  # pieces within the bound go through
+            part = wav[start : start + wav2mp3.MIB]
+            assert (await tus_patch(client, user, url, start, part, Upload_Checksum="sha1 " + sha1_b64(part))).status_code == 204
+        assert (await client.get(url, headers=bearer(user))).json()["filename"] == "call.mp3"
+
+
+async def test_paused_uploads_give_their_temporary_disk_to_an_active_upload(database_url: str) -> None:
+    """Paused resumable uploads keep their MP3 so far on the temporary disk. When an upload begins and more than half
+    of TEMP_DISK_MB is taken, they give it back (and catch up from the database when they go on): on e37ff88 32
+    paused uploads held the whole budget, and every bystander got 503 for minutes."""
+    async with running_app(database_url, temp_disk_mb=1) as client:
+        hoarder, bystander = await new_user(client), await new_user(client)
+        wav = make_wav(8.0, 44100, 2)  # a first piece of 1 MB makes ~100 KB of MP3, spooled to the disk
+        urls = [await tus_create(client, hoarder, len(wav), f"paused-{n}.wav") for n in range(10)]
+        for url in urls:
+            assert (await tus_patch(client, hoarder, url, 0, wav[:1_000_000])).status_code == 204
+        # The paused sessions hold some of it, never more than about half: each upload that begins beyond half lets them go.
+        assert 0 < metric((await client.get("/metrics")).text, "wav2mp3_temp_disk_bytes") < 0.75 * wav2mp3.MIB
+        response = await upload(client, bystander, make_wav(30.0, 44100, 2), "bystander.wav")  # needs ~480 KB
+        assert response.status_code == 201, response.text
+        assert metric((await client.get("/metrics")).text, "wav2mp3_temp_disk_bytes") == 0
+        # A paused upload goes on from the database: the same MP3 as a POST of the file.
+        assert (await tus_patch(client, hoarder, urls[0], 1_000_000, wav[1_000_000:])).status_code == 204
+        resumed = (await client.get(urls[0], headers=bearer(hoarder))).json()
+        assert resumed["sha256"] == (await upload(client, bystander, wav, "paused-0.wav")).json()["sha256"]
+
+
+@needs_nginx
+def test_live_behind_nginx_each_client_has_its_own_share(tmp_path: Path) -> None:
+    """deploy/nginx.conf in front, the app trusting it (TRUSTED_PROXIES, as compose sets it): the client nginx names
+    in X-Forwarded-For is the one counted, not nginx, whose connections are not counted either."""
+    args = ("--trusted-proxies", "127.0.0.1", "--user-creations-per-minute", "2", "--max-connections-per-client", "2")
+    with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'proxied.db'}", *args) as server, nginx_in_front(server.port, tmp_path) as port:
+
+        def create(address: str) -> int:
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30) as client:
+                return client.post(f"http://127.0.0.1:{port}/users", json={"name": unique_name()}).status_code
+
+        assert [create("127.0.0.2") for _ in range(3)] == [201, 201, 429]
+        assert create("127.0.0.3") == 201
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # more connections from nginx than one client may hold
+            assert set(pool.map(lambda n: httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code, range(40))) == {200}
 
 
 def test_live_connections_are_shared_per_client_address(tmp_path: Path) -> None:

@@ -250,6 +250,7 @@ class Settings:
     temp_disk_mb: int = _setting(
         0, "MiB all temporary files may take (MP3s being made, audio kept for a late option); 0: half the free space of TMPDIR at start-up"
     )
+    max_checked_piece_mb: int = _setting(16, "MiB of one PATCH with Upload-Checksum (it waits on the temporary disk until checked); beyond: 413")
     db_timeout: float = _setting(10.0, "seconds a database call may take before the answer is 503")
     db_connections: int = _setting(8, "database connections per process (SQLite: readers beside the one writer)")
     db_startup_timeout: float = _setting(120.0, "seconds to wait for the database at start-up")
@@ -287,6 +288,7 @@ class Settings:
             "max_uploads_per_client",
             "max_uploads_per_user",
             "max_unfinished_uploads",
+            "max_checked_piece_mb",
             "audio_buffer_mb",
             "db_connections",
             "header_timeout",
@@ -305,6 +307,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * MIB
+
+    @property
+    def max_checked_piece_bytes(self) -> int:
+        return self.max_checked_piece_mb * MIB
 
     @property
     def max_unfinished_bytes(self) -> int:
@@ -647,6 +653,7 @@ async def upload_wav(request: Request) -> Response:
     body_reader = BodyReader(request, services.settings.max_upload_bytes, services.settings)
     parts = MultipartReader(request.headers.get("content-type", ""))
     slot = await services.uploads.admit(body_reader, client_address(request.scope, services.settings))
+    services.resumable.make_room()
     upload = FormUpload(services, parts, slot)
     try:
         await upload.receive(body_reader)
@@ -756,7 +763,7 @@ async def create_upload(request: Request) -> Response:
     length = upload_length(request, services.settings)
     metadata = request.headers.get("upload-metadata", "")
     filename, options = upload_metadata(metadata)
-    upload_checksum(request, length)  # a first piece's own refusals come before the upload exists
+    upload_checksum(request, length, services.settings)  # a first piece's own refusals come before the upload exists
     upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
     headers = {"Location": upload_url(request, upload), "Upload-Expires": http_date(upload.expires_at)}
     if has_body(request):  # creation-with-upload: a body is the file's first bytes
@@ -793,7 +800,7 @@ async def head_upload(request: Request) -> Response:
         400: error("no Upload-Offset, or an Upload-Checksum that is malformed or of an algorithm not offered"),
         408: error("the client stalled or sent too slowly: the bytes that arrived are kept"),
         409: error("Upload-Offset is not the upload's offset, or another request is sending this upload's bytes", {"Upload-Offset": "where it is"}),
-        413: error("more bytes than Upload-Length leaves"),
+        413: error("more bytes than Upload-Length leaves, or a piece with Upload-Checksum over MAX_CHECKED_PIECE_MB"),
         415: error("not application/offset+octet-stream, or a WAV refused as on POST /users/wav (the upload is then ended)"),
         422: error("a WAV refused as on POST /users/wav: the upload is then ended"),
         460: error("Upload-Checksum does not match: the piece is dropped, the offset stays"),
@@ -1090,15 +1097,19 @@ def upload_metadata(header: str) -> tuple[str, dict[str, int]]:
     return clean_filename(pairs["filename"]), form
 
 
-def upload_checksum(request: Request, remaining: int) -> tuple[Callable[[], Any], bytes] | None:
-    """A piece of a resumable upload: 413 when it declares more bytes than are left; its Upload-Checksum (tus checksum
-    extension: `<algorithm> <base64 digest>` of this request's bytes), if any."""
+def upload_checksum(request: Request, remaining: int, settings: Settings) -> tuple[Callable[[], Any], bytes] | None:
+    """A piece of a resumable upload: 413 when it declares more bytes than are left, or, with a checksum, more than
+    MAX_CHECKED_PIECE_MB; its Upload-Checksum (tus checksum extension: `<algorithm> <base64 digest>` of this
+    request's bytes), if any."""
     declared = request.headers.get("content-length")
-    if declared is not None and parse_count(declared, "Content-Length", 400) > remaining:
+    size = None if declared is None else parse_count(declared, "Content-Length", 400)
+    if size is not None and size > remaining:
         raise Refused(413, f"more bytes than Upload-Length leaves: {remaining} to go", CLOSE)
     header = request.headers.get("upload-checksum")
     if header is None:
         return None
+    if size is not None and size > settings.max_checked_piece_bytes:
+        raise checked_piece_too_large(settings)
     name, _, encoded = header.strip().partition(" ")
     algorithm = CHECKSUMS.get(name.lower())
     if algorithm is None:
@@ -1109,6 +1120,11 @@ def upload_checksum(request: Request, remaining: int) -> tuple[Callable[[], Any]
     if len(digest) != algorithm().digest_size:
         raise Refused(400, f"Upload-Checksum must be `{name} <base64 of the {algorithm().digest_size}-byte digest>`")
     return algorithm, digest
+
+
+def checked_piece_too_large(settings: Settings) -> Refused:
+    limit = settings.max_checked_piece_bytes
+    return Refused(413, f"a piece with Upload-Checksum is at most {limit} bytes (MAX_CHECKED_PIECE_MB): send smaller pieces", CLOSE)
 
 
 def media_type(request: Request) -> str:
@@ -1696,6 +1712,8 @@ class ResumableUploads:
         self._purge_again = False
         settings = services.settings
         self._bounds = UnfinishedBounds(settings.max_unfinished_uploads, settings.max_unfinished_bytes, settings.unfinished_storage_bytes())
+        # A full budget (met in an encoder thread) lets every paused session go too, so that the next try fits.
+        services.encoders.disk.on_full = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self.let_go, True)
 
     async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str) -> StoredUpload:
         created = datetime.now(UTC)
@@ -1831,13 +1849,22 @@ class ResumableUploads:
             del self._live[upload_id]
             RESUMABLE_LIVE.dec()
 
-    def let_go(self) -> None:
-        """Close the sessions of uploads paused too long, and of the least recent beyond MAX_PAUSED_UPLOADS."""
+    def let_go(self, every_paused: bool = False, but: str = "") -> None:
+        """Close the sessions of uploads paused too long, and of the least recent beyond MAX_PAUSED_UPLOADS (or of
+        every paused one but `but`); they catch up from the database when they go on."""
         paused = sorted((live for live in self._live.values() if not live.turn.locked()), key=lambda live: live.paused_since)
         stale = time.monotonic() - PAUSED_UPLOAD_SECONDS
         for index, live in enumerate(paused):
-            if live.paused_since < stale or index < len(paused) - MAX_PAUSED_UPLOADS:
+            if (every_paused and live.upload.upload_id != but) or live.paused_since < stale or index < len(paused) - MAX_PAUSED_UPLOADS:
                 self.forget(live.upload.upload_id)
+
+    def make_room(self, but: str = "") -> None:
+        """An upload begins: if the temporary disk is more than half taken, paused uploads give back what their
+        sessions hold of it (their MP3s so far), since an active upload needs it more. On e37ff88 32 paused uploads
+        held a 64 MiB budget for minutes while every bystander got 503."""
+        disk = self._services.encoders.disk
+        if disk.used * 2 > disk.limit:
+            self.let_go(every_paused=True, but=but)
 
     def purge_soon(self) -> None:
         """Delete the stored bytes of uploads that are gone or complete, in the background, a few at a time."""
@@ -1887,9 +1914,10 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     if done_at(request, upload, offset):
         return upload.length
     remaining = upload.length - offset
-    checksum = upload_checksum(request, remaining)
+    checksum = upload_checksum(request, remaining, services.settings)
     body = BodyReader(request, remaining, services.settings)
     slot = await services.uploads.admit(body, client_address(request.scope, services.settings), upload.user_id)
+    services.resumable.make_room(but=upload.upload_id)
     try:
         async with services.resumable.turn(upload) as live:
             if done_at(request, live.upload, offset):  # another request completed it while this one waited for its turn
@@ -1897,7 +1925,7 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
             live.token_sha256 = hash_token(token)
             try:
                 if checksum:
-                    await receive_checked(body, live, checksum, services.encoders.disk)
+                    await receive_checked(body, live, checksum, services)
                 else:
                     await live.room()  # read only when there is room: else TCP holds the bytes
                     async for chunk in body.chunks():
@@ -1943,18 +1971,22 @@ async def receive_first_piece(request: Request, services: Services, upload: Stor
         return stored.received
 
 
-async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], disk: DiskBudget) -> None:
+async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tuple[Callable[[], Any], bytes], services: Services) -> None:
     """With Upload-Checksum the bytes wait in a temporary file until the last one has been checked: a piece that
-    does not match is dropped whole (460), and so is one cut short (it cannot be checked)."""
+    does not match is dropped whole (460), and so is one cut short (it cannot be checked). A piece holds at most
+    MAX_CHECKED_PIECE_MB of the temporary disk (413 past it, the piece dropped): one slow client's piece cannot
+    hold the whole budget (a 64 MiB piece sent at 1,200 B/s did, on e37ff88)."""
     algorithm, expected = checksum
     digest = algorithm()
-    with contextlib.closing(TempFile(disk)) as piece:
+    with contextlib.closing(TempFile(services.encoders.disk)) as piece:
 
-        def keep(chunk: bytes) -> None:  # in a thread: a 4 GiB PATCH is seconds of hashing and writing
+        def keep(chunk: bytes) -> None:  # in a thread: a large piece is seconds of hashing and writing
             digest.update(chunk)
             piece.write(chunk)
 
         async for chunk in body.chunks():
+            if piece.size + len(chunk) > services.settings.max_checked_piece_bytes:
+                raise checked_piece_too_large(services.settings)
             await asyncio.to_thread(keep, chunk)
         if not hmac.compare_digest(digest.digest(), expected):
             raise Refused(460, "Upload-Checksum does not match these bytes: they were dropped, the offset stays")
@@ -2049,11 +2081,14 @@ class DiskBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.on_full: Callable[[], object] | None = None  # told (from any thread) when a file finds the budget full
         self._lock = threading.Lock()
 
     def take(self, size: int) -> None:
         with self._lock:
             if self.used + size > self.limit:
+                if self.on_full is not None:
+                    self.on_full()
                 raise DiskFull()
             self.used += size
         TEMP_DISK.inc(size)
@@ -3212,7 +3247,16 @@ class UserBatcher:
 
 
 def base_url(request: Request) -> str:
-    return services_of(request).settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+    settings = services_of(request).settings
+    return settings.public_url or f"{forwarded_scheme(request.scope, settings) or request.url.scheme}://{request.url.netloc}"
+
+
+def forwarded_scheme(scope: Any, settings: Settings) -> str | None:
+    """The scheme a trusted proxy (TRUSTED_PROXIES) says the client used (X-Forwarded-Proto), e.g. https in front of http."""
+    if not scope.get("client") or not is_trusted(scope["client"][0], settings):
+        return None
+    proto = dict(scope["headers"]).get(b"x-forwarded-proto", b"").decode("latin-1").strip().lower()
+    return proto if proto in ("http", "https") else None
 
 
 def upload_url(request: Request, upload: StoredUpload) -> str:
@@ -3784,6 +3828,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_keep_alive=int(KEEP_ALIVE_SECONDS),
         access_log=False,  # RequestMetrics writes it, without the values of download links' queries
         log_config=log_config(),
+        proxy_headers=False,  # TRUSTED_PROXIES decides whose X-Forwarded-* count (client_address, forwarded_scheme), not uvicorn's own setting
     )
 
 

@@ -3633,6 +3633,30 @@ async def test_paused_uploads_give_their_temporary_disk_to_an_active_upload(data
         assert resumed["sha256"] == (await upload(client, bystander, wav, "paused-0.wav")).json()["sha256"]
 
 
+async def test_head_and_empty_patches_of_a_cold_upload_never_re_encode_it(client: httpx.AsyncClient) -> None:
+    """A cold upload (its live session let go: one of more than MAX_PAUSED_UPLOADS paused, or after a restart)
+    re-encodes its stored bytes only for a PATCH that brings more. On e37ff88 an empty PATCH re-encoded the whole
+    stored prefix (1.4 s of CPU for 16 MiB), and a HEAD started it ahead of time."""
+    user = await new_user(client)
+    wav = make_wav(3.0, 44100, 2)
+    urls = [await tus_create(client, user, len(wav), f"cold-{n}.wav") for n in range(wav2mp3.MAX_PAUSED_UPLOADS + 1)]
+    for url in urls:  # the first is the least recent paused one beyond MAX_PAUSED_UPLOADS: let go
+        assert (await tus_patch(client, user, url, 0, wav[:300_000])).status_code == 204
+
+    async def resumed() -> float:
+        return metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="resumed")
+
+    before = await resumed()
+    for _ in range(5):
+        assert (await client.head(urls[0], headers=tus(user))).headers["upload-offset"] == "300000"
+        empty = await tus_patch(client, user, urls[0], 300_000, b"")
+        assert empty.status_code == 204 and empty.headers["upload-offset"] == "300000"
+    await asyncio.sleep(0.2)  # a catch-up started in the background would have begun by now
+    assert await resumed() == before
+    assert (await tus_patch(client, user, urls[0], 300_000, wav[300_000:])).status_code == 204  # bytes: it catches up, once
+    assert await resumed() == before + 1
+
+
 @needs_nginx
 def test_live_behind_nginx_each_client_has_its_own_share(tmp_path: Path) -> None:
     """deploy/nginx.conf in front, the app trusting it (TRUSTED_PROXIES, as compose sets it): the client nginx names

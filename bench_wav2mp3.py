@@ -620,16 +620,18 @@ def t3_resume_after_sigkill(directory: Path, minutes: float) -> Figure:
 
 
 def t4_paused_uploads(directory: Path, count: int) -> Figure:
-    """`count` resumable uploads, each paused after a first PATCH of 300 KB: the server's RSS growth."""
+    """`count` resumable uploads, each paused after a first PATCH of 300 KB: the server's RSS growth. Fifty users hold
+    them (one user may have MAX_UNFINISHED_UPLOADS, 100)."""
     wav = Wav(4.0)
     with Server(directory / "t4", f"sqlite:///{directory / 't4.db'}") as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
         buffer = bytearray()
-        user = new_user(server.port)
-        for _ in range(5):  # warm-up
+        users = [new_user(server.port) for _ in range(50)]
+        for user in users[:5]:  # warm-up
             tus_patch(sock, buffer, server.port, user, tus_create(sock, buffer, server.port, user, wav), wav, 0, 300_000)
         time.sleep(1.0)
         before = server.status_kib("VmRSS")
-        for _ in range(count):
+        for n in range(count):
+            user = users[n % len(users)]
             tus_patch(sock, buffer, server.port, user, tus_create(sock, buffer, server.port, user, wav), wav, 0, 300_000)
         time.sleep(1.5)  # idle: the allocator gives back what it can
         growth = (server.status_kib("VmRSS") - before) / 1024
@@ -794,17 +796,18 @@ def settle(server: LiveServer, idle_kib: int, reference: list[int], rows: list[R
 
 
 async def scenario_uploads(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
-    """L1: uploads at 1 MB/s each, then L2: many at once. Wall against the CPU bound, peak RSS."""
-    user = server.new_user()
+    """L1: uploads at 1 MB/s each, then L2: many at once, each by a user of its own (one user's uploads at once are
+    bounded by MAX_UPLOADS_PER_USER). Wall against the CPU bound, peak RSS."""
     cores = os.cpu_count() or 1
     for name, count, seconds, pace in (("L1", size(100, 20, 6), 30.0, 1e6), ("L2", size(200, 40, 8), 10.0, None)):
         wav = Wav(seconds)
+        users = [server.new_user() for _ in range(count)]
         bare = statistics.median(bare_encode_seconds(wav) for _ in range(3))
         arrival = wav.size / pace if pace else 0.0
         bound = max(count * bare / cores, arrival)
         with Sampler(server) as sampler:
             started = time.perf_counter()
-            results = await asyncio.gather(*(async_upload(server.port, user, wav, pace) for _ in range(count)))
+            results = await asyncio.gather(*(async_upload(server.port, user, wav, pace) for user in users))
             wall = time.perf_counter() - started
         ok = sum(status == 201 for status, _ in results)
         what = f"{count} x {seconds:g} s WAV ({wav.size / 1e6:.1f} MB)" + (f" at {pace / 1e6:g} MB/s each" if pace else " at once")
@@ -824,17 +827,18 @@ async def scenario_uploads(server: LiveServer, rows: list[Row], limits: tuple[fl
 
 
 async def scenario_drippers(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
-    """L3: clients dripping 1 byte / 5 s inside the audio part, and normal uploads beside them."""
+    """L3: clients dripping 1 byte / 5 s inside the audio part, each a user of its own, and normal uploads beside them."""
     user, window = server.new_user(), limits[0]
+    slow_users = [server.new_user() for _ in range(20)]
     wav, drip_every = Wav(10.0), size(5.0, 0.5, 0.5)
     alone = statistics.median([(await async_upload(server.port, user, wav))[1] for _ in range(3)])
     stop = asyncio.Event()
 
-    async def dripper() -> tuple[int, float]:
+    async def dripper(slow_user: dict[str, str]) -> tuple[int, float]:
         started = time.perf_counter()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(client_address(), 0))
         try:
-            head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
+            head, _ = upload_head(slow_user, wav, f"{uuid.uuid4().hex}.wav")
             writer.write(head + wav.header + bytes(wav.block[:65536]))
             answer = asyncio.ensure_future(http_response(reader))
             while not answer.done() and not stop.is_set():
@@ -845,7 +849,7 @@ async def scenario_drippers(server: LiveServer, rows: list[Row], limits: tuple[f
         finally:
             writer.close()
 
-    drippers = [asyncio.ensure_future(dripper()) for _ in range(20)]
+    drippers = [asyncio.ensure_future(dripper(slow_user)) for slow_user in slow_users]
     await asyncio.sleep(1.0)
     normal = [await async_upload(server.port, user, wav) for _ in range(10)]  # one after another, as `alone` was timed
     dripping = sum(not d.done() for d in drippers)

@@ -3,6 +3,7 @@
     python bench_wav2mp3.py [--quick | --smoke] [--database-url postgresql://...]
     python bench_wav2mp3.py --load [--quick | --smoke] [--database-url postgresql://...]
     python bench_wav2mp3.py --suite [--runs 3]
+    python bench_wav2mp3.py --fair [--quick | --smoke] [--database-url postgresql://...]
 
 --quick is a smaller run whose figures are still worth reading; --smoke runs every figure once on the
 smallest inputs that go through its code, for the test suite (its figures mean nothing). --suite times
@@ -23,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
 import re
+import resource
 import shlex
 import socket
 import statistics
@@ -700,10 +703,12 @@ def upload_head(user: dict[str, str], wav: Wav, filename: str) -> tuple[bytes, b
     return (request + f"Content-Length: {len(head) + wav.size + len(tail)}\r\n\r\n").encode() + head, tail
 
 
-async def async_upload(port: int, user: dict[str, str], wav: Wav, bytes_per_second: float | None = None) -> tuple[int, float]:
-    """One upload over a raw connection, optionally paced; (status, seconds to the answer)."""
+async def async_upload(
+    port: int, user: dict[str, str], wav: Wav, bytes_per_second: float | None = None, local: str | None = None
+) -> tuple[int, float]:
+    """One upload over a raw connection, optionally paced, from `local` (else an address of its own); (status, seconds to the answer)."""
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(client_address(), 0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local or client_address(), 0))
     try:
         head, tail = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
         writer.write(head)
@@ -1016,6 +1021,107 @@ def run_load(directory: Path, database_url: str, label: str) -> list[Row]:
     return rows
 
 
+# Fair shares: one greedy client beside one honest one ###########################
+# The attacks of issue 22, each from one address (127.0.0.2), beside an honest client (127.0.0.3) that converts
+# a WAV every second or so: its median and p95 time against its time alone, and its errors.
+
+GREEDY, HONEST = "127.0.0.2", "127.0.0.3"
+
+
+async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio.Event) -> list[tuple[int, float]]:
+    results = []
+    while not stop.is_set():
+        results.append(await async_upload(port, user, wav, local=HONEST))
+        await asyncio.sleep(1.0)
+    return results
+
+
+def bystander_row(rows: list[Row], scenario: str, attack: str, alone: float, results: list[tuple[int, float]]) -> None:
+    times = sorted(seconds for status, seconds in results if status == 201) or [float("inf")]
+    errors = sum(status != 201 for status, _ in results)
+    median, p95 = statistics.median(times) / alone, times[min(len(times) - 1, int(0.95 * len(times)))] / alone
+    what = f"honest uploads beside {attack}: median / alone ({median:.2f}), p95 {p95:.2f}, {errors} errors of {len(results)}"
+    rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, "per-client shares"))
+
+
+async def scenario_slot_hog(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
+    """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
+    count, seconds, wav = size(256, 256, 64), size(60.0, 20.0, 5.0), Wav(size(60.0, 60.0, 10.0))
+    honest = server.new_user()
+    alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
+    greedy_users = [server.new_user() for _ in range(count // 16)]
+    stop, refused = asyncio.Event(), []
+
+    async def hog(user: dict[str, str]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
+        try:
+            head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
+            writer.write(head + wav.header)
+            answer = asyncio.ensure_future(http_response(reader))
+            while not stop.is_set() and not answer.done():
+                writer.write(bytes(wav.block[:1200]))
+                await asyncio.wait({answer}, timeout=1.0)
+            if answer.done() and not answer.exception():
+                refused.append(answer.result()[0])
+            answer.cancel()
+        finally:
+            writer.close()
+
+    hogs = [asyncio.ensure_future(hog(greedy_users[n % len(greedy_users)])) for n in range(count)]
+    await asyncio.sleep(2.0)
+    honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    results = await honest_run
+    await asyncio.gather(*hogs, return_exceptions=True)
+    bystander_row(rows, "F4", f"{count} uploads at 1,200 B/s from one address ({refused.count(503)} of them refused 503)", alone, results)
+
+
+async def scenario_connection_flood(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
+    """F5: 2,100 connections from one address sending partial headers, reconnecting when cut."""
+    count, seconds, wav = size(2100, 2100, 200), size(50.0, 20.0, 5.0), Wav(size(60.0, 60.0, 10.0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1024)), hard))
+    honest = server.new_user()
+    alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
+    stop = asyncio.Event()
+
+    async def flooder() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                while not stop.is_set() and not reader.at_eof():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(reader.read(65536), 1.0)
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+    flood = [asyncio.ensure_future(flooder()) for _ in range(count)]
+    await asyncio.sleep(3.0)
+    honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    results = await honest_run
+    await asyncio.gather(*flood, return_exceptions=True)
+    bystander_row(rows, "F5", f"{count} connections with partial headers from one address", alone, results)
+
+
+def run_fair(directory: Path, database_url: str) -> list[Row]:
+    rows: list[Row] = []
+    for scenario in (scenario_slot_hog, scenario_connection_flood):
+        with Server(directory, database_url) as server:
+            asyncio.run(scenario(server, rows, (0.0, 0.0)))
+            rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))
+    return rows
+
+
 def print_load(rows: list[Row]) -> None:
     print(f"{'id':6} | {'value':>14} | {'goal':<22} | {'met':4} | {'what':<78} | limited by")
     print("-" * 170)
@@ -1142,6 +1248,7 @@ def main() -> None:
     parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite (--load: every scenario)")
     parser.add_argument("--load", action="store_true", help="the load scenarios L1-L6 (many clients, slow ones included) instead")
     parser.add_argument("--suite", action="store_true", help="README.md's test command from fresh clones instead (S1-S4)")
+    parser.add_argument("--fair", action="store_true", help="one greedy client beside an honest one instead (F4, F5)")
     parser.add_argument("--runs", type=int, default=3, help="runs of --suite (default 3)")
     args = parser.parse_args()
     if args.suite:
@@ -1150,6 +1257,11 @@ def main() -> None:
         return
     global MODE
     MODE = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.fair:
+        with tempfile.TemporaryDirectory(prefix="wav2mp3-fair-") as tmp:
+            print(f"wav2mp3 fair shares ({MODE}) on {os.cpu_count()} CPUs: one greedy client (127.0.0.2) beside an honest one (127.0.0.3)")
+            print_load(run_fair(Path(tmp), args.database_url or f"sqlite:///{Path(tmp) / 'fair.db'}"))
+        return
     if args.load:
         with tempfile.TemporaryDirectory(prefix="wav2mp3-load-") as tmp:
             print(f"wav2mp3 load ({MODE}) on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}: one server process, its defaults")

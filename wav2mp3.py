@@ -4154,8 +4154,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         self.transport.write((head + extra_headers + "connection: close\r\n\r\n").encode() + body)
         # A lingering close (as nginx's): end our side, but keep reading for a moment, so that bytes the
-        # client still sends do not make the kernel answer with a reset that could destroy the answer.
+        # client still sends do not make the kernel answer with a reset that could destroy the answer. A connection
+        # lingering so holds no place under MAX_CONNECTIONS: a client refused again and again takes none from others.
         self._refused = True
+        self.connections.discard(self)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)

@@ -4243,3 +4243,15 @@ def test_load_benchmark_smoke_run_goes_through_every_scenario() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     scenarios = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
     assert {"L1", "L2", "L3", "L4", "L5", "L6"} <= scenarios
+
+
+@pytest.mark.xdist_group("machine")
+@pytest.mark.slow
+def test_fair_benchmark_smoke_run_goes_through_every_scenario() -> None:
+    # The bystanders' figures are for people too: what this checks is that each attack ran beside the honest client.
+    result = subprocess.run(
+        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--fair", "--smoke"], capture_output=True, text=True, timeout=300, cwd=HERE, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scenarios = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
+    assert {"F4", "F5"} <= scenarios

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1044,15 +1044,26 @@ def bystander_row(rows: list[Row], scenario: str, attack: str, alone: float, res
     rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, "per-client shares"))
 
 
-async def scenario_slot_hog(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
-    """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
-    count, seconds, wav = size(256, 256, 64), size(60.0, 20.0, 5.0), Wav(size(60.0, 60.0, 10.0))
-    honest = server.new_user()
+async def beside_honest(server: LiveServer, attack: Callable[[asyncio.Event], Awaitable[str]], seconds: float) -> tuple[float, list[Any], str]:
+    """The honest client alone (3 runs), then an attack that runs until it is told to stop, with the honest client
+    uploading beside it for `seconds`: its time alone, its results beside the attack, and the attack's description."""
+    wav, honest = Wav(size(60.0, 60.0, 10.0)), server.new_user()
     alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
-    greedy_users = [server.new_user() for _ in range(count // 16)]
-    stop, refused = asyncio.Event(), []
+    stop = asyncio.Event()
+    attacking = asyncio.ensure_future(attack(stop))
+    await asyncio.sleep(2.0)  # the attack takes what it can first
+    honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    return alone, await honest_run, await attacking
 
-    async def hog(user: dict[str, str]) -> None:
+
+async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
+    """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
+    count, wav = size(256, 256, 64), Wav(10.0)
+    greedy_users = [server.new_user() for _ in range(count // 16)]
+
+    async def hog(user: dict[str, str], stop: asyncio.Event) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
         try:
             head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
@@ -1061,32 +1072,26 @@ async def scenario_slot_hog(server: LiveServer, rows: list[Row], limits: tuple[f
             while not stop.is_set() and not answer.done():
                 writer.write(bytes(wav.block[:1200]))
                 await asyncio.wait({answer}, timeout=1.0)
-            if answer.done() and not answer.exception():
-                refused.append(answer.result()[0])
             answer.cancel()
+            return answer.result()[0] if answer.done() and not answer.cancelled() and not answer.exception() else 0
         finally:
             writer.close()
 
-    hogs = [asyncio.ensure_future(hog(greedy_users[n % len(greedy_users)])) for n in range(count)]
-    await asyncio.sleep(2.0)
-    honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
-    await asyncio.sleep(seconds)
-    stop.set()
-    results = await honest_run
-    await asyncio.gather(*hogs, return_exceptions=True)
-    bystander_row(rows, "F4", f"{count} uploads at 1,200 B/s from one address ({refused.count(503)} of them refused 503)", alone, results)
+    async def attack(stop: asyncio.Event) -> str:
+        statuses = await asyncio.gather(*(hog(greedy_users[n % len(greedy_users)], stop) for n in range(count)))
+        return f"{count} uploads at 1,200 B/s from one address ({statuses.count(503)} of them refused 503)"
+
+    alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0))
+    bystander_row(rows, "F4", attack_was, alone, results)
 
 
-async def scenario_connection_flood(server: LiveServer, rows: list[Row], limits: tuple[float, float]) -> None:
+async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None:
     """F5: 2,100 connections from one address sending partial headers, reconnecting when cut."""
-    count, seconds, wav = size(2100, 2100, 200), size(50.0, 20.0, 5.0), Wav(size(60.0, 60.0, 10.0))
+    count = size(2100, 2100, 200)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1024)), hard))
-    honest = server.new_user()
-    alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
-    stop = asyncio.Event()
 
-    async def flooder() -> None:
+    async def flooder(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
@@ -1103,21 +1108,19 @@ async def scenario_connection_flood(server: LiveServer, rows: list[Row], limits:
             finally:
                 writer.close()
 
-    flood = [asyncio.ensure_future(flooder()) for _ in range(count)]
-    await asyncio.sleep(3.0)
-    honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
-    await asyncio.sleep(seconds)
-    stop.set()
-    results = await honest_run
-    await asyncio.gather(*flood, return_exceptions=True)
-    bystander_row(rows, "F5", f"{count} connections with partial headers from one address", alone, results)
+    async def attack(stop: asyncio.Event) -> str:
+        await asyncio.gather(*(flooder(stop) for _ in range(count)))
+        return f"{count} connections with partial headers from one address"
+
+    alone, results, attack_was = await beside_honest(server, attack, size(50.0, 20.0, 5.0))
+    bystander_row(rows, "F5", attack_was, alone, results)
 
 
 def run_fair(directory: Path, database_url: str) -> list[Row]:
     rows: list[Row] = []
     for scenario in (scenario_slot_hog, scenario_connection_flood):
         with Server(directory, database_url) as server:
-            asyncio.run(scenario(server, rows, (0.0, 0.0)))
+            asyncio.run(scenario(server, rows))
             rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))
     return rows
 

@@ -4218,15 +4218,20 @@ def test_nothing_in_the_repository_points_outside_it() -> None:
 # Benchmark ######################################################################
 
 
+def bench_smoke(*mode: str) -> tuple[set[str], str]:
+    """bench_wav2mp3.py's smoke run of a mode: the ids of the rows it printed, and its output."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / "bench_wav2mp3.py"), *mode, "--smoke"], capture_output=True, text=True, timeout=600, cwd=HERE, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}, result.stdout
+
+
 @pytest.mark.xdist_group("machine")
 @pytest.mark.slow
 def test_benchmark_smoke_run_prints_every_figure() -> None:
     # Its values are for people to read: timing assertions do not belong in tests.
-    result = subprocess.run(
-        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--smoke"], capture_output=True, text=True, timeout=300, cwd=HERE, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
+    figures, _ = bench_smoke()
     assert {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"} <= figures
     for name in ("PCM 8-bit", "PCM 16-bit", "PCM 24-bit", "PCM 32-bit", "float 32", "float 64", "A-law", "mu-law", "5.1 PCM 24-bit -> stereo"):
         assert name in figures
@@ -4237,21 +4242,11 @@ def test_benchmark_smoke_run_prints_every_figure() -> None:
 @pytest.mark.slow
 def test_load_benchmark_smoke_run_goes_through_every_scenario() -> None:
     # The load scenarios' figures are for people too; what this checks is that every scenario ran to its end.
-    result = subprocess.run(
-        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--load", "--smoke"], capture_output=True, text=True, timeout=600, cwd=HERE, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    scenarios = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
-    assert {"L1", "L2", "L3", "L4", "L5", "L6"} <= scenarios
+    assert {"L1", "L2", "L3", "L4", "L5", "L6"} <= bench_smoke("--load")[0]
 
 
 @pytest.mark.xdist_group("machine")
 @pytest.mark.slow
 def test_fair_benchmark_smoke_run_goes_through_every_scenario() -> None:
     # The bystanders' figures are for people too: what this checks is that each attack ran beside the honest client.
-    result = subprocess.run(
-        [sys.executable, str(HERE / "bench_wav2mp3.py"), "--fair", "--smoke"], capture_output=True, text=True, timeout=300, cwd=HERE, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    scenarios = {line.split("|")[0].strip() for line in result.stdout.splitlines() if "|" in line}
-    assert {"F4", "F5"} <= scenarios
+    assert {"F4", "F5"} <= bench_smoke("--fair")[0]

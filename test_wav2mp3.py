@@ -4132,6 +4132,40 @@ async def test_sqlite_connections_lent_at_shutdown_are_closed_with_the_app(datab
     assert not left_open and not set(sqlite_threads()) - before  # closed, not left for the garbage collector
 
 
+async def test_sqlite_connections_still_opening_at_shutdown_are_closed_with_the_app(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection whose opener was cancelled (the storage sweep, stopped with the app while it opened its first
+    connection) goes on opening in its thread; the app waits for it and closes it. Left alone, it finished after the
+    test's event loop had closed, and its thread raised "Event loop is closed" into the next test."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only")
+    app, lifespan = await start_app(database_url)
+    pool = app.state.services.store.sqlite_pool
+    while pool._idle:  # no idle connection: the next acquire opens one
+        idle = pool._idle.pop()
+        pool._opened.discard(idle)
+        await idle.close()
+    before = set(sqlite_threads())
+    slow_open = wav2mp3._SQLiteConnection.__init__
+
+    def opening_slowly(self: Any, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)  # a loaded machine: opening takes a while
+        slow_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(wav2mp3._SQLiteConnection, "__init__", opening_slowly)
+    opener = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0.05)
+    opener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await opener
+    await lifespan.__aexit__(None, None, None)
+    for thread in set(sqlite_threads()) - before:
+        thread.join(0.1)
+    left = set(sqlite_threads()) - before
+    for thread in left:
+        thread.join(5)  # so that this test fails instead of the next one
+    assert not left
+
+
 async def test_chunk_arguments_are_not_formatted(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     """databases formats every query's arguments for its debug log, debug on or off; a stored chunk must show
     as a short Blob, never as 256 KiB of bytes (the cost was 1.5 ms of event loop per chunk)."""

@@ -3902,9 +3902,10 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
     keeps them open; a caller waits for one (within DB_TIMEOUT). Installed over the backend's
     private `_pool` (there is no public hook); pinned by test_sqlite_connections_are_reused.
 
-    It closes every connection it opened, lent ones too once they come back: one left to the garbage
-    collector stops its thread from whatever event loop is current then (aiosqlite/core.py, Connection.__del__),
-    which raises "Event loop is closed" in that thread once the loop is gone.
+    It closes every connection it opened, lent ones too once they come back, and ones still opening: one left
+    to the garbage collector stops its thread from whatever event loop is current then (aiosqlite/core.py,
+    Connection.__del__), and one whose opening was cancelled (aiosqlite's Connection._connect) finishes in its
+    thread after its caller has gone; either raises "Event loop is closed" in that thread once the loop is gone.
     """
 
     def __init__(self, url: str, size: int, **options: Any) -> None:
@@ -3913,15 +3914,12 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
         self._free = asyncio.Semaphore(size)
         self._idle: list[aiosqlite.Connection] = []
         self._opened: set[aiosqlite.Connection] = set()
+        self._opening: set[asyncio.Task[aiosqlite.Connection]] = set()
 
     async def acquire(self) -> aiosqlite.Connection:
         await self._free.acquire()
         try:
-            if self._idle:
-                connection = self._idle.pop()
-            else:
-                connection = await super().acquire()
-                self._opened.add(connection)
+            connection = self._idle.pop() if self._idle else await self._open()
         except BaseException:
             self._free.release()
             raise
@@ -3937,11 +3935,31 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
         finally:
             self._free.release()
 
+    async def _open(self) -> aiosqlite.Connection:
+        """A new connection. It opens in a thread of its own, which goes on if the caller is cancelled meanwhile:
+        the connection is then kept, idle, for the next caller and for close()."""
+        opening = asyncio.ensure_future(super().acquire())
+        self._opening.add(opening)
+        opening.add_done_callback(self._opening.discard)
+        try:
+            connection = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(self._keep_idle)
+            raise
+        self._opened.add(connection)
+        return connection
+
+    def _keep_idle(self, opening: asyncio.Task[aiosqlite.Connection]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._opened.add(opening.result())
+            self._idle.append(opening.result())
+
     async def close(self) -> None:
         with contextlib.suppress(TimeoutError):  # a connection lent out now comes back when its statement ends
             async with asyncio.timeout(POOL_CLOSE_SECONDS):
                 for _ in range(self._size):
                     await self._free.acquire()
+                await asyncio.gather(*self._opening, return_exceptions=True)
         self._idle.clear()
         while self._opened:
             await self._opened.pop().close()

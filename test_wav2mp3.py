@@ -3134,7 +3134,10 @@ async def test_tus_uploads_expire_with_their_bytes_and_free_the_name(database_ur
             assert (await client.head(url, headers=tus(user))).status_code == 404
             assert await tus_create(client, user, 100, "late.wav")  # its name is free once it expires, before the sweep
             await app.state.services.resumable.expire()  # what the storage sweep does every minute
-            assert metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired") == before + 1
+            expired_here = metric((await client.get("/metrics")).text, "wav2mp3_resumable_uploads_total", event="expired") - before
+            # On PostgreSQL the worker's other servers (the module's live server) share the database, and their sweeps
+            # may delete it first, as another replica's would: harmless. SQLite's file is this test's own.
+            assert expired_here == 1 or (expired_here == 0 and not database_url.startswith("sqlite"))
             assert (await db_rows(database_url, "SELECT count(*) FROM uploads WHERE id = $1", url.rsplit("/", 1)[1]))[0][0] == 0
             await wait_for_purge(database_url)
     finally:

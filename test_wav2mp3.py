@@ -3588,6 +3588,32 @@ async def test_upload_slots_are_shared_per_client_address_and_per_user(database_
         await lifespan.__aexit__(None, None, None)
 
 
+async def test_encoder_threads_serve_users_in_turn(database_url: str) -> None:
+    """One user's eight uploads at once wait behind each other for the encoder, not ahead of another user's one:
+    a neighbour who starts the same conversion after them is answered before any of them. On e37ff88 (blocks in
+    arrival order) it was answered last, with them; the same for a user's cold resumes (catch-ups), charged to it."""
+    app, lifespan = await start_app(database_url, max_conversions=1)
+    wav = make_wav(20.0, 44100, 2)
+    try:
+        async with client_at(app, "127.0.0.2") as greedy, client_at(app, "127.0.0.3") as other:
+            hog, bystander = await new_user(greedy), await new_user(other)
+            answered: list[str] = []
+
+            async def convert(client: httpx.AsyncClient, user: dict[str, str], name: str) -> None:
+                assert (await upload(client, user, wav, f"{name}.wav")).status_code == 201
+                answered.append(name)
+
+            hogging = [asyncio.create_task(convert(greedy, hog, f"hog-{n}")) for n in range(8)]
+            deadline = time.monotonic() + 20
+            while metric((await other.get("/metrics")).text, "wav2mp3_encoder_blocks_queued") < 4:  # the hog's backlog is there
+                assert time.monotonic() < deadline and not answered
+                await asyncio.sleep(0.01)
+            await convert(other, bystander, "neighbour")
+            await asyncio.gather(*hogging)
+            assert answered[0] == "neighbour", answered
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
 async def test_a_checksummed_piece_is_bounded_on_the_temporary_disk(database_url: str) -> None:
     """A PATCH with Upload-Checksum waits on the temporary disk until it is checked: at most MAX_CHECKED_PIECE_MB
     of it, declared (Content-Length) or as it streams; past it 413 naming the bound, the piece dropped, the offset

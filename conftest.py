@@ -113,7 +113,7 @@ def convert(wav: bytes, **options: int) -> wav2mp3.Mp3File:
 
     async def run() -> wav2mp3.Mp3File:
         encoders = wav2mp3.Encoders(1, 16 * wav2mp3.MIB, wav2mp3.DiskBudget(1 << 40))
-        job = wav2mp3.UploadSession(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders)
+        job = wav2mp3.UploadSession(wav2mp3.Mp3Options(**{"bitrate": 128, **options}), encoders, "")
         try:
             for offset in range(0, len(wav), 65536):
                 await job.feed(wav[offset : offset + 65536])

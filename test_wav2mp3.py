@@ -3593,19 +3593,25 @@ async def test_encoder_threads_serve_users_in_turn(database_url: str) -> None:
     a neighbour who starts the same conversion after them is answered before any of them. On e37ff88 (blocks in
     arrival order) it was answered last, with them; the same for a user's cold resumes (catch-ups), charged to it."""
     app, lifespan = await start_app(database_url, max_conversions=1)
-    wav = make_wav(20.0, 44100, 2)
+    wav = make_wav(40.0, 44100, 2)  # 27 blocks: the hog's uploads are all under way long before any of them ends
     try:
         async with client_at(app, "127.0.0.2") as greedy, client_at(app, "127.0.0.3") as other:
             hog, bystander = await new_user(greedy), await new_user(other)
             answered: list[str] = []
 
             async def convert(client: httpx.AsyncClient, user: dict[str, str], name: str) -> None:
-                assert (await upload(client, user, wav, f"{name}.wav")).status_code == 201
+                body, headers = streamed_upload(user, (wav[start : start + 65536] for start in range(0, len(wav), 65536)), f"{name}.wav")
+
+                async def network() -> AsyncIterator[bytes]:  # as a socket delivers it: 64 KiB at a time
+                    for piece in body:
+                        yield piece
+
+                assert (await client.post("/users/wav", content=network(), headers=headers)).status_code == 201
                 answered.append(name)
 
             hogging = [asyncio.create_task(convert(greedy, hog, f"hog-{n}")) for n in range(8)]
             deadline = time.monotonic() + 20
-            while metric((await other.get("/metrics")).text, "wav2mp3_encoder_blocks_queued") < 4:  # the hog's backlog is there
+            while metric((await other.get("/metrics")).text, "wav2mp3_encoder_blocks_queued") < 6:  # the hog's backlog is there
                 assert time.monotonic() < deadline and not answered
                 await asyncio.sleep(0.01)
             await convert(other, bystander, "neighbour")
@@ -3613,6 +3619,7 @@ async def test_encoder_threads_serve_users_in_turn(database_url: str) -> None:
             assert answered[0] == "neighbour", answered
     finally:
         await lifespan.__aexit__(None, None, None)
+
 
 async def test_a_checksummed_piece_is_bounded_on_the_temporary_disk(database_url: str) -> None:
     """A PATCH with Upload-Checksum waits on the temporary disk until it is checked: at most MAX_CHECKED_PIECE_MB

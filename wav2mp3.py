@@ -1617,6 +1617,7 @@ class ResumableUpload:
         self.upload = upload
         self.turn = asyncio.Lock()
         self.holder = ""  # who holds the turn: "request" or "catch-up" (a request's too, while it catches up)
+        self.callers = 0  # requests on their way to the turn
         self.ended = False
         self.paused_since = time.monotonic()
         self.mp3: Mp3File | None = None  # finished, not stored yet: the database was down
@@ -1734,6 +1735,7 @@ class ResumableUploads:
         if live is None:
             live = self._live[upload.upload_id] = ResumableUpload(upload, self._services)
             RESUMABLE_LIVE.inc()
+        live.callers += 1  # from now on it is not let go of (let_go): this request would find it ended
         try:
             await asyncio.wait_for(live.turn.acquire(), None if live.holder == "catch-up" else wait)
         except TimeoutError:
@@ -1742,6 +1744,8 @@ class ResumableUploads:
                 "another request is sending this upload's bytes: ask for its offset (HEAD) and try again",
                 {"Upload-Offset": str(upload.received)},
             ) from None
+        finally:
+            live.callers -= 1
         live.holder = holder
         try:
             fresh = await self._services.store.find_upload(upload.upload_id, upload.user_id)
@@ -1843,7 +1847,7 @@ class ResumableUploads:
     def let_go(self, every_paused: bool = False, but: str = "") -> None:
         """Close the sessions of uploads paused too long, and of the least recent beyond MAX_PAUSED_UPLOADS (or of
         every paused one but `but`); they catch up from the database when they go on."""
-        paused = sorted((live for live in self._live.values() if not live.turn.locked()), key=lambda live: live.paused_since)
+        paused = sorted((live for live in self._live.values() if not live.turn.locked() and not live.callers), key=lambda live: live.paused_since)
         stale = time.monotonic() - PAUSED_UPLOAD_SECONDS
         for index, live in enumerate(paused):
             if (every_paused and live.upload.upload_id != but) or live.paused_since < stale or index < len(paused) - MAX_PAUSED_UPLOADS:
@@ -1999,17 +2003,20 @@ async def receive_checked(body: BodyReader, live: ResumableUpload, checksum: tup
 class Encoders:
     """The shared pool of LAME threads: uploads hand over whole blocks, never wait in it for the network.
 
-    Each upload has at most one block waiting (UploadSession), and the threads take the waiting blocks
-    by owner, in turn: a user, or a client address until its credentials are known. One user's many
-    uploads, or the catch-ups of many cold ones, wait behind each other, not ahead of another user's one
-    (on e37ff88, a FIFO, 87 cold PATCHes of one user made a bystander's 0.5 s conversion take 4 s).
+    Each upload has at most one block waiting (UploadSession), and a free thread takes the next block of
+    the owner served least recently: a user, or a client address until its credentials are known. One
+    user's many uploads, or the catch-ups of many cold ones, wait behind each other, not ahead of another
+    user's one, which gets every other block (on e37ff88, a FIFO, 87 cold PATCHes of one user made a
+    bystander's 0.5 s conversion take 4 s). An owner with nothing waiting is forgotten: it comes back first.
     """
 
     def __init__(self, threads: int, audio_budget_bytes: int, disk: DiskBudget) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
         self._threads = threads
         self._running = 0
-        self._waiting: dict[str, deque[tuple[Callable[[], Any], asyncio.Future[Any]]]] = {}  # by owner, in the order of their turns
+        self._waiting: dict[str, deque[tuple[Callable[[], Any], asyncio.Future[Any]]]] = {}  # by owner
+        self._served: dict[str, int] = {}  # the turn each owner with blocks waiting was last served at
+        self._turns = itertools.count()
         self._stopped = False
         self.budget = ByteBudget(audio_budget_bytes, BUFFERED_AUDIO)
         self.disk = disk  # the temporary files' budget: MP3 spools and kept audio
@@ -2024,11 +2031,14 @@ class Encoders:
 
     def _start(self) -> None:
         while self._running < self._threads and self._waiting and not self._stopped:
-            owner = next(iter(self._waiting))
-            blocks = self._waiting.pop(owner)
+            owner = min(self._waiting, key=lambda waiting: self._served.get(waiting, -1))
+            blocks = self._waiting[owner]
             work, done = blocks.popleft()
             if blocks:
-                self._waiting[owner] = blocks  # its next block waits behind every other owner's
+                self._served[owner] = next(self._turns)  # its next block waits for every other owner's
+            else:
+                del self._waiting[owner]
+                self._served.pop(owner, None)
             BLOCKS_QUEUED.dec()
             if done.cancelled():
                 continue

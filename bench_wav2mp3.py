@@ -487,24 +487,43 @@ def tag_cost(seconds: float) -> list[Figure]:
 # Resumable uploads (tus) ##########################################################
 
 
+OFFSET_BYTES = "Content-Type: application/offset+octet-stream\r\n"  # a body of the file's bytes (tus 1.0.0 §PATCH)
+
+
 def tus_head(port: int, user: dict[str, str], extra: str = "") -> str:
     return f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {user['access_token']}\r\nTus-Resumable: 1.0.0\r\n{extra}"
 
 
+def tus_creation(port: int, user: dict[str, str], length: int, first_bytes: int = 0) -> bytes:
+    """The head of a POST /users/{user_id}/uploads for a file of `length` bytes under a fresh name, its first bytes
+    in the body (creation-with-upload)."""
+    metadata = "filename " + base64.b64encode(f"{uuid.uuid4().hex}.wav".encode()).decode()
+    extra = f"Upload-Length: {length}\r\nUpload-Metadata: {metadata}\r\n{OFFSET_BYTES}Content-Length: {first_bytes}\r\n"
+    return f"POST /users/{user['user_id']}/uploads HTTP/1.1\r\n{tus_head(port, user, extra)}\r\n".encode()
+
+
+def tus_piece(port: int, user: dict[str, str], path: str, start: int, end: int, extra: str = "") -> bytes:
+    """The head of a PATCH of bytes start..end."""
+    head = tus_head(port, user, f"Upload-Offset: {start}\r\n{OFFSET_BYTES}Content-Length: {end - start}\r\n{extra}")
+    return f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode()
+
+
+def upload_path(headers: dict[str, str]) -> str:
+    """The path of the upload a creation's Location names."""
+    return "/" + headers["location"].split("/", 3)[3]
+
+
 def tus_create(sock: socket.socket, buffer: bytearray, port: int, user: dict[str, str], wav: Wav) -> str:
     """POST /users/{user_id}/uploads on a kept-alive socket; the upload's path."""
-    metadata = "filename " + base64.b64encode(f"{uuid.uuid4().hex}.wav".encode()).decode()
-    head = tus_head(port, user, f"Upload-Length: {wav.size}\r\nUpload-Metadata: {metadata}\r\nContent-Length: 0\r\n")
-    sock.sendall(f"POST /users/{user['user_id']}/uploads HTTP/1.1\r\n{head}\r\n".encode())
+    sock.sendall(tus_creation(port, user, wav.size))
     status, headers, body = read_full_response(sock, buffer)
     assert status == 201, body
-    return "/" + headers["location"].split("/", 3)[3]
+    return upload_path(headers)
 
 
 def tus_patch(sock: socket.socket, buffer: bytearray, port: int, user: dict[str, str], path: str, wav: Wav, start: int, end: int) -> int:
     """One PATCH of bytes start..end on a kept-alive socket; the new offset."""
-    head = tus_head(port, user, f"Upload-Offset: {start}\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {end - start}\r\n")
-    sock.sendall(f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode())
+    sock.sendall(tus_piece(port, user, path, start, end))
     for piece in wav.between(start, end):
         sock.sendall(piece)
     status, headers, body = read_full_response(sock, buffer)
@@ -527,6 +546,12 @@ def tus_record(port: int, user: dict[str, str], path: str) -> dict[str, Any]:
     status, body = request(port, "GET", path, headers=f"Authorization: Bearer {user['access_token']}\r\n")
     assert status == 200, body
     return json.loads(body)  # type: ignore[no-any-return]
+
+
+def metric(port: int, series: str) -> float:
+    """A series of /metrics (`name` or `name{label="value"}`), summed over the labels it leaves out; 0 if absent."""
+    _, text = request(port, "GET", "/metrics")
+    return sum(float(line.split()[-1]) for line in text.decode().splitlines() if line.startswith((series + " ", series + "{")))
 
 
 def tus_offset(port: int, user: dict[str, str], path: str) -> int:
@@ -565,12 +590,7 @@ def t2_cut_at_half(server: Server, minutes: float) -> Figure:
             if not cut and end > middle:  # this PATCH's connection dies halfway through the file
                 cut = True
                 with socket.create_connection(("127.0.0.1", server.port)) as dying:
-                    head = tus_head(
-                        server.port,
-                        user,
-                        f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {end - offset}\r\n",
-                    )
-                    dying.sendall(f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode())
+                    dying.sendall(tus_piece(server.port, user, path, offset, end))
                     for piece in wav.between(offset, middle):
                         dying.sendall(piece)
                 sent += middle - offset
@@ -638,9 +658,8 @@ def t4_paused_uploads(directory: Path, count: int) -> Figure:
             tus_patch(sock, buffer, server.port, user, tus_create(sock, buffer, server.port, user, wav), wav, 0, 300_000)
         time.sleep(1.5)  # idle: the allocator gives back what it can
         growth = (server.status_kib("VmRSS") - before) / 1024
-        _, metrics = request(server.port, "GET", "/metrics")
-        live = next(line.split()[-1] for line in metrics.decode().splitlines() if line.startswith("wav2mp3_resumable_uploads_live "))
-    what = f"{count} paused resumable uploads (300 KB stored each; {float(live):.0f} keep a live session): server RSS growth"
+        live = metric(server.port, "wav2mp3_resumable_uploads_live")
+    what = f"{count} paused resumable uploads (300 KB stored each; {live:.0f} keep a live session): server RSS growth"
     return Figure("T4", what, f"{growth:.1f} MB", "<= 50 MB", growth <= 50)
 
 

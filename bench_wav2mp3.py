@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import itertools
 import json
@@ -1077,6 +1078,75 @@ async def beside_honest(server: LiveServer, attack: Callable[[asyncio.Event], Aw
     return alone, await honest_run, await attacking
 
 
+def flood_headers(port: int, connections: int, done: Any, results: Any) -> None:
+    """F1's attacker, in a process of its own: it takes a core, which in the honest client's process would slow the
+    client rather than the server. `connections` connections from GREEDY send header lines of 1 KiB without end, as
+    fast as they can, each connecting again once answered or cut, until `done`; the bytes sent and the answers go
+    back through `results`."""
+    line = b"X-Pad: " + b"x" * 1024 + b"\r\n"
+    sent, answers = 0, collections.Counter[str]()
+
+    async def flooder() -> None:
+        nonlocal sent
+        while not done.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(GREEDY, 0))
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            answer = asyncio.ensure_future(reader.read(1024))  # the 431, or the end
+            try:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                while not done.is_set() and not answer.done():
+                    writer.write(line * 16)
+                    await writer.drain()
+                    sent += 16 * len(line)
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            if not answer.done():
+                answer.cancel()
+            elif answer.exception() is None:
+                answers[answer.result()[9:12].decode() or "closed"] += 1
+
+    async def flood() -> None:
+        await asyncio.gather(*(flooder() for _ in range(connections)))
+
+    asyncio.run(flood())
+    results.put((sent, answers))
+
+
+async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
+    """F1: 3 connections from one address sending header lines of 1 KiB without end, as fast as they can; cut at
+    MAX_HEAD_BYTES (431), each connects again. The flood alone first, for the server's RSS growth."""
+
+    async def attack(stop: asyncio.Event) -> str:
+        context = multiprocessing.get_context("spawn")
+        done, results = context.Event(), context.Queue()
+        flooder = context.Process(target=flood_headers, args=(server.port, 3, done, results))
+        flooder.start()
+        await stop.wait()
+        done.set()
+        sent, answers = await asyncio.to_thread(results.get, True, 30)
+        flooder.join()
+        cut = ", ".join(f"{count} {status}" for status, count in answers.most_common())
+        return f"3 connections of endless header lines from one address ({sent / 1e6:.0f} MB; answered {cut})"
+
+    stop, seconds = asyncio.Event(), size(20.0, 10.0, 3.0)
+    before, cpu_before = server.proc_status("VmRSS"), server.cpu_seconds()
+    with Sampler(server) as sampler:
+        flooding = asyncio.ensure_future(attack(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        flood = await flooding
+    growth, busy = mb(sampler.peak - before), (server.cpu_seconds() - cpu_before) / seconds
+    what = f"{flood}, alone for {seconds:g} s: server RSS growth (its CPU {busy:.0%} of a core)"
+    rows.append(Row("F1", what, f"{growth:.1f} MB", "<= 20 MB", growth <= 20, "MAX_HEAD_BYTES a connection; reading what lingers"))
+    alone, results, attack_was = await beside_honest(server, attack, size(50.0, 20.0, 5.0))
+    bystander_row(rows, "F1", attack_was, alone, results)
+
+
 async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
     """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
     count, wav = size(256, 256, 64), Wav(10.0)
@@ -1137,7 +1207,7 @@ async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None
 
 def run_fair(directory: Path, database_url: str) -> list[Row]:
     rows: list[Row] = []
-    for scenario in (scenario_slot_hog, scenario_connection_flood):
+    for scenario in (scenario_headers_flood, scenario_slot_hog, scenario_connection_flood):
         with Server(directory, database_url) as server:
             asyncio.run(scenario(server, rows))
             rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))

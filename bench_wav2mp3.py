@@ -41,11 +41,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import lameenc
 import numpy as np
 
@@ -53,7 +54,9 @@ import wav2mp3
 from testkit import LiveServer, credentials, form_part, music, pcm16, wav_header
 
 HERE = Path(__file__).parent
+T = TypeVar("T")
 RATE, CHANNELS = 44100, 2
+MIB = wav2mp3.MIB
 TUS_PIECE = 5_000_000  # bytes per PATCH in the T figures
 BITRATE, QUALITY = 128, 3
 MODE = "full"  # or "quick" or "smoke": set by main() from the command line
@@ -706,11 +709,17 @@ def mb(kib: int) -> float:
     return kib * 1024 / 1e6
 
 
+async def http_answer(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (status, headers in lower case, body); a HEAD's has no body."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)}
+    length = 0 if head_only else int(headers.get("content-length", "0"))
+    return int(lines[0].split()[1]), headers, await reader.readexactly(length)
+
+
 async def http_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
-    return status, await reader.readexactly(length)
+    status, _, body = await http_answer(reader)
+    return status, body
 
 
 def upload_head(user: dict[str, str], wav: Wav, filename: str) -> tuple[bytes, bytes]:
@@ -1048,9 +1057,29 @@ def run_load(directory: Path, database_url: str, label: str) -> list[Row]:
 GREEDY, HONEST = "127.0.0.2", "127.0.0.3"
 
 
+async def greedy_call(port: int, head: bytes, body: Iterable[bytes | memoryview] = ()) -> tuple[int, dict[str, str]]:
+    """One request from GREEDY on a connection of its own: the status and headers of the answer (0 and none: cut)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(GREEDY, 0))
+    except OSError:
+        return 0, {}
+    try:
+        writer.write(head)
+        for piece in body:
+            writer.write(piece)
+            await writer.drain()
+        status, headers, _ = await http_answer(reader, head_only=head.startswith(b"HEAD "))
+        return status, headers
+    except (OSError, asyncio.IncompleteReadError):
+        return 0, {}
+    finally:
+        writer.close()
+
+
 async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio.Event) -> list[tuple[int, float]]:
-    results = []
-    while not stop.is_set():
+    """Uploads a second apart until `stop`: one at least, however soon the attack ends."""
+    results: list[tuple[int, float]] = []
+    while not results or not stop.is_set():
         results.append(await async_upload(port, user, wav, local=HONEST))
         await asyncio.sleep(1.0)
     return results
@@ -1066,14 +1095,15 @@ def bystander_row(rows: list[Row], scenario: str, attack: str, alone: float, res
 
 async def beside_honest(server: LiveServer, attack: Callable[[asyncio.Event], Awaitable[str]], seconds: float) -> tuple[float, list[Any], str]:
     """The honest client alone (3 runs), then an attack that runs until it is told to stop, with the honest client
-    uploading beside it for `seconds`: its time alone, its results beside the attack, and the attack's description."""
+    uploading beside it for `seconds` or until the attack ends: its time alone, its results beside the attack, and the
+    attack's description."""
     wav, honest = Wav(size(60.0, 60.0, 10.0)), server.new_user()
     alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
     stop = asyncio.Event()
     attacking = asyncio.ensure_future(attack(stop))
     await asyncio.sleep(2.0)  # the attack takes what it can first
     honest_run = asyncio.ensure_future(honest_client(server.port, honest, wav, stop))
-    await asyncio.sleep(seconds)
+    await asyncio.wait({attacking}, timeout=seconds)
     stop.set()
     return alone, await honest_run, await attacking
 
@@ -1147,6 +1177,71 @@ async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
     bystander_row(rows, "F1", attack_was, alone, results)
 
 
+async def in_turns(count: int, request: Callable[[], Awaitable[T]], stop: asyncio.Event | None = None, at_once: int = 4) -> list[T]:
+    """`count` requests made `at_once` at a time (until `stop`), as one client's connections would; their results."""
+    turns = iter(range(count))
+    results: list[T] = []
+
+    async def connection() -> None:
+        for _ in turns:
+            if stop is not None and stop.is_set():
+                return
+            results.append(await request())
+
+    await asyncio.gather(*(connection() for _ in range(at_once)))
+    return results
+
+
+async def database_bytes(database_url: str) -> int:
+    """The database's size: SQLite's file and its write-ahead log, or PostgreSQL's pg_database_size."""
+    if database_url.startswith("sqlite"):
+        path = Path(database_url.removeprefix("sqlite:///"))
+        return sum(file.stat().st_size for file in (path, path.with_name(path.name + "-wal")) if file.exists())
+    connection = await asyncpg.connect(database_url)
+    try:
+        return int(await connection.fetchval("SELECT pg_database_size(current_database())"))
+    finally:
+        await connection.close()
+
+
+async def scenario_creation_flood(server: LiveServer, rows: list[Row]) -> None:
+    """F2: from one address, a user creates uploads that declare 4 GiB, 4 at a time, until refused (or 3,000 tries);
+    then another creates 100 with their first 4 MiB in the creation (creation-with-upload), 4 at a time. What the
+    first was granted, and how much the database grew."""
+    tries, creations, first_bytes = 3000, size(100, 100, 10), size(4 * MIB, 4 * MIB, 256 * 1024)
+    declarer, filler = server.new_user(), server.new_user()
+    wav = Wav(230.0)  # 41 MB declared each: 100 of them within one user's MAX_UNFINISHED_MB (MAX_UPLOAD_MB, 4 GiB)
+    bound = wav2mp3.Settings().max_unfinished_uploads
+    declared, filled = collections.Counter[int](), collections.Counter[int]()
+    growth = [0]
+
+    async def attack(stop: asyncio.Event) -> str:
+        before, refused = await database_bytes(server.database_url), asyncio.Event()
+
+        async def declare() -> int:
+            status, _ = await greedy_call(server.port, tus_creation(server.port, declarer, 4 * 1024**3))
+            if status != 201:
+                refused.set()
+            return status
+
+        async def fill() -> int:
+            return (await greedy_call(server.port, tus_creation(server.port, filler, wav.size, first_bytes), wav.between(0, first_bytes)))[0]
+
+        declared.update(await in_turns(tries, declare, refused))
+        filled.update(await in_turns(creations, fill, stop))
+        growth[0] = await database_bytes(server.database_url) - before
+        return f"4 GiB creations (answers {dict(declared)}), then creations with their first {first_bytes / MIB:g} MiB (answers {dict(filled)})"
+
+    alone, results, attack_was = await beside_honest(server, attack, size(120.0, 60.0, 10.0))
+    granted = declared[201]
+    what = f"one user's creations of 4 GiB uploads from one address, 4 at a time ({sum(declared.values())} tries): created before refused"
+    rows.append(Row("F2", what, str(granted), f"<= {bound}", granted <= bound, "MAX_UNFINISHED_UPLOADS, MAX_UNFINISHED_MB"))
+    stored = filled[201] * first_bytes
+    what = f"database growth during it: {filled[201]} first pieces of {first_bytes / MIB:g} MiB ({stored / 1e6:.0f} MB), the honest client's records"
+    rows.append(Row("F2", what, f"{growth[0] / 1e6:.0f} MB", "-", None, "MAX_UNFINISHED_MB per user; UNFINISHED_STORAGE_MB"))
+    bystander_row(rows, "F2", attack_was, alone, results)
+
+
 async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
     """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
     count, wav = size(256, 256, 64), Wav(10.0)
@@ -1207,7 +1302,7 @@ async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None
 
 def run_fair(directory: Path, database_url: str) -> list[Row]:
     rows: list[Row] = []
-    for scenario in (scenario_headers_flood, scenario_slot_hog, scenario_connection_flood):
+    for scenario in (scenario_headers_flood, scenario_creation_flood, scenario_slot_hog, scenario_connection_flood):
         with Server(directory, database_url) as server:
             asyncio.run(scenario(server, rows))
             rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))

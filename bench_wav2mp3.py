@@ -512,6 +512,11 @@ def tus_piece(port: int, user: dict[str, str], path: str, start: int, end: int, 
     return f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode()
 
 
+def tus_standing(port: int, user: dict[str, str], path: str) -> bytes:
+    """The head of a HEAD: where an upload stands."""
+    return f"HEAD {path} HTTP/1.1\r\n{tus_head(port, user)}\r\n".encode()
+
+
 def upload_path(headers: dict[str, str]) -> str:
     """The path of the upload a creation's Location names."""
     return "/" + headers["location"].split("/", 3)[3]
@@ -560,7 +565,7 @@ def metric(port: int, series: str) -> float:
 
 def tus_offset(port: int, user: dict[str, str], path: str) -> int:
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"HEAD {path} HTTP/1.1\r\n{tus_head(port, user)}\r\n".encode())
+        sock.sendall(tus_standing(port, user, path))
         status, headers, _ = read_full_response(sock, bytearray(), head_only=True)
     assert status == 200, status
     return int(headers["upload-offset"])
@@ -1085,12 +1090,14 @@ async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio
     return results
 
 
-def bystander_row(rows: list[Row], scenario: str, attack: str, alone: float, results: list[tuple[int, float]]) -> None:
+def bystander_row(
+    rows: list[Row], scenario: str, attack: str, alone: float, results: list[tuple[int, float]], limit: str = "per-client shares"
+) -> None:
     times = sorted(seconds for status, seconds in results if status == 201) or [float("inf")]
     errors = sum(status != 201 for status, _ in results)
     median, p95 = statistics.median(times) / alone, times[min(len(times) - 1, int(0.95 * len(times)))] / alone
     what = f"honest uploads beside {attack}: median / alone ({median:.2f}), p95 {p95:.2f}, {errors} errors of {len(results)}"
-    rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, "per-client shares"))
+    rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, limit))
 
 
 async def beside_honest(server: LiveServer, attack: Callable[[asyncio.Event], Awaitable[str]], seconds: float) -> tuple[float, list[Any], str]:
@@ -1242,6 +1249,47 @@ async def scenario_creation_flood(server: LiveServer, rows: list[Row]) -> None:
     bystander_row(rows, "F2", attack_was, alone, results)
 
 
+async def scenario_cold_patches(server: LiveServer, rows: list[Row]) -> None:
+    """F3: one user's 40 uploads with 16 MiB stored in each, made through a server of their own (stopped since), so
+    that none has a live session here, as after a restart; then from one address, 8 connections at a time, a HEAD
+    and a PATCH of the next 64 KiB on each upload in turn. With more uploads than the MAX_PAUSED_UPLOADS (32) that keep
+    their session, every such PATCH re-encodes its upload's stored bytes first (a catch-up)."""
+    count, stored, piece = 40, size(16 * MIB, 4 * MIB, 256 * 1024), 64 * 1024
+    wav, user = Wav(300.0), server.new_user()  # 53 MB declared each: 40 of them within one user's MAX_UNFINISHED_MB
+    resumed = 'wav2mp3_resumable_uploads_total{event="resumed"}'
+    with Server(server.directory / "f3-setup", server.database_url) as setup:
+
+        async def create() -> str:
+            status, headers = await greedy_call(setup.port, tus_creation(setup.port, user, wav.size, stored), wav.between(0, stored))
+            assert status == 201 and int(headers["upload-offset"]) == stored, (status, headers)
+            return upload_path(headers)
+
+        paths = await in_turns(count, create)
+
+    async def attack(stop: asyncio.Event) -> str:
+        answers, resumed_before = collections.Counter[str](), await asyncio.to_thread(metric, server.port, resumed)
+
+        async def feed(uploads: list[str]) -> None:
+            for path in itertools.cycle(uploads):
+                if stop.is_set():
+                    return
+                status, headers = await greedy_call(server.port, tus_standing(server.port, user, path))
+                if status != 200:
+                    answers[f"HEAD {status}"] += 1
+                    continue
+                offset, end = int(headers["upload-offset"]), int(headers["upload-offset"]) + piece
+                status, _ = await greedy_call(server.port, tus_piece(server.port, user, path, offset, end), wav.between(offset, end))
+                answers[f"PATCH {status}"] += 1
+
+        await asyncio.gather(*(feed(paths[n::8]) for n in range(8)))
+        catch_ups = await asyncio.to_thread(metric, server.port, resumed) - resumed_before
+        found = ", ".join(f"{count} {answer}" for answer, count in answers.most_common())
+        return f"HEAD + 64 KiB PATCH on {count} cold uploads of {stored / MIB:g} MiB, 8 at a time ({found}; {catch_ups:.0f} catch-ups)"
+
+    alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0))
+    bystander_row(rows, "F3", attack_was, alone, results, "catch-ups on the shared encoder threads")
+
+
 async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
     """F4: 256 uploads from one address, each sending 1,200 B/s (above MIN_UPLOAD_RATE) for the whole scenario."""
     count, wav = size(256, 256, 64), Wav(10.0)
@@ -1302,7 +1350,7 @@ async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None
 
 def run_fair(directory: Path, database_url: str) -> list[Row]:
     rows: list[Row] = []
-    for scenario in (scenario_headers_flood, scenario_creation_flood, scenario_slot_hog, scenario_connection_flood):
+    for scenario in (scenario_headers_flood, scenario_creation_flood, scenario_cold_patches, scenario_slot_hog, scenario_connection_flood):
         with Server(directory, database_url) as server:
             asyncio.run(scenario(server, rows))
             rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))

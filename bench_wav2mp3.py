@@ -26,6 +26,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1081,6 +1082,24 @@ async def greedy_call(port: int, head: bytes, body: Iterable[bytes | memoryview]
         writer.close()
 
 
+async def trickle(port: int, head: bytes, pieces: Iterator[bytes], stop: asyncio.Event) -> int:
+    """A request from GREEDY: its head, then a piece of its body a second (1,200 bytes is above MIN_UPLOAD_RATE) until
+    `stop` or an answer; the answer's status, 0 if none came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(GREEDY, 0))
+    try:
+        writer.write(head)
+        answer = asyncio.ensure_future(http_response(reader))
+        for piece in pieces:
+            if stop.is_set() or answer.done():
+                break
+            writer.write(piece)
+            await asyncio.wait({answer}, timeout=1.0)
+        answer.cancel()
+        return answer.result()[0] if answer.done() and not answer.cancelled() and not answer.exception() else 0
+    finally:
+        writer.close()
+
+
 async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio.Event) -> list[tuple[int, float]]:
     """Uploads a second apart until `stop`: one at least, however soon the attack ends."""
     results: list[tuple[int, float]] = []
@@ -1100,12 +1119,16 @@ def bystander_row(
     rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, limit))
 
 
-async def beside_honest(server: LiveServer, attack: Callable[[asyncio.Event], Awaitable[str]], seconds: float) -> tuple[float, list[Any], str]:
-    """The honest client alone (3 runs), then an attack that runs until it is told to stop, with the honest client
-    uploading beside it for `seconds` or until the attack ends: its time alone, its results beside the attack, and the
-    attack's description."""
+async def beside_honest(
+    server: LiveServer, attack: Callable[[asyncio.Event], Awaitable[str]], seconds: float, prepare: Callable[[], Awaitable[object]] | None = None
+) -> tuple[float, list[Any], str]:
+    """The honest client alone (3 runs), then what the attack `prepare`s (not measured), then the attack until it is
+    told to stop, with the honest client uploading beside it for `seconds` or until the attack ends: its time alone,
+    its results beside the attack, and the attack's description."""
     wav, honest = Wav(size(60.0, 60.0, 10.0)), server.new_user()
     alone = statistics.median([(await async_upload(server.port, honest, wav, local=HONEST))[1] for _ in range(3)])
+    if prepare is not None:
+        await prepare()
     stop = asyncio.Event()
     attacking = asyncio.ensure_future(attack(stop))
     await asyncio.sleep(2.0)  # the attack takes what it can first
@@ -1295,22 +1318,14 @@ async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
     count, wav = size(256, 256, 64), Wav(10.0)
     greedy_users = [server.new_user() for _ in range(count // 16)]
 
-    async def hog(user: dict[str, str], stop: asyncio.Event) -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
-        try:
-            head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
-            writer.write(head + wav.header)
-            answer = asyncio.ensure_future(http_response(reader))
-            while not stop.is_set() and not answer.done():
-                writer.write(bytes(wav.block[:1200]))
-                await asyncio.wait({answer}, timeout=1.0)
-            answer.cancel()
-            return answer.result()[0] if answer.done() and not answer.cancelled() and not answer.exception() else 0
-        finally:
-            writer.close()
+    def upload_start(user: dict[str, str]) -> bytes:
+        head, _ = upload_head(user, wav, f"{uuid.uuid4().hex}.wav")
+        return head + wav.header
 
     async def attack(stop: asyncio.Event) -> str:
-        statuses = await asyncio.gather(*(hog(greedy_users[n % len(greedy_users)], stop) for n in range(count)))
+        drip = bytes(wav.block[:1200])
+        hogs = (trickle(server.port, upload_start(greedy_users[n % len(greedy_users)]), itertools.repeat(drip), stop) for n in range(count))
+        statuses = await asyncio.gather(*hogs)
         return f"{count} uploads at 1,200 B/s from one address ({statuses.count(503)} of them refused 503)"
 
     alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0))
@@ -1348,10 +1363,66 @@ async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None
     bystander_row(rows, "F5", attack_was, alone, results)
 
 
+def paused_temp_disk_mb() -> int:
+    """TEMP_DISK_MB of F6's server: 64, less for the smaller uploads of --quick and --smoke."""
+    return int(size(64, 16, 4))
+
+
+async def scenario_paused_on_temp_disk(server: LiveServer, rows: list[Row]) -> None:
+    """F6: on a server with TEMP_DISK_MB 64, one user's 32 uploads (MAX_PAUSED_UPLOADS: all keep their session)
+    paused from one address, each with so much audio stored that their MP3s so far, in temporary files, would fill
+    it; an empty PATCH on each every 50 s; and a PATCH with Upload-Checksum of MAX_CHECKED_PIECE_MB sent at 1,200 B/s,
+    whose bytes wait in a temporary file until checked."""
+    count, budget = 32, paused_temp_disk_mb() * MIB
+    stored = budget // count * (RATE * CHANNELS * 2) // (BITRATE * 1000 // 8)  # WAV bytes whose MP3 is 1/32 of the disk
+    wav, user = Wav(600.0), server.new_user()  # 106 MB declared each: 33 of them within one user's MAX_UNFINISHED_MB
+    paths: list[str] = []
+    held = [0.0]
+
+    async def prepare() -> None:
+        async def create(first_bytes: int) -> str:
+            status, headers = await greedy_call(server.port, tus_creation(server.port, user, wav.size, first_bytes), wav.between(0, first_bytes))
+            assert status == 201, (status, headers)
+            return upload_path(headers)
+
+        paths.extend(await in_turns(count, lambda: create(stored)))
+        paths.append(await create(0))  # the one with the checksummed piece
+        held[0] = await asyncio.to_thread(metric, server.port, "wav2mp3_temp_disk_bytes")
+
+    async def attack(stop: asyncio.Event) -> str:
+        *paused, checked = paths
+        piece = b"".join(wav.between(0, wav2mp3.Settings().max_checked_piece_mb * MIB))
+        checksum = f"Upload-Checksum: sha1 {base64.b64encode(hashlib.sha1(piece).digest()).decode()}\r\n"
+        head = tus_piece(server.port, user, checked, 0, len(piece), checksum)
+        slowly = asyncio.ensure_future(trickle(server.port, head, (piece[at : at + 1200] for at in range(0, len(piece), 1200)), stop))
+        pings = collections.Counter[int]()
+        while not stop.is_set():
+            for path in paused:
+                pings[(await greedy_call(server.port, tus_piece(server.port, user, path, stored, stored)))[0]] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 50.0)
+        answered = await slowly
+        return (
+            f"{count} paused uploads of one address with {stored / MIB:.1f} MiB stored (holding {held[0] / 1e6:.0f} MB of"
+            f" {budget / 1e6:.0f} MB temporary disk; pings {dict(pings)}), a checksummed PATCH at 1,200 B/s ({answered or 'no answer'})"
+        )
+
+    alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0), prepare)
+    bystander_row(rows, "F6", attack_was, alone, results, "TEMP_DISK_MB; paused uploads let go past half of it")
+
+
 def run_fair(directory: Path, database_url: str) -> list[Row]:
     rows: list[Row] = []
-    for scenario in (scenario_headers_flood, scenario_creation_flood, scenario_cold_patches, scenario_slot_hog, scenario_connection_flood):
-        with Server(directory, database_url) as server:
+    plan: list[tuple[Callable[[LiveServer, list[Row]], Coroutine[Any, Any, None]], tuple[str, ...]]] = [
+        (scenario_headers_flood, ()),
+        (scenario_creation_flood, ()),
+        (scenario_cold_patches, ()),
+        (scenario_slot_hog, ()),
+        (scenario_connection_flood, ()),
+        (scenario_paused_on_temp_disk, ("--temp-disk-mb", str(paused_temp_disk_mb()))),
+    ]
+    for scenario, args in plan:
+        with Server(directory, database_url, *args) as server:
             asyncio.run(scenario(server, rows))
             rows.append(Row("", f"server peak RSS after {scenario.__name__}", f"{server.proc_status('VmHWM') / 1024:.0f} MB", "-", None, "-"))
     return rows

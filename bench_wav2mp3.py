@@ -7,7 +7,10 @@
 
 --quick is a smaller run whose figures are still worth reading; --smoke runs every figure once on the
 smallest inputs that go through its code, for the test suite (its figures mean nothing). --suite times
-README.md's test command itself, in fresh clones of the committed tree (S1-S4).
+README.md's test command itself, in fresh clones of the committed tree (S1-S4). --fair runs the attacks of
+issue 22 from one address beside an honest client that converts a WAV every second (F1 endless request
+headers, F2 a flood of upload creations, F3 PATCHes that re-encode cold uploads, F4 slow uploads, F5 a
+flood of connections, F6 paused uploads on the temporary disk).
 
 Starts the real service (`python wav2mp3.py`, uvicorn) on loopback ports with SQLite in a
 temporary directory (and PostgreSQL for B6 when --database-url is given), generates its own
@@ -1554,7 +1557,7 @@ def main() -> None:
     parser.add_argument("--database-url", help="PostgreSQL URL: B6 is measured on it as well as on SQLite (--load: every scenario)")
     parser.add_argument("--load", action="store_true", help="the load scenarios L1-L6 (many clients, slow ones included) instead")
     parser.add_argument("--suite", action="store_true", help="README.md's test command from fresh clones instead (S1-S4)")
-    parser.add_argument("--fair", action="store_true", help="one greedy client beside an honest one instead (F4, F5)")
+    parser.add_argument("--fair", action="store_true", help="one greedy client beside an honest one instead (F1-F6)")
     parser.add_argument("--runs", type=int, default=3, help="runs of --suite (default 3)")
     args = parser.parse_args()
     if args.suite:

@@ -1103,6 +1103,21 @@ async def trickle(port: int, head: bytes, pieces: Iterator[bytes], stop: asyncio
         writer.close()
 
 
+async def in_turns(count: int, request: Callable[[], Awaitable[T]], stop: asyncio.Event | None = None, at_once: int = 4) -> list[T]:
+    """`count` requests made `at_once` at a time (until `stop`), as one client's connections would; their results."""
+    turns = iter(range(count))
+    results: list[T] = []
+
+    async def connection() -> None:
+        for _ in turns:
+            if stop is not None and stop.is_set():
+                return
+            results.append(await request())
+
+    await asyncio.gather(*(connection() for _ in range(at_once)))
+    return results
+
+
 async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio.Event) -> list[tuple[int, float]]:
     """Uploads a second apart until `stop`: one at least, however soon the attack ends."""
     results: list[tuple[int, float]] = []
@@ -1142,9 +1157,9 @@ async def beside_honest(
 
 
 def flood_headers(port: int, connections: int, done: Any, results: Any) -> None:
-    """F1's attacker, in a process of its own: it takes a core, which in the honest client's process would slow the
-    client rather than the server. `connections` connections from GREEDY send header lines of 1 KiB without end, as
-    fast as they can, each connecting again once answered or cut, until `done`; the bytes sent and the answers go
+    """F1's attacker, in a process of its own as a client elsewhere would be: its writing takes a core, and would hold
+    up the honest client's event loop. `connections` connections from GREEDY send header lines of 1 KiB without end,
+    as fast as they can, each connecting again once answered or cut, until `done`; the bytes sent and the answers go
     back through `results`."""
     line = b"X-Pad: " + b"x" * 1024 + b"\r\n"
     sent, answers = 0, collections.Counter[str]()
@@ -1208,21 +1223,6 @@ async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
     rows.append(Row("F1", what, f"{growth:.1f} MB", "<= 20 MB", growth <= 20, "MAX_HEAD_BYTES a connection; reading what lingers"))
     alone, results, attack_was = await beside_honest(server, attack, size(50.0, 20.0, 5.0))
     bystander_row(rows, "F1", attack_was, alone, results)
-
-
-async def in_turns(count: int, request: Callable[[], Awaitable[T]], stop: asyncio.Event | None = None, at_once: int = 4) -> list[T]:
-    """`count` requests made `at_once` at a time (until `stop`), as one client's connections would; their results."""
-    turns = iter(range(count))
-    results: list[T] = []
-
-    async def connection() -> None:
-        for _ in turns:
-            if stop is not None and stop.is_set():
-                return
-            results.append(await request())
-
-    await asyncio.gather(*(connection() for _ in range(at_once)))
-    return results
 
 
 async def database_bytes(database_url: str) -> int:
@@ -1407,7 +1407,8 @@ async def scenario_paused_on_temp_disk(server: LiveServer, rows: list[Row]) -> N
         answered = await slowly
         return (
             f"{count} paused uploads of one address with {stored / MIB:.1f} MiB stored (holding {held[0] / 1e6:.0f} MB of"
-            f" {budget / 1e6:.0f} MB temporary disk; pings {dict(pings)}), a checksummed PATCH at 1,200 B/s ({answered or 'no answer'})"
+            f" {budget / 1e6:.0f} MB temporary disk; pings {dict(pings)}), a checksummed PATCH at 1,200 B/s"
+            + (f" (answered {answered})" if answered else " (still sending at the end)")
         )
 
     alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0), prepare)

@@ -60,3 +60,23 @@ CREATE TABLE IF NOT EXISTS upload_chunks (
     data BYTEA NOT NULL,
     PRIMARY KEY (upload_id, start)
 );
+
+-- Invite codes (SIGNUP=invite), made by the operator: each creates up to `uses_left` more users until it
+-- expires. The code itself is shown once and never stored.
+CREATE TABLE IF NOT EXISTS invites (
+    code_sha256 TEXT PRIMARY KEY,
+    uses_left INTEGER NOT NULL,
+    expires_at TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+
+-- A user's own storage quota, set by the operator over USER_QUOTA_MB (quota_bytes NULL: unlimited).
+CREATE TABLE IF NOT EXISTS quotas (
+    user_id TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    quota_bytes BIGINT
+);
+
+-- A user's usage (quota checks, GET /users/{id}) from indexes alone: the sizes of its records, and its
+-- unfinished uploads with what they declared and hold.
+CREATE INDEX IF NOT EXISTS records_by_owner_and_size ON records (user_id, size_bytes);
+CREATE INDEX IF NOT EXISTS unfinished_uploads_by_owner ON uploads (user_id, expires_at, length, received) WHERE record_id IS NULL;

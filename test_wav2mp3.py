@@ -1957,7 +1957,10 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/records", "get"), ("/users/{user_id}/token", "post"), ("/health", "get"), ("/metrics", "get"),
         ("/users/{user_id}/uploads", "options"), ("/users/{user_id}/uploads", "post"), ("/users/{user_id}/uploads/{upload_id}", "head"),
         ("/users/{user_id}/uploads/{upload_id}", "patch"), ("/users/{user_id}/uploads/{upload_id}", "get"),
-        ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"),
+        ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"), ("/users/{user_id}", "get"), ("/service", "get"),
+        ("/admin/invites", "post"), ("/admin/users", "get"), ("/admin/users", "post"), ("/admin/users/{user_id}", "get"),
+        ("/admin/users/{user_id}", "delete"), ("/admin/users/{user_id}/quota", "put"), ("/admin/users/{user_id}/quota", "delete"),
+        ("/admin/users/{user_id}/token", "post"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
     assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "409", "412", "413", "415", "422", "429", "503"}
@@ -1967,7 +1970,13 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
     assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
     assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
-    assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "408", "413", "422", "429", "503"}
+    assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "403", "408", "413", "422", "429", "503"}
+    assert set(spec["paths"]["/users/{user_id}"]["get"]["responses"]) == {"200", "401", "403", "503"}
+    assert set(spec["paths"]["/admin/users/{user_id}"]["delete"]["responses"]) == {"204", "401", "403", "404", "503"}
+    assert set(spec["paths"]["/admin/users/{user_id}/quota"]["put"]["responses"]) == {"200", "401", "403", "404", "408", "413", "422", "503"}
+    assert (
+        spec["paths"]["/admin/users"]["get"]["security"] == [{"admin": []}] and spec["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
+    )
     assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
 
 
@@ -4320,3 +4329,277 @@ def test_load_benchmark_smoke_run_goes_through_every_scenario() -> None:
 def test_fair_benchmark_smoke_run_goes_through_every_scenario() -> None:
     # The bystanders' figures are for people too: what this checks is that each attack ran beside the honest client.
     assert {"F4", "F5"} <= bench_smoke("--fair")[0]
+
+
+# The operator: sign-up modes, invites, admin routes and command, quotas ############
+
+ADMIN_TOKEN = "operator-secret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def invite_code(client: httpx.AsyncClient, uses: int = 1, hours: float = 1.0) -> str:
+    response = await client.post("/admin/invites", json={"uses": uses, "expires_hours": hours}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    assert response.json()["uses"] == uses
+    return response.json()["invite"]  # type: ignore[no-any-return]
+
+
+async def usage_of(client: httpx.AsyncClient, user: dict[str, str]) -> dict[str, Any]:
+    response = await client.get(f"/users/{user['user_id']}", headers=bearer(user))
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def test_each_signup_mode_answers_post_users_as_it_says(database_url: str) -> None:
+    """open: the seed's answers, an invite field or not; invite: 403 without a good code; closed: 403 whatever is sent."""
+    async with running_app(database_url, admin_token=ADMIN_TOKEN) as client:
+        created = await client.post("/users", json={"name": "open-1", "invite": "whatever"})
+        assert created.status_code == 201 and set(created.json()) == {"user_id", "access_token"}
+        taken = await client.post("/users", json={"name": "open-1"})
+        assert taken.status_code == 200 and taken.json() == {"error_name": "user with name already is"}
+        assert (await client.get("/service")).json() == {"signup": "open", "retention_days": None, "max_upload_bytes": 4096 * wav2mp3.MIB}
+    async with running_app(database_url, signup="invite", admin_token=ADMIN_TOKEN, retention_days=30) as client:
+        assert (await client.get("/service")).json()["signup"] == "invite" and (await client.get("/service")).json()["retention_days"] == 30
+        missing = await client.post("/users", json={"name": "invited-1"})
+        assert missing.status_code == 403 and "invite code" in missing.json()["error"]
+        wrong = await client.post("/users", json={"name": "invited-1", "invite": "not-a-code"})
+        assert wrong.status_code == 403 and "unknown, used up or expired" in wrong.json()["error"]
+        code = await invite_code(client, uses=1)
+        taken = await client.post("/users", json={"name": "open-1", "invite": code})  # the name is taken: the use is not spent
+        assert taken.status_code == 200 and taken.json() == {"error_name": "user with name already is"}
+        invited = await client.post("/users", json={"name": "invited-1", "invite": code})
+        assert invited.status_code == 201
+        assert (await upload(client, invited.json(), make_wav(1.0))).status_code == 201  # a user like any other
+        spent = await client.post("/users", json={"name": "invited-2", "invite": code})
+        assert spent.status_code == 403 and "used up" in spent.json()["error"]
+        short = await invite_code(client, uses=5, hours=1 / 3600)
+        await asyncio.sleep(1.5)
+        expired = await client.post("/users", json={"name": "invited-3", "invite": short})
+        assert expired.status_code == 403 and "expired" in expired.json()["error"]
+        assert (await client.post("/users", json={"name": "invited-3", "invite": 5})).status_code == 403
+        assert (await client.post("/users", content=b"{nope")).status_code == 422  # a bad body is still 422
+    async with running_app(database_url, signup="closed", admin_token=ADMIN_TOKEN) as client:
+        closed = await client.post("/users", json={"name": "closed-1"})
+        assert closed.status_code == 403 and "operator creates users" in closed.json()["error"]
+        made = await client.post("/admin/users", json={"name": "closed-1"}, headers=ADMIN)
+        assert made.status_code == 201 and (await upload(client, made.json(), make_wav(1.0))).status_code == 201
+        again = await client.post("/admin/users", json={"name": "closed-1"}, headers=ADMIN)
+        assert again.status_code == 409 and "closed-1" in again.json()["error"]
+    names = await db_rows(
+        database_url, "SELECT name FROM users WHERE name IN ('open-1', 'invited-1', 'invited-2', 'invited-3', 'closed-1') ORDER BY name"
+    )
+    assert [row[0] for row in names] == ["closed-1", "invited-1", "open-1"]
+
+
+async def test_an_invite_of_n_uses_makes_exactly_n_users_however_many_ask_at_once(database_url: str) -> None:
+    async with running_app(database_url, signup="invite", admin_token=ADMIN_TOKEN, user_creations_per_minute=0) as client:
+        code = await invite_code(client, uses=4)
+        answers = await asyncio.gather(*(client.post("/users", json={"name": f"racer-{n}", "invite": code}) for n in range(9)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert statuses == [201] * 4 + [403] * 5, statuses
+        assert (await db_rows(database_url, "SELECT count(*) FROM users WHERE name LIKE 'racer-%'"))[0][0] == 4
+
+
+async def test_admin_routes_are_absent_without_admin_token_and_refuse_a_wrong_one(database_url: str) -> None:
+    routes = [
+        ("POST", "/admin/invites"),
+        ("GET", "/admin/users"),
+        ("POST", "/admin/users"),
+        ("GET", f"/admin/users/{uuid.uuid4()}"),
+        ("DELETE", f"/admin/users/{uuid.uuid4()}"),
+        ("PUT", f"/admin/users/{uuid.uuid4()}/quota"),
+        ("DELETE", f"/admin/users/{uuid.uuid4()}/quota"),
+        ("POST", f"/admin/users/{uuid.uuid4()}/token"),
+    ]
+    async with running_app(database_url) as client:
+        for method, path in routes:
+            absent = await client.request(method, path, headers=ADMIN, json={})
+            assert absent.status_code == 404 and absent.json() == {"error": "Not Found"}, (method, path)
+    hashed = "sha256:" + hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+    async with running_app(database_url, admin_token=hashed) as client:
+        user = await new_user(client)
+        for method, path in routes:
+            unsigned = await client.request(method, path, json={})
+            assert unsigned.status_code == 401 and unsigned.headers["www-authenticate"] == "Bearer", (method, path)
+            wrong = await client.request(method, path, json={}, headers={"Authorization": "Bearer not-it"})
+            assert wrong.status_code == 403, (method, path)
+            as_user = await client.request(method, path, json={}, headers=bearer(user))  # a user's token is not the operator's
+            assert as_user.status_code == 403, (method, path)
+        assert (await client.get("/admin/users", headers=ADMIN)).status_code == 200  # the hash of it is enough to know it
+
+
+async def test_the_operator_sees_usage_sets_quotas_replaces_tokens_and_deletes_users(database_url: str) -> None:
+    async with running_app(database_url, admin_token=ADMIN_TOKEN, user_quota_mb=50) as client:
+        alice, bob = await new_user(client), await new_user(client)
+        record = (await upload(client, alice, make_wav(3.0), "a.wav")).json()
+        url = await tus_create(client, alice, 400_000, "unfinished.wav")
+        assert (await tus_patch(client, alice, url, 0, make_wav(3.0)[:100_000])).status_code == 204
+        mine = await usage_of(client, alice)
+        assert mine == {
+            "user_id": alice["user_id"],
+            "name": mine["name"],
+            "created": mine["created"],
+            "records": 1,
+            "bytes_stored": record["size_bytes"] + 100_000,
+            "quota_bytes": 50 * wav2mp3.MIB,
+            "unfinished_uploads": 1,
+        }
+        listed = (await client.get("/admin/users", headers=ADMIN)).json()
+        by_id = {user["user_id"]: user for user in listed["users"]}
+        assert by_id[alice["user_id"]] == {**mine, "own_quota": False} and listed["next_after"] is None
+        assert by_id[bob["user_id"]]["records"] == 0 and by_id[bob["user_id"]]["bytes_stored"] == 0
+        first = (await client.get("/admin/users?limit=1", headers=ADMIN)).json()
+        rest = (await client.get(f"/admin/users?after={first['next_after']}", headers=ADMIN)).json()
+        assert len(first["users"]) == 1 and [u["user_id"] for u in first["users"] + rest["users"]] == [u["user_id"] for u in listed["users"]]
+
+        quota = await client.put(f"/admin/users/{bob['user_id']}/quota", json={"quota_mb": None}, headers=ADMIN)
+        assert quota.status_code == 200 and quota.json()["quota_bytes"] is None and quota.json()["own_quota"] is True
+        assert (await usage_of(client, bob))["quota_bytes"] is None
+        cleared = await client.delete(f"/admin/users/{bob['user_id']}/quota", headers=ADMIN)
+        assert cleared.json()["quota_bytes"] == 50 * wav2mp3.MIB and cleared.json()["own_quota"] is False
+        for bad in ({}, {"quota_mb": -1}, {"quota_mb": "5"}, {"quota_mb": True}):
+            assert (await client.put(f"/admin/users/{bob['user_id']}/quota", json=bad, headers=ADMIN)).status_code == 422, bad
+        assert (await client.put(f"/admin/users/{uuid.uuid4()}/quota", json={"quota_mb": 1}, headers=ADMIN)).status_code == 404
+
+        renewed = await client.post(f"/admin/users/{bob['user_id']}/token", headers=ADMIN)
+        assert renewed.status_code == 201 and renewed.json()["user_id"] == bob["user_id"]
+        assert (await client.get(f"/users/{bob['user_id']}", headers=bearer(bob))).status_code == 403  # the old token stopped at once
+        assert (await usage_of(client, renewed.json()))["user_id"] == bob["user_id"]
+
+        assert (await client.delete(f"/admin/users/{alice['user_id']}", headers=ADMIN)).status_code == 204
+        assert (await client.get(record_path(record["url"]))).status_code == 404  # the link stopped working at once
+        assert (await client.get(f"/users/{alice['user_id']}", headers=bearer(alice))).status_code == 403
+        assert (await client.head(url, headers=tus(alice))).status_code in (403, 404)
+        assert (await client.delete(f"/admin/users/{alice['user_id']}", headers=ADMIN)).status_code == 404
+        assert (await client.get("/admin/users/not-a-uuid", headers=ADMIN)).status_code == 404
+        bad_invites = [{"uses": 0}, {"uses": 1.5}, {"expires_hours": 0}, {"uses": "3"}]
+        for bad in bad_invites:
+            assert (await client.post("/admin/invites", json=bad, headers=ADMIN)).status_code == 422, bad
+    for table in ("records", "uploads", "quotas"):
+        assert (await db_rows(database_url, f"SELECT count(*) FROM {table} WHERE user_id = $1", alice["user_id"]))[0][0] == 0, table
+
+
+async def test_user_usage_needs_the_users_own_token(client: httpx.AsyncClient) -> None:
+    user, other = await new_user(client), await new_user(client)
+    assert (await client.get(f"/users/{user['user_id']}")).status_code == 401
+    assert (await client.get(f"/users/{user['user_id']}", headers=bearer(other))).status_code == 403
+    assert (await client.get(f"/users/{uuid.uuid4()}", headers=bearer(user))).status_code == 403
+    usage = await usage_of(client, user)
+    assert usage["quota_bytes"] is None and usage["records"] == 0 and usage["name"].startswith("user")
+
+
+async def test_a_quota_refuses_uploads_as_early_as_it_can_and_stores_nothing(database_url: str) -> None:
+    """USER_QUOTA_MB over MP3s and unfinished uploads (at their declared length): a tus creation past it is 413 at
+    once; a POST is 413 when nothing is left, when the WAV's header says a CBR MP3 will not fit, or when the MP3
+    outgrows what is left (VBR). The 413 names usage and quota; nothing is stored; deleting records frees room at once."""
+    async with running_app(database_url, user_quota_mb=0.5) as client:  # 524,288 bytes
+        user = await new_user(client)
+        small = (await upload(client, user, make_wav(10.0), "small.wav")).json()  # 160 KB of MP3
+        before = await usage_of(client, user)
+        assert before["bytes_stored"] == small["size_bytes"] and before["quota_bytes"] == 524_288
+
+        cbr = await upload(client, user, make_wav(40.0), "long.wav")  # 640 KB at 128 kbps: known from the header
+        assert cbr.status_code == 413 and "quota" in cbr.json()["error"] and "524288 bytes" in cbr.json()["error"]
+        assert f"{small['size_bytes']} bytes" in cbr.json()["error"]
+        vbr = await upload(client, user, make_wav(40.0), "long.wav", vbr_quality="0")  # ~1.2 MB: found as it grows
+        assert vbr.status_code == 413 and "quota" in vbr.json()["error"]
+
+        huge = await client.post(
+            f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length=str(4 * 2**30), Upload_Metadata=tus_metadata(filename="big.wav"))
+        )
+        assert huge.status_code == 413 and "quota" in huge.json()["error"]
+        fits = await tus_create(client, user, 300_000, "fits.wav")
+        over = await client.post(
+            f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="100000", Upload_Metadata=tus_metadata(filename="more.wav"))
+        )
+        assert over.status_code == 413  # 160 KB of MP3 and 300 KB declared leave less than 100 KB
+        assert (await client.delete(fits, headers=tus(user))).status_code == 204
+        assert (await usage_of(client, user)) == before  # nothing of the refused ones stored
+
+        names = await db_rows(database_url, "SELECT filename FROM records WHERE user_id = $1", user["user_id"])
+        assert names == [("small.wav",)]
+        assert (await client.delete(record_path(small["url"]), headers=bearer(user))).status_code == 204
+        freed = await client.post(
+            f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="400000", Upload_Metadata=tus_metadata(filename="more.wav"))
+        )
+        assert freed.status_code == 201  # deleting records frees the room at once
+
+
+async def test_a_users_declared_uploads_are_stopped_at_the_quota(database_url: str) -> None:
+    """One user's flood of tus creations of Upload-Length 4 GiB (3,000 were all 201 on e37ff88) stops at the quota."""
+    async with running_app(database_url, user_quota_mb=10_000, max_unfinished_mb=100_000) as client:
+        user = await new_user(client)
+        statuses = []
+        for n in range(5):
+            headers = tus(user, Upload_Length=str(4 * 2**30), Upload_Metadata=tus_metadata(filename=f"flood-{n}.wav"))
+            statuses.append((await client.post(f"/users/{user['user_id']}/uploads", headers=headers)).status_code)
+        assert statuses == [201, 201, 413, 413, 413]
+        assert (await usage_of(client, user))["unfinished_uploads"] == 2
+
+
+async def test_a_user_deleted_mid_upload_gets_no_record_later(database_url: str) -> None:
+    async with running_app(database_url, admin_token=ADMIN_TOKEN) as client:
+        user = await new_user(client)
+        wav = make_wav(5.0, 44100, 2)
+        url = await tus_create(client, user, len(wav))
+        assert (await tus_patch(client, user, url, 0, wav[:200_000])).status_code == 204
+        release = asyncio.Event()
+
+        async def held_body() -> AsyncIterator[bytes]:
+            yield wav[:300_000]
+            await release.wait()
+            yield wav[300_000:]
+
+        boundary = "b0undary"
+        head = f"--{boundary}\r\n".encode() + form_part("data", credentials(user)) + f"\r\n--{boundary}\r\n".encode()
+
+        async def form_body() -> AsyncIterator[bytes]:
+            yield head + form_part("audio_file", b"", "form.wav")
+            async for piece in held_body():
+                yield piece
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        posting = asyncio.create_task(
+            client.post("/users/wav", content=form_body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        )
+        patching = asyncio.create_task(client.patch(url, content=held_body(), headers=tus(user, Upload_Offset="200000", **OCTETS)))
+        await asyncio.sleep(0.5)
+        assert (await client.delete(f"/admin/users/{user['user_id']}", headers=ADMIN)).status_code == 204
+        release.set()
+        assert (await posting).status_code == 403
+        assert (await patching).status_code in (403, 404)
+    assert (await db_rows(database_url, "SELECT count(*) FROM records WHERE user_id = $1", user["user_id"]))[0][0] == 0
+
+
+def admin_command(live: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DATABASE_URL": live.database_url}
+    return subprocess.run([sys.executable, str(HERE / "wav2mp3.py"), "admin", *args], env=environment, capture_output=True, text=True, timeout=60)
+
+
+def test_the_admin_command_works_on_the_database_of_a_running_service(live: LiveServer) -> None:
+    """`python wav2mp3.py admin ...` beside the running service (on PostgreSQL when the suite runs there): what it
+    does, the service sees at once."""
+    made = admin_command(live, "create", unique_name("cli"), "--json")
+    assert made.returncode == 0, made.stderr
+    user = json.loads(made.stdout)
+    assert httpx.get(f"{live.url}/users/{user['user_id']}", headers=bearer(user)).status_code == 200
+    listed = admin_command(live, "users")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].split()[:2] == ["name", "user_id"] and user["user_id"] in listed.stdout
+    as_json = json.loads(admin_command(live, "users", "--json").stdout)
+    assert any(entry["user_id"] == user["user_id"] and entry["quota_bytes"] is None for entry in as_json)
+    quota = admin_command(live, "quota", user["user_id"], "2", "--json")
+    assert quota.returncode == 0 and json.loads(quota.stdout)["quota_bytes"] == 2 * wav2mp3.MIB
+    assert httpx.get(f"{live.url}/users/{user['user_id']}", headers=bearer(user)).json()["quota_bytes"] == 2 * wav2mp3.MIB
+    renewed = admin_command(live, "token", user["user_id"], "--json")
+    new = json.loads(renewed.stdout)
+    assert httpx.get(f"{live.url}/users/{user['user_id']}", headers=bearer(user)).status_code == 403
+    assert httpx.get(f"{live.url}/users/{user['user_id']}", headers=bearer(new)).status_code == 200
+    invite = admin_command(live, "invite", "--uses", "2")
+    assert invite.returncode == 0 and invite.stdout.startswith("invite: ")
+    assert admin_command(live, "delete", user["user_id"]).returncode == 0
+    assert httpx.get(f"{live.url}/users/{user['user_id']}", headers=bearer(new)).status_code == 403
+    missing = admin_command(live, "delete", user["user_id"])
+    assert missing.returncode == 1 and "no such user" in missing.stderr
+    assert admin_command(live, "quota", str(uuid.uuid4()), "lots").returncode == 2
+    assert admin_command(live, "nonsense").returncode == 2
+    assert "invite" in admin_command(live, "--help").stdout

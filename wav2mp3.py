@@ -63,9 +63,11 @@ import math
 import os
 import re
 import resource
+import secrets
 import shutil
 import sqlite3
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -77,7 +79,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mappi
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar, cast
+from typing import IO, Any, Final, Literal, TypeVar, cast
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 import aiosqlite
@@ -116,6 +118,10 @@ MIB = 1024 * 1024
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 MAX_JSON_BODY = 64 * 1024  # body of POST /users
 MAX_NAME_CHARS = 128
+SIGNUP_MODES = ("open", "invite", "closed")
+MAX_INVITE_USES = 1_000_000
+DEFAULT_INVITE_HOURS = 168.0  # an invite code is good for a week unless the operator says otherwise
+MAX_ADMIN_PAGE = 1000  # users per page of GET /admin/users
 MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
 MAX_FIELD_BYTES = 8 * 1024  # size of a non-file part (`data` is ~90 bytes, `bitrate` 3): 16 of them are 128 KiB
 MAX_FILENAME_BYTES = 255  # as most file systems allow
@@ -257,6 +263,15 @@ class Settings:
     upload_expiry_hours: float = _setting(24.0, "hours a resumable upload has to finish; then it is deleted, bytes and all")
     retention_days: float | None = _setting(None, "records older than this are deleted by a background sweep; unset: kept forever", float)
     cors_origins: str = _setting("", "origins whose browser apps may call the API: `*` or a comma-separated list; empty: no CORS headers")
+    signup: str = _setting(
+        "open", "who may create users: `open` (anyone), `invite` (POST /users needs an operator's invite code), `closed` (the operator only)"
+    )
+    admin_token: str = _setting(
+        "", "the operator's Bearer credential for /admin/... (or `sha256:` and its hex digest); empty: those routes answer 404"
+    )
+    user_quota_mb: float | None = _setting(
+        None, "MB (MiB) each user may keep: MP3s and unfinished uploads' bytes; the operator may set a user's own; unset: unlimited", float
+    )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -303,6 +318,12 @@ class Settings:
         if min(self.user_creations_per_minute, self.max_unfinished_mb, self.unfinished_storage_mb) < 0:
             raise ValueError("USER_CREATIONS_PER_MINUTE, MAX_UNFINISHED_MB and UNFINISHED_STORAGE_MB must not be negative")
         trusted_networks(self.trusted_proxies)  # a ValueError names what is not an address or a network
+        if self.signup not in SIGNUP_MODES:
+            raise ValueError(f"SIGNUP must be one of {', '.join(SIGNUP_MODES)}, not {self.signup!r}")
+        if self.user_quota_mb is not None and self.user_quota_mb < 0:
+            raise ValueError(f"USER_QUOTA_MB must not be negative, not {self.user_quota_mb}")
+        if self.admin_token.startswith("sha256:") and not re.fullmatch(r"[0-9a-f]{64}", self.admin_token.removeprefix("sha256:")):
+            raise ValueError("ADMIN_TOKEN as a hash is `sha256:` and 64 lower-case hex digits")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -328,6 +349,14 @@ class Settings:
     def temp_disk_bytes(self) -> int:
         """TEMP_DISK_MB, or half of what TMPDIR has free now: room is left for the database and everyone else."""
         return self.temp_disk_mb * MIB or shutil.disk_usage(tempfile.gettempdir()).free // 2
+
+    @property
+    def default_quota_bytes(self) -> int | None:
+        return None if self.user_quota_mb is None else int(self.user_quota_mb * MIB)
+
+    @property
+    def admin_token_sha256(self) -> str:
+        return self.admin_token.removeprefix("sha256:") if self.admin_token.startswith("sha256:") else hash_token(self.admin_token)
 
     @property
     def encoder_threads(self) -> int:
@@ -369,6 +398,7 @@ def settings_table() -> str:
 
 FORBIDDEN = "unknown user_id or wrong access_token"  # one message whatever was wrong
 NO_SUCH_RECORD = "no such record for this user"
+NO_SUCH_USER = "no such user"
 NO_SUCH_UPLOAD = "no such upload for this user: unknown, terminated, failed or expired"
 CLOSE = {"Connection": "close"}  # the rest of the body will not be read
 RETRY_LATER = {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE}  # a cap's 503: the client goes on after a moment
@@ -507,6 +537,7 @@ class Operation:
     parameters: tuple[Mapping[str, Any], ...]
     body: Mapping[str, Any] | None
     bearer: bool  # the owner's routes: Authorization: Bearer <access_token>
+    admin: bool  # the operator's routes: Authorization: Bearer <ADMIN_TOKEN>
 
 
 class Api:
@@ -525,15 +556,18 @@ class Api:
         parameters: tuple[Mapping[str, Any], ...] = (),
         body: Mapping[str, Any] | None = None,
         bearer: bool = False,
+        admin: bool = False,
     ) -> Callable[[Endpoint], Endpoint]:
         if bearer:
             answers = {**OWNER_ONLY, **answers}
+        if admin:
+            answers = {**ADMIN_ONLY, **answers}
 
         def register(endpoint: Endpoint) -> Endpoint:
             self.routes.append(Route(path, endpoint, methods=methods))
             bodiless = {status: {key: value for key, value in a.items() if key != "content"} for status, a in answers.items()}
             for method in methods if summary else ():  # a route without a summary is left out of the OpenAPI
-                self.operations.append(Operation(method, path, summary, bodiless if method == "HEAD" else answers, parameters, body, bearer))
+                self.operations.append(Operation(method, path, summary, bodiless if method == "HEAD" else answers, parameters, body, bearer, admin))
             return endpoint
 
         return register
@@ -576,6 +610,12 @@ OWNER_ONLY = {
     401: error("no Authorization: Bearer header", {"WWW-Authenticate": "Bearer"}),
     403: error(FORBIDDEN),
 }
+NOT_FOUND = "Not Found"  # Starlette's own text for a path it does not know
+ADMIN_ONLY = {
+    401: error("no Authorization: Bearer header", {"WWW-Authenticate": "Bearer"}),
+    403: error("not the ADMIN_TOKEN"),
+    404: error("ADMIN_TOKEN is not set: the operator's routes are absent"),
+}
 BODY_LIMITS = {
     408: error("the client stalled for UPLOAD_IDLE_TIMEOUT, or sent slower than MIN_UPLOAD_RATE"),
     413: error("body larger than the limit"),
@@ -591,6 +631,7 @@ BODY_LIMITS = {
         200: answer("a user with that name exists", {"type": "object", "required": ["error_name"], "properties": {"error_name": {"type": "string"}}}),
         408: BODY_LIMITS[408],
         413: error(f"body larger than {MAX_JSON_BODY // 1024} KiB"),
+        403: error("SIGNUP is closed, or invite and the invite code is missing, unknown, used up or expired"),
         422: error("not JSON, not an object, or a bad name"),
         429: error("USER_CREATIONS_PER_MINUTE users were created from this address in the last minute", {"Retry-After": "seconds"}),
         **UNAVAILABLE,
@@ -600,17 +641,26 @@ BODY_LIMITS = {
             "schema": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
+                "properties": {
+                    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS},
+                    "invite": {"type": "string", "description": "an invite code from the operator: needed when SIGNUP is invite"},
+                },
             }
         }
     },
 )
 async def create_user(request: Request) -> Response:
     services = services_of(request)
+    signup = services.settings.signup
+    if signup == "closed":
+        raise Refused(403, "sign-up is closed on this service: the operator creates users (python wav2mp3.py admin create NAME)")
     payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "body")
     name = valid_name(payload.get("name"))
     services.user_creations.admit(client_address(request.scope, services.settings))
-    created = await services.users.create(name)
+    if signup == "invite":
+        created = await invited_user(services.store, name, payload.get("invite"))
+    else:
+        created = await services.users.create(name)
     if created is None:
         # The seed's answer, kept as it was for its clients.
         return JSONResponse({"error_name": "user with name already is"}, status_code=200)
@@ -738,7 +788,7 @@ async def tus_options(request: Request) -> Response:
         201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
         400: error("no Upload-Length (Upload-Defer-Length is not offered), or one that is not a number"),
         409: error("a record of this user, or an unfinished upload, has this file name"),
-        413: error("Upload-Length larger than MAX_UPLOAD_MB"),
+        413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error("Upload-Metadata malformed, without filename, or with a bad option; or an empty file"),
         429: error("the user has MAX_UNFINISHED_UPLOADS unfinished uploads, or they would declare more than MAX_UNFINISHED_MB"),
@@ -799,7 +849,7 @@ async def head_upload(request: Request) -> Response:
         400: error("no Upload-Offset, or an Upload-Checksum that is malformed or of an algorithm not offered"),
         408: error("the client stalled or sent too slowly: the bytes that arrived are kept"),
         409: error("Upload-Offset is not the upload's offset, or another request is sending this upload's bytes", {"Upload-Offset": "where it is"}),
-        413: error("more bytes than Upload-Length leaves, or a piece with Upload-Checksum over MAX_CHECKED_PIECE_MB"),
+        413: error("more bytes than Upload-Length leaves, a piece with Upload-Checksum over MAX_CHECKED_PIECE_MB, or an MP3 past the quota"),
         415: error("not application/offset+octet-stream, or a WAV refused as on POST /users/wav (the upload is then ended)"),
         422: error("a WAV refused as on POST /users/wav: the upload is then ended"),
         460: error("Upload-Checksum does not match: the piece is dropped, the offset stays"),
@@ -966,6 +1016,203 @@ async def rotate_token(request: Request) -> Response:
     if not await services_of(request).store.replace_token(user_id, hash_token(token), hash_token(new_token)):
         raise Refused(403, FORBIDDEN)  # another rotation won the race: this token is already the old one
     return JSONResponse({"user_id": user_id, "access_token": new_token}, status_code=201)
+
+
+async def invited_user(store: Store, name: str, code: Any) -> tuple[str, str] | None:
+    """A new user for one use of an invite code (SIGNUP=invite): (user id, token), None if the name is taken."""
+    if not isinstance(code, str) or not code.strip():
+        raise Refused(403, 'sign-up on this service needs an invite code from the operator: send {"name": ..., "invite": "<code>"}')
+    user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
+    created = await store.create_invited_user({"id": user_id, "name": name, "token_sha256": hash_token(token), "created_at": now()}, code.strip())
+    if created is None:
+        raise Refused(403, "this invite code is unknown, used up or expired: ask the operator for another")
+    return (user_id, token) if created else None
+
+
+USAGE = answer("the user's name, usage and quota", "Usage")
+USER_PATH = (USER_ID,)
+
+
+@API.route(
+    "/users/{user_id}", ["GET"], "The user's name, records, bytes stored and quota", {200: USAGE, **UNAVAILABLE}, parameters=USER_PATH, bearer=True
+)
+async def user_usage(request: Request) -> Response:
+    user_id, _ = await owner(request)
+    usage = await services_of(request).store.usage(user_id)
+    if usage is None:
+        raise Refused(403, FORBIDDEN)  # deleted since it was authenticated
+    return JSONResponse(usage.json(), headers={"Cache-Control": "no-store"})
+
+
+@API.route("/service", ["GET"], "What the page needs to know of this service: its sign-up mode and retention", {200: answer("the facts", "Service")})
+async def service_facts(request: Request) -> Response:
+    settings = services_of(request).settings
+    return JSONResponse({"signup": settings.signup, "retention_days": settings.retention_days, "max_upload_bytes": settings.max_upload_bytes})
+
+
+# The operator's routes (ADMIN_TOKEN): the same as `python wav2mp3.py admin ...` does (Operator, chapter 14).
+
+
+@API.route(
+    "/admin/invites",
+    ["POST"],
+    "Make an invite code (SIGNUP=invite): shown only in this answer",
+    {201: answer("the code", "Invite"), 408: BODY_LIMITS[408], 413: error("body too large"), 422: error("bad uses or expires_hours"), **UNAVAILABLE},
+    body={
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "uses": {"type": "integer", "minimum": 1, "maximum": MAX_INVITE_USES, "description": "users it may create (default 1)"},
+                    "expires_hours": {"type": "number", "description": f"hours it is good for (default {DEFAULT_INVITE_HOURS:g})"},
+                },
+            }
+        }
+    },
+    admin=True,
+)
+async def admin_invite(request: Request) -> Response:
+    operator = await operator_of(request)
+    payload = await admin_payload(request, required=False)
+    uses = parse_admin_number(payload, "uses", 1, 1, MAX_INVITE_USES, integer=True)
+    hours = parse_admin_number(payload, "expires_hours", DEFAULT_INVITE_HOURS, 1 / 3600, 24 * 3650)
+    return JSONResponse(await operator.invite(int(uses), hours), status_code=201)
+
+
+@API.route(
+    "/admin/users",
+    ["GET"],
+    "Every user with its usage and quota, by name, a page at a time",
+    {200: answer("a page of users", "UserPage"), 422: error("a bad limit"), **UNAVAILABLE},
+    parameters=(
+        query("limit", f"users per page, 1..{MAX_ADMIN_PAGE} (default {MAX_ADMIN_PAGE})", False, {"type": "integer"}),
+        query("after", "next_after of the page before", False),
+    ),
+    admin=True,
+)
+async def admin_users(request: Request) -> Response:
+    operator = await operator_of(request)
+    limit = parse_count(request.query_params.get("limit", str(MAX_ADMIN_PAGE)), "limit")
+    if not 1 <= limit <= MAX_ADMIN_PAGE:
+        raise Refused(422, f"limit must be 1..{MAX_ADMIN_PAGE}")
+    return JSONResponse(await operator.users(request.query_params.get("after", ""), limit))
+
+
+@API.route(
+    "/admin/users",
+    ["POST"],
+    "Create a user (whatever SIGNUP says); the access token is shown only in this answer",
+    {
+        201: answer("the new user", "NewUser"),
+        408: BODY_LIMITS[408],
+        409: error("a user with that name exists"),
+        413: error("body too large"),
+        422: error("not JSON, or a bad name"),
+        **UNAVAILABLE,
+    },
+    body={"application/json": {"schema": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
+    admin=True,
+)
+async def admin_create_user(request: Request) -> Response:
+    operator = await operator_of(request)
+    name = valid_name((await admin_payload(request)).get("name"))
+    return JSONResponse(await operator.create(name), status_code=201)
+
+
+@API.route("/admin/users/{user_id}", ["GET"], "One user's usage and quota", {200: USAGE, **UNAVAILABLE}, parameters=USER_PATH, admin=True)
+async def admin_user(request: Request) -> Response:
+    operator = await operator_of(request)
+    return JSONResponse(await operator.user(request.path_params["user_id"]))
+
+
+@API.route(
+    "/admin/users/{user_id}",
+    ["DELETE"],
+    "Delete a user with every record and unfinished upload: its links stop working at once",
+    {204: answer("deleted"), **UNAVAILABLE},
+    parameters=USER_PATH,
+    admin=True,
+)
+async def admin_delete_user(request: Request) -> Response:
+    operator = await operator_of(request)
+    await operator.delete(request.path_params["user_id"])
+    return Response(status_code=204)
+
+
+@API.route(
+    "/admin/users/{user_id}/quota",
+    ["PUT"],
+    "Set the user's own quota (null: unlimited), over USER_QUOTA_MB",
+    {200: USAGE, 408: BODY_LIMITS[408], 413: error("body too large"), 422: error("quota_mb missing or not a number >= 0 or null"), **UNAVAILABLE},
+    parameters=USER_PATH,
+    body={
+        "application/json": {
+            "schema": {"type": "object", "required": ["quota_mb"], "properties": {"quota_mb": {"type": "number", "minimum": 0, "nullable": True}}}
+        }
+    },
+    admin=True,
+)
+async def admin_set_quota(request: Request) -> Response:
+    operator = await operator_of(request)
+    payload = await admin_payload(request)
+    if "quota_mb" not in payload:
+        raise Refused(422, 'send {"quota_mb": <MiB, or null for unlimited>}')
+    megabytes = payload["quota_mb"]
+    if megabytes is not None:
+        megabytes = parse_admin_number(payload, "quota_mb", 0, 0, 2**43)
+    quota = None if megabytes is None else int(megabytes * MIB)
+    return JSONResponse(await operator.quota(request.path_params["user_id"], quota))
+
+
+@API.route(
+    "/admin/users/{user_id}/quota",
+    ["DELETE"],
+    "Clear the user's own quota: USER_QUOTA_MB applies again",
+    {200: USAGE, **UNAVAILABLE},
+    parameters=USER_PATH,
+    admin=True,
+)
+async def admin_clear_quota(request: Request) -> Response:
+    operator = await operator_of(request)
+    return JSONResponse(await operator.quota(request.path_params["user_id"], DEFAULT_QUOTA))
+
+
+@API.route(
+    "/admin/users/{user_id}/token",
+    ["POST"],
+    "Give the user a new access token (the old one stops working at once); shown only in this answer",
+    {201: answer("the new token", "NewUser"), **UNAVAILABLE},
+    parameters=USER_PATH,
+    admin=True,
+)
+async def admin_new_token(request: Request) -> Response:
+    operator = await operator_of(request)
+    return JSONResponse(await operator.token(request.path_params["user_id"]), status_code=201)
+
+
+async def operator_of(request: Request) -> Operator:
+    """The operator, authenticated by `Authorization: Bearer <ADMIN_TOKEN>`; without ADMIN_TOKEN the routes are absent (404)."""
+    services = services_of(request)
+    if not services.settings.admin_token:
+        raise Refused(404, NOT_FOUND)
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Refused(401, "send Authorization: Bearer <ADMIN_TOKEN>", {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(hash_token(token.strip()), services.settings.admin_token_sha256):
+        raise Refused(403, "wrong admin token")
+    return Operator(services.store)
+
+
+async def admin_payload(request: Request, required: bool = True) -> dict[str, Any]:
+    body = await BodyReader(request, MAX_JSON_BODY, services_of(request).settings).read()
+    return parse_json(body, "body") if body.strip() or required else {}
+
+
+def parse_admin_number(payload: Mapping[str, Any], name: str, default: float, low: float, high: float, integer: bool = False) -> float:
+    value = payload.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)) or not low <= value <= high:
+        raise Refused(422, f"{name} must be {'an integer' if integer else 'a number'} {low:g}..{high:g}")
+    return value
 
 
 @API.route(
@@ -1490,6 +1737,7 @@ class FormUpload:
         self.filename: str | None = None
         self.options: dict[str, int] = {}
         self.session: UploadSession | None = None
+        self.usage: Usage | None = None  # the user's, once known: its quota bounds the MP3
         self.mp3: Mp3File | None = None
         self._part: str | None = None  # name of the part being received, if one we use
         self._field = bytearray()
@@ -1528,6 +1776,8 @@ class FormUpload:
         elif self._part == "audio_file":
             if (session := self._live_session()) is not None:
                 await session.feed(event[1])
+                if self.usage is not None and self.usage.quota_bytes is not None:  # refused as soon as it shows
+                    self.usage.admit(session.least_mp3_bytes(), "this MP3")
         elif self._part is not None:
             self._field += event[1]
             if len(self._field) > MAX_FIELD_BYTES:
@@ -1558,6 +1808,9 @@ class FormUpload:
             self.user_id = await authenticate(self.services.store, user_id, token)
             self.token = token
             self.slot.take_user(self.user_id)
+            self.usage = await self.services.store.usage(self.user_id)
+            if self.usage is not None:
+                self.usage.admit(1, "this upload")  # nothing left at all: say so before any audio
             if self.session is not None:
                 self.session.owner = self.slot.owner  # the audio came first: its blocks wait for the user's turn from now on
             await self._check_name_free()
@@ -2229,6 +2482,16 @@ class UploadSession:
             while self._frames.available >= self._block_frames:
                 await self._encode(self._frames.read(self._block_frames))
 
+    def least_mp3_bytes(self) -> int:
+        """What the MP3 will at least weigh, as far as is known now: what LAME has written, or at a constant bit rate
+        (CBR), the declared data's duration at that rate (LAME's frames carry exactly that, padding aside)."""
+        written = self._encoder.written if self._encoder is not None else 0
+        wav_format, data_bytes = self._wav.format, self._wav.data_bytes
+        if wav_format is None or not data_bytes or self.options.bitrate is None:
+            return written
+        seconds = data_bytes / wav_format.frame_size / wav_format.rate
+        return max(written, int(0.99 * seconds * self.options.bitrate * 125))
+
     async def room(self) -> None:
         """Wait, in turn, for room in the audio budget: a reader asks before it reads, so that it holds nothing while it waits."""
         await self._take(1)
@@ -2713,6 +2976,11 @@ class Mp3Encoder:
         self._calls: list[int] = []  # PCM frames per encode call: LAME's resampler count depends on them
         self._spool = TempFile(disk, SPOOL_MEMORY_BYTES)
 
+    @property
+    def written(self) -> int:
+        """MP3 bytes so far (read from the event loop while a thread encodes: an int, a moment old at worst)."""
+        return self._spool.size
+
     def encode(self, frames: bytes) -> None:
         self._calls.append(len(frames) // self.fmt.frame_size)
         self._write(self._lame.encode(to_pcm16(frames, self.fmt, self.channels)))
@@ -2865,10 +3133,6 @@ SQL_INSERT_UPLOAD = (
     "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at, metadata)"
     " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at, :metadata)"
 )
-SQL_UNFINISHED_OF_USER = (
-    "SELECT COUNT(*) AS uploads, CAST(COALESCE(SUM(length), 0) AS BIGINT) AS declared FROM uploads"
-    " WHERE user_id = :user_id AND record_id IS NULL AND expires_at > :now"
-)
 SQL_UNFINISHED_DECLARED = "SELECT CAST(COALESCE(SUM(length), 0) AS BIGINT) FROM uploads WHERE record_id IS NULL AND expires_at > :now"
 SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
 # A request's bytes count only while the upload stands where it began, has not expired, and the request's token is
@@ -2894,6 +3158,33 @@ SQL_PURGE_UPLOAD_CHUNKS = (
     " AND start IN (SELECT start FROM upload_chunks WHERE upload_id = :upload_id ORDER BY start LIMIT :limit) RETURNING start"
 )
 # SQLite: a new database reclaims freed pages on request (incremental_vacuum), so the file can shrink.
+# A user's usage, from the indexes on records (user_id, size_bytes) and on unfinished uploads: one user (`users.id =
+# :id`) or a page of them by name. `unfinished_declared` leaves out the upload being completed (`:upload_id`).
+UNFINISHED_OF_USER = "FROM uploads WHERE uploads.user_id = users.id AND record_id IS NULL AND expires_at > :now"
+SQL_USAGE = (
+    "SELECT users.id, users.name, users.created_at,"
+    " (SELECT COUNT(*) FROM records WHERE records.user_id = users.id) AS records,"
+    " (SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM records WHERE records.user_id = users.id) AS mp3_bytes,"
+    f" (SELECT COUNT(*) {UNFINISHED_OF_USER}) AS unfinished_uploads,"
+    f" (SELECT CAST(COALESCE(SUM(received), 0) AS BIGINT) {UNFINISHED_OF_USER}) AS unfinished_bytes,"
+    f" (SELECT CAST(COALESCE(SUM(length), 0) AS BIGINT) {UNFINISHED_OF_USER} AND uploads.id <> :upload_id) AS unfinished_declared,"
+    " quotas.user_id IS NOT NULL AS own_quota, quotas.quota_bytes"
+    " FROM users LEFT JOIN quotas ON quotas.user_id = users.id WHERE {where} ORDER BY users.name LIMIT :limit"
+)
+SQL_USER_BY_NAME = "SELECT id FROM users WHERE name = :name"
+SQL_DELETE_USER = "DELETE FROM users WHERE id = :id RETURNING id"  # records, chunks, uploads and quota go with it (ON DELETE CASCADE)
+SQL_SET_TOKEN = "UPDATE users SET token_sha256 = :token_sha256 WHERE id = :id RETURNING id"
+SQL_SET_QUOTA = (
+    "INSERT INTO quotas (user_id, quota_bytes) SELECT :user_id, :quota_bytes WHERE EXISTS (SELECT 1 FROM users WHERE id = :user_id)"
+    " ON CONFLICT (user_id) DO UPDATE SET quota_bytes = excluded.quota_bytes RETURNING user_id"
+)
+SQL_CLEAR_QUOTA = "DELETE FROM quotas WHERE user_id = :user_id RETURNING user_id"
+SQL_INSERT_INVITE = "INSERT INTO invites (code_sha256, uses_left, expires_at, created_at) VALUES (:code_sha256, :uses, :expires_at, :created_at)"
+# One use of an invite: of N uses, exactly N users, however many ask at once (the row is locked by the UPDATE).
+SQL_USE_INVITE = (
+    "UPDATE invites SET uses_left = uses_left - 1 WHERE code_sha256 = :code_sha256 AND uses_left > 0 AND expires_at > :now RETURNING uses_left"
+)
+SQL_DELETE_SPENT_INVITES = "DELETE FROM invites WHERE uses_left <= 0 OR expires_at < :now"
 SQL_SQLITE_FILE = ("PRAGMA auto_vacuum = INCREMENTAL", "PRAGMA journal_mode = WAL")
 SQL_SQLITE_FREE_PAGES = "PRAGMA freelist_count"
 SQL_SQLITE_VACUUM_STEP = "PRAGMA incremental_vacuum({pages})"
@@ -2965,11 +3256,65 @@ class StoredUpload:
     metadata: str  # Upload-Metadata as sent: a HEAD gives it back
 
 
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What a user keeps and may keep: GET /users/{id}, the operator's list, and every quota check."""
+
+    user_id: str
+    name: str
+    created: str
+    records: int
+    mp3_bytes: int
+    unfinished_uploads: int
+    unfinished_bytes: int  # stored so far
+    unfinished_declared: int  # what they will hold when whole (Upload-Length): what a quota check counts
+    quota_bytes: int | None  # None: unlimited
+    own_quota: bool  # the operator's for this user, not USER_QUOTA_MB
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "name": self.name,
+            "created": self.created,
+            "records": self.records,
+            "bytes_stored": self.mp3_bytes + self.unfinished_bytes,
+            "quota_bytes": self.quota_bytes,
+            "unfinished_uploads": self.unfinished_uploads,
+        }
+
+    @property
+    def taken(self) -> int:
+        """Bytes counted against the quota: the MP3s, and unfinished uploads at their declared length."""
+        return self.mp3_bytes + self.unfinished_declared
+
+    def room(self) -> int | None:
+        return None if self.quota_bytes is None else self.quota_bytes - self.taken
+
+    def admit(self, more: int, what: str) -> None:
+        """413 when `more` bytes would pass the user's quota: with its usage and quota, and what to do."""
+        room = self.room()
+        if room is not None and more > room:
+            OVERLOAD_REFUSALS.labels("user_quota").inc()
+            raise Refused(413, over_quota(what, self.taken, self.quota_bytes or 0, more))
+
+
+def over_quota(what: str, taken: int, quota: int, more: int) -> str:
+    return (
+        f"{what} would pass this user's quota: {megabytes(taken)} of {megabytes(quota)} used, {megabytes(more)} more needed"
+        " (delete records or unfinished uploads, or ask the operator for more)"
+    )
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB ({size} bytes)"
+
+
 class Store:
     """Users, records and resumable uploads in SQLite or PostgreSQL: raw SQL through `databases`, nothing else."""
 
-    def __init__(self, url: str, timeout: float, connections: int) -> None:
+    def __init__(self, url: str, timeout: float, connections: int, default_quota: int | None = None) -> None:
         self.timeout = timeout
+        self.default_quota = default_quota  # USER_QUOTA_MB in bytes, for users without their own
         # Downloads read chunks with all connections but two: a burst of them never keeps the short
         # queries (/health, a login, a name check) waiting behind megabytes.
         self._bulk_readers = asyncio.Semaphore(max(1, connections - 2))
@@ -3094,6 +3439,9 @@ class Store:
                 # on a taken name or a replaced token nothing else has been written.
                 if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
                     return None
+                usage = await self.usage(record.user_id, upload_id or "")
+                assert usage is not None  # its row is locked
+                usage.admit(mp3.size, "this MP3")
                 # A resumable upload's record claims its completion first: one of two at once wins, none after an end.
                 complete = {"id": upload_id, "record_id": record.record_id, "now": now()}
                 if upload_id is not None and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, complete)) is None:
@@ -3152,12 +3500,74 @@ class Store:
         async with self.writing(), self.database.transaction():
             if not await self._reserve_name(upload.user_id, token_sha256, upload.filename):
                 return False
-            row = await self._call(self.database.fetch_one(SQL_UNFINISHED_OF_USER, {"user_id": upload.user_id, "now": created_at}))
-            assert row is not None
+            usage = await self.usage(upload.user_id)
+            assert usage is not None  # its row is locked
             total = await self._call(self.database.fetch_val(SQL_UNFINISHED_DECLARED, {"now": created_at})) if bounds.storage else 0
-            bounds.check(row["uploads"], row["declared"], total, upload.length)
+            bounds.check(usage.unfinished_uploads, usage.unfinished_declared, total, upload.length)
+            usage.admit(upload.length, "this upload (Upload-Length)")
             await self._call(self.database.execute(SQL_INSERT_UPLOAD, values))
         return True
+
+    async def usage(self, user_id: str, upload_id: str = "") -> Usage | None:
+        """The user's usage (the upload `upload_id`, being completed, not counted as unfinished); None: no such user."""
+        found = await self._usages("users.id = :id", {"id": user_id, "upload_id": upload_id, "limit": 1})
+        return found[0] if found else None
+
+    async def usages(self, after: str, limit: int) -> list[Usage]:
+        """A page of users by name, after the name `after`."""
+        return await self._usages("users.name > :after", {"after": after, "upload_id": "", "limit": limit})
+
+    async def _usages(self, where: str, values: dict[str, Any]) -> list[Usage]:
+        rows = await self._call(self.database.fetch_all(SQL_USAGE.format(where=where), {**values, "now": now()}))
+        return [
+            Usage(
+                row["id"],
+                row["name"],
+                row["created_at"],
+                row["records"],
+                row["mp3_bytes"],
+                row["unfinished_uploads"],
+                row["unfinished_bytes"],
+                row["unfinished_declared"],
+                row["quota_bytes"] if row["own_quota"] else self.default_quota,
+                bool(row["own_quota"]),
+            )
+            for row in rows
+        ]
+
+    async def create_invited_user(self, row: dict[str, str], code: str) -> bool | None:
+        """A user made with one use of the invite `code`, in one transaction: True; False if the name is taken (the
+        use is not spent); None if the code is unknown, used up or expired."""
+        async with self.writing():
+            try:
+                async with self.database.transaction():
+                    if await self._call(self.database.fetch_val(SQL_USE_INVITE, {"code_sha256": hash_token(code), "now": now()})) is None:
+                        return None
+                    sql = SQL_INSERT_USERS.format(rows=SQL_INSERT_USERS_ROW.format(n=0))
+                    if not await self._call(self.database.fetch_all(sql, {f"{key}0": value for key, value in row.items()})):
+                        raise Rollback()  # and the use with it
+            except Rollback:
+                return False
+        return True
+
+    async def create_invite(self, code: str, uses: int, expires_at: str) -> None:
+        async with self.writing(), self.database.transaction():
+            await self._call(self.database.execute(SQL_DELETE_SPENT_INVITES, {"now": now()}))
+            values = {"code_sha256": hash_token(code), "uses": uses, "expires_at": expires_at, "created_at": now()}
+            await self._call(self.database.execute(SQL_INSERT_INVITE, values))
+
+    async def set_quota(self, user_id: str, quota_bytes: int | None) -> bool:
+        """The user's own quota (None: unlimited); False: no such user."""
+        return bool(await self._write(SQL_SET_QUOTA, {"user_id": user_id, "quota_bytes": quota_bytes}))
+
+    async def clear_quota(self, user_id: str) -> None:
+        await self._write(SQL_CLEAR_QUOTA, {"user_id": user_id})
+
+    async def delete_user(self, user_id: str) -> bool:
+        return bool(await self._write(SQL_DELETE_USER, {"id": user_id}))
+
+    async def set_token(self, user_id: str, token_sha256: str) -> bool:
+        return bool(await self._write(SQL_SET_TOKEN, {"id": user_id, "token_sha256": token_sha256}))
 
     async def find_upload(self, upload_id: str, user_id: str) -> StoredUpload | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_UPLOAD, {"id": upload_id, "user_id": user_id, "now": now()}))
@@ -3219,6 +3629,10 @@ class Store:
                 await self._call(self.database.execute(SQL_SQLITE_VACUUM_STEP.format(pages=min(free, SQLITE_VACUUM_STEP_PAGES))))
             if await self._call(self.database.fetch_val(SQL_SQLITE_FREE_PAGES)) - SQLITE_FREE_RESERVE_PAGES >= free:
                 break  # auto_vacuum is off (a file made before it): its free pages stay for reuse
+
+
+class Rollback(Exception):
+    """Raised in a transaction to undo it: what it did is not to be."""
 
 
 class RecordVanished(Exception):
@@ -3521,7 +3935,51 @@ class RecordResponse(StreamingResponse):
 # 13. API documents ################################################################
 
 
+USAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["user_id", "name", "created", "records", "bytes_stored", "quota_bytes", "unfinished_uploads"],
+    "properties": {
+        "user_id": {"type": "string", "format": "uuid"},
+        "name": {"type": "string"},
+        "created": {"type": "string", "format": "date-time"},
+        "records": {"type": "integer"},
+        "bytes_stored": {"type": "integer", "description": "the MP3s, and the bytes unfinished uploads hold so far"},
+        "quota_bytes": {"type": "integer", "nullable": True, "description": "null: unlimited"},
+        "unfinished_uploads": {"type": "integer"},
+    },
+}
 COMPONENTS = {
+    "Usage": USAGE_SCHEMA,
+    "UserPage": {
+        "type": "object",
+        "required": ["users", "next_after"],
+        "properties": {
+            "users": {
+                "type": "array",
+                "items": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Usage"},
+                        {"type": "object", "required": ["own_quota"], "properties": {"own_quota": {"type": "boolean"}}},
+                    ]
+                },
+            },
+            "next_after": {"type": "string", "nullable": True, "description": "give it as after for the next page; null on the last"},
+        },
+    },
+    "Invite": {
+        "type": "object",
+        "required": ["invite", "uses", "expires"],
+        "properties": {"invite": {"type": "string"}, "uses": {"type": "integer"}, "expires": {"type": "string", "format": "date-time"}},
+    },
+    "Service": {
+        "type": "object",
+        "required": ["signup", "retention_days", "max_upload_bytes"],
+        "properties": {
+            "signup": {"type": "string", "enum": list(SIGNUP_MODES)},
+            "retention_days": {"type": "number", "nullable": True},
+            "max_upload_bytes": {"type": "integer"},
+        },
+    },
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "NewUser": {
@@ -3571,11 +4029,14 @@ def openapi_document() -> dict[str, Any]:
             entry["parameters"] = [dict(p) for p in operation.parameters]
         if operation.body is not None:
             entry["requestBody"] = {"required": True, "content": dict(operation.body)}
-        if operation.bearer:
-            entry["security"] = [{"bearer": []}]
+        if operation.bearer or operation.admin:
+            entry["security"] = [{"admin" if operation.admin else "bearer": []}]
         paths.setdefault(operation.path, {})[operation.method.lower()] = entry
     info = {"title": "wav2mp3", "version": "2", "description": "WAV to MP3 conversion over HTTP; docs/API.md tells the whole story."}
-    security = {"bearer": {"type": "http", "scheme": "bearer", "description": "the user's access_token"}}
+    security = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "the user's access_token"},
+        "admin": {"type": "http", "scheme": "bearer", "description": "the operator's ADMIN_TOKEN"},
+    }
     return {"openapi": "3.0.3", "info": info, "paths": paths, "components": {"schemas": COMPONENTS, "securitySchemes": security}}
 
 
@@ -3614,6 +4075,69 @@ class Services:
 
     def __post_init__(self) -> None:
         self.user_creations = RateWindow(self.settings.user_creations_per_minute, "users created", "USER_CREATIONS_PER_MINUTE")
+
+
+DEFAULT_QUOTA: Final = "default"  # Operator.quota: USER_QUOTA_MB applies again
+
+
+class Operator:
+    """What the operator may do, the same over HTTP (/admin/..., with ADMIN_TOKEN) and from the command line
+    (`python wav2mp3.py admin ...`, on the configured database, service running or not). Refusals are Refused."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def invite(self, uses: int, hours: float) -> dict[str, Any]:
+        code = secrets.token_urlsafe(12)
+        expires = timestamp(datetime.now(UTC) + timedelta(hours=hours))
+        await self.store.create_invite(code, uses, expires)
+        return {"invite": code, "uses": uses, "expires": expires}
+
+    async def users(self, after: str, limit: int) -> dict[str, Any]:
+        found = await self.store.usages(after, limit + 1)
+        page = found[:limit]
+        return {
+            "users": [{**usage.json(), "own_quota": usage.own_quota} for usage in page],
+            "next_after": page[-1].name if len(found) > limit else None,
+        }
+
+    async def user(self, user_id: str) -> dict[str, Any]:
+        usage = await self.store.usage(self._user_id(user_id))
+        if usage is None:
+            raise Refused(404, NO_SUCH_USER)
+        return {**usage.json(), "own_quota": usage.own_quota}
+
+    async def create(self, name: str) -> dict[str, str]:
+        user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
+        if not await self.store.insert_users([{"id": user_id, "name": name, "token_sha256": hash_token(token), "created_at": now()}]):
+            raise Refused(409, f"a user named {name!r} exists")
+        return {"user_id": user_id, "access_token": token}
+
+    async def quota(self, user_id: str, quota_bytes: int | None | Literal["default"]) -> dict[str, Any]:
+        """The user's own quota (None: unlimited), or DEFAULT_QUOTA: USER_QUOTA_MB again. The user's usage after it."""
+        user_id = self._user_id(user_id)
+        if quota_bytes == DEFAULT_QUOTA:
+            await self.store.clear_quota(user_id)
+        elif not await self.store.set_quota(user_id, quota_bytes):
+            raise Refused(404, NO_SUCH_USER)
+        return await self.user(user_id)
+
+    async def delete(self, user_id: str) -> None:
+        if not await self.store.delete_user(self._user_id(user_id)):
+            raise Refused(404, NO_SUCH_USER)
+
+    async def token(self, user_id: str) -> dict[str, str]:
+        user_id, token = self._user_id(user_id), str(uuid.uuid4())
+        if not await self.store.set_token(user_id, hash_token(token)):
+            raise Refused(404, NO_SUCH_USER)
+        return {"user_id": user_id, "access_token": token}
+
+    @staticmethod
+    def _user_id(text: str) -> str:
+        user_id = parse_uuid(text)
+        if user_id is None:
+            raise Refused(404, NO_SUCH_USER)
+        return user_id
 
 
 class RateWindow:
@@ -3823,7 +4347,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         MALLOC.tune()
-        store = Store(settings.database_url, settings.db_timeout, settings.db_connections)
+        store = Store(settings.database_url, settings.db_timeout, settings.db_connections, settings.default_quota_bytes)
         await store.connect(time.monotonic() + settings.db_startup_timeout)
         encoders = Encoders(settings.encoder_threads, settings.audio_buffer_mb * MIB, DiskBudget(settings.temp_disk_bytes()))
         # anyio imports its asyncio backend on first use (StreamingResponse's task group):
@@ -3868,6 +4392,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        sys.exit(admin_main(argv[1:]))
     parser = argparse.ArgumentParser(description="wav2mp3: WAV to MP3 over HTTP (every flag overrides its environment variable)")
     for field in dataclasses.fields(Settings):
         parser.add_argument(f"--{field.name.replace('_', '-')}", metavar=field.name.upper(), help=field.metadata["meaning"])
@@ -3890,6 +4417,103 @@ def main(argv: list[str] | None = None) -> None:
         log_config=log_config(),
         proxy_headers=False,  # TRUSTED_PROXIES decides whose X-Forwarded-* count (client_address, forwarded_scheme), not uvicorn's own setting
     )
+
+
+def admin_main(argv: list[str]) -> int:
+    """`python wav2mp3.py admin ...`: the operator's commands (Operator) on the configured database. Exit status 0 done,
+    1 refused (no such user, a name taken), 2 a bad command line, 3 the database unreachable."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", metavar="DATABASE_URL", help="the database (default: DATABASE_URL, else the service's default)")
+    common.add_argument("--json", action="store_true", help="print JSON, for scripts, instead of text for people")
+    parser = argparse.ArgumentParser(
+        prog="wav2mp3.py admin", description="The operator's commands, on the configured database: the service need not be running."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    invite = commands.add_parser("invite", parents=[common], help="make an invite code (for SIGNUP=invite)")
+    invite.add_argument("--uses", type=int, default=1, help="users it may create (default 1)")
+    invite.add_argument("--expires-hours", type=float, default=DEFAULT_INVITE_HOURS, help=f"hours it is good for (default {DEFAULT_INVITE_HOURS:g})")
+    commands.add_parser("users", parents=[common], help="every user with records, bytes stored, unfinished uploads and quota")
+    commands.add_parser("create", parents=[common], help="create a user, whatever SIGNUP says").add_argument("name")
+    quota = commands.add_parser("quota", parents=[common], help="set a user's own quota")
+    quota.add_argument("user_id")
+    quota.add_argument("quota", metavar="MB|unlimited|default", help="MiB, `unlimited`, or `default` (USER_QUOTA_MB applies again)")
+    commands.add_parser("delete", parents=[common], help="delete a user with every record and unfinished upload").add_argument("user_id")
+    commands.add_parser("token", parents=[common], help="give a user a new access token (the old one stops working)").add_argument("user_id")
+    args = parser.parse_args(argv)
+    if args.command == "invite" and not (1 <= args.uses <= MAX_INVITE_USES and 0 < args.expires_hours <= 24 * 3650):
+        parser.error(f"--uses must be 1..{MAX_INVITE_USES} and --expires-hours positive (at most ten years)")
+    if args.command == "quota" and args.quota not in ("unlimited", DEFAULT_QUOTA):
+        try:
+            megabytes = float(args.quota)
+        except ValueError:
+            megabytes = -1.0
+        if not 0 <= megabytes < 2**43:
+            parser.error(f"the quota is MiB (a number >= 0), unlimited or default, not {args.quota!r}")
+    if args.database_url:
+        os.environ["DATABASE_URL"] = args.database_url
+    try:
+        result = asyncio.run(admin_command(args, Settings.from_env()))
+    except Unavailable as failure:
+        print(f"wav2mp3 admin: {failure.message}", file=sys.stderr)
+        return 3
+    except RETRY_AT_STARTUP as failure:
+        print(f"wav2mp3 admin: the database is unreachable: {failure}", file=sys.stderr)
+        return 3
+    except Refused as refusal:
+        print(f"wav2mp3 admin: {refusal.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else admin_text(args.command, result))
+    return 0
+
+
+async def admin_command(args: argparse.Namespace, settings: Settings) -> Any:
+    store = Store(settings.database_url, settings.db_timeout, 2, settings.default_quota_bytes)
+    try:
+        await store.connect(time.monotonic() + settings.db_timeout)
+        operator = Operator(store)
+        if args.command == "invite":
+            return await operator.invite(args.uses, args.expires_hours)
+        if args.command == "users":
+            users, after = [], ""
+            while True:
+                page = await operator.users(after, MAX_ADMIN_PAGE)
+                users += page["users"]
+                if page["next_after"] is None:
+                    return users
+                after = page["next_after"]
+        if args.command == "create":
+            return await operator.create(valid_name(args.name))
+        if args.command == "quota":
+            if args.quota in ("unlimited", DEFAULT_QUOTA):
+                return await operator.quota(args.user_id, None if args.quota == "unlimited" else DEFAULT_QUOTA)
+            return await operator.quota(args.user_id, int(float(args.quota) * MIB))
+        if args.command == "delete":
+            await operator.delete(args.user_id)
+            return {"deleted": args.user_id}
+        return await operator.token(args.user_id)
+    finally:
+        await store.disconnect()
+
+
+def admin_text(command: str, result: Any) -> str:
+    """What an admin command did, for people: a table of users, or the lines of one answer."""
+    if command != "users":
+        return "\n".join(f"{key}: {'unlimited' if value is None else value}" for key, value in result.items())
+    header = ("name", "user_id", "created", "records", "stored MB", "quota MB", "unfinished")
+    rows = [header] + [
+        (
+            user["name"],
+            user["user_id"],
+            user["created"][:19],
+            str(user["records"]),
+            f"{user['bytes_stored'] / MIB:.1f}",
+            ("unlimited" if user["quota_bytes"] is None else f"{user['quota_bytes'] / MIB:.1f}") + ("" if user["own_quota"] else " (default)"),
+            str(user["unfinished_uploads"]),
+        )
+        for user in result
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def log_config() -> dict[str, Any]:

@@ -787,10 +787,12 @@ async def tus_options(request: Request) -> Response:
     {
         201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
         400: error("no Upload-Length (Upload-Defer-Length is not offered), or one that is not a number"),
-        409: error("a record of this user, or an unfinished upload, has this file name"),
         413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
-        422: error("Upload-Metadata malformed, without filename, or with a bad option; or an empty file"),
+        422: error(
+            "Upload-Metadata malformed, without filename, or with a bad option; a record of this user, or an unfinished upload, has this "
+            "file name (not 409, which tus clients retry); or an empty file"
+        ),
         429: error("the user has MAX_UNFINISHED_UPLOADS unfinished uploads, or they would declare more than MAX_UNFINISHED_MB"),
         412: TUS_REFUSALS[412],
         503: error("the database is unreachable, or UNFINISHED_STORAGE_MB is taken", {"Retry-After": "seconds, for the storage"}),
@@ -814,7 +816,12 @@ async def create_upload(request: Request) -> Response:
     metadata = request.headers.get("upload-metadata", "")
     filename, options = upload_metadata(metadata)
     upload_checksum(request, length, services.settings)  # a first piece's own refusals come before the upload exists
-    upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
+    try:
+        upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
+    except NameTaken as taken:
+        # 409 and 423 mean "ask for the offset and try again" to tus clients (tus-js-client, Uppy retry them):
+        # a name taken is for the person to see at once, so it is 422 here (POST /users/wav keeps its 409).
+        raise Refused(422, taken.message) from None
     headers = {"Location": upload_url(request, upload), "Upload-Expires": http_date(upload.expires_at)}
     if has_body(request):  # creation-with-upload: a body is the file's first bytes
         headers["Upload-Offset"] = str(await receive_first_piece(request, services, upload, token))
@@ -1340,7 +1347,7 @@ def upload_metadata(header: str) -> tuple[str, dict[str, int]]:
     form: dict[str, int] = {}
     for name in FORM_OPTIONS.keys() & pairs.keys():
         add_option(form, name, pairs[name])
-    return clean_filename(pairs["filename"]), form
+    return clean_filename(pairs["filename"], "Upload-Metadata's filename"), form
 
 
 def upload_checksum(request: Request, remaining: int, settings: Settings) -> tuple[Callable[[], Any], bytes] | None:
@@ -1581,15 +1588,15 @@ def part_filename(part: Part) -> str:
     return name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
 
 
-def clean_filename(name: str) -> str:
-    """The name less any directories; 422 when nothing sensible remains."""
+def clean_filename(name: str, what: str = "audio_file") -> str:
+    """The name less any directories; 422, naming where the client put it (`what`), when nothing sensible remains."""
     name = re.split(r"[/\\]", name)[-1]
     if name in ("", ".", ".."):
-        raise Refused(422, "audio_file has an empty file name")
+        raise Refused(422, f"{what} has an empty file name")
     if NOT_TEXT.search(name):
-        raise Refused(422, "audio_file name contains control characters, or is not text")
+        raise Refused(422, f"{what} name contains control characters, or is not text")
     if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
-        raise Refused(422, f"audio_file name is longer than {MAX_FILENAME_BYTES} bytes")
+        raise Refused(422, f"{what} name is longer than {MAX_FILENAME_BYTES} bytes")
     return name
 
 
@@ -4334,8 +4341,11 @@ async def keep_storage(services: Services) -> None:
 
 
 # What browser tus clients send and read (tus-js-client, Uppy): CORS lets them, with CORS_ORIGINS set.
+# Every request header a mainstream resumable client sends: tus-js-client (X-Request-ID with addRequestId, which Uppy
+# turns on; the IETF draft's with its ietf-draft protocols), Uppy, tuspy.
 TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Checksum", "Upload-Defer-Length",
-                       "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With")  # fmt: skip
+                       "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With", "X-Request-ID", "Upload-Complete",
+                       "Upload-Draft-Interop-Version")  # fmt: skip
 TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES)
 
 

@@ -2827,7 +2827,14 @@ async def test_tus_options_name_the_version_extensions_size_and_checksums(client
     response = await client.options(f"/users/{uuid.uuid4()}/uploads")
     assert response.status_code == 204
     assert response.headers["tus-resumable"] == response.headers["tus-version"] == "1.0.0"
-    assert set(response.headers["tus-extension"].split(",")) == {"creation", "creation-with-upload", "termination", "expiration", "checksum"}
+    assert set(response.headers["tus-extension"].split(",")) == {
+        "creation",
+        "creation-with-upload",
+        "creation-defer-length",
+        "termination",
+        "expiration",
+        "checksum",
+    }
     assert response.headers["tus-max-size"] == str(wav2mp3.Settings().max_upload_bytes)
     assert "sha1" in response.headers["tus-checksum-algorithm"].split(",")
 
@@ -2885,7 +2892,8 @@ async def test_tus_requests_without_tus_resumable_are_412_with_tus_version(clien
 
 CREATION_REFUSALS = {
     "no-length": (400, {"Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Length"),
-    "deferred-length": (400, {"Upload-Defer-Length": "1", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Defer-Length is not offered"),
+    "deferred-length-not-1": (400, {"Upload-Defer-Length": "2", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Defer-Length: 1"),
+    "length-and-deferred": (400, {"Upload-Length": "9", "Upload-Defer-Length": "1", "Upload-Metadata": tus_metadata(filename="a.wav")}, "either"),
     "length-not-a-number": (400, {"Upload-Length": "-5", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Length"),
     "length-over-the-limit": (413, {"Upload-Length": str(2 * wav2mp3.MIB), "Upload-Metadata": tus_metadata(filename="a.wav")}, "1 MiB"),
     "empty-file": (422, {"Upload-Length": "0", "Upload-Metadata": tus_metadata(filename="a.wav")}, "empty"),
@@ -2919,6 +2927,63 @@ async def test_tus_creation_refusals_are_4xx_and_create_nothing(database_url: st
         assert response.status_code == status, response.text
         assert message in response.json()["error"] and response.headers["tus-resumable"] == "1.0.0"
         assert await db_rows(database_url, "SELECT count(*) FROM uploads") == before
+
+
+@pytest.mark.parametrize("declared", [0xFFFFFFFF, 0])
+async def test_a_recording_of_unknown_length_converts_as_it_arrives(database_url: str, declared: int) -> None:
+    """creation-defer-length: a recorder uploads while it records, its WAV header's data size 0 or 0xFFFFFFFF, and
+    gives the length with its last PATCH (or an empty one after it). The MP3 is the one a POST of the file makes. On
+    e37ff88 the creation was 400."""
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        audio = make_wav(6.0, 44100, 2)[44:]
+        wav = wav_header(44100, 2, 0)[:-4] + struct.pack("<L", declared) + audio
+        created = await client.post(
+            f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Defer_Length="1", Upload_Metadata=tus_metadata(filename="call.wav"))
+        )
+        assert created.status_code == 201, created.text
+        url = created.headers["location"]
+        cuts = [0, 100_000, 600_000, len(wav) - 1000]
+        for start, end in itertools.pairwise(cuts):
+            assert (await tus_patch(client, user, url, start, wav[start:end])).status_code == 204
+            state = await client.head(url, headers=tus(user))
+            assert state.headers["upload-offset"] == str(end) and state.headers["upload-defer-length"] == "1" and "upload-length" not in state.headers
+        options = await client.options(f"/users/{user['user_id']}/uploads")
+        assert "creation-defer-length" in options.headers["tus-extension"].split(",")
+        if declared:  # the last piece tells the length
+            last = await tus_patch(client, user, url, cuts[-1], wav[cuts[-1] :], Upload_Length=str(len(wav)))
+        else:  # the length in an empty PATCH of its own
+            assert (await tus_patch(client, user, url, cuts[-1], wav[cuts[-1] :])).status_code == 204
+            last = await tus_patch(client, user, url, len(wav), b"", Upload_Length=str(len(wav)))
+        assert last.status_code == 204 and last.headers["upload-offset"] == str(len(wav)), last.text
+        record = (await client.get(url, headers=bearer(user))).json()
+        mp3 = (await client.get(record_path(record["url"]))).content
+        posted = await upload(client, await new_user(client), wav, "call.wav")
+        assert posted.status_code == 201 and posted.json()["sha256"] == hashlib.sha256(mp3).hexdigest() == record["sha256"]
+        head = await client.head(url, headers=tus(user))
+        assert head.headers["upload-length"] == str(len(wav))
+
+
+async def test_an_upload_of_unknown_length_keeps_within_the_bounds_a_declared_one_meets(database_url: str) -> None:
+    """Its bytes count as declared: a deferred upload cannot hold more than the user's quota (or MAX_UNFINISHED_MB)
+    leaves; a length given later meets the same checks as one given at creation, and once given it stays."""
+    async with running_app(database_url, user_quota_mb=0.25) as client:  # 262,144 bytes
+        user = await new_user(client)
+        wav = make_wav(3.0, 44100, 2)  # 529 KB
+        created = await client.post(
+            f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Defer_Length="1", Upload_Metadata=tus_metadata(filename="big.wav"))
+        )
+        url = created.headers["location"]
+        assert (await tus_patch(client, user, url, 0, wav[:200_000])).status_code == 204
+        over = await tus_patch(client, user, url, 200_000, wav[200_000:300_000])
+        assert over.status_code == 413, over.text
+        assert (await client.head(url, headers=tus(user))).headers["upload-offset"] == "200000"
+        too_long = await tus_patch(client, user, url, 200_000, b"", Upload_Length=str(len(wav)))
+        assert too_long.status_code == 413 and "quota" in too_long.json()["error"]
+        fits = await tus_patch(client, user, url, 200_000, b"", Upload_Length="250000")
+        assert fits.status_code == 204 and (await client.head(url, headers=tus(user))).headers["upload-length"] == "250000"
+        changed = await tus_patch(client, user, url, 200_000, b"", Upload_Length="240000")
+        assert changed.status_code == 400 and "250000" in changed.json()["error"]
 
 
 async def test_tus_creation_reserves_the_name_until_completion_termination_or_expiry(client: httpx.AsyncClient) -> None:

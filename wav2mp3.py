@@ -145,9 +145,10 @@ MAX_PAUSED_UPLOADS = 32  # paused resumable uploads that keep their live session
 PAUSED_UPLOAD_SECONDS = 120.0  # a paused resumable upload lets its session go after this; going on re-encodes its stored bytes
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}  # Upload-Checksum
 TUS_VERSION = "1.0.0"  # the one this service speaks, in Tus-Resumable
+DEFERRED = 0  # an upload's length in the database while it is not known (creation-defer-length; 0 is no WAV's length)
 TUS_CAPABILITIES = {  # what OPTIONS tells a tus client, as the OpenAPI shows it; the answer has the number in Tus-Max-Size
     "Tus-Version": TUS_VERSION,
-    "Tus-Extension": "creation,creation-with-upload,termination,expiration,checksum",
+    "Tus-Extension": "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum",
     "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
     "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
 }
@@ -786,7 +787,7 @@ async def tus_options(request: Request) -> Response:
     "Create a resumable upload (tus creation); its first bytes may come along (creation-with-upload)",
     {
         201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
-        400: error("no Upload-Length (Upload-Defer-Length is not offered), or one that is not a number"),
+        400: error("no Upload-Length nor Upload-Defer-Length: 1, both, or a length that is not a number"),
         413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error(
@@ -801,6 +802,7 @@ async def tus_options(request: Request) -> Response:
         USER_ID,
         header("Tus-Resumable", TUS_VERSION),
         header("Upload-Length", "the file's size in bytes"),
+        header("Upload-Defer-Length", "1 instead of Upload-Length: the length comes with a later PATCH (a recording under way)"),
         header("Upload-Metadata", "filename (required), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
     ),
     bearer=True,
@@ -815,7 +817,7 @@ async def create_upload(request: Request) -> Response:
     length = upload_length(request, services.settings)
     metadata = request.headers.get("upload-metadata", "")
     filename, options = upload_metadata(metadata)
-    upload_checksum(request, length, services.settings)  # a first piece's own refusals come before the upload exists
+    upload_checksum(request, length or services.settings.max_upload_bytes, services.settings)  # a first piece's refusals come before the upload
     try:
         upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
     except NameTaken as taken:
@@ -842,7 +844,7 @@ async def head_upload(request: Request) -> Response:
     services = services_of(request)
     upload, token = await owned_upload(request)
     upload = await services.resumable.settled(upload)
-    if upload.record_id is None and upload.received == upload.length:
+    if upload.record_id is None and upload.whole:
         upload = await services.resumable.completed(upload, token)  # 423 until its record is stored
     metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
@@ -869,6 +871,7 @@ async def head_upload(request: Request) -> Response:
         *UPLOAD_URL,
         header("Tus-Resumable", TUS_VERSION),
         header("Upload-Offset", "where these bytes start: the upload's offset"),
+        header("Upload-Length", "the file's size, once known, of an upload created with Upload-Defer-Length: 1"),
         header("Upload-Checksum", "optional: `sha1 base64(digest)` of this piece (also sha256, sha512, md5)"),
     ),
     body={"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -1315,11 +1318,16 @@ OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 METADATA_KEY = re.compile(r"[^\s,]+")
 
 
-def upload_length(request: Request, settings: Settings) -> int:
-    """Upload-Length: 400 without one (Upload-Defer-Length is not offered), 413 past MAX_UPLOAD_MB, 422 for an empty file."""
-    text = request.headers.get("upload-length")
+def upload_length(request: Request, settings: Settings, deferrable: bool = True) -> int:
+    """Upload-Length: 400 without one (or `Upload-Defer-Length: 1` at creation: then 0, not known yet), 413 past
+    MAX_UPLOAD_MB, 422 for an empty file."""
+    text, deferred = request.headers.get("upload-length"), request.headers.get("upload-defer-length")
+    if deferrable and deferred is not None:
+        if deferred.strip() != "1" or text is not None:
+            raise Refused(400, "send either Upload-Length, or Upload-Defer-Length: 1 and the length with a later PATCH")
+        return DEFERRED
     if text is None:
-        raise Refused(400, "send Upload-Length, the file's size in bytes (Upload-Defer-Length is not offered)")
+        raise Refused(400, "send Upload-Length, the file's size in bytes, or Upload-Defer-Length: 1 if it is not known yet")
     length = parse_count(text, "Upload-Length", 400)
     if length > settings.max_upload_bytes:
         raise Refused(413, f"Upload-Length is larger than the {settings.max_upload_mb} MiB limit (Tus-Max-Size)")
@@ -2168,11 +2176,17 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
     store the record. The offset the upload stands at afterwards."""
     if done_at(request, upload, offset):
         return upload.length
-    if not has_body(request) and offset < upload.length:
+    if "upload-length" in request.headers:  # the length, now known (creation-defer-length); once known, it stays
+        length = upload_length(request, services.settings, deferrable=False)
+        if upload.length == DEFERRED:
+            upload = await services.store.declare_length(upload, length)
+        elif length != upload.length:
+            raise Refused(400, f"Upload-Length {length} is not this upload's: it is {upload.length}")
+    if not has_body(request) and not upload.whole:
         # Nothing to add: the offset as it stands, without taking the upload's turn. A cold upload catches up (re-encodes
         # its stored bytes) only for bytes that go on from there: on e37ff88 an empty PATCH cost 1.4 s of CPU.
         return offset
-    remaining = upload.length - offset
+    remaining = upload.length - offset if upload.length != DEFERRED else await deferred_room(services, upload)
     checksum = upload_checksum(request, remaining, services.settings)
     body = BodyReader(request, remaining, services.settings)
     slot = await services.uploads.admit(body, client_address(request.scope, services.settings), upload.user_id)
@@ -2195,16 +2209,35 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
                 await services.resumable.end(live.upload, "failed")
                 raise
             except BodyCut:  # the bytes that arrived count (tus 1.0.0 §PATCH); if they were the whole file, its record is stored too
-                if await live.store_pending() == upload.length:
+                if await live.store_pending() == upload.length != DEFERRED:
                     await services.resumable.complete(live, token)
                 raise
             stored = await live.store_pending()
-            if stored == upload.length:
+            if stored == upload.length != DEFERRED:
                 await services.resumable.complete(live, token)
             return stored
     finally:
         slot.release()
         UPLOAD_BYTES.labels("tus").inc(body.received)
+
+
+async def deferred_room(services: Services, upload: StoredUpload) -> int:
+    """What a PATCH may add to an upload of a length not known yet: its bytes count as declared, so it stays within
+    MAX_UPLOAD_MB, MAX_UNFINISHED_MB with the user's other uploads, and the user's quota (413 past them)."""
+    usage = await services.store.usage(upload.user_id, upload.upload_id)
+    if usage is None:
+        raise Refused(403, FORBIDDEN)
+    settings = services.settings
+    quota_room = usage.room()
+    room = min(
+        settings.max_upload_bytes,
+        settings.max_unfinished_bytes - usage.unfinished_declared,
+        settings.max_upload_bytes if quota_room is None else quota_room,
+    )
+    if room <= upload.received:
+        usage.admit(upload.received + 1, "this upload's next bytes")  # the quota, named, when it is what is full
+        raise Refused(413, f"this upload may not grow: MAX_UPLOAD_MB or MAX_UNFINISHED_MB is reached at {upload.received} bytes")
+    return room - upload.received
 
 
 def done_at(request: Request, upload: StoredUpload, offset: int) -> bool:
@@ -3140,7 +3173,8 @@ SQL_INSERT_UPLOAD = (
     "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at, metadata)"
     " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at, :metadata)"
 )
-SQL_UNFINISHED_DECLARED = "SELECT CAST(COALESCE(SUM(length), 0) AS BIGINT) FROM uploads WHERE record_id IS NULL AND expires_at > :now"
+DECLARED = "CASE WHEN length > 0 THEN length ELSE received END"  # an upload's declared bytes; of a DEFERRED length, what it holds
+SQL_UNFINISHED_DECLARED = f"SELECT CAST(COALESCE(SUM({DECLARED}), 0) AS BIGINT) FROM uploads WHERE record_id IS NULL AND expires_at > :now"
 SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
 # A request's bytes count only while the upload stands where it began, has not expired, and the request's token is
 # still its user's: expiry, a new token and a deleted user reach a request that is already running.
@@ -3156,6 +3190,10 @@ SQL_COMPLETE_UPLOAD = (
     "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id AND record_id IS NULL AND expires_at > :now RETURNING id"
 )
 SQL_DELETE_UPLOAD = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id RETURNING id"
+SQL_DECLARE_LENGTH = (
+    "UPDATE uploads SET length = :length WHERE id = :id AND length = 0 AND received <= :length AND record_id IS NULL AND expires_at > :now"
+    " RETURNING id"
+)
 SQL_DELETE_EXPIRED_UPLOADS = "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at < :now LIMIT :limit) RETURNING id, record_id"
 SQL_SPENT_UPLOADS = (
     "SELECT DISTINCT upload_id FROM upload_chunks WHERE upload_id NOT IN (SELECT id FROM uploads WHERE record_id IS NULL) LIMIT :limit"
@@ -3174,7 +3212,7 @@ SQL_USAGE = (
     " (SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM records WHERE records.user_id = users.id) AS mp3_bytes,"
     f" (SELECT COUNT(*) {UNFINISHED_OF_USER}) AS unfinished_uploads,"
     f" (SELECT CAST(COALESCE(SUM(received), 0) AS BIGINT) {UNFINISHED_OF_USER}) AS unfinished_bytes,"
-    f" (SELECT CAST(COALESCE(SUM(length), 0) AS BIGINT) {UNFINISHED_OF_USER} AND uploads.id <> :upload_id) AS unfinished_declared,"
+    f" (SELECT CAST(COALESCE(SUM({DECLARED}), 0) AS BIGINT) {UNFINISHED_OF_USER} AND uploads.id <> :upload_id) AS unfinished_declared,"
     " quotas.user_id IS NOT NULL AS own_quota, quotas.quota_bytes"
     " FROM users LEFT JOIN quotas ON quotas.user_id = users.id WHERE {where} ORDER BY users.name LIMIT :limit"
 )
@@ -3261,6 +3299,11 @@ class StoredUpload:
     record_id: str | None  # once complete
     expires_at: str
     metadata: str  # Upload-Metadata as sent: a HEAD gives it back
+
+    @property
+    def whole(self) -> bool:
+        """Every byte is in: the length is known (not DEFERRED) and received."""
+        return self.length != DEFERRED and self.received == self.length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3576,6 +3619,25 @@ class Store:
     async def set_token(self, user_id: str, token_sha256: str) -> bool:
         return bool(await self._write(SQL_SET_TOKEN, {"id": user_id, "token_sha256": token_sha256}))
 
+    async def declare_length(self, upload: StoredUpload, length: int) -> StoredUpload:
+        """The length of an upload created without one, within the bounds and the quota its creation would have met."""
+        async with self.writing(), self.database.transaction():
+            usage = await self.usage(upload.user_id, upload.upload_id)
+            if usage is None:
+                raise Refused(403, FORBIDDEN)
+            usage.admit(length, "this upload (Upload-Length)")
+            values = {"id": upload.upload_id, "length": length, "now": now()}
+            if await self._call(self.database.fetch_val(SQL_DECLARE_LENGTH, values)) is None:
+                found = await self.find_upload(upload.upload_id, upload.user_id)
+                if found is None:
+                    raise Refused(404, NO_SUCH_UPLOAD)
+                if found.length != length:
+                    raise Refused(
+                        400, f"Upload-Length {length} is not this upload's: it is {found.length or 'not known'}, with {found.received} bytes in"
+                    )
+                return found
+        return dataclasses.replace(upload, length=length)
+
     async def find_upload(self, upload_id: str, user_id: str) -> StoredUpload | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_UPLOAD, {"id": upload_id, "user_id": user_id, "now": now()}))
         if row is None:
@@ -3732,7 +3794,8 @@ def upload_url(request: Request, upload: StoredUpload) -> str:
 
 
 def upload_state(upload: StoredUpload) -> dict[str, str]:
-    return {"Upload-Offset": str(upload.received), "Upload-Length": str(upload.length), "Upload-Expires": http_date(upload.expires_at)}
+    length = {"Upload-Defer-Length": "1"} if upload.length == DEFERRED else {"Upload-Length": str(upload.length)}
+    return {"Upload-Offset": str(upload.received), **length, "Upload-Expires": http_date(upload.expires_at)}
 
 
 def http_date(moment: str) -> str:

@@ -4409,7 +4409,7 @@ async def keep_storage(services: Services) -> None:
 TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Checksum", "Upload-Defer-Length",
                        "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With", "X-Request-ID", "Upload-Complete",
                        "Upload-Draft-Interop-Version")  # fmt: skip
-TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES)
+TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Defer-Length", "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -1981,7 +1981,7 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/admin/users/{user_id}/token", "post"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
-    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "412", "413", "415", "422", "429", "503"}
+    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
     assert set(upload["patch"]["responses"]) == {"204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"}
     assert set(upload["head"]["responses"]) == {"200", "401", "403", "404", "412", "423", "503"}
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
@@ -2834,6 +2834,7 @@ async def test_tus_options_name_the_version_extensions_size_and_checksums(client
         "termination",
         "expiration",
         "checksum",
+        "concatenation",
     }
     assert response.headers["tus-max-size"] == str(wav2mp3.Settings().max_upload_bytes)
     assert "sha1" in response.headers["tus-checksum-algorithm"].split(",")
@@ -2984,6 +2985,83 @@ async def test_an_upload_of_unknown_length_keeps_within_the_bounds_a_declared_on
         assert fits.status_code == 204 and (await client.head(url, headers=tus(user))).headers["upload-length"] == "250000"
         changed = await tus_patch(client, user, url, 200_000, b"", Upload_Length="240000")
         assert changed.status_code == 400 and "250000" in changed.json()["error"]
+
+
+async def tus_partial(client: httpx.AsyncClient, user: dict[str, str], piece: bytes, **headers: str) -> str:
+    """A partial upload (tus concatenation) holding `piece`, as tus-js-client's parallelUploads makes one."""
+    created = await client.post(
+        f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Concat="partial", Upload_Length=str(len(piece)), **headers)
+    )
+    assert created.status_code == 201, created.text
+    return created.headers["location"]
+
+
+async def test_parallel_pieces_become_one_mp3_the_same_as_a_posts(database_url: str) -> None:
+    """tus concatenation (tus-js-client's and Uppy's parallelUploads): partial uploads hold bytes only, with or without
+    metadata, sent in any order, the first not even a whole WAV header; the final upload names them in order and is
+    converted as one WAV, complete at once. On e37ff88 the partials were 422 ("needs a filename"), or taken for whole
+    files, and the final 400."""
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        wav = make_wav(8.0, 44100, 2)
+        cuts = [0, 30, len(wav) // 2, len(wav) * 3 // 4, len(wav)]  # the first piece ends inside the header
+        urls = []
+        for number, (start, end) in enumerate(itertools.pairwise(cuts)):
+            metadata = {"Upload_Metadata": tus_metadata(filename="call.wav")} if number % 2 else {}  # metadataForPartialUploads or not
+            urls.append(await tus_partial(client, user, wav[start:end], **metadata))
+        for url, start, end in reversed(list(zip(urls, cuts, cuts[1:], strict=False))):  # the last piece first
+            assert (await tus_patch(client, user, url, 0, wav[start:end])).status_code == 204
+        state = await client.head(urls[0], headers=tus(user))
+        assert state.headers["upload-concat"] == "partial" and state.headers["upload-offset"] == "30"
+        assert (await client.get(urls[0], headers=bearer(user))).status_code == 409  # bytes only: no record of its own
+        final = await client.post(
+            f"/users/{user['user_id']}/uploads",
+            headers=tus(user, Upload_Concat="final;" + " ".join(urls), Upload_Metadata=tus_metadata(filename="call.wav", bitrate="96")),
+        )
+        assert final.status_code == 201, final.text
+        assert final.headers["upload-offset"] == str(len(wav))
+        record = (await client.get(final.headers["location"], headers=bearer(user))).json()
+        posted = await upload(client, await new_user(client), wav, "call.wav", bitrate="96")
+        assert record["sha256"] == posted.json()["sha256"] and record["filename"] == "call.mp3"
+        head = await client.head(final.headers["location"], headers=tus(user))
+        assert head.headers["upload-offset"] == head.headers["upload-length"] == str(len(wav))
+        for url in urls:  # the partial uploads are spent
+            assert (await client.head(url, headers=tus(user))).status_code == 404
+        assert "concatenation" in (await client.options(f"/users/{user['user_id']}/uploads")).headers["tus-extension"].split(",")
+
+
+async def test_a_final_upload_is_refused_before_anything_is_stored_when_its_pieces_are_not_right(database_url: str) -> None:
+    async with running_app(database_url) as client:
+        user, other = await new_user(client), await new_user(client)
+        wav = make_wav(2.0, 44100, 2)
+        half = len(wav) // 2
+        first, second = await tus_partial(client, user, wav[:half]), await tus_partial(client, user, wav[half:])
+        assert (await tus_patch(client, user, first, 0, wav[:half])).status_code == 204
+
+        async def final(*urls: str, filename: str = "call.wav", who: dict[str, str] = user) -> httpx.Response:
+            return await client.post(
+                f"/users/{who['user_id']}/uploads",
+                headers=tus(who, Upload_Concat="final;" + " ".join(urls), Upload_Metadata=tus_metadata(filename=filename)),
+            )
+
+        unfinished = await final(first, second)
+        assert unfinished.status_code == 400 and "finish it first" in unfinished.json()["error"]
+        assert (await final(first, first)).status_code == 400  # each once
+        assert (await final()).status_code == 400
+        stranger = await final(first, who=other)  # another user's partial upload is none
+        assert stranger.status_code == 404
+        whole = await tus_create(client, user, len(wav), "whole.wav")
+        assert (await final(first, whole)).status_code == 404  # not a partial upload
+        assert (await tus_patch(client, user, second, 0, wav[half:])).status_code == 204
+        assert (await upload(client, user, make_wav(1.0), "taken.wav")).status_code == 201
+        taken = await final(first, second, filename="taken.wav")
+        assert taken.status_code == 422 and "record" in taken.json()["error"]  # not 409: tus clients retry that
+        garbage = await client.post(f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Concat="whole", Upload_Length="10"))
+        assert garbage.status_code == 400
+        done = await final(first, second)
+        assert done.status_code == 201, done.text
+        names = await db_rows(database_url, "SELECT filename FROM records WHERE user_id = $1 ORDER BY filename", user["user_id"])
+        assert names == [("call.wav",), ("taken.wav",)]
 
 
 async def test_tus_creation_reserves_the_name_until_completion_termination_or_expiry(client: httpx.AsyncClient) -> None:

@@ -80,7 +80,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final, Literal, TypeVar, cast
-from urllib.parse import quote, unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
 import aiosqlite
 import anycrc
@@ -148,7 +148,7 @@ TUS_VERSION = "1.0.0"  # the one this service speaks, in Tus-Resumable
 DEFERRED = 0  # an upload's length in the database while it is not known (creation-defer-length; 0 is no WAV's length)
 TUS_CAPABILITIES = {  # what OPTIONS tells a tus client, as the OpenAPI shows it; the answer has the number in Tus-Max-Size
     "Tus-Version": TUS_VERSION,
-    "Tus-Extension": "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum",
+    "Tus-Extension": "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum,concatenation",
     "Tus-Max-Size": "MAX_UPLOAD_MB in bytes",
     "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
 }
@@ -787,7 +787,11 @@ async def tus_options(request: Request) -> Response:
     "Create a resumable upload (tus creation); its first bytes may come along (creation-with-upload)",
     {
         201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
-        400: error("no Upload-Length nor Upload-Defer-Length: 1, both, or a length that is not a number"),
+        400: error(
+            "no Upload-Length nor Upload-Defer-Length: 1, both, or a length that is not a number; a bad Upload-Concat, or a final one"
+            " naming a partial upload not whole yet"
+        ),
+        404: error("a partial upload that Upload-Concat: final names is unknown, expired or not partial"),
         413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
         415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error(
@@ -814,9 +818,14 @@ async def create_upload(request: Request) -> Response:
     user_id, token = await owner(request)
     if has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send a first piece as Content-Type: {OFFSET_OCTET_STREAM}, or no body")
-    length = upload_length(request, services.settings)
+    concat = request.headers.get("upload-concat", "").strip()
     metadata = request.headers.get("upload-metadata", "")
-    filename, options = upload_metadata(metadata)
+    if concat.startswith("final;"):
+        return await concatenate(request, services, user_id, token, concat.removeprefix("final;"), metadata)
+    if concat not in ("", "partial"):
+        raise Refused(400, "Upload-Concat must be `partial` or `final;` and the partial uploads' URLs")
+    length = upload_length(request, services.settings, deferrable=not concat)
+    filename, options = ("", {}) if concat else upload_metadata(metadata)  # a partial upload's metadata is only kept
     upload_checksum(request, length or services.settings.max_upload_bytes, services.settings)  # a first piece's refusals come before the upload
     try:
         upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
@@ -844,7 +853,7 @@ async def head_upload(request: Request) -> Response:
     services = services_of(request)
     upload, token = await owned_upload(request)
     upload = await services.resumable.settled(upload)
-    if upload.record_id is None and upload.whole:
+    if upload.record_id is None and upload.whole and not upload.partial:
         upload = await services.resumable.completed(upload, token)  # 423 until its record is stored
     metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
     return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
@@ -1897,9 +1906,12 @@ class ResumableUpload:
 
     async def catch_up(self) -> None:
         """Stand where the database stands (`upload`): go on as it is, or start anew and feed the stored bytes."""
-        if self._session is not None and self._stored == self.upload.received and not self._pending:
+        if (self._session is not None or self.upload.partial) and self._stored == self.upload.received and not self._pending:
             return
         self.close()
+        if self.upload.partial:  # bytes only: they are converted with the final upload
+            self._stored = self.upload.received
+            return
         options = Mp3Options.of(self.upload.options, self._services.settings)
         self._session = UploadSession(options, self._services.encoders, user_share(self.upload.user_id))  # a cold resume is its user's cost
         holder, self.holder = self.holder, "catch-up"
@@ -1919,9 +1931,10 @@ class ResumableUpload:
 
     async def feed(self, data: bytes, stored: bool = False) -> None:
         """The file's next bytes: converted now, and (unless they come from the database) stored with the next FLUSH_BYTES."""
-        if self.ended or self._session is None:
+        if self.ended or (self._session is None and not self.upload.partial):
             raise Refused(404, NO_SUCH_UPLOAD)  # terminated or expired meanwhile
-        await self._converting(self._session.feed(data))
+        if self._session is not None:
+            await self._converting(self._session.feed(data))
         if not stored:
             self._pending += data
             if len(self._pending) >= FLUSH_BYTES:
@@ -1986,11 +1999,13 @@ class ResumableUploads:
         # A full budget (met in an encoder thread) lets every paused session go too, so that the next try fits.
         services.encoders.disk.on_full = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self.let_go, True)
 
-    async def create(self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str) -> StoredUpload:
+    async def create(
+        self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str, bounded: bool = True
+    ) -> StoredUpload:
         created = datetime.now(UTC)
         expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
         upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata)
-        if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created), self._bounds):
+        if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created), self._bounds if bounded else None):
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
         RESUMABLE_UPLOADS.labels("created").inc()
         return upload
@@ -2170,6 +2185,61 @@ class ResumableUploads:
             self.forget(upload_id)
 
 
+async def concatenate(request: Request, services: Services, user_id: str, token: str, urls: str, metadata: str) -> Response:
+    """tus concatenation's final upload: the user's whole partial uploads, in the order named, converted as one WAV
+    now (the same MP3 as a POST of the file), stored as the record of this upload, which is complete at once; the
+    partial uploads are deleted then. Their bytes were counted at their creation: this one adds only its MP3."""
+    paths = [urlsplit(url).path.rstrip("/") for url in urls.split()]
+    prefix = f"/users/{user_id}/uploads/"
+    ids = [parse_uuid(path.removeprefix(prefix)) if path.startswith(prefix) else None for path in paths]
+    if not ids or len(set(ids)) != len(ids):
+        raise Refused(400, "Upload-Concat: final; needs the URLs of this user's partial uploads, each once, in order")
+    parts: list[StoredUpload] = []
+    for upload_id in ids:
+        part = await services.store.find_upload(upload_id, user_id) if upload_id else None
+        if part is None or not part.partial:
+            raise Refused(404, f"no partial upload of this user at {paths[len(parts)]}: unknown, expired, or not created with Upload-Concat: partial")
+        if not part.whole:
+            raise Refused(400, f"the partial upload at {paths[len(parts)]} has {part.received} of its {part.length} bytes: finish it first")
+        parts.append(part)
+    filename, options = upload_metadata(metadata)
+    length = sum(part.length for part in parts)
+    if length > services.settings.max_upload_bytes:
+        raise Refused(413, f"the partial uploads hold more than the {services.settings.max_upload_mb} MiB limit")
+    slot = await services.uploads.admit(BodyReader(request, 0, services.settings), client_address(request.scope, services.settings), user_id)
+    mp3: Mp3File | None = None
+    try:
+        try:
+            upload = await services.resumable.create(user_id, token, filename, options, length, metadata, bounded=False)
+        except NameTaken as taken:
+            raise Refused(422, taken.message) from None
+        session = UploadSession(Mp3Options.of(options, services.settings), services.encoders, user_share(user_id))
+        try:
+            for part in parts:
+                async for piece in services.store.upload_pieces(part.upload_id, part.length):
+                    await session.room()
+                    await session.feed(piece)
+            mp3 = await session.finish()
+            record = await services.store.save_record(NewRecord.of(mp3, user_id, token, filename), mp3, upload.upload_id)
+            if record is None:
+                raise Refused(403, FORBIDDEN)
+        except BaseException:
+            await services.resumable.end(upload, "failed")
+            raise
+        finally:
+            session.close()
+    finally:
+        if mp3 is not None:
+            mp3.close()
+        slot.release()
+    for part in parts:
+        await services.resumable.end(part, "done")
+    RESUMABLE_UPLOADS.labels("completed").inc()
+    AUDIO_SECONDS.inc(record.duration_seconds)
+    headers = {"Location": upload_url(request, upload), "Upload-Offset": str(length), "Upload-Expires": http_date(upload.expires_at)}
+    return Response(status_code=201, headers=headers)
+
+
 async def receive_upload(request: Request, services: Services, upload: StoredUpload, offset: int, token: str) -> int:
     """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
     when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
@@ -2182,7 +2252,7 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
             upload = await services.store.declare_length(upload, length)
         elif length != upload.length:
             raise Refused(400, f"Upload-Length {length} is not this upload's: it is {upload.length}")
-    if not has_body(request) and not upload.whole:
+    if not has_body(request) and (not upload.whole or upload.partial):
         # Nothing to add: the offset as it stands, without taking the upload's turn. A cold upload catches up (re-encodes
         # its stored bytes) only for bytes that go on from there: on e37ff88 an empty PATCH cost 1.4 s of CPU.
         return offset
@@ -2209,11 +2279,11 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
                 await services.resumable.end(live.upload, "failed")
                 raise
             except BodyCut:  # the bytes that arrived count (tus 1.0.0 §PATCH); if they were the whole file, its record is stored too
-                if await live.store_pending() == upload.length != DEFERRED:
+                if await live.store_pending() == upload.length != DEFERRED and not upload.partial:
                     await services.resumable.complete(live, token)
                 raise
             stored = await live.store_pending()
-            if stored == upload.length != DEFERRED:
+            if stored == upload.length != DEFERRED and not upload.partial:
                 await services.resumable.complete(live, token)
             return stored
     finally:
@@ -3301,6 +3371,11 @@ class StoredUpload:
     metadata: str  # Upload-Metadata as sent: a HEAD gives it back
 
     @property
+    def partial(self) -> bool:
+        """A partial upload (tus concatenation): bytes only, no name, converted with the final upload that names it."""
+        return not self.filename
+
+    @property
     def whole(self) -> bool:
         """Every byte is in: the length is known (not DEFERRED) and received."""
         return self.length != DEFERRED and self.received == self.length
@@ -3475,7 +3550,7 @@ class Store:
         """Inside a transaction: lock the user's row if the token is still the user's (else False), then 409 if the name is held."""
         if await self._call(self.database.fetch_val(SQL_LOCK_USER, {"id": user_id, "token_sha256": token_sha256})) is None:
             return False
-        if holder := await self.name_holder(user_id, filename, upload_id):
+        if filename and (holder := await self.name_holder(user_id, filename, upload_id)):  # a partial upload has no name
             raise NameTaken(filename, holder)
         return True
 
@@ -3541,7 +3616,7 @@ class Store:
     async def delete_expired(self, before: str, limit: int) -> int:
         return len(await self._write(SQL_DELETE_EXPIRED, {"before": before, "limit": limit}))
 
-    async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str, bounds: UnfinishedBounds) -> bool:
+    async def create_upload(self, upload: StoredUpload, token_sha256: str, created_at: str, bounds: UnfinishedBounds | None) -> bool:
         """A resumable upload's row, its file name reserved; 409 if a record or another upload holds the name, 429
         or 503 past the bounds on unfinished uploads, False if the token was replaced meanwhile. The user's row is
         locked first, so that one user's creations are counted one after another."""
@@ -3552,9 +3627,10 @@ class Store:
                 return False
             usage = await self.usage(upload.user_id)
             assert usage is not None  # its row is locked
-            total = await self._call(self.database.fetch_val(SQL_UNFINISHED_DECLARED, {"now": created_at})) if bounds.storage else 0
-            bounds.check(usage.unfinished_uploads, usage.unfinished_declared, total, upload.length)
-            usage.admit(upload.length, "this upload (Upload-Length)")
+            if bounds is not None:  # else a final upload, whose bytes are its partial uploads', counted already
+                total = await self._call(self.database.fetch_val(SQL_UNFINISHED_DECLARED, {"now": created_at})) if bounds.storage else 0
+                bounds.check(usage.unfinished_uploads, usage.unfinished_declared, total, upload.length)
+                usage.admit(upload.length, "this upload (Upload-Length)")
             await self._call(self.database.execute(SQL_INSERT_UPLOAD, values))
         return True
 
@@ -3795,7 +3871,8 @@ def upload_url(request: Request, upload: StoredUpload) -> str:
 
 def upload_state(upload: StoredUpload) -> dict[str, str]:
     length = {"Upload-Defer-Length": "1"} if upload.length == DEFERRED else {"Upload-Length": str(upload.length)}
-    return {"Upload-Offset": str(upload.received), **length, "Upload-Expires": http_date(upload.expires_at)}
+    concat = {"Upload-Concat": "partial"} if upload.partial else {}
+    return {"Upload-Offset": str(upload.received), **length, **concat, "Upload-Expires": http_date(upload.expires_at)}
 
 
 def http_date(moment: str) -> str:

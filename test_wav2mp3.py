@@ -4,7 +4,8 @@ Runs on SQLite by default; set TEST_DATABASE_URL=postgresql://... (a throwaway d
 `-m "not slow"` leaves out the benchmark smoke runs, floods and other long runs (see pyproject.toml).
 Most tests drive the app in-process with httpx's ASGI transport; the streaming, early-answer,
 disconnect, memory and fuzzing tests run `python wav2mp3.py` as a real uvicorn server on
-loopback. WAVs are generated in code (conftest.py); MP3s are decoded with miniaudio.
+loopback, and so do those that upload with tus-js-client under Node (tests/tus_client.mjs). WAVs are
+generated in code (conftest.py); MP3s are decoded with miniaudio.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -3535,6 +3537,140 @@ def test_live_tus_paused_uploads_keep_few_live_sessions(live: LiveServer) -> Non
     assert metric(httpx.get(live.url + "/metrics").text, "wav2mp3_resumable_uploads_total", event="resumed") == resumed + 1
     posted = httpx.post(live.url + "/users/wav", **upload_form(user, wav, "posted.wav"), timeout=60).json()
     assert httpx.get(urls[0], headers=bearer(user)).json()["sha256"] == posted["sha256"]
+
+
+# tus-js-client, the reference client, unchanged: tests/tus_client.mjs runs one upload with it under Node (the job
+# and the outcome it prints are described at its top); tests/package.json pins the version.
+
+NODE_CLIENT = HERE / "tests" / "tus_client.mjs"
+NODE_CHUNK = 256 * 1024
+
+
+def tus_js_client_missing() -> str:
+    """Why tus-js-client cannot run here, if it cannot."""
+    if not shutil.which("node"):
+        return "node not installed (.ci/run installs nodejs and npm from Debian)"
+    if not (HERE / "tests" / "node_modules" / "tus-js-client").is_dir():
+        return "tests/node_modules missing: npm ci --prefix tests (.ci/run runs it)"
+    return ""
+
+
+needs_tus_js_client = pytest.mark.skipif(bool(tus_js_client_missing()), reason=tus_js_client_missing())
+
+
+def tus_js_client(server: LiveServer, user: dict[str, str], wav_file: Path, filename: str, **job: Any) -> dict[str, Any]:
+    """One upload of `wav_file` by tus-js-client in 256 KiB PATCHes (unless `job` says otherwise); what became of it."""
+    job = {
+        "endpoint": f"{server.url}/users/{user['user_id']}/uploads",
+        "token": user["access_token"],
+        "file": str(wav_file),
+        "metadata": {"filename": filename},
+        "chunkSize": NODE_CHUNK,
+        **job,
+    }
+    done = subprocess.run(["node", str(NODE_CLIENT)], input=json.dumps(job), capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def patches(start: int, end: int) -> list[str]:
+    """The answers tus-js-client sees sending bytes start..end in NODE_CHUNK PATCHes, each accepted."""
+    return ["PATCH 204"] * math.ceil((end - start) / NODE_CHUNK)
+
+
+def live_record_mp3_sha256(server: LiveServer, user: dict[str, str], upload_url: str) -> str:
+    """The sha256 of the MP3 downloaded from the link of a completed upload's record."""
+    record = httpx.get(upload_url, headers=bearer(user), timeout=30).json()
+    mp3 = httpx.get(server.url + record_path(record["url"]), timeout=30).content
+    assert hashlib.sha256(mp3).hexdigest() == record["sha256"]
+    return record["sha256"]  # type: ignore[no-any-return]
+
+
+def live_posted_mp3_sha256(server: LiveServer, wav: bytes) -> str:
+    """The sha256 of the MP3 a POST /users/wav of another user makes of `wav` (conversion is deterministic)."""
+    created = httpx.post(server.url + "/users/wav", **upload_form(server.new_user(), wav, "posted.wav"), timeout=60)
+    assert created.status_code == 201, created.text
+    return hashlib.sha256(httpx.get(server.url + record_path(created.json()["url"]), timeout=30).content).hexdigest()
+
+
+def node_wav(tmp_path: Path) -> tuple[bytes, Path]:
+    """Ten seconds of music-like stereo (1.7 MB, seven 256 KiB PATCHes), in a file for tus-js-client to read."""
+    wav = make_wav(10.0, 44100, 2, signal=music(10.0, 44100, 2))
+    path = tmp_path / "node.wav"
+    path.write_bytes(wav)
+    return wav, path
+
+
+@needs_tus_js_client
+def test_live_tus_js_client_uploads_in_chunks_the_mp3_a_post_gives(live: LiveServer, tmp_path: Path) -> None:
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    outcome = tus_js_client(live, user, wav_file, "node.wav")
+    assert outcome["ok"], outcome["error"]
+    assert outcome["requests"] == ["POST 201", *patches(0, len(wav))] and outcome["retries"] == 0
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
+@needs_tus_js_client
+def test_live_tus_js_client_goes_on_from_its_upload_url_on_a_restarted_server(tmp_path: Path, database_url: str) -> None:
+    """Aborted halfway, the server stopped, a new one on the same database (another port): a new tus-js-client
+    Upload given the upload's URL asks the offset (HEAD) and sends only the rest; the MP3 is the one a POST gives."""
+    wav, wav_file = node_wav(tmp_path)
+    with LiveServer(tmp_path / "first", database_url) as first:
+        user = first.new_user()
+        stopped = tus_js_client(first, user, wav_file, "restarted.wav", interrupt={"afterBytes": len(wav) // 2, "then": "stop"})
+    assert (stopped["ok"], stopped["interrupted"], stopped["error"]) == (False, True, None)
+    half = stopped["accepted"]
+    assert len(wav) // 2 <= half < len(wav) and stopped["requests"] == ["POST 201", *patches(0, half)]
+    with LiveServer(tmp_path / "second", database_url) as second:
+        url = stopped["url"].replace(f":{first.port}/", f":{second.port}/")
+        resumed = tus_js_client(second, user, wav_file, "restarted.wav", options={"uploadUrl": url})
+        assert resumed["ok"], resumed["error"]
+        assert resumed["requests"] == ["HEAD 200", *patches(half, len(wav))]  # resumed where the first server stood: no new upload
+        assert live_record_mp3_sha256(second, user, url) == live_posted_mp3_sha256(second, wav)
+
+
+@needs_tus_js_client
+@pytest.mark.parametrize("then", ["start", "new-upload"])
+def test_live_tus_js_client_aborted_goes_on_where_it_stopped(live: LiveServer, tmp_path: Path, then: str) -> None:
+    """abort() halfway, then start() again (tus-js-client's pause and resume), or a new Upload that finds the URL
+    in its FileUrlStorage (findPreviousUploads, resumeFromPreviousUpload): one upload, no byte sent twice."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    job = {"interrupt": {"afterBytes": len(wav) // 2, "then": then}, "urlStorage": str(tmp_path / "tus-urls.json")}
+    outcome = tus_js_client(live, user, wav_file, f"aborted-{then}.wav", **job)
+    assert outcome["ok"] and outcome["interrupted"], outcome["error"]
+    half = math.ceil(len(wav) // 2 / NODE_CHUNK) * NODE_CHUNK  # the first offset past half: abort() comes between PATCHes
+    assert outcome["requests"] == ["POST 201", *patches(0, half), "HEAD 200", *patches(half, len(wav))]
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
+@needs_tus_js_client
+def test_live_tus_js_client_with_add_request_id_is_accepted(live: LiveServer, tmp_path: Path) -> None:
+    """addRequestId (Uppy turns it on) sends a new X-Request-ID with every request: the service takes it."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    outcome = tus_js_client(live, user, wav_file, "request-id.wav", options={"addRequestId": True})
+    assert outcome["ok"], outcome["error"]
+    assert outcome["requests"] == ["POST 201", *patches(0, len(wav))]
+    assert all(outcome["requestIds"]) and len(set(outcome["requestIds"])) == len(outcome["requests"])
+    assert httpx.get(outcome["url"], headers=bearer(user)).json()["filename"] == "request-id.mp3"
+
+
+@needs_tus_js_client
+@pytest.mark.parametrize("holder", ["record", "unfinished upload"])
+def test_live_tus_js_client_sees_a_taken_name_at_once_without_retrying(live: LiveServer, tmp_path: Path, holder: str) -> None:
+    """A name taken is 422 at creation, not 409: tus-js-client retries a 409 four times (its default retryDelays)
+    and shows its own message; here it sends the creation once and its error quotes the service's."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    interrupt = {"interrupt": {"afterBytes": NODE_CHUNK, "then": "stop"}} if holder == "unfinished upload" else {}
+    first = tus_js_client(live, user, wav_file, "taken.wav", **interrupt)
+    assert first["error"] is None and first["url"], first
+    again = tus_js_client(live, user, wav_file, "taken.wav")
+    assert (again["ok"], again["status"], again["requests"], again["retries"]) == (False, 422, ["POST 422"], 0)
+    expected = "already has a record from a file named 'taken.wav'" if holder == "record" else "an unfinished upload of this user holds the name"
+    assert expected in again["error"], again["error"]
 
 
 @contextlib.contextmanager

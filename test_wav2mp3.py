@@ -3646,6 +3646,35 @@ def test_live_tus_js_client_aborted_goes_on_where_it_stopped(live: LiveServer, t
 
 
 @needs_tus_js_client
+@pytest.mark.parametrize("metadata_for_parts", [False, True])
+def test_live_tus_js_client_parallel_uploads_make_the_mp3_a_post_gives(live: LiveServer, tmp_path: Path, metadata_for_parts: bool) -> None:
+    """parallelUploads (Uppy's too): the pieces as partial uploads, with or without their metadata, then the final
+    upload; one record, the MP3 a POST gives. On e37ff88: 422 "needs a filename", or a piece taken for a file."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    options = {"parallelUploads": 3, "metadataForPartialUploads": {"filename": "part.wav"} if metadata_for_parts else None}
+    outcome = tus_js_client(live, user, wav_file, "parallel.wav", options={key: value for key, value in options.items() if value is not None})
+    assert outcome["ok"], outcome["error"]
+    assert outcome["requests"].count("POST 201") == 4 and outcome["retries"] == 0, outcome["requests"]  # three pieces and the final
+    record = httpx.get(outcome["url"], headers=bearer(user)).json()
+    assert record["filename"] == "parallel.mp3"
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
+@needs_tus_js_client
+def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: LiveServer, tmp_path: Path) -> None:
+    """uploadLengthDeferred (a recording uploaded while it is made): the length with the last PATCH; on e37ff88 400."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]  # a recorder's header: data size not known yet
+    wav_file.write_bytes(recording)
+    outcome = tus_js_client(live, user, wav_file, "recording.wav", input="buffer", options={"uploadLengthDeferred": True})
+    assert outcome["ok"], outcome["error"]
+    assert outcome["requests"][0] == "POST 201" and outcome["retries"] == 0, outcome["requests"]
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
+
+
+@needs_tus_js_client
 def test_live_tus_js_client_with_add_request_id_is_accepted(live: LiveServer, tmp_path: Path) -> None:
     """addRequestId (Uppy turns it on) sends a new X-Request-ID with every request: the service takes it."""
     user = live.new_user()

@@ -39,6 +39,7 @@ import resource
 import shlex
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -502,11 +504,13 @@ def tus_head(port: int, user: dict[str, str], extra: str = "") -> str:
     return f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {user['access_token']}\r\nTus-Resumable: 1.0.0\r\n{extra}"
 
 
-def tus_creation(port: int, user: dict[str, str], length: int, first_bytes: int = 0) -> bytes:
+def tus_creation(port: int, user: dict[str, str], length: int, first_bytes: int = 0, concat: str = "", deferred: bool = False) -> bytes:
     """The head of a POST /users/{user_id}/uploads for a file of `length` bytes under a fresh name, its first bytes
-    in the body (creation-with-upload)."""
+    in the body (creation-with-upload); a partial or final upload (`concat`), or one of a length not known yet."""
     metadata = "filename " + base64.b64encode(f"{uuid.uuid4().hex}.wav".encode()).decode()
-    extra = f"Upload-Length: {length}\r\nUpload-Metadata: {metadata}\r\n{OFFSET_BYTES}Content-Length: {first_bytes}\r\n"
+    declared = "Upload-Defer-Length: 1\r\n" if deferred else "" if concat.startswith("final") else f"Upload-Length: {length}\r\n"
+    declared += f"Upload-Concat: {concat}\r\n" if concat else ""
+    extra = f"{declared}Upload-Metadata: {metadata}\r\n{OFFSET_BYTES}Content-Length: {first_bytes}\r\n"
     return f"POST /users/{user['user_id']}/uploads HTTP/1.1\r\n{tus_head(port, user, extra)}\r\n".encode()
 
 
@@ -653,6 +657,65 @@ def t3_resume_after_sigkill(directory: Path, minutes: float) -> Figure:
     mp3 = "same MP3 as a POST" if resumed == posted else "MP3 DIFFERS from a POST's"
     what = f"resume after SIGKILL at 50% of {minutes:g} min: first PATCH, the stored half re-encoded, {caught_up:.2f} s / bare {bare:.2f} s; {mp3}"
     return Figure("T3", what, f"{caught_up / bare:.3f}", "<= 1.2, same MP3", caught_up / bare <= 1.2 and resumed == posted)
+
+
+def t5_parallel_pieces(server: Server, seconds: float, parallel: int = 4) -> Figure:
+    """A file sent as `parallel` partial uploads at once (tus concatenation: tus-js-client's parallelUploads), then the
+    final upload, which converts the pieces as one WAV: first creation -> record, against a bare encode."""
+    wav, user = Wav(seconds), new_user(server.port)
+    cuts = [wav.size * n // parallel for n in range(parallel + 1)]
+
+    def piece(start: int, end: int) -> str:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            buffer = bytearray()
+            sock.sendall(tus_creation(server.port, user, end - start, concat="partial"))
+            status, headers, body = read_full_response(sock, buffer)
+            assert status == 201, body
+            path = upload_path(headers)
+            for offset in range(start, end, TUS_PIECE):
+                sock.sendall(tus_piece(server.port, user, path, offset - start, min(offset + TUS_PIECE, end) - start))
+                for part in wav.between(offset, min(offset + TUS_PIECE, end)):
+                    sock.sendall(part)
+                status, _, body = read_full_response(sock, buffer)
+                assert status == 204, body
+            return path
+
+    bare = bare_encode_seconds(wav)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        paths = list(pool.map(piece, cuts, cuts[1:]))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(tus_creation(server.port, user, 0, concat="final;" + " ".join(paths)))
+        status, headers, body = read_full_response(sock, bytearray())
+    served = time.perf_counter() - started
+    assert status == 201, body
+    what = f"{seconds:g} s stereo ({wav.size / 1e6:.0f} MB) as {parallel} parallel pieces: first creation->record {served:.2f} s / bare {bare:.2f} s"
+    return Figure("T5", what, f"{served / bare:.2f}", "(the pieces convert at the final upload)", None)
+
+
+def t6_deferred_length(server: Server, seconds: float) -> Figure:
+    """A recording of unknown length (creation-defer-length), its WAV header's data size 0xFFFFFFFF, sent in PATCHes
+    as it is made; the last PATCH gives the length: the time from its last byte to its answer (the record stored)."""
+    wav, user = Wav(seconds), new_user(server.port)
+    recorder_header = bytes(wav.header[:40]) + struct.pack("<L", 0xFFFFFFFF)  # the data size not known yet
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        buffer = bytearray()
+        sock.sendall(tus_creation(server.port, user, 0, deferred=True))
+        status, headers, body = read_full_response(sock, buffer)
+        assert status == 201, body
+        path, offset = upload_path(headers), 0
+        while offset < wav.size:
+            end = min(offset + TUS_PIECE, wav.size)
+            sock.sendall(tus_piece(server.port, user, path, offset, end, f"Upload-Length: {wav.size}\r\n" if end == wav.size else ""))
+            for number, part in enumerate(wav.between(offset, end)):
+                sock.sendall(recorder_header if offset == 0 and number == 0 else part)  # between() gives the header whole first
+            last_byte = time.perf_counter()
+            status, headers, body = read_full_response(sock, buffer)
+            assert status == 204, body
+            offset = int(headers["upload-offset"])
+    tail = time.perf_counter() - last_byte
+    what = f"{seconds:g} s stereo recording of unknown length in {TUS_PIECE // 1_000_000} MB PATCHes: last byte -> record"
+    return Figure("T6", what, f"{tail:.3f} s", "<= 1 s", tail <= 1.0)
 
 
 def t4_paused_uploads(directory: Path, count: int) -> Figure:
@@ -1595,6 +1658,9 @@ def main() -> None:
             figures.extend(b5_big_upload_rss(server, size(1.0, 0.125, 0.03)))
             figures.append(t1_tus_vs_encode(server, size(5, 1, 1)))
             figures.append(t2_cut_at_half(server, size(10.0, 2.0, 0.5)))
+            figures.append(t5_parallel_pieces(server, long_seconds()))
+            figures.append(t5_parallel_pieces(server, size(1700.0, 300.0, 20.0)))  # 1,700 s of CD stereo: 300 MB
+            figures.append(t6_deferred_length(server, size(600.0, 60.0, 10.0)))
         finally:
             server.stop()
         figures.append(t3_resume_after_sigkill(directory, size(10.0, 2.0, 0.5)))

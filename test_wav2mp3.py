@@ -3674,6 +3674,36 @@ def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: 
     assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
 
 
+def client_snippet(language: str, live: LiveServer, user: dict[str, str]) -> str:
+    """The `language` snippet of docs/API.md's "Clients", aimed at `live` and `user`."""
+    section = (HERE / "docs" / "API.md").read_text().split("## Clients\n", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+    return snippet.replace("http://127.0.0.1:8000", live.url).replace("USER_ID", user["user_id"]).replace("ACCESS_TOKEN", user["access_token"])
+
+
+@pytest.mark.parametrize("language", ["js", "python"])
+def test_the_client_snippets_of_the_api_reference_work_as_written(live: LiveServer, tmp_path: Path, language: str) -> None:
+    if language == "js" and tus_js_client_missing():
+        pytest.skip(tus_js_client_missing())
+    user = live.new_user()
+    wav, _ = node_wav(tmp_path)
+    (tmp_path / "call.wav").write_bytes(wav)
+    snippet = client_snippet(language, live, user)
+    if language == "js":  # run where tests/node_modules resolves its import, reading the WAV from tmp_path
+        command = ["node", "--input-type=module"]
+        snippet = snippet.replace("'call.wav'", repr(str(tmp_path / "call.wav")), 1)
+        cwd = HERE / "tests"
+    else:
+        command, cwd = [sys.executable, "-"], tmp_path
+    done = subprocess.run(command, input=snippet, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip().splitlines()[-1]
+    record = httpx.get(url, headers=bearer(user)).json()
+    assert record["filename"] == "call.mp3"
+    posted = httpx.post(live.url + "/users/wav", **upload_form(live.new_user(), wav, "call.wav", bitrate="192"), timeout=60).json()
+    assert record["sha256"] == posted["sha256"]
+
+
 @needs_tus_js_client
 def test_live_tus_js_client_with_add_request_id_is_accepted(live: LiveServer, tmp_path: Path) -> None:
     """addRequestId (Uppy turns it on) sends a new X-Request-ID with every request: the service takes it."""

@@ -4881,6 +4881,20 @@ async def test_a_quota_refuses_uploads_as_early_as_it_can_and_stores_nothing(dat
         assert freed.status_code == 201  # deleting records frees the room at once
 
 
+async def test_a_resumable_upload_whose_mp3_passes_the_quota_ends_at_its_last_patch(database_url: str) -> None:
+    """The declared WAV fit, but its MP3 outweighs it (8-bit mono at 320 kbps): the last PATCH is 413 naming usage and
+    quota, and the upload ends (a HEAD would otherwise encode it again and again), its room back at once."""
+    async with running_app(database_url, user_quota_mb=0.14) as client:
+        user = await new_user(client)
+        wav = make_wav(4.0, 32000, 1, bits=8)  # 128 KB; its MP3 at 320 kbps: 164 KB
+        url = await tus_create(client, user, len(wav), "loud.wav", bitrate="320")
+        last = await tus_patch(client, user, url, 0, wav)
+        assert last.status_code == 413 and "146800 bytes" in last.json()["error"]
+        assert (await client.head(url, headers=tus(user))).status_code == 404
+        usage = await usage_of(client, user)
+        assert (usage["records"], usage["bytes_stored"], usage["unfinished_uploads"]) == (0, 0, 0)
+
+
 async def test_a_users_declared_uploads_are_stopped_at_the_quota(database_url: str) -> None:
     """One user's flood of tus creations of Upload-Length 4 GiB (3,000 were all 201 on e37ff88) stops at the quota."""
     async with running_app(database_url, user_quota_mb=10_000, max_unfinished_mb=100_000) as client:

@@ -2094,6 +2094,9 @@ class ResumableUploads:
         try:
             stored = await store.save_record(record, mp3, upload.upload_id)
         except Refused as gone:  # ended meanwhile, or completed by another request (a HEAD's, another replica's)
+            if gone.status == 413:  # its MP3 passes the quota: it ends, as a bad WAV does, or every HEAD would encode it again
+                await self.end(upload, "failed")
+                raise
             if gone.status != 404:
                 raise
             self.forget(upload.upload_id)

@@ -1980,7 +1980,7 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"), ("/users/{user_id}", "get"), ("/service", "get"),
         ("/admin/invites", "post"), ("/admin/users", "get"), ("/admin/users", "post"), ("/admin/users/{user_id}", "get"),
         ("/admin/users/{user_id}", "delete"), ("/admin/users/{user_id}/quota", "put"), ("/admin/users/{user_id}/quota", "delete"),
-        ("/admin/users/{user_id}/token", "post"),
+        ("/admin/users/{user_id}/token", "post"), ("/users/{user_id}/uploads", "get"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
     assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
@@ -3064,6 +3064,34 @@ async def test_a_final_upload_is_refused_before_anything_is_stored_when_its_piec
         assert done.status_code == 201, done.text
         names = await db_rows(database_url, "SELECT filename FROM records WHERE user_id = $1 ORDER BY filename", user["user_id"])
         assert names == [("call.wav",), ("taken.wav",)]
+
+
+async def test_a_user_lists_its_unfinished_uploads_to_go_on_with_them(client: httpx.AsyncClient) -> None:
+    """After a reload or on another device: each unfinished upload with its name, length, offset, options and expiry,
+    newest first; finished, terminated and other users' uploads are not among them."""
+    user, other = await new_user(client), await new_user(client)
+    wav = make_wav(2.0, 44100, 2)
+    older = await tus_create(client, user, len(wav), "older.wav", bitrate="96")
+    assert (await tus_patch(client, user, older, 0, wav[:100_000])).status_code == 204
+    deferred = await client.post(
+        f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Defer_Length="1", Upload_Metadata=tus_metadata(filename="live.wav"))
+    )
+    done = await tus_create(client, user, len(wav), "done.wav")
+    assert (await tus_patch(client, user, done, 0, wav)).status_code == 204
+    gone = await tus_create(client, user, len(wav), "gone.wav")
+    assert (await client.delete(gone, headers=tus(user))).status_code == 204
+    await tus_create(client, other, len(wav), "theirs.wav")
+    listed = await client.get(f"/users/{user['user_id']}/uploads", headers=bearer(user))
+    assert listed.status_code == 200 and listed.headers["cache-control"] == "no-store"
+    uploads = listed.json()["uploads"]
+    assert [(u["filename"], u["length"], u["offset"], u["options"]) for u in uploads] == [
+        ("live.wav", None, 0, {}),
+        ("older.wav", len(wav), 100_000, {"bitrate": 96}),
+    ]
+    assert uploads[0]["url"] == deferred.headers["location"] and uploads[1]["url"] == older
+    assert uploads[1]["expires"] > uploads[1]["created"]
+    assert (await client.get(f"/users/{user['user_id']}/uploads")).status_code == 401
+    assert (await client.get(f"/users/{user['user_id']}/uploads", headers=bearer(other))).status_code == 403
 
 
 async def test_tus_creation_reserves_the_name_until_completion_termination_or_expiry(client: httpx.AsyncClient) -> None:

@@ -605,6 +605,7 @@ def header(name: str, description: str) -> dict[str, Any]:
 
 
 USER_ID: dict[str, Any] = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "the user's UUID"}
+USER_PATH = (USER_ID,)
 RECORD_QUERY = (query("id", "record UUID"), query("user", "owner's user UUID"))
 UNAVAILABLE = {503: error("the database is unreachable")}
 OWNER_ONLY = {
@@ -779,6 +780,35 @@ def upload_route(method: str, summary: str, answers: Mapping[int, Mapping[str, A
 @tus_route
 async def tus_options(request: Request) -> Response:
     return Response(status_code=204, headers={**TUS_CAPABILITIES, "Tus-Max-Size": str(services_of(request).settings.max_upload_bytes)})
+
+
+@API.route(
+    "/users/{user_id}/uploads",
+    ["GET"],
+    "The user's unfinished resumable uploads, newest first: to go on with one after a reload or on another device",
+    {200: answer("the unfinished uploads", "UploadList"), **UNAVAILABLE},
+    parameters=USER_PATH,
+    bearer=True,
+)
+async def list_uploads(request: Request) -> Response:
+    """At most MAX_UNFINISHED_UPLOADS of them (the pieces of a parallel upload among them): one answer, no pages."""
+    services = services_of(request)
+    user_id, _ = await owner(request)
+    uploads = await services.store.unfinished_uploads(user_id, services.settings.max_unfinished_uploads)
+    return JSONResponse({"uploads": [upload_json(request, upload) for upload in uploads]}, headers={"Cache-Control": "no-store"})
+
+
+def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
+    return {
+        "upload_id": upload.upload_id,
+        "url": upload_url(request, upload),
+        "filename": upload.filename or None,  # None: a partial upload (a piece of a parallel one)
+        "length": None if upload.length == DEFERRED else upload.length,
+        "offset": upload.received,
+        "options": upload.options,
+        "created": upload.created_at,
+        "expires": upload.expires_at,
+    }
 
 
 @API.route(
@@ -1049,7 +1079,6 @@ async def invited_user(store: Store, name: str, code: Any) -> tuple[str, str] | 
 
 
 USAGE = answer("the user's name, usage and quota", "Usage")
-USER_PATH = (USER_ID,)
 
 
 @API.route(
@@ -2004,7 +2033,7 @@ class ResumableUploads:
     ) -> StoredUpload:
         created = datetime.now(UTC)
         expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
-        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata)
+        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata, timestamp(created))
         if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created), self._bounds if bounded else None):
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
         RESUMABLE_UPLOADS.labels("created").inc()
@@ -3241,7 +3270,7 @@ SQL_PING = "SELECT 1"
 # Resumable uploads: the row, then its bytes in pieces. Storing a piece moves `received` on only from where
 # the storer found it (a compare-and-set), so two requests that feed one upload at once, in one process or
 # in two replicas, cannot both succeed: one is told 409, and no byte is lost or stored twice.
-UPLOAD_COLUMNS = "id, user_id, filename, options, length, received, record_id, expires_at, metadata"
+UPLOAD_COLUMNS = "id, user_id, filename, options, length, received, record_id, expires_at, metadata, created_at"
 SQL_INSERT_UPLOAD = (
     "INSERT INTO uploads (id, user_id, filename, options, length, received, created_at, expires_at, metadata)"
     " VALUES (:id, :user_id, :filename, :options, :length, 0, :created_at, :expires_at, :metadata)"
@@ -3249,6 +3278,10 @@ SQL_INSERT_UPLOAD = (
 DECLARED = "CASE WHEN length > 0 THEN length ELSE received END"  # an upload's declared bytes; of a DEFERRED length, what it holds
 SQL_UNFINISHED_DECLARED = f"SELECT CAST(COALESCE(SUM({DECLARED}), 0) AS BIGINT) FROM uploads WHERE record_id IS NULL AND expires_at > :now"
 SQL_FIND_UPLOAD = f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = :id AND user_id = :user_id AND expires_at > :now"
+SQL_UNFINISHED_UPLOADS = (
+    f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE user_id = :user_id AND record_id IS NULL AND expires_at > :now"
+    " ORDER BY created_at DESC, id LIMIT :limit"
+)
 # A request's bytes count only while the upload stands where it began, has not expired, and the request's token is
 # still its user's: expiry, a new token and a deleted user reach a request that is already running.
 SQL_ADVANCE_UPLOAD = (
@@ -3372,6 +3405,7 @@ class StoredUpload:
     record_id: str | None  # once complete
     expires_at: str
     metadata: str  # Upload-Metadata as sent: a HEAD gives it back
+    created_at: str = ""
 
     @property
     def partial(self) -> bool:
@@ -3719,10 +3753,11 @@ class Store:
 
     async def find_upload(self, upload_id: str, user_id: str) -> StoredUpload | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_UPLOAD, {"id": upload_id, "user_id": user_id, "now": now()}))
-        if row is None:
-            return None
-        upload_id, user_id, filename, options, *rest = (row[column] for column in UPLOAD_COLUMNS.split(", "))
-        return StoredUpload(upload_id, user_id, filename, json.loads(options), *rest)
+        return None if row is None else stored_upload(row)
+
+    async def unfinished_uploads(self, user_id: str, limit: int) -> list[StoredUpload]:
+        rows = await self._call(self.database.fetch_all(SQL_UNFINISHED_UPLOADS, {"user_id": user_id, "now": now(), "limit": limit}))
+        return [stored_upload(row) for row in rows]
 
     async def append_upload(self, upload_id: str, start: int, data: bytes, token_sha256: str) -> bool:
         """Store bytes of an upload that stood at `start`; False if it stands elsewhere by now, is gone or expired, or
@@ -3785,6 +3820,11 @@ class Rollback(Exception):
 
 class RecordVanished(Exception):
     """A record was deleted while its bytes were being read: the answer under way cannot be completed."""
+
+
+def stored_upload(row: Any) -> StoredUpload:
+    upload_id, user_id, filename, options, *rest = (row[column] for column in UPLOAD_COLUMNS.split(", "))
+    return StoredUpload(upload_id, user_id, filename, json.loads(options), *rest)
 
 
 def stored_record(row: Any) -> StoredRecord:
@@ -4100,6 +4140,29 @@ USAGE_SCHEMA: dict[str, Any] = {
 }
 COMPONENTS = {
     "Usage": USAGE_SCHEMA,
+    "UploadList": {
+        "type": "object",
+        "required": ["uploads"],
+        "properties": {
+            "uploads": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["upload_id", "url", "filename", "length", "offset", "options", "created", "expires"],
+                    "properties": {
+                        "upload_id": {"type": "string", "format": "uuid"},
+                        "url": {"type": "string"},
+                        "filename": {"type": "string", "nullable": True, "description": "null: a piece of a parallel upload"},
+                        "length": {"type": "integer", "nullable": True, "description": "null: not known yet (Upload-Defer-Length)"},
+                        "offset": {"type": "integer"},
+                        "options": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "created": {"type": "string", "format": "date-time"},
+                        "expires": {"type": "string", "format": "date-time"},
+                    },
+                },
+            }
+        },
+    },
     "UserPage": {
         "type": "object",
         "required": ["users", "next_after"],

@@ -4298,6 +4298,17 @@ def page_listing(site: Site, user: dict[str, str]) -> list[dict[str, Any]]:
     return response.json()["records"]  # type: ignore[no-any-return]
 
 
+def page_account(browser: webdriver.Chrome) -> str:
+    """What the header says of the user signed in: "Signed in as <name>" and "used <bytes>[ of <quota>]"."""
+    return browser.find_element(By.CLASS_NAME, "who").text
+
+
+def page_usage(site: Site, user: dict[str, str]) -> dict[str, Any]:
+    response = httpx.get(f"{site.url}/users/{user['user_id']}", headers={"Authorization": f"Bearer {user['access_token']}"})
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
 def page_create_user(browser: webdriver.Chrome, site: Site, name: str) -> dict[str, str] | None:
     """Create a user through the page's form: the credentials as the page shows them, or None when the name is taken."""
     page_open(browser, site)
@@ -4451,6 +4462,31 @@ def test_page_explains_a_name_already_converted(browser: webdriver.Chrome, site:
     page_button(page_upload_row(browser, "twice.wav"), "Try again").click()
     page_wait(browser, lambda d: page_finished(d, "twice.wav"))
     page_wait(browser, lambda d: page_record_names(d) == ["twice.mp3"])
+    assert not page_console_errors(browser)
+
+
+def test_page_shows_the_users_name_and_usage_after_signing_in_again(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
+    usage = page_usage(site, user)
+    of_quota = "" if usage["quota_bytes"] is None else " of "  # the quota, when the site has one
+    page_wait(browser, lambda d: page_account(d).startswith(f"Signed in as {usage['name']}\nused 0 bytes{of_quota}"))
+    page_choose(browser, tmp_path, {"hello.wav": make_wav(2.0)})
+    page_wait(browser, lambda d: page_finished(d, "hello.wav"))
+    stored = page_usage(site, user)["bytes_stored"]
+    assert 10_000 <= stored < 999_500  # the page says it in KB, rounded
+    used = f"Signed in as {usage['name']}\nused {round(stored / 1000)} KB{of_quota}"
+    page_wait(browser, lambda d: page_account(d).startswith(used))  # refreshed once the upload is done
+    browser.refresh()  # signed in again with the credentials the page kept
+    page_wait(browser, lambda d: page_account(d).startswith(used))
+    # As a page before this one kept them, without the name: the header still names the user, not its ID.
+    kept = {"user_id": user["user_id"], "access_token": user["access_token"]}
+    browser.execute_script("localStorage.setItem('wav2mp3.auth', JSON.stringify(arguments[0]))", kept)
+    browser.refresh()
+    page_wait(browser, lambda d: page_account(d).startswith(used))
+    assert user["user_id"] not in browser.find_element(By.TAG_NAME, "header").text
+    page_button(page_record(browser, "hello.mp3"), "Delete").click()
+    page_wait(browser, expected_conditions.alert_is_present()).accept()
+    page_wait(browser, lambda d: page_account(d).startswith(f"Signed in as {usage['name']}\nused 0 bytes{of_quota}"))  # refreshed after a deletion
     assert not page_console_errors(browser)
 
 

@@ -21,6 +21,7 @@
   const enc = encodeURIComponent;
 
   let auth = null; // {user_id, access_token, name}
+  let usageAsked = 0; // counts the usage requests: an answer for an older one is dropped
   let cursor = null; // next_cursor of the records shown
   let recordsFailed = false;
   let listing = 0; // counts the lists shown: an answer for an older one is dropped
@@ -436,6 +437,7 @@
       this.el.audio.hidden = false;
       this.show('done', 'Done: ' + record.filename, `${duration(record.duration_seconds)} · MP3 ${bytes(record.size_bytes)}`);
       addRecord(record, true);
+      loadUsage();
     }
 
     forgetRecord() { // its record was deleted below
@@ -459,7 +461,7 @@
       this.stop();
       store.del(this.fp);
       this.show('cancelled', 'Cancelled');
-      if (this.url) this.terminate();
+      if (this.url) this.terminate().then(loadUsage); // its bytes so far no longer count
       pump();
     }
 
@@ -621,7 +623,37 @@
     shown.delete(record.record_id);
     for (const upload of uploads) if (upload.record && upload.record.record_id === record.record_id) upload.forgetRecord();
     recordsStatus(`Deleted ${record.filename}.` + (shown.size ? '' : ' No MP3s left.'));
+    loadUsage();
     if (hadFocus) (next ? next.querySelector('.delete') : $('records-title')).focus();
+  }
+
+  // The service and the user ###################################################
+
+  async function loadUsage() { // the header's name and "used X of Y"
+    if (!auth) return;
+    const asked = ++usageAsked;
+    const res = await http('GET', url(`users/${enc(auth.user_id)}`));
+    if (asked !== usageAsked || !auth) return;
+    if (res.status === 401 || res.status === 403) return expire();
+    if (res.status === 200 && res.data) showUsage(res.data);
+    else if (!auth.name) showWho(auth.user_id); // the name cannot be had now: the ID says who at least
+  }
+
+  function showUsage(usage) {
+    if (usage.name && usage.name !== auth.name) {
+      auth.name = usage.name;
+      store.set(AUTH_KEY, auth); // shown at once on the next visit
+    }
+    showWho(auth.name || auth.user_id);
+    const quota = typeof usage.quota_bytes === 'number' ? usage.quota_bytes : null;
+    $('usage').textContent = 'used ' + bytes(usage.bytes_stored) + (quota === null ? '' : ' of ' + bytes(quota));
+    $('usage').classList.toggle('full', quota !== null && usage.bytes_stored >= quota);
+    $('usage').hidden = false;
+  }
+
+  function showWho(name) {
+    $('who-name').textContent = name;
+    $('who').hidden = false;
   }
 
   // Signing in and out ##########################################################
@@ -644,13 +676,14 @@
     $('notice').hidden = !text;
   }
 
-  function signIn(credentials, fresh) {
+  function signIn(credentials, fresh, usage) {
     auth = { user_id: credentials.user_id, access_token: credentials.access_token, name: credentials.name || '' };
     store.set(AUTH_KEY, auth);
     resetLists();
     notice('');
     document.body.classList.add('wide'); // two columns on a wide screen: files, and the MP3s
-    $('who-name').textContent = auth.name || auth.user_id;
+    $('who').hidden = $('usage').hidden = true;
+    if (auth.name) showWho(auth.name); // else once GET /users/{id} answers
     $('account').hidden = $('signed-in').hidden = false;
     $('signed-out').hidden = true;
     $('credentials').hidden = !fresh;
@@ -658,6 +691,12 @@
       $('new-id').textContent = auth.user_id;
       $('new-token').textContent = auth.access_token;
       $('credentials-title').focus();
+    }
+    if (usage) {
+      usageAsked++;
+      showUsage(usage);
+    } else {
+      loadUsage();
     }
     loadRecords();
   }
@@ -733,11 +772,11 @@
     }
     error.textContent = '';
     button.disabled = true;
-    const res = await http('GET', url(`users/${enc(id)}/records?limit=1`), { token });
+    const res = await http('GET', url(`users/${enc(id)}`), { token }); // the credentials checked, and the name and usage
     button.disabled = false;
-    if (res.status === 200) {
+    if (res.status === 200 && res.data) {
       event.target.reset();
-      signIn({ user_id: id, access_token: token }, false);
+      signIn({ user_id: id, access_token: token, name: res.data.name }, false, res.data);
       $('upload-title').focus();
       return;
     }

@@ -4240,13 +4240,13 @@ def page_open(browser: webdriver.Chrome, site: Site) -> None:
     browser.get(site.url + "/")
     browser.execute_script("localStorage.clear()")
     browser.get(site.url + "/")
-    page_wait(browser, lambda d: page_field(d, "Name").is_displayed())
+    page_wait(browser, lambda d: page_field(d, "User ID").is_displayed())  # whatever the sign-up mode, once the page knows it
     browser.get_log("browser")  # start each test with an empty console
 
 
-def page_sign_in(browser: webdriver.Chrome, site: Site) -> dict[str, str]:
-    """A new user, signed in through the "Sign in" form."""
-    user = site.new_user()
+def page_sign_in(browser: webdriver.Chrome, site: Site, user: dict[str, str] | None = None) -> dict[str, str]:
+    """A user (a new one unless given), signed in through the "Sign in" form."""
+    user = user or site.new_user()
     page_open(browser, site)
     page_field(browser, "User ID").send_keys(user["user_id"])
     page_field(browser, "Access token").send_keys(user["access_token"])
@@ -4488,6 +4488,54 @@ def test_page_shows_the_users_name_and_usage_after_signing_in_again(browser: web
     page_wait(browser, expected_conditions.alert_is_present()).accept()
     page_wait(browser, lambda d: page_account(d).startswith(f"Signed in as {usage['name']}\nused 0 bytes{of_quota}"))  # refreshed after a deletion
     assert not page_console_errors(browser)
+
+
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory: pytest.TempPathFactory, postgresql_url: str) -> Iterator[LiveServer]:
+    """A service run for a team: sign-up by invite, the operator's token, 1 MiB kept per user, MP3s kept 30 days."""
+    directory = tmp_path_factory.mktemp("operated")
+    settings = ["--signup", "invite", "--admin-token", ADMIN_TOKEN, "--user-quota-mb", "1", "--retention-days", "30"]
+    with LiveServer(directory, postgresql_url or f"sqlite:///{directory / 'operated.db'}", *settings) as server:
+        yield server
+
+
+def page_invite_field(browser: webdriver.Chrome) -> WebElement | None:
+    """The "Invite code" field of the create-user form, if the page shows it."""
+    labels = browser.find_elements(By.XPATH, "//label[normalize-space()='Invite code']")
+    return page_field(browser, "Invite code") if labels and page_field(browser, "Invite code").is_displayed() else None
+
+
+def test_page_asks_for_an_invite_code_only_when_sign_up_needs_one(browser: webdriver.Chrome, site: Site, operated: LiveServer) -> None:
+    page_open(browser, site)
+    assert page_field(browser, "Name").is_displayed() and page_invite_field(browser) is None  # open sign-up: no code to give
+    page_open(browser, operated)
+    invite = page_wait(browser, page_invite_field)
+    name = unique_name("invited")
+    page_field(browser, "Name").send_keys(name)
+    invite.send_keys("not-a-code")
+    page_button(browser, "Create user").click()
+    page_wait(browser, lambda d: "This invite code is unknown, used up or expired" in d.find_element(By.TAG_NAME, "main").text)  # the service's words
+    code = httpx.post(operated.url + "/admin/invites", json={"uses": 1}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["invite"]
+    invite.clear()
+    invite.send_keys(code)
+    page_button(browser, "Create user").click()
+    page_wait(browser, lambda d: page_button(d, "I have saved them").is_displayed())
+    page_wait(browser, lambda d: page_account(d) == f"Signed in as {name}\nused 0 bytes of 1.0 MB")  # 1 MiB
+    assert "MP3s are kept 30 days, then deleted." in browser.find_element(By.TAG_NAME, "main").text
+    assert not page_console_errors(browser)
+
+
+def test_page_says_the_operator_creates_users_when_sign_up_is_closed(browser: webdriver.Chrome, tmp_path: Path, postgresql_url: str) -> None:
+    with LiveServer(tmp_path, postgresql_url or f"sqlite:///{tmp_path / 'closed.db'}", "--signup", "closed", "--admin-token", ADMIN_TOKEN) as closed:
+        name = unique_name("closed")
+        made = httpx.post(closed.url + "/admin/users", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert made.status_code == 201
+        page_open(browser, closed)
+        assert "The operator of this service creates its users" in browser.find_element(By.TAG_NAME, "main").text
+        assert not page_field(browser, "Name").is_displayed() and not page_button(browser, "Create user").is_displayed()
+        page_sign_in(browser, closed, made.json())  # those the operator made sign in as ever
+        page_wait(browser, lambda d: page_account(d) == f"Signed in as {name}\nused 0 bytes")
+        assert not page_console_errors(browser)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@
   const enc = encodeURIComponent;
 
   let auth = null; // {user_id, access_token, name}
+  let service = null; // GET /service, once answered: {signup, retention_days, max_upload_bytes}
   let usageAsked = 0; // counts the usage requests: an answer for an older one is dropped
   let cursor = null; // next_cursor of the records shown
   let recordsFailed = false;
@@ -51,6 +52,20 @@
     const pad = (x) => String(x).padStart(2, '0');
     const h = Math.floor(t / 3600), m = Math.floor(t / 60) % 60, s = t % 60;
     return h ? `${h}:${pad(m)}:${pad(s)}` : `${m}:${pad(s)}`;
+  }
+
+  function period(days) { // RETENTION_DAYS, which may be a fraction
+    if (days < 1) {
+      const hours = Math.max(1, Math.round(days * 24));
+      return hours === 1 ? '1 hour' : `${hours} hours`;
+    }
+    const rounded = Math.round(days * 10) / 10;
+    return rounded === 1 ? '1 day' : `${rounded} days`;
+  }
+
+  function sentence(text) { // a message of the service's, shown on its own
+    const trimmed = text.trim();
+    return trimmed.charAt(0).toUpperCase() + trimmed.slice(1) + (/[.!?]$/.test(trimmed) ? '' : '.');
   }
 
   function when(iso) {
@@ -629,6 +644,22 @@
 
   // The service and the user ###################################################
 
+  async function loadService() {
+    const res = await http('GET', url('service'), { token: '' });
+    if (res.status === 200 && res.data && typeof res.data.signup === 'string') service = res.data;
+    showService();
+  }
+
+  function showService() { // sign-up as the operator set it (open while unknown: POST /users would say otherwise)
+    const signup = service ? service.signup : 'open';
+    $('create-form').hidden = signup === 'closed';
+    $('signup-closed').hidden = signup !== 'closed';
+    $('invite-field').hidden = signup !== 'invite';
+    const days = service && service.retention_days;
+    $('retention').textContent = days ? `MP3s are kept ${period(days)}, then deleted.` : '';
+    $('retention').hidden = !days;
+  }
+
   async function loadUsage() { // the header's name and "used X of Y"
     if (!auth) return;
     const asked = ++usageAsked;
@@ -741,12 +772,14 @@
   async function createUser(event) {
     event.preventDefault();
     const name = $('create-name').value.trim();
+    const invite = $('invite-field').hidden ? null : $('create-invite').value.trim();
     const error = $('create-error');
     const button = event.target.querySelector('button');
     if (!name) { error.textContent = 'Enter a name.'; $('create-name').focus(); return; }
+    if (invite === '') { error.textContent = 'Enter the invite code you were given.'; $('create-invite').focus(); return; }
     error.textContent = '';
     button.disabled = true;
-    const res = await http('POST', url('users'), { json: { name }, token: '' });
+    const res = await http('POST', url('users'), { json: invite === null ? { name } : { name, invite }, token: '' });
     button.disabled = false;
     if (res.status === 201 && res.data && res.data.access_token) {
       event.target.reset();
@@ -754,6 +787,11 @@
     }
     if (res.status === 200 && res.data && res.data.error_name) error.textContent = 'That name is taken. Please choose another one.';
     else if (res.status === 422) error.textContent = 'This name cannot be used' + (apiMessage(res) ? ` (${apiMessage(res)}).` : '.');
+    else if (res.status === 403) { // sign-up is by invite or closed: the service says what is needed
+      error.textContent = sentence(apiMessage(res) || 'Sign-up is not open on this service');
+      await loadService(); // perhaps the operator changed it since the page was loaded
+      if (!$('invite-field').hidden) { $('create-invite').focus(); return; }
+    }
     else if (!res.status) error.textContent = 'The service cannot be reached. Check your connection and try again.';
     else error.textContent = `The user could not be created (${apiMessage(res) || 'error ' + res.status}). Try again shortly.`;
     $('create-name').focus();
@@ -863,7 +901,11 @@
 
   wire();
   restoreOptions();
+  const facts = loadService();
   const saved = store.get(AUTH_KEY);
-  if (saved && saved.user_id && saved.access_token) signIn(saved, false);
-  else showSignedOut('');
+  if (saved && saved.user_id && saved.access_token) {
+    signIn(saved, false);
+  } else { // the forms once the sign-up mode is known, so that no form shows that then goes; a slow answer is not waited for
+    Promise.race([facts, new Promise((resolve) => setTimeout(resolve, 2000))]).then(() => { if (!auth) showSignedOut(''); });
+  }
 })();

@@ -4525,6 +4525,18 @@ def test_page_asks_for_an_invite_code_only_when_sign_up_needs_one(browser: webdr
     assert not page_console_errors(browser)
 
 
+def test_page_shows_a_quota_refusal_in_the_services_words(browser: webdriver.Chrome, operated: LiveServer, tmp_path: Path) -> None:
+    made = httpx.post(operated.url + "/admin/users", json={"name": unique_name("full")}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert made.status_code == 201
+    page_sign_in(browser, operated, made.json())
+    page_choose(browser, tmp_path, {"too-long.wav": make_wav(70.0, 8000, 1)})  # 1.1 MB: more than the 1 MiB quota
+    page_wait(browser, lambda d: "Not enough room left for this file" in page_upload_row(d, "too-long.wav").text)
+    row = page_upload_row(browser, "too-long.wav")
+    assert "would pass this user's quota: 0.0 MB (0 bytes) of 1.0 MB (1048576 bytes) used" in row.text
+    assert page_button(row, "Try again").is_displayed()  # once MP3s are deleted it may fit
+    assert not page_console_errors(browser)
+
+
 def test_page_says_the_operator_creates_users_when_sign_up_is_closed(browser: webdriver.Chrome, tmp_path: Path, postgresql_url: str) -> None:
     with LiveServer(tmp_path, postgresql_url or f"sqlite:///{tmp_path / 'closed.db'}", "--signup", "closed", "--admin-token", ADMIN_TOKEN) as closed:
         name = unique_name("closed")

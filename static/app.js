@@ -428,6 +428,11 @@
       if (status === 422) {
         return this.fail(step === 'create' ? 'This file cannot be uploaded' : 'This WAV file is damaged or cut short', api);
       }
+      if (status === 413 && /quota/.test(api)) { // USER_QUOTA_MB: the service's words name the usage and the quota
+        this.canRetry = true; // it may fit once MP3s are deleted
+        loadUsage();
+        return this.fail('Not enough room left for this file', api);
+      }
       if (status === 413) {
         const limit = /(\d+) MiB/.exec(api);
         return this.fail('This file is too large for this service', limit ? `The limit is ${limit[1]} MiB per file.` : '');

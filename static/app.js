@@ -413,7 +413,8 @@
         if (kind === 'WAV') return this.fail('This WAV file uses an encoding this service cannot convert', api + (api ? '. ' : '') + 'Save it as PCM WAV (16 or 24-bit) and try again.');
         return this.fail(kind ? `This is not a WAV file (it looks like ${kind})` : 'This is not a WAV file', 'Only WAV recordings can be converted.');
       }
-      if (status === 409 && step === 'create') {
+      // A name taken: 409 at first, 422 since tus clients retry a 409 (as an offset conflict) and lose the message.
+      if (step === 'create' && (status === 409 || (status === 422 && /already has a record|holds the name/.test(api)))) {
         this.canRetry = true;
         if (/already has a record/.test(api)) {
           reloadRecords(); // it may come from elsewhere: show it below

@@ -4532,7 +4532,7 @@ def test_page_shows_a_quota_refusal_in_the_services_words(browser: webdriver.Chr
     page_choose(browser, tmp_path, {"too-long.wav": make_wav(70.0, 8000, 1)})  # 1.1 MB: more than the 1 MiB quota
     page_wait(browser, lambda d: "Not enough room left for this file" in page_upload_row(d, "too-long.wav").text)
     row = page_upload_row(browser, "too-long.wav")
-    assert "would pass this user's quota: 0.0 MB (0 bytes) of 1.0 MB (1048576 bytes) used" in row.text
+    assert "would pass this user's quota: 0.00 MiB (0 bytes) of 1.00 MiB (1048576 bytes) used" in row.text
     assert page_button(row, "Try again").is_displayed()  # once MP3s are deleted it may fit
     assert not page_console_errors(browser)
 

@@ -3468,7 +3468,8 @@ def over_quota(what: str, taken: int, quota: int, more: int) -> str:
 
 
 def megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB ({size} bytes)"
+    """In the unit of USER_QUOTA_MB (MiB), and exactly."""
+    return f"{size / MIB:.2f} MiB ({size} bytes)"
 
 
 class Store:

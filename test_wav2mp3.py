@@ -17,6 +17,7 @@ import contextlib
 import functools
 import getpass
 import hashlib
+import hmac
 import http.server
 import io
 import itertools
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -1980,7 +1982,8 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"), ("/users/{user_id}", "get"), ("/service", "get"),
         ("/admin/invites", "post"), ("/admin/users", "get"), ("/admin/users", "post"), ("/admin/users/{user_id}", "get"),
         ("/admin/users/{user_id}", "delete"), ("/admin/users/{user_id}/quota", "put"), ("/admin/users/{user_id}/quota", "delete"),
-        ("/admin/users/{user_id}/token", "post"), ("/users/{user_id}/uploads", "get"),
+        ("/admin/users/{user_id}/token", "post"), ("/users/{user_id}/uploads", "get"), ("/users/{user_id}/records.zip", "get"),
+        ("/users/{user_id}/records.zip", "post"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
     assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
@@ -2779,6 +2782,57 @@ async def test_downloads_cut_off_mid_read_leave_no_read_snapshot_behind(database
             busy, log, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             assert (busy, done) == (0, log), "a read snapshot is still held"
     assert len((await client.get(record_path(record["url"]))).content) == record["size_bytes"]
+
+
+async def test_a_users_mp3s_download_as_one_zip_streamed_with_unique_names(client: httpx.AsyncClient) -> None:
+    """GET /users/{id}/records.zip with the Bearer header: every record, stored (MP3 does not compress) under its MP3's
+    name, a name met again in another case made unique; each entry the bytes its own link gives."""
+    user, other = await new_user(client), await new_user(client)
+    bodies = [(await upload(client, user, make_wav(seconds), name)).json() for seconds, name in ((1.0, "a.wav"), (2.0, "A.WAV"), (1.5, "b c.wav"))]
+    await upload(client, other, make_wav(1.0), "theirs.wav")
+    answer = await client.get(f"/users/{user['user_id']}/records.zip", headers=bearer(user))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    assert answer.headers["content-disposition"].startswith('attachment; filename="wav2mp3-')
+    archive = zipfile.ZipFile(io.BytesIO(answer.content))
+    assert archive.testzip() is None
+    entries = {info.filename: info for info in archive.infolist()}
+    assert set(entries) == {"a.mp3", "A (2).mp3", "b c.mp3"} or set(entries) == {"A.mp3", "a (2).mp3", "b c.mp3"}
+    assert all(info.compress_type == zipfile.ZIP_STORED for info in entries.values())
+    mp3s = {(await client.get(record_path(body["url"]))).content for body in bodies}
+    assert {archive.read(name) for name in entries} == mp3s
+    assert (await client.get(f"/users/{user['user_id']}/records.zip")).status_code == 401
+    assert (await client.get(f"/users/{user['user_id']}/records.zip", headers=bearer(other))).status_code == 403
+    empty = await client.get(f"/users/{(await new_user(client))['user_id']}/records.zip", headers=bearer(await new_user(client)))
+    assert empty.status_code == 403
+
+
+async def test_a_zip_link_opens_exactly_its_records_until_it_expires_or_the_token_changes(client: httpx.AsyncClient) -> None:
+    """A browser cannot send a Bearer header: POST makes a link (no token in it, signed for these records and a
+    time) that a plain GET opens; a changed, expired or revoked link is 403."""
+    user = await new_user(client)
+    bodies = [(await upload(client, user, make_wav(1.0), f"{name}.wav")).json() for name in ("one", "two", "three")]
+    chosen = [bodies[0]["record_id"], bodies[2]["record_id"]]
+    made = await client.post(f"/users/{user['user_id']}/records.zip", json={"records": chosen}, headers=bearer(user))
+    assert made.status_code == 201 and user["access_token"] not in made.json()["url"]
+    link = made.json()["url"]
+    opened = await client.get(link)
+    assert opened.status_code == 200
+    assert sorted(zipfile.ZipFile(io.BytesIO(opened.content)).namelist()) == ["one.mp3", "three.mp3"]
+    everything = await client.post(f"/users/{user['user_id']}/records.zip", headers=bearer(user))
+    assert sorted(zipfile.ZipFile(io.BytesIO((await client.get(everything.json()["url"])).content)).namelist()) == ["one.mp3", "three.mp3", "two.mp3"]
+    widened = link.replace("records=" + quote(",".join(chosen), safe=""), "records=" + quote(",".join([*chosen, bodies[1]["record_id"]]), safe=""))
+    assert widened != link and (await client.get(widened)).status_code == 403
+    key = hashlib.sha256(user["access_token"].encode()).hexdigest().encode()
+    past = int(time.time()) - 1
+    signature = hmac.new(key, f"records.zip {user['user_id']} {','.join(chosen)} {past}".encode(), hashlib.sha256).hexdigest()
+    expired = await client.get(f"/users/{user['user_id']}/records.zip", params={"records": ",".join(chosen), "expires": past, "signature": signature})
+    assert expired.status_code == 403 and "expired" in expired.json()["error"]
+    for bad in ({"records": ["nope"]}, {"records": "all"}, {"records": [str(uuid.uuid4())] * 2}, {"records": [str(uuid.uuid4())] * 101}):
+        assert (await client.post(f"/users/{user['user_id']}/records.zip", json=bad, headers=bearer(user))).status_code == 422, bad
+    missing = await client.post(f"/users/{user['user_id']}/records.zip", json={"records": [str(uuid.uuid4())]}, headers=bearer(user))
+    assert missing.status_code == 404
+    await client.post(f"/users/{user['user_id']}/token", headers=bearer(user))  # a new token voids every link
+    assert (await client.get(link)).status_code == 403
 
 
 # Resumable uploads (tus 1.0.0) ###################################################

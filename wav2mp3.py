@@ -74,13 +74,14 @@ import time
 import unicodedata
 import uuid
 import wave
+import zipfile
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final, Literal, TypeVar, cast
-from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
 import aiosqlite
 import anycrc
@@ -1051,6 +1052,130 @@ async def list_records(request: Request) -> Response:
     )
 
 
+# All or some of a user's MP3s as one ZIP. A browser's download cannot carry a Bearer header, so the page asks
+# for a link (POST) and opens it (GET). The link is safe to hand to a browser: it holds no token, only an HMAC
+# keyed by the SHA-256 of the user's current token (which the service keeps, and which only the user could
+# compute), over exactly the records it opens and when it expires (ZIP_LINK_SECONDS): nobody else can make one
+# or stretch one, a new token voids them all at once, it only reads, and the access log never shows query values.
+RECORDS_ZIP = "/users/{user_id}/records.zip"
+ZIP_LINK_SECONDS = 600
+MAX_ZIP_SELECTION = 100  # records a link names (its line stays within MAX_HEAD_LINE_BYTES); all of them: no bound
+ZIP_SELECTION = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "records": {
+                    "type": "array",
+                    "maxItems": MAX_ZIP_SELECTION,
+                    "items": {"type": "string", "format": "uuid"},
+                    "description": "the records to put in it; absent: all",
+                }
+            },
+        }
+    }
+}
+
+
+@API.route(
+    RECORDS_ZIP,
+    ["POST"],
+    "A link that downloads the user's records (all, or those named) as one ZIP, for a browser (no Bearer header needed)",
+    {
+        201: answer("the link, good for ZIP_LINK_SECONDS", "ZipLink"),
+        404: error("a record named is not this user's"),
+        408: BODY_LIMITS[408],
+        413: error("body too large"),
+        422: error(f"not JSON, or records not a list of at most {MAX_ZIP_SELECTION} record ids"),
+        **UNAVAILABLE,
+    },
+    parameters=USER_PATH,
+    body=ZIP_SELECTION,
+    bearer=True,
+)
+async def zip_link(request: Request) -> Response:
+    services = services_of(request)
+    user_id, token = await owner(request)
+    chosen = (await json_payload(request, required=False)).get("records")
+    if chosen is not None and (not isinstance(chosen, list) or len(chosen) > MAX_ZIP_SELECTION):
+        raise Refused(422, f"records must be a list of at most {MAX_ZIP_SELECTION} record ids (leave it out for all of them)")
+    selection = ",".join(zip_selection(",".join(map(str, chosen or []))))
+    for record_id in selection.split(",") if selection else ():
+        if await services.store.find_record(record_id, user_id) is None:
+            raise Refused(404, f"no record {record_id} of this user")
+    expires = int(time.time()) + ZIP_LINK_SECONDS
+    query = {"records": selection} if selection else {}
+    query |= {"expires": str(expires), "signature": zip_signature(hash_token(token), user_id, selection, expires)}
+    url = f"{base_url(request)}/users/{user_id}/records.zip?{urlencode(query)}"
+    return JSONResponse({"url": url, "expires": timestamp(datetime.fromtimestamp(expires, UTC))}, status_code=201)
+
+
+@API.route(
+    RECORDS_ZIP,
+    ["GET"],
+    "The user's records (all, or those of `records`) as one ZIP, streamed: with the Bearer header, or by a link from POST",
+    {
+        200: answer("the ZIP: stored entries named as the MP3s", {"type": "string", "format": "binary"}, media="application/zip"),
+        403: error(f"{FORBIDDEN}; or a link that is not valid (the token was replaced since) or has expired"),
+        422: error("bad records, expires or signature"),
+        **UNAVAILABLE,
+    },
+    parameters=(
+        USER_ID,
+        query("records", f"record ids, comma-separated, at most {MAX_ZIP_SELECTION}; absent: all", False),
+        query("expires", "of a link: when it expires (Unix seconds)", False),
+        query("signature", "of a link: its HMAC", False),
+    ),
+    bearer=True,
+)
+async def download_zip(request: Request) -> Response:
+    services = services_of(request)
+    selection = request.query_params.get("records", "")
+    chosen = zip_selection(selection)
+    user_id = await signed_zip_user(request, selection) if "signature" in request.query_params else (await owner(request))[0]
+    filename = f"wav2mp3-{datetime.now(UTC):%Y-%m-%d}.zip"
+    return ZipResponse(records_of(services.store, user_id, chosen), services, filename)
+
+
+def zip_selection(text: str) -> list[str]:
+    """Record ids, comma-separated, each once; 422 for anything else or more than MAX_ZIP_SELECTION."""
+    chosen = [parse_uuid(part) for part in text.split(",")] if text else []
+    if len(chosen) > MAX_ZIP_SELECTION or None in chosen or len(set(chosen)) != len(chosen):
+        raise Refused(422, f"records must be at most {MAX_ZIP_SELECTION} record ids, each once, comma-separated")
+    return [record_id for record_id in chosen if record_id]
+
+
+def zip_signature(token_sha256: str, user_id: str, selection: str, expires: int) -> str:
+    return hmac.new(token_sha256.encode(), f"records.zip {user_id} {selection} {expires}".encode(), hashlib.sha256).hexdigest()
+
+
+async def signed_zip_user(request: Request, selection: str) -> str:
+    """The user of a ZIP link whose signature is good and has not expired; 403 otherwise (one message for a wrong one)."""
+    user_id = parse_uuid(request.path_params["user_id"])
+    expires = parse_count(request.query_params.get("expires", ""), "expires")
+    stored = await services_of(request).store.token_hash(user_id) if user_id else None
+    expected = zip_signature(stored or "0" * 64, user_id or "", selection, expires)
+    if stored is None or user_id is None or not hmac.compare_digest(expected, request.query_params["signature"]):
+        raise Refused(403, "this ZIP link is not valid (the access token was replaced since, or the link was changed): make a new one")
+    if expires < time.time():
+        raise Refused(403, "this ZIP link has expired: make a new one")
+    return user_id
+
+
+async def records_of(store: Store, user_id: str, chosen: list[str]) -> AsyncIterator[StoredRecord]:
+    """The records chosen (those still there), or all the user's, newest first, a page at a time."""
+    for record_id in chosen:
+        if (record := await store.find_record(record_id, user_id)) is not None:
+            yield record
+    if chosen:
+        return
+    after = FIRST_PAGE
+    while page := await store.list_records(user_id, after, MAX_PAGE):
+        for record in page:
+            yield record
+        after = (page[-1].created_at, page[-1].record_id)
+
+
 @API.route(
     "/users/{user_id}/token",
     ["POST"],
@@ -1121,7 +1246,7 @@ async def service_facts(request: Request) -> Response:
 )
 async def admin_invite(request: Request) -> Response:
     operator = await operator_of(request)
-    payload = await admin_payload(request, required=False)
+    payload = await json_payload(request, required=False)
     uses = parse_admin_number(payload, "uses", 1, 1, MAX_INVITE_USES, integer=True)
     hours = parse_admin_number(payload, "expires_hours", DEFAULT_INVITE_HOURS, 1 / 3600, 24 * 3650)
     return JSONResponse(await operator.invite(int(uses), hours), status_code=201)
@@ -1163,7 +1288,7 @@ async def admin_users(request: Request) -> Response:
 )
 async def admin_create_user(request: Request) -> Response:
     operator = await operator_of(request)
-    name = valid_name((await admin_payload(request)).get("name"))
+    name = valid_name((await json_payload(request)).get("name"))
     return JSONResponse(await operator.create(name), status_code=201)
 
 
@@ -1202,7 +1327,7 @@ async def admin_delete_user(request: Request) -> Response:
 )
 async def admin_set_quota(request: Request) -> Response:
     operator = await operator_of(request)
-    payload = await admin_payload(request)
+    payload = await json_payload(request)
     if "quota_mb" not in payload:
         raise Refused(422, 'send {"quota_mb": <MiB, or null for unlimited>}')
     megabytes = payload["quota_mb"]
@@ -1251,7 +1376,7 @@ async def operator_of(request: Request) -> Operator:
     return Operator(services.store)
 
 
-async def admin_payload(request: Request, required: bool = True) -> dict[str, Any]:
+async def json_payload(request: Request, required: bool = True) -> dict[str, Any]:
     body = await BodyReader(request, MAX_JSON_BODY, services_of(request).settings).read()
     return parse_json(body, "body") if body.strip() or required else {}
 
@@ -4027,76 +4152,20 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield b""  # an async generator that yields nothing
 
 
-class RecordResponse(StreamingResponse):
-    """A stored MP3 as HTTP: ETag and 304, one Range (206, 416), HEAD, streamed from the database.
+class DownloadResponse(StreamingResponse):
+    """Stored bytes streamed to a client: what is read ahead of it comes out of a budget shared by all downloads, so
+    many at once hold a bounded amount of memory; a client that takes nothing for DOWNLOAD_IDLE_TIMEOUT is cut off."""
 
-    The chunks read ahead of the client come out of a budget shared by all downloads, so many at once
-    hold a bounded amount of memory; a client that takes nothing for DOWNLOAD_IDLE_TIMEOUT is cut off.
-    """
-
-    def __init__(self, request: Request, record: StoredRecord, services: Services) -> None:
-        etag = f'"{record.sha256}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
-        self._batches: AsyncIterator[list[bytes]] | None = None
+    def _budgeted(self, services: Services) -> None:
+        """Before StreamingResponse's __init__: the budget and the deadline of this download."""
         self._budget = services.downloads
         self._idle_timeout = services.settings.download_idle_timeout
         self._scope: Any = {}  # the request's, once called
         self._holding = 0  # bytes of the budget this answer holds
-        # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
-        if etag_matches(request.headers.get("if-none-match"), etag):
-            super().__init__(_nothing(), 304, headers)
-            return
-        byte_range = parse_range(request.headers.get("range"), record.size_bytes)
-        if byte_range and request.headers.get("if-range", etag).strip() != etag:
-            byte_range = None  # RFC 9110 §13.1.5: the representation changed, send it whole
-        status, (first, last) = (206, byte_range) if byte_range else (200, (0, record.size_bytes - 1))
-        if byte_range:
-            headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
-        headers["Content-Length"] = str(last - first + 1)
-        if request.method != "HEAD":
-            self._batches = services.store.record_pieces(record.record_id, first, last)
-        self._unread = last - first + 1  # bytes still to be read from the database
-        super().__init__(_nothing(), status, headers, media_type="audio/mpeg")
 
-    async def read_ahead(self) -> RecordResponse:
-        """Read the first batch of chunks before answering: a record deleted since it was found is 404, and
-        one of up to CHUNKS_PER_QUERY chunks (1 MiB) comes whole from one query, whatever a delete does next.
-        A larger record deleted mid-download has its connection cut (Content-Length unmet), never a short 200."""
-        if self._batches is None:
-            return self
-        batches = self._batches
-        try:
-            await self._hold()
-            batch = await anext(batches)
-        except BaseException as failure:
-            self._release()
-            if isinstance(failure, RecordVanished):
-                raise Refused(404, NO_SUCH_RECORD) from None
-            raise
-
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal batch
-            while True:
-                for chunk in batch:
-                    DOWNLOAD_BYTES.inc(len(chunk))
-                    for offset in range(0, len(chunk), SEND_PIECE_BYTES):
-                        # A copy, not a view: what the transport still holds of a slow client is this piece, not the chunk.
-                        yield chunk[offset : offset + SEND_PIECE_BYTES]
-                batch = []
-                self._release()
-                await self._hold()
-                try:
-                    batch = await anext(batches)
-                except StopAsyncIteration:
-                    return
-
-        self.body_iterator = body()
-        return self
-
-    async def _hold(self) -> None:
-        size = min(CHUNK_BYTES * CHUNKS_PER_QUERY, self._unread)
+    async def _hold(self, size: int) -> None:
         await self._budget.take(size)
-        self._holding, self._unread = size, self._unread - size
+        self._holding += size
 
     def _release(self) -> None:
         self._budget.give(self._holding)
@@ -4121,6 +4190,157 @@ class RecordResponse(StreamingResponse):
             # for it (asyncio's close() flushes first): abort it, buffer and all, where our protocol serves.
             if abort := self._scope.get(ABORT_KEY):
                 abort()
+
+
+class RecordResponse(DownloadResponse):
+    """A stored MP3 as HTTP: ETag and 304, one Range (206, 416), HEAD, streamed from the database."""
+
+    def __init__(self, request: Request, record: StoredRecord, services: Services) -> None:
+        self._budgeted(services)
+        etag = f'"{record.sha256}"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(mp3_name(record.filename))}
+        self._batches: AsyncIterator[list[bytes]] | None = None
+        # RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            super().__init__(_nothing(), 304, headers)
+            return
+        byte_range = parse_range(request.headers.get("range"), record.size_bytes)
+        if byte_range and request.headers.get("if-range", etag).strip() != etag:
+            byte_range = None  # RFC 9110 §13.1.5: the representation changed, send it whole
+        status, (first, last) = (206, byte_range) if byte_range else (200, (0, record.size_bytes - 1))
+        if byte_range:
+            headers["Content-Range"] = f"bytes {first}-{last}/{record.size_bytes}"
+        headers["Content-Length"] = str(last - first + 1)
+        if request.method != "HEAD":
+            self._batches = services.store.record_pieces(record.record_id, first, last)
+        self._unread = last - first + 1  # bytes still to be read from the database
+        super().__init__(_nothing(), status, headers, media_type="audio/mpeg")
+
+    async def read_ahead(self) -> RecordResponse:
+        """Read the first batch of chunks before answering: a record deleted since it was found is 404, and
+        one of up to CHUNKS_PER_QUERY chunks (1 MiB) comes whole from one query, whatever a delete does next.
+        A larger record deleted mid-download has its connection cut (Content-Length unmet), never a short 200."""
+        if self._batches is None:
+            return self
+        batches = self._batches
+        try:
+            await self._hold_next()
+            batch = await anext(batches)
+        except BaseException as failure:
+            self._release()
+            if isinstance(failure, RecordVanished):
+                raise Refused(404, NO_SUCH_RECORD) from None
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal batch
+            while True:
+                for chunk in batch:
+                    DOWNLOAD_BYTES.inc(len(chunk))
+                    for offset in range(0, len(chunk), SEND_PIECE_BYTES):
+                        # A copy, not a view: what the transport still holds of a slow client is this piece, not the chunk.
+                        yield chunk[offset : offset + SEND_PIECE_BYTES]
+                batch = []
+                self._release()
+                await self._hold_next()
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    return
+
+        self.body_iterator = body()
+        return self
+
+    async def _hold_next(self) -> None:
+        size = min(CHUNK_BYTES * CHUNKS_PER_QUERY, self._unread)
+        await self._hold(size)
+        self._unread -= size
+
+
+class ZipSink(io.RawIOBase):
+    """Where zipfile writes an archive that is streamed: its bytes wait here until taken. Not seekable, so zipfile
+    writes each entry's CRC and sizes in a data descriptor after its bytes, found as they pass."""
+
+    def __init__(self) -> None:
+        self._bytes = bytearray()
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._bytes += data
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def take(self) -> bytes:
+        data, self._bytes = bytes(self._bytes), bytearray()
+        return data
+
+
+class ZipResponse(DownloadResponse):
+    """Records as one ZIP of stored (not deflated: MP3 does not compress) entries, written as it is sent: at most one
+    batch of chunks (1 MiB, from the downloads' budget) in memory, nothing on disk, whatever the size (ZIP64 past
+    4 GiB). Entries are named as the records' MP3s, a name met again (any case) made unique with " (2)"; a record
+    deleted before its first byte is left out, one deleted mid-way cuts the connection (a short archive, never a
+    wrong one)."""
+
+    def __init__(self, records: AsyncIterator[StoredRecord], services: Services, filename: str) -> None:
+        self._budgeted(services)
+        self._store = services.store
+        headers = {"Content-Disposition": content_disposition(filename), "Cache-Control": "no-store"}
+        super().__init__(self._archive(records), 200, headers, media_type="application/zip")
+
+    async def _archive(self, records: AsyncIterator[StoredRecord]) -> AsyncIterator[bytes]:
+        sink, names = ZipSink(), set[str]()
+        with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as archive:
+            async for record in records:
+                pieces, unread = self._store.record_pieces(record.record_id, 0, record.size_bytes - 1), record.size_bytes
+                await self._hold(min(CHUNK_BYTES * CHUNKS_PER_QUERY, unread))
+                try:
+                    batch = await anext(pieces)
+                except RecordVanished:
+                    self._release()
+                    continue
+                entry = zipfile.ZipInfo(unique_name(mp3_name(record.filename), names), zip_time(record.created_at))
+                entry.file_size = record.size_bytes  # ZIP64 for this entry if it needs it
+                with archive.open(entry, "w") as writing:
+                    while True:
+                        for chunk in batch:
+                            writing.write(chunk)
+                            unread -= len(chunk)
+                            data = sink.take()
+                            for offset in range(0, len(data), SEND_PIECE_BYTES):
+                                yield data[offset : offset + SEND_PIECE_BYTES]
+                        batch = []
+                        self._release()
+                        if not unread:
+                            break
+                        await self._hold(min(CHUNK_BYTES * CHUNKS_PER_QUERY, unread))
+                        batch = await anext(pieces)  # RecordVanished here cuts the answer short
+                DOWNLOAD_BYTES.inc(record.size_bytes)
+                yield sink.take()  # the entry's data descriptor
+        yield sink.take()  # the central directory
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, or `stem (2).mp3`, `stem (3).mp3`... if a name equal to it but for case is in `taken` (which gets it)."""
+    stem, dot, suffix = name.rpartition(".")
+    candidate, number = name, 1
+    while candidate.casefold() in taken:
+        number += 1
+        candidate = f"{stem} ({number}).{suffix}" if dot else f"{name} ({number})"
+    taken.add(candidate.casefold())
+    return candidate
+
+
+def zip_time(moment: str) -> tuple[int, int, int, int, int, int]:
+    """A record's creation time (UTC) as a ZIP entry holds it."""
+    parsed = datetime.fromisoformat(moment).astimezone(UTC)
+    return (max(parsed.year, 1980), parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second)
 
 
 # 13. API documents ################################################################
@@ -4179,6 +4399,11 @@ COMPONENTS = {
             },
             "next_after": {"type": "string", "nullable": True, "description": "give it as after for the next page; null on the last"},
         },
+    },
+    "ZipLink": {
+        "type": "object",
+        "required": ["url", "expires"],
+        "properties": {"url": {"type": "string"}, "expires": {"type": "string", "format": "date-time"}},
     },
     "Invite": {
         "type": "object",

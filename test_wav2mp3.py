@@ -10,6 +10,7 @@ generated in code (conftest.py); MP3s are decoded with miniaudio.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import concurrent.futures
@@ -4753,6 +4754,72 @@ async def test_chunk_arguments_are_not_formatted(client: httpx.AsyncClient, capl
     messages = [record.getMessage() for record in caplog.records if record.name == "databases" and "record_chunks" in record.getMessage()]
     assert messages, "databases no longer logs its queries: Blob may be unneeded"
     assert all(len(message) < 2000 for message in messages), max(map(len, messages))
+
+
+# Error texts in Russian ##########################################################
+
+REFUSALS = {"Refused", "BadWav", "UnsupportedWav", "BodyCut", "DiskFull", "RangeNotSatisfiable"}
+
+
+def refusal_texts() -> set[str]:
+    """Every refusal text the module writes out where it refuses, as static/i18n/errors.ru.json keys it: f-strings
+    with their `{expression}`s (no conversion or format), constants by their value."""
+    tree = ast.parse((HERE / "wav2mp3.py").read_text())
+    constants = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant)
+    }
+
+    def text(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.Name) and isinstance(constants.get(node.id), str):
+            return constants[node.id]  # type: ignore[no-any-return]
+        if isinstance(node, ast.JoinedStr):
+            return "".join(part.value if isinstance(part, ast.Constant) else "{" + ast.unparse(part.value) + "}" for part in node.values)  # type: ignore[attr-defined]
+        if isinstance(node, ast.IfExp):
+            return None
+        return None
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in REFUSALS:
+            for argument in node.args:
+                if isinstance(argument, ast.IfExp):
+                    found |= {t for t in (text(argument.body), text(argument.orelse)) if t}
+                elif (written := text(argument)) and not written.isdigit():
+                    found.add(written)
+    return found - {"record", "upload"}  # NameTaken's holders, not texts
+
+
+def test_every_refusal_text_has_its_russian() -> None:
+    table = json.loads((HERE / "static" / "i18n" / "errors.ru.json").read_text(encoding="utf-8"))
+    missing = sorted(text for text in refusal_texts() if text not in table)
+    assert not missing, f"add them to static/i18n/errors.ru.json: {missing}"
+    assert all(re.search("[а-яё]", russian) for russian in table.values())
+
+
+async def test_errors_follow_accept_language_and_english_stays_the_default(client: httpx.AsyncClient) -> None:
+    russian = {"Accept-Language": "ru-RU,ru;q=0.9,en;q=0.8"}
+    user = await new_user(client)
+    wrong = await client.get(f"/users/{user['user_id']}/records", headers={**russian, "Authorization": f"Bearer {uuid.uuid4()}"})
+    assert wrong.status_code == 403 and wrong.json() == {"error": "неизвестный user_id или неверный access_token"}
+    assert wrong.headers["content-language"] == "ru" and wrong.headers["vary"] == "Accept-Language"
+    english = await client.get(f"/users/{user['user_id']}/records", headers={"Authorization": f"Bearer {uuid.uuid4()}"})
+    assert english.json() == {"error": wav2mp3.FORBIDDEN} and "content-language" not in english.headers
+    preferred = await client.get(f"/users/{user['user_id']}/records", headers={"Accept-Language": "en-GB, ru;q=0.8", **bearer({"access_token": "x"})})
+    assert preferred.json() == {"error": wav2mp3.FORBIDDEN}
+    filled = await client.post("/users/wav", **upload_form(user, make_wav(1.0), "dup.wav"), headers=russian)
+    taken = await client.post("/users/wav", **upload_form(user, make_wav(1.0), "dup.wav"), headers=russian)
+    assert filled.status_code == 201 and taken.status_code == 409
+    assert taken.json()["error"] == "у этого пользователя уже есть запись из файла 'dup.wav': сначала удалите её или отправьте файл под другим именем"
+    bad = await client.post("/users/wav", **upload_form(user, b"RIFF\x00\x00\x00\x00JUNK", "bad.wav"), headers=russian)
+    assert bad.status_code == 415 and re.search("[а-яё]", bad.json()["error"])
+    seed = await client.post("/users", json={"name": (await usage_of(client, user))["name"]}, headers=russian)
+    assert seed.json() == {"error_name": "user with name already is"}  # the seed's answer never changes
+    unknown = await client.get("/nope", headers=russian)
+    assert unknown.json() == {"error": "Не найдено"}
 
 
 # Documents agree with the code ##################################################

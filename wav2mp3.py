@@ -4680,18 +4680,69 @@ def services_of(request: Request) -> Services:
 
 
 async def answer_refusal(request: Request, failure: Exception) -> Response:
-    """Every refusal, ours (Refused) or Starlette's (404, 405), as {"error": message}: the one place one becomes HTTP."""
+    """Every refusal, ours (Refused) or Starlette's (404, 405), as {"error": message}: the one place one becomes HTTP,
+    in the language the client prefers (Accept-Language: English, or Russian); the log keeps the English."""
     if isinstance(failure, HTTPException):
         failure = Refused(failure.status_code, failure.detail, failure.headers)
     assert isinstance(failure, Refused)
     log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), failure.status, failure.message)
-    return JSONResponse({"error": failure.message}, status_code=failure.status, headers=failure.headers)
+    return error_answer(request, failure.message, failure.status, failure.headers)
 
 
 async def internal_error(request: Request, failure: Exception) -> Response:
     # A bug, not the client's fault: log the trace, never send it.
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=failure)
-    return JSONResponse({"error": "internal error"}, status_code=500)
+    return error_answer(request, "internal error", 500)
+
+
+def error_answer(request: Request, message: str, status: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    headers = {**(headers or {}), "Vary": "Accept-Language"}
+    if prefers_russian(request.headers.get("accept-language", "")) and (russian := RUSSIAN.translate(message)) is not None:
+        message, headers["Content-Language"] = russian, "ru"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def prefers_russian(header: str) -> bool:
+    """Whether Accept-Language (RFC 9110 §12.5.4) ranks Russian above English (English when neither is named)."""
+    best: tuple[float, str] | None = None
+    for item in header.split(","):
+        tag, *parameters = item.strip().split(";")
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.strip().partition("=")
+            if name.lower() == "q":
+                with contextlib.suppress(ValueError):
+                    weight = float(value)
+        language = tag.strip().lower().split("-")[0]
+        if language in ("ru", "en") and weight > 0 and (best is None or weight > best[0]):
+            best = (weight, language)
+    return best is not None and best[1] == "ru"
+
+
+class Translations:
+    """English error texts in another language, from a table of the texts as the source writes them: each English
+    template (its `{expression}`s stand for what the code fills in) is matched whole against a message, and what
+    they matched goes into the other template where it has the same `{expression}` (itself translated when the
+    table has it whole: "too many uploads at once"). A message the table lacks stays English."""
+
+    def __init__(self, table: Mapping[str, str]) -> None:
+        self._table = dict(table)
+        self._patterns: list[tuple[re.Pattern[str], list[str], str]] = []
+        for english, other in table.items():
+            pieces = re.split(r"(\{[^{}]*\})", english)
+            pattern = "".join("(.+?)" if index % 2 else re.escape(piece) for index, piece in enumerate(pieces))
+            self._patterns.append((re.compile(pattern + r"\Z", re.DOTALL), pieces[1::2], other))
+
+    def translate(self, message: str) -> str | None:
+        for pattern, holes, other in self._patterns:
+            if found := pattern.match(message):
+                for hole, value in zip(holes, found.groups(), strict=True):
+                    other = other.replace(hole, self._table.get(value, value))
+                return other
+        return None
+
+
+RUSSIAN = Translations(json.loads((Path(__file__).with_name("static") / "i18n" / "errors.ru.json").read_text(encoding="utf-8")))
 
 
 ACCESS_LOG = logging.getLogger("wav2mp3.access")

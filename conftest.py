@@ -19,6 +19,7 @@ import os
 import sqlite3
 import subprocess
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,9 @@ async def uploaded(client: httpx.AsyncClient, wav: bytes, filename: str = "call.
 def live(tmp_path_factory: pytest.TempPathFactory, postgresql_url: str) -> Iterator[LiveServer]:
     directory = tmp_path_factory.mktemp("live")
     # Shared by a module's tests, which make users by the hundred from one address: no USER_CREATIONS_PER_MINUTE.
-    server = LiveServer(directory, postgresql_url or f"sqlite:///{directory / 'live.db'}", "--user-creations-per-minute", "0")
+    # The operator's routes are served (ADMIN_TOKEN, a secret nobody sends), so that the fuzzer reaches them too.
+    url = postgresql_url or f"sqlite:///{directory / 'live.db'}"
+    server = LiveServer(directory, url, "--user-creations-per-minute", "0", "--admin-token", str(uuid.uuid4()))
     yield server
     server.stop()
 

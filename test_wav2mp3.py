@@ -1981,10 +1981,13 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/users/{user_id}/uploads", "options"), ("/users/{user_id}/uploads", "post"), ("/users/{user_id}/uploads/{upload_id}", "head"),
         ("/users/{user_id}/uploads/{upload_id}", "patch"), ("/users/{user_id}/uploads/{upload_id}", "get"),
         ("/users/{user_id}/uploads/{upload_id}", "delete"), ("/", "get"), ("/users/{user_id}", "get"), ("/service", "get"),
+        ("/users/{user_id}/uploads", "get"), ("/users/{user_id}/records.zip", "get"), ("/users/{user_id}/records.zip", "post"),
+    }  # fmt: skip
+    operator = wav2mp3.openapi_document(True)["paths"]  # with ADMIN_TOKEN set: the operator's routes too
+    assert {(path, method) for path, item in operator.items() for method in item} - operations == {
         ("/admin/invites", "post"), ("/admin/users", "get"), ("/admin/users", "post"), ("/admin/users/{user_id}", "get"),
         ("/admin/users/{user_id}", "delete"), ("/admin/users/{user_id}/quota", "put"), ("/admin/users/{user_id}/quota", "delete"),
-        ("/admin/users/{user_id}/token", "post"), ("/users/{user_id}/uploads", "get"), ("/users/{user_id}/records.zip", "get"),
-        ("/users/{user_id}/records.zip", "post"),
+        ("/admin/users/{user_id}/token", "post"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
     assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
@@ -1996,11 +1999,9 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
     assert set(spec["paths"]["/users/wav"]["post"]["responses"]) == {"201", "403", "408", "409", "413", "415", "422", "503"}
     assert set(spec["paths"]["/users"]["post"]["responses"]) == {"200", "201", "403", "408", "413", "422", "429", "503"}
     assert set(spec["paths"]["/users/{user_id}"]["get"]["responses"]) == {"200", "401", "403", "503"}
-    assert set(spec["paths"]["/admin/users/{user_id}"]["delete"]["responses"]) == {"204", "401", "403", "404", "503"}
-    assert set(spec["paths"]["/admin/users/{user_id}/quota"]["put"]["responses"]) == {"200", "401", "403", "404", "408", "413", "422", "503"}
-    assert (
-        spec["paths"]["/admin/users"]["get"]["security"] == [{"admin": []}] and spec["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
-    )
+    assert set(operator["/admin/users/{user_id}"]["delete"]["responses"]) == {"204", "401", "403", "404", "503"}
+    assert set(operator["/admin/users/{user_id}/quota"]["put"]["responses"]) == {"200", "401", "403", "404", "408", "413", "422", "503"}
+    assert operator["/admin/users"]["get"]["security"] == [{"admin": []}] and spec["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
     assert set(spec["paths"]["/record"]["get"]["responses"]) == {"200", "206", "304", "404", "416", "422", "503"}
 
 
@@ -5140,6 +5141,58 @@ async def test_a_resumable_upload_whose_mp3_passes_the_quota_ends_at_its_last_pa
         assert (usage["records"], usage["bytes_stored"], usage["unfinished_uploads"]) == (0, 0, 0)
 
 
+async def test_a_quota_refuses_only_what_cannot_fit(database_url: str) -> None:
+    """The early refusal of a POST is a lower bound of its MP3: LAME caps the bit rate at low sample rates (8 kHz:
+    64 kbps, whatever was asked), and an option sent after the audio may make the MP3 smaller, so neither is
+    refused early on a size it will not have (the review found both). What passes the quota still is 413."""
+    async with running_app(database_url, user_quota_mb=1) as client:
+        user = await new_user(client)
+        low_rate = await upload(client, user, make_wav(30.0, 8000, 1), "phone.wav", bitrate="320")  # ~240 KB of MP3
+        assert low_rate.status_code == 201, low_rate.text
+        wav = make_wav(70.0, 44100, 1)
+        boundary = "late-option"
+        body = (
+            b"".join(
+                f"--{boundary}\r\n".encode() + part + b"\r\n"
+                for part in (form_part("data", credentials(user)), form_part("audio_file", wav, "late.wav"), form_part("bitrate", b"32"))
+            )
+            + f"--{boundary}--\r\n".encode()
+        )  # curl's order: -F data -F audio_file -F bitrate=32 (280 KB of MP3)
+        late = await client.post("/users/wav", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert late.status_code == 201, late.text
+        too_much = await upload(client, user, make_wav(70.0, 44100, 1), "loud.wav", bitrate="320")  # 2.8 MB
+        assert too_much.status_code == 413 and "quota" in too_much.json()["error"]
+
+
+async def test_a_creation_with_the_whole_file_whose_mp3_passes_the_quota_is_refused(database_url: str) -> None:
+    """creation-with-upload of the whole file: the 201 would tell a tus client it is done. The review saw a 201 at
+    the full offset and no record; now the creation is 413 and nothing is left."""
+    async with running_app(database_url, user_quota_mb=0.9) as client:
+        user = await new_user(client)
+        wav = make_wav(55.0, 16000, 1, bits=8)  # 880 KB; its MP3 at 160 kbps, 1.1 MB
+        created = await client.post(
+            f"/users/{user['user_id']}/uploads",
+            content=wav,
+            headers=tus(user, Upload_Length=str(len(wav)), Upload_Metadata=tus_metadata(filename="whole.wav", bitrate="160"), **OCTETS),
+        )
+        assert created.status_code == 413 and "quota" in created.json()["error"], created.text
+        usage = await usage_of(client, user)
+        assert (usage["records"], usage["unfinished_uploads"], usage["bytes_stored"]) == (0, 0, 0)
+
+
+async def test_operator_inputs_that_are_no_values_are_4xx(database_url: str) -> None:
+    async with running_app(database_url, signup="invite", admin_token=ADMIN_TOKEN) as client:
+        surrogate = await client.post("/users", content=b'{"name": "a1", "invite": "\\ud800"}')
+        assert surrogate.status_code == 403
+        user = (await client.post("/admin/users", json={"name": "quota-bound"}, headers=ADMIN)).json()
+        assert (await client.get("/admin/users", headers=ADMIN)).headers["cache-control"] == "no-store"
+        huge = await client.put(f"/admin/users/{user['user_id']}/quota", json={"quota_mb": 2**43}, headers=ADMIN)
+        assert huge.status_code == 422 and "from 0 to" in huge.json()["error"]
+        assert (await client.get("/admin/users", params={"after": "\x00"}, headers=ADMIN)).status_code == 422
+        invite = await client.post("/admin/invites", json={"uses": 0}, headers=ADMIN)
+        assert invite.json()["error"] == "uses must be an integer from 1 to 1000000"
+
+
 async def test_a_users_declared_uploads_are_stopped_at_the_quota(database_url: str) -> None:
     """One user's flood of tus creations of Upload-Length 4 GiB (3,000 were all 201 on e37ff88) stops at the quota."""
     async with running_app(database_url, user_quota_mb=10_000, max_unfinished_mb=100_000) as client:
@@ -5217,4 +5270,16 @@ def test_the_admin_command_works_on_the_database_of_a_running_service(live: Live
     assert missing.returncode == 1 and "no such user" in missing.stderr
     assert admin_command(live, "quota", str(uuid.uuid4()), "lots").returncode == 2
     assert admin_command(live, "nonsense").returncode == 2
+    assert admin_command(live, "create", "bad\x01name").returncode == 2
+    nowhere = subprocess.run(
+        [sys.executable, str(HERE / "wav2mp3.py"), "admin", "users", "--database-url", "sqlite:////nonexistent/dir/x.db"],
+        capture_output=True,
+        text=True,
+    )
+    assert nowhere.returncode == 3 and "no database at" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    misconfigured = subprocess.run(
+        [sys.executable, str(HERE / "wav2mp3.py"), "admin", "users"], env={**os.environ, "DATABASE_URL": live.database_url, "SIGNUP": "foo"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert misconfigured.returncode == 2 and "SIGNUP" in misconfigured.stderr and "Traceback" not in misconfigured.stderr
     assert "invite" in admin_command(live, "--help").stdout

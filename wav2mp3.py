@@ -123,6 +123,7 @@ SIGNUP_MODES = ("open", "invite", "closed")
 MAX_INVITE_USES = 1_000_000
 DEFAULT_INVITE_HOURS = 168.0  # an invite code is good for a week unless the operator says otherwise
 MAX_ADMIN_PAGE = 1000  # users per page of GET /admin/users
+MAX_QUOTA_MB = 2**40  # a quota in bytes stays within a 64-bit integer
 MAX_PARTS = 16  # multipart parts per upload (three are meaningful)
 MAX_FIELD_BYTES = 8 * 1024  # size of a non-file part (`data` is ~90 bytes, `bitrate` 3): 16 of them are 128 KiB
 MAX_FILENAME_BYTES = 255  # as most file systems allow
@@ -322,8 +323,8 @@ class Settings:
         trusted_networks(self.trusted_proxies)  # a ValueError names what is not an address or a network
         if self.signup not in SIGNUP_MODES:
             raise ValueError(f"SIGNUP must be one of {', '.join(SIGNUP_MODES)}, not {self.signup!r}")
-        if self.user_quota_mb is not None and self.user_quota_mb < 0:
-            raise ValueError(f"USER_QUOTA_MB must not be negative, not {self.user_quota_mb}")
+        if self.user_quota_mb is not None and not 0 <= self.user_quota_mb <= MAX_QUOTA_MB:
+            raise ValueError(f"USER_QUOTA_MB must be a number of MiB from 0 to {MAX_QUOTA_MB}, not {self.user_quota_mb}")
         if self.admin_token.startswith("sha256:") and not re.fullmatch(r"[0-9a-f]{64}", self.admin_token.removeprefix("sha256:")):
             raise ValueError("ADMIN_TOKEN as a hash is `sha256:` and 64 lower-case hex digits")
 
@@ -614,6 +615,7 @@ OWNER_ONLY = {
     403: error(FORBIDDEN),
 }
 NOT_FOUND = "Not Found"  # Starlette's own text for a path it does not know
+NO_STORE = {"Cache-Control": "no-store"}  # answers that hold a secret or a user's data
 ADMIN_ONLY = {
     401: error("no Authorization: Bearer header", {"WWW-Authenticate": "Bearer"}),
     403: error("not the ADMIN_TOKEN"),
@@ -1196,6 +1198,8 @@ async def invited_user(store: Store, name: str, code: Any) -> tuple[str, str] | 
     """A new user for one use of an invite code (SIGNUP=invite): (user id, token), None if the name is taken."""
     if not isinstance(code, str) or not code.strip():
         raise Refused(403, 'sign-up on this service needs an invite code from the operator: send {"name": ..., "invite": "<code>"}')
+    if NOT_TEXT.search(code) or len(code) > MAX_FIELD_BYTES:
+        raise Refused(403, "this invite code is unknown, used up or expired: ask the operator for another")
     user_id, token = str(uuid.uuid4()), str(uuid.uuid4())
     created = await store.create_invited_user({"id": user_id, "name": name, "token_sha256": hash_token(token), "created_at": now()}, code.strip())
     if created is None:
@@ -1249,7 +1253,7 @@ async def admin_invite(request: Request) -> Response:
     payload = await json_payload(request, required=False)
     uses = parse_admin_number(payload, "uses", 1, 1, MAX_INVITE_USES, integer=True)
     hours = parse_admin_number(payload, "expires_hours", DEFAULT_INVITE_HOURS, 1 / 3600, 24 * 3650)
-    return JSONResponse(await operator.invite(int(uses), hours), status_code=201)
+    return JSONResponse(await operator.invite(int(uses), hours), status_code=201, headers=NO_STORE)
 
 
 @API.route(
@@ -1268,7 +1272,10 @@ async def admin_users(request: Request) -> Response:
     limit = parse_count(request.query_params.get("limit", str(MAX_ADMIN_PAGE)), "limit")
     if not 1 <= limit <= MAX_ADMIN_PAGE:
         raise Refused(422, f"limit must be 1..{MAX_ADMIN_PAGE}")
-    return JSONResponse(await operator.users(request.query_params.get("after", ""), limit))
+    after = request.query_params.get("after", "")
+    if NOT_TEXT.search(after):
+        raise Refused(422, "after must be a user's name (next_after of the page before)")
+    return JSONResponse(await operator.users(after, limit), headers=NO_STORE)
 
 
 @API.route(
@@ -1289,13 +1296,13 @@ async def admin_users(request: Request) -> Response:
 async def admin_create_user(request: Request) -> Response:
     operator = await operator_of(request)
     name = valid_name((await json_payload(request)).get("name"))
-    return JSONResponse(await operator.create(name), status_code=201)
+    return JSONResponse(await operator.create(name), status_code=201, headers=NO_STORE)
 
 
 @API.route("/admin/users/{user_id}", ["GET"], "One user's usage and quota", {200: USAGE, **UNAVAILABLE}, parameters=USER_PATH, admin=True)
 async def admin_user(request: Request) -> Response:
     operator = await operator_of(request)
-    return JSONResponse(await operator.user(request.path_params["user_id"]))
+    return JSONResponse(await operator.user(request.path_params["user_id"]), headers=NO_STORE)
 
 
 @API.route(
@@ -1332,7 +1339,7 @@ async def admin_set_quota(request: Request) -> Response:
         raise Refused(422, 'send {"quota_mb": <MiB, or null for unlimited>}')
     megabytes = payload["quota_mb"]
     if megabytes is not None:
-        megabytes = parse_admin_number(payload, "quota_mb", 0, 0, 2**43)
+        megabytes = parse_admin_number(payload, "quota_mb", 0, 0, MAX_QUOTA_MB)
     quota = None if megabytes is None else int(megabytes * MIB)
     return JSONResponse(await operator.quota(request.path_params["user_id"], quota))
 
@@ -1360,7 +1367,7 @@ async def admin_clear_quota(request: Request) -> Response:
 )
 async def admin_new_token(request: Request) -> Response:
     operator = await operator_of(request)
-    return JSONResponse(await operator.token(request.path_params["user_id"]), status_code=201)
+    return JSONResponse(await operator.token(request.path_params["user_id"]), status_code=201, headers=NO_STORE)
 
 
 async def operator_of(request: Request) -> Operator:
@@ -1384,8 +1391,13 @@ async def json_payload(request: Request, required: bool = True) -> dict[str, Any
 def parse_admin_number(payload: Mapping[str, Any], name: str, default: float, low: float, high: float, integer: bool = False) -> float:
     value = payload.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)) or not low <= value <= high:
-        raise Refused(422, f"{name} must be {'an integer' if integer else 'a number'} {low:g}..{high:g}")
+        raise Refused(422, f"{name} must be {'an integer' if integer else 'a number'} from {number_text(low)} to {number_text(high)}")
     return value
+
+
+def number_text(number: float) -> str:
+    """A bound as people write it: 1000000, 0.000278, not 1e+06."""
+    return str(int(number)) if number == int(number) else f"{number:.6f}".rstrip("0")
 
 
 @API.route(
@@ -1404,7 +1416,7 @@ async def health(request: Request) -> Response:
 
 @API.route("/openapi.json", ["GET"], "", {})
 async def openapi(request: Request) -> Response:
-    return JSONResponse(openapi_document())
+    return JSONResponse(openapi_document(bool(services_of(request).settings.admin_token)))
 
 
 @API.route("/metrics", ["GET"], "Prometheus metrics", {200: answer("the text exposition format", {"type": "string"}, media="text/plain")})
@@ -1954,8 +1966,8 @@ class FormUpload:
         elif self._part == "audio_file":
             if (session := self._live_session()) is not None:
                 await session.feed(event[1])
-                if self.usage is not None and self.usage.quota_bytes is not None:  # refused as soon as it shows
-                    self.usage.admit(session.least_mp3_bytes(), "this MP3")
+                if self.usage is not None and self.usage.quota_bytes is not None and not session.keeps_audio:  # as soon as it shows
+                    self.usage.admit(session.least_mp3_bytes(), "this MP3")  # (an option still to come may make it smaller)
         elif self._part is not None:
             self._field += event[1]
             if len(self._field) > MAX_FIELD_BYTES:
@@ -2728,6 +2740,7 @@ class UploadSession:
         self._encoder: Mp3Encoder | None = None
         self._in_flight: asyncio.Future[None] | None = None
         self._copy: TempFile | None = TempFile(encoders.disk) if options_may_change else None
+        self.keeps_audio = options_may_change  # an option may still come: what is encoded now may not be the MP3
         self._copy_lost: Refused | None = None  # why the copy was let go
         self._closed = False
 
@@ -2757,7 +2770,10 @@ class UploadSession:
         if wav_format is None or not data_bytes or self.options.bitrate is None:
             return written
         seconds = data_bytes / wav_format.frame_size / wav_format.rate
-        return max(written, int(0.99 * seconds * self.options.bitrate * 125))
+        # LAME never goes above what its MPEG version allows at the output rate, which is at most the input's:
+        # 320 kbps at 32 kHz and up (MPEG-1), 160 at 16-24 kHz (MPEG-2), 64 below (MPEG-2.5).
+        cap = 320 if wav_format.rate >= 32000 else 160 if wav_format.rate >= 16000 else 64
+        return max(written, int(0.99 * seconds * min(self.options.bitrate, cap) * 125))
 
     async def room(self) -> None:
         """Wait, in turn, for room in the audio budget: a reader asks before it reads, so that it holds nothing while it waits."""
@@ -4459,10 +4475,13 @@ COMPONENTS = {
 
 
 @functools.cache
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.0 from the route declarations: for clients, /docs and the fuzzer in the tests."""
+def openapi_document(operator: bool = True) -> dict[str, Any]:
+    """OpenAPI 3.0 from the route declarations: for clients, /docs and the fuzzer in the tests; the operator's routes
+    only where they are served (ADMIN_TOKEN set)."""
     paths: dict[str, dict[str, Any]] = {}
     for operation in API.operations:
+        if operation.admin and not operator:
+            continue
         entry: dict[str, Any] = {"summary": operation.summary, "responses": {str(status): dict(a) for status, a in operation.answers.items()}}
         if operation.parameters:
             entry["parameters"] = [dict(p) for p in operation.parameters]
@@ -4877,7 +4896,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 expose_headers=["Location", "Content-Range", "Content-Disposition", "ETag", "Retry-After", *TUS_RESPONSE_HEADERS],
             )
         )
-    routes = [*API.routes, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path))), Mount("/static", StaticFiles(directory=STATIC))]
+    # Without ADMIN_TOKEN the operator's routes are not there at all: 404 whatever the method, no redirect for a slash.
+    served = [route for route in API.routes if settings.admin_token or not route.path.startswith("/admin/")]
+    routes = [*served, Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path))), Mount("/static", StaticFiles(directory=STATIC))]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
 
 
@@ -4933,29 +4954,40 @@ def admin_main(argv: list[str]) -> int:
     commands.add_parser("delete", parents=[common], help="delete a user with every record and unfinished upload").add_argument("user_id")
     commands.add_parser("token", parents=[common], help="give a user a new access token (the old one stops working)").add_argument("user_id")
     args = parser.parse_args(argv)
-    if args.command == "invite" and not (1 <= args.uses <= MAX_INVITE_USES and 0 < args.expires_hours <= 24 * 3650):
-        parser.error(f"--uses must be 1..{MAX_INVITE_USES} and --expires-hours positive (at most ten years)")
+    if args.command == "invite" and not (1 <= args.uses <= MAX_INVITE_USES and 1 / 3600 <= args.expires_hours <= 24 * 3650):
+        parser.error(f"--uses must be 1..{MAX_INVITE_USES} and --expires-hours from one second (0.0003) to ten years (87600)")
     if args.command == "quota" and args.quota not in ("unlimited", DEFAULT_QUOTA):
         try:
             megabytes = float(args.quota)
         except ValueError:
             megabytes = -1.0
-        if not 0 <= megabytes < 2**43:
+        if not 0 <= megabytes <= MAX_QUOTA_MB:
             parser.error(f"the quota is MiB (a number >= 0), unlimited or default, not {args.quota!r}")
     if args.database_url:
         os.environ["DATABASE_URL"] = args.database_url
     try:
-        result = asyncio.run(admin_command(args, Settings.from_env()))
+        settings = Settings.from_env()
+    except ValueError as failure:
+        parser.error(str(failure))
+    if not settings.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        parser.error(f"DATABASE_URL must be sqlite:///path or postgresql://..., not {settings.database_url!r}")
+    if settings.database_url.startswith("sqlite:///") and not Path(settings.database_url.removeprefix("sqlite:///")).is_file():
+        # The service makes its database on first start; the command only works on one that exists (a path mistyped
+        # would give an invite code to an empty new file the service never reads).
+        print(f"wav2mp3 admin: no database at {settings.database_url}: set DATABASE_URL (or --database-url) as the service has it", file=sys.stderr)
+        return 3
+    try:
+        result = asyncio.run(admin_command(args, settings))
     except Unavailable as failure:
         print(f"wav2mp3 admin: {failure.message}", file=sys.stderr)
         return 3
-    except RETRY_AT_STARTUP as failure:
-        print(f"wav2mp3 admin: the database is unreachable: {failure}", file=sys.stderr)
+    except (*RETRY_AT_STARTUP, sqlite3.Error, asyncpg.PostgresError) as failure:
+        print(f"wav2mp3 admin: the database is unreachable or not the service's: {failure}", file=sys.stderr)
         return 3
     except Refused as refusal:
         print(f"wav2mp3 admin: {refusal.message}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2) if args.json else admin_text(args.command, result))
+        return 2 if refusal.status == 422 else 1
+    print(json.dumps(result, indent=2) if args.json else admin_text(args.command, result, settings.user_quota_mb is not None))
     return 0
 
 
@@ -4988,25 +5020,43 @@ async def admin_command(args: argparse.Namespace, settings: Settings) -> Any:
         await store.disconnect()
 
 
-def admin_text(command: str, result: Any) -> str:
-    """What an admin command did, for people: a table of users, or the lines of one answer."""
+def admin_text(command: str, result: Any, default_known: bool) -> str:
+    """What an admin command did, for people: a table of users, or the lines of one answer. A user without a quota of
+    its own has USER_QUOTA_MB: its value as this command's environment has it, or "default" when that has none (the
+    service's may differ: run the command with the service's environment). Names are shown with their control
+    characters escaped, as the logs do: a name could otherwise move a terminal's cursor."""
     if command != "users":
-        return "\n".join(f"{key}: {'unlimited' if value is None else value}" for key, value in result.items())
+        return "\n".join(f"{key}: {'unlimited' if value is None else printable(str(value))}" for key, value in result.items())
     header = ("name", "user_id", "created", "records", "stored MB", "quota MB", "unfinished")
     rows = [header] + [
         (
-            user["name"],
+            printable(user["name"]),
             user["user_id"],
             user["created"][:19],
             str(user["records"]),
             f"{user['bytes_stored'] / MIB:.1f}",
-            ("unlimited" if user["quota_bytes"] is None else f"{user['quota_bytes'] / MIB:.1f}") + ("" if user["own_quota"] else " (default)"),
+            quota_text(user, default_known),
             str(user["unfinished_uploads"]),
         )
         for user in result
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def quota_text(user: Mapping[str, Any], default_known: bool) -> str:
+    if not user["own_quota"] and not default_known:
+        return "default"
+    quota = "unlimited" if user["quota_bytes"] is None else f"{user['quota_bytes'] / MIB:.1f}"
+    return quota if user["own_quota"] else f"{quota} (default)"
+
+
+def printable(text: str) -> str:
+    """Control characters (C0, DEL, C1, line separators) and bidirectional overrides written as escapes."""
+    return UNPRINTABLE.sub(lambda found: ascii(found.group())[1:-1], text)
+
+
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def log_config() -> dict[str, Any]:

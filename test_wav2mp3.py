@@ -5014,9 +5014,11 @@ async def test_admin_routes_are_absent_without_admin_token_and_refuse_a_wrong_on
         ("POST", f"/admin/users/{uuid.uuid4()}/token"),
     ]
     async with running_app(database_url) as client:
-        for method, path in routes:
+        for method, path in [*routes, ("PUT", "/admin/users"), ("GET", "/admin/invites"), ("PATCH", f"/admin/users/{uuid.uuid4()}/quota")]:
             absent = await client.request(method, path, headers=ADMIN, json={})
             assert absent.status_code == 404 and absent.json() == {"error": "Not Found"}, (method, path)
+        assert (await client.get("/admin/users/", headers=ADMIN)).status_code == 404  # no redirect to the route either
+        assert not [path for path in (await client.get("/openapi.json")).json()["paths"] if path.startswith("/admin/")]
     hashed = "sha256:" + hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
     async with running_app(database_url, admin_token=hashed) as client:
         user = await new_user(client)

@@ -3816,6 +3816,104 @@ def test_live_tus_js_client_sees_a_taken_name_at_once_without_retrying(live: Liv
     assert expected in again["error"], again["error"]
 
 
+# Uppy, unchanged, in a browser: tests/uppy.html runs one upload with Uppy's own bundle (tests/package.json pins it) in
+# Chromium, from a page on another origin than the service, so that every request passes CORS as a site's would.
+
+UPPY_PAGE = HERE / "tests" / "uppy.html"
+UPPY_BUNDLE = HERE / "tests" / "node_modules" / "uppy" / "dist" / "uppy.min.mjs"
+
+
+def uppy_missing() -> str:
+    """Why Uppy's bundle cannot be served here, if it cannot (chromium: the `browser` fixture says)."""
+    if not UPPY_BUNDLE.is_file():
+        return "tests/node_modules missing: npm ci --prefix tests (.ci/run runs it)"
+    return ""
+
+
+needs_uppy = pytest.mark.skipif(bool(uppy_missing()), reason=uppy_missing())
+
+
+@contextlib.contextmanager
+def static_site(files: dict[str, tuple[str, bytes]]) -> Iterator[str]:
+    """A web site of its own on a loopback port, another origin than any LiveServer's: GET of a path of `files`
+    answers its (content type, body), anything else 404. Yields its origin."""
+
+    class Site(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path not in files:
+                self.send_error(404)
+                return
+            content_type, body = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def uppy_upload(browser: webdriver.Chrome, origin: str, job: dict[str, Any]) -> dict[str, Any]:
+    """tests/uppy.html's uploadWithUppy(job) in the page at `origin`; its outcome, once Uppy's upload() settles."""
+    browser.get(origin + "/")
+    browser.get_log("browser")  # only this upload's console
+    browser.execute_script(
+        "window.uppyOutcome = null;"
+        "uploadWithUppy(arguments[0]).then((outcome) => { window.uppyOutcome = outcome },"
+        " (error) => { window.uppyOutcome = { thrown: String(error) } })",
+        job,
+    )
+    return page_wait(browser, lambda d: d.execute_script("return window.uppyOutcome"))  # type: ignore[no-any-return]
+
+
+@needs_uppy
+def test_live_uppy_in_chromium_from_another_origin_uploads_in_parallel_with_request_ids(
+    browser: webdriver.Chrome, tmp_path: Path, database_url: str
+) -> None:
+    """Uppy (@uppy/tus with parallelUploads and addRequestId) in a page on another origin: every preflight (asking
+    for Upload-Concat and X-Request-ID) is allowed, nothing is retried, Uppy calls the file uploaded, and the MP3
+    is the one a POST gives."""
+    wav, _ = node_wav(tmp_path)
+    files = {
+        "/": ("text/html; charset=utf-8", UPPY_PAGE.read_bytes()),
+        "/uppy.min.mjs": ("text/javascript", UPPY_BUNDLE.read_bytes()),
+        "/call.wav": ("audio/wav", wav),
+    }
+    with static_site(files) as origin, LiveServer(tmp_path, database_url, "--cors-origins", origin) as server:
+        user = server.new_user()
+        job = {
+            "endpoint": f"{server.url}/users/{user['user_id']}/uploads",
+            "token": user["access_token"],
+            "wav": "/call.wav",
+            "name": "uppy.wav",
+            "tus": {"parallelUploads": 2, "addRequestId": True},
+        }
+        outcome = uppy_upload(browser, origin, job)
+        preflights = re.findall(r'"(OPTIONS [^"]*)" (\d{3})', server.log.read_text())
+        assert preflights and {status for _, status in preflights} == {"200"}, preflights  # Authorization: every request is preflighted
+        assert (outcome.get("thrown"), outcome["errors"], outcome["failed"]) == (None, [], []), outcome
+        url = outcome["successful"][0]["uploadURL"]
+        assert url.startswith(f"{server.url}/users/{user['user_id']}/uploads/")
+        assert outcome["successful"] == [{"name": "uppy.wav", "uploadURL": url, "error": None}]
+        progress = {"uploadComplete": True, "bytesUploaded": len(wav), "bytesTotal": len(wav)}
+        assert outcome["files"] == [{"name": "uppy.wav", "uploadURL": url, "error": None, **progress}]
+        # two pieces, each created and sent whole (Uppy's chunkSize is Infinity), then the final upload
+        assert sorted(outcome["requests"]) == ["PATCH 204"] * 2 + ["POST 201"] * 3 and outcome["retries"] == 0, outcome
+        assert all(outcome["requestIds"]) and len(set(outcome["requestIds"])) == len(outcome["requests"])
+        assert [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+        assert httpx.get(url, headers=bearer(user)).json()["filename"] == "uppy.mp3"
+        assert live_record_mp3_sha256(server, user, url) == live_posted_mp3_sha256(server, wav)
+
+
 @contextlib.contextmanager
 def name_for(addresses: list[str]) -> Iterator[str]:
     """A host name that resolves to several addresses, as compose's `app` does for its replicas (in /etc/hosts, root only)."""

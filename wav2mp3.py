@@ -883,13 +883,21 @@ async def create_upload(request: Request) -> Response:
 )
 async def head_upload(request: Request) -> Response:
     """The offset a client goes on from: every byte it counts is stored (a restart keeps it)."""
+    upload = await standing_upload(request)
+    metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
+    return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
+
+
+async def standing_upload(request: Request) -> StoredUpload:
+    """The upload of the path as it stands: a request of this process still storing its bytes is waited for, and an
+    upload with every byte in but no record (its last request met a database that could not store it) has it stored
+    now: 423 until it is."""
     services = services_of(request)
     upload, token = await owned_upload(request)
     upload = await services.resumable.settled(upload)
     if upload.record_id is None and upload.whole and not upload.partial:
-        upload = await services.resumable.completed(upload, token)  # 423 until its record is stored
-    metadata = {"Upload-Metadata": upload.metadata} if upload.metadata else {}
-    return Response(status_code=200, headers={**upload_state(upload), **metadata, "Cache-Control": "no-store"})
+        upload = await services.resumable.completed(upload, token)
+    return upload
 
 
 @upload_route(
@@ -924,7 +932,8 @@ async def patch_upload(request: Request) -> Response:
     if media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send the bytes as Content-Type: {OFFSET_OCTET_STREAM}")
     offset = parse_count(request.headers.get("upload-offset", ""), "Upload-Offset", 400)
-    offset = await receive_upload(request, services, upload, offset, token)
+    length = upload_length(request, services.settings, deferrable=False) if "upload-length" in request.headers else None
+    offset = await receive_upload(request, services, upload, offset, token, length)
     return Response(status_code=204, headers={"Upload-Offset": str(offset), "Upload-Expires": http_date(upload.expires_at)})
 
 
@@ -1503,7 +1512,11 @@ def upload_length(request: Request, settings: Settings, deferrable: bool = True)
         return DEFERRED
     if text is None:
         raise Refused(400, "send Upload-Length, the file's size in bytes, or Upload-Defer-Length: 1 if it is not known yet")
-    length = parse_count(text, "Upload-Length", 400)
+    return checked_length(parse_count(text, "Upload-Length", 400), settings)
+
+
+def checked_length(length: int, settings: Settings) -> int:
+    """A file's length as a client declares it: 413 past MAX_UPLOAD_MB, 422 for an empty file."""
     if length > settings.max_upload_bytes:
         raise Refused(413, f"Upload-Length is larger than the {settings.max_upload_mb} MiB limit (Tus-Max-Size)")
     if length == 0:
@@ -1511,9 +1524,10 @@ def upload_length(request: Request, settings: Settings, deferrable: bool = True)
     return length
 
 
-def upload_metadata(header: str) -> tuple[str, dict[str, int]]:
-    """Upload-Metadata (`key base64(value)` pairs, comma-separated): the file name, and the encoding options of
-    FORM_OPTIONS under their own names. Other keys (filetype, relativePath...) are read and let be."""
+def upload_metadata(header: str, named: bool = True) -> tuple[str, dict[str, int]]:
+    """Upload-Metadata (`key base64(value)` pairs, comma-separated): the file name (required if `named`, else "" when
+    missing), and the encoding options of FORM_OPTIONS under their own names. Other keys (filetype, relativePath...)
+    are read and let be."""
     if len(header) > MAX_FIELD_BYTES:
         raise Refused(422, f"Upload-Metadata is longer than {MAX_FIELD_BYTES} bytes")
     pairs: dict[str, str] = {}
@@ -1525,12 +1539,12 @@ def upload_metadata(header: str) -> tuple[str, dict[str, int]]:
             pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             raise Refused(422, f"Upload-Metadata's {key} is not base64 of UTF-8 text") from None
-    if "filename" not in pairs:
+    if "filename" not in pairs and named:
         raise Refused(422, "Upload-Metadata needs a filename")
     form: dict[str, int] = {}
     for name in FORM_OPTIONS.keys() & pairs.keys():
         add_option(form, name, pairs[name])
-    return clean_filename(pairs["filename"], "Upload-Metadata's filename"), form
+    return clean_filename(pairs["filename"], "Upload-Metadata's filename") if "filename" in pairs else "", form
 
 
 def upload_checksum(request: Request, remaining: int, settings: Settings) -> tuple[Callable[[], Any], bytes] | None:
@@ -1747,26 +1761,27 @@ class MultipartReader:
 EXT_VALUE = re.compile(r"([A-Za-z0-9!#$&+^`{}~-]+)'[A-Za-z0-9-]*'(.*)")
 
 
-def part_filename(part: Part) -> str:
-    """The file name a client meant: `filename*` when sent, else `filename` with the HTML form escapes undone; 422 without one."""
-    if "filename*" in part.params:
-        extended = EXT_VALUE.fullmatch(part.params["filename*"])
+def disposition_filename(params: Mapping[str, str], what: str = "audio_file") -> str:
+    """The file name a client meant in a Content-Disposition (a part's, or a draft upload's): `filename*` when sent,
+    else `filename` with the HTML form escapes undone; 422, naming where it is (`what`), without one."""
+    if "filename*" in params:
+        extended = EXT_VALUE.fullmatch(params["filename*"])
         if extended is None:
-            raise Refused(422, "audio_file filename* is not charset'language'percent-encoded (RFC 8187)")
+            raise Refused(422, f"{what} filename* is not charset'language'percent-encoded (RFC 8187)")
         charset, encoded = extended.groups()
         if charset.lower() not in ("utf-8", "iso-8859-1"):  # RFC 8187 §3.2.1: the two a recipient must support
-            raise Refused(422, "audio_file filename* must be UTF-8 or ISO-8859-1")
+            raise Refused(422, f"{what} filename* must be UTF-8 or ISO-8859-1")
         try:
             return unquote_to_bytes(encoded).decode(charset)
         except UnicodeDecodeError:
-            raise Refused(422, f"audio_file name is not valid {charset}") from None
-    raw = part.params.get("filename")
+            raise Refused(422, f"{what} name is not valid {charset}") from None
+    raw = params.get("filename")
     if raw is None:
         raise Refused(422, "audio_file part has no filename")
     try:
         name = raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
-        raise Refused(422, "audio_file name is not valid UTF-8") from None
+        raise Refused(422, f"{what} name is not valid UTF-8") from None
     # The HTML form encoding (WHATWG, "multipart/form-data encoding algorithm") escapes these three in names.
     return name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
 
@@ -1982,7 +1997,7 @@ class FormUpload:
         if part.name == "audio_file":
             if self.filename is not None:
                 raise Refused(422, "more than one audio_file part")
-            self.filename = clean_filename(part_filename(part))
+            self.filename = clean_filename(disposition_filename(part.params))
             # Until every group of options has its value, one still to come could change the encoding.
             settled = {option.group for option in FORM_OPTIONS.values()} <= {FORM_OPTIONS[name].group for name in self.options}
             options = Mp3Options.of(self.options, self.services.settings)
@@ -2166,11 +2181,12 @@ class ResumableUploads:
         services.encoders.disk.on_full = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self.let_go, True)
 
     async def create(
-        self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str, bounded: bool = True
+        self, user_id: str, token: str, filename: str, options: dict[str, int], length: int, metadata: str, bounded: bool = True, upload_id: str = ""
     ) -> StoredUpload:
         created = datetime.now(UTC)
         expires = created + timedelta(hours=self._services.settings.upload_expiry_hours)
-        upload = StoredUpload(str(uuid.uuid4()), user_id, filename, options, length, 0, None, timestamp(expires), metadata, timestamp(created))
+        upload_id = upload_id or str(uuid.uuid4())
+        upload = StoredUpload(upload_id, user_id, filename, options, length, 0, None, timestamp(expires), metadata, timestamp(created))
         if not await self._services.store.create_upload(upload, hash_token(token), timestamp(created), self._bounds if bounded else None):
             raise Refused(403, FORBIDDEN)  # the token was replaced meanwhile
         RESUMABLE_UPLOADS.labels("created").inc()
@@ -2409,14 +2425,13 @@ async def concatenate(request: Request, services: Services, user_id: str, token:
     return Response(status_code=201, headers=headers)
 
 
-async def receive_upload(request: Request, services: Services, upload: StoredUpload, offset: int, token: str) -> int:
+async def receive_upload(request: Request, services: Services, upload: StoredUpload, offset: int, token: str, length: int | None = None) -> int:
     """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
     when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
-    store the record. The offset the upload stands at afterwards."""
+    store the record. `length` is the file's, if the request tells it. The offset the upload stands at afterwards."""
     if done_at(request, upload, offset):
         return upload.length
-    if "upload-length" in request.headers:  # the length, now known (creation-defer-length); once known, it stays
-        length = upload_length(request, services.settings, deferrable=False)
+    if length is not None:  # the length, now known (creation-defer-length); once known, it stays
         if upload.length == DEFERRED:
             upload = await services.store.declare_length(upload, length)
         elif length != upload.length:

@@ -1990,9 +1990,14 @@ async def test_openapi_describes_every_route_with_its_statuses(client: httpx.Asy
         ("/admin/users/{user_id}/token", "post"),
     }  # fmt: skip
     uploads, upload = spec["paths"]["/users/{user_id}/uploads"], spec["paths"]["/users/{user_id}/uploads/{upload_id}"]
-    assert set(uploads["post"]["responses"]) == {"201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
-    assert set(upload["patch"]["responses"]) == {"204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"}
-    assert set(upload["head"]["responses"]) == {"200", "401", "403", "404", "412", "423", "503"}
+    assert set(uploads["post"]["responses"]) == {"200", "201", "400", "401", "403", "404", "412", "413", "415", "422", "429", "503"}
+    assert set(upload["patch"]["responses"]) == {
+        "200", "201", "204", "400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "460", "503"
+    }  # fmt: skip
+    assert set(upload["head"]["responses"]) == {"200", "400", "401", "403", "404", "412", "423", "503"}
+    assert set(upload["delete"]["responses"]) == {"204", "400", "401", "403", "404", "412", "503"}
+    problem = {"application/json", "application/problem+json"}  # the IETF draft's problem types, to its requests
+    assert set(upload["patch"]["responses"]["409"]["content"]) == set(upload["patch"]["responses"]["400"]["content"]) == problem
     assert set(spec["paths"]["/users/{user_id}/records"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
     assert set(spec["paths"]["/record"]["delete"]["responses"]) == {"204", "401", "403", "404", "422", "503"}
     assert set(spec["paths"]["/users/{user_id}/token"]["post"]["responses"]) == {"201", "401", "403", "503"}
@@ -2012,8 +2017,9 @@ async def test_unknown_route_and_method_answer_json_errors(client: httpx.AsyncCl
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
 
 
-# A tus PATCH's body is plain bytes: schemathesis sends it as it sends application/octet-stream.
+# A tus PATCH's body is plain bytes, and so is the IETF draft's: schemathesis sends them as it sends application/octet-stream.
 schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+schemathesis.serializer.alias("application/partial-upload", "application/octet-stream")
 
 
 def fuzzed_operations() -> list[tuple[str, str, str]]:
@@ -3621,6 +3627,283 @@ def test_live_tus_paused_uploads_keep_few_live_sessions(live: LiveServer) -> Non
     assert metric(httpx.get(live.url + "/metrics").text, "wav2mp3_resumable_uploads_total", event="resumed") == resumed + 1
     posted = httpx.post(live.url + "/users/wav", **upload_form(user, wav, "posted.wav"), timeout=60).json()
     assert httpx.get(urls[0], headers=bearer(user)).json()["sha256"] == posted["sha256"]
+
+
+# The IETF draft on the same URLs #################################################
+# draft-ietf-httpbis-resumable-upload: a request with Upload-Draft-Interop-Version and no Tus-Resumable. Versions 5
+# (draft -03, tus-js-client's protocol 'ietf-draft-03'), 6 (-04, -05: 'ietf-draft-05'), 7 (-06 to -08) and 8 (-09 on).
+
+DRAFTS = [5, 6, 7, 8]
+PARTIAL = {"Content_Type": "application/partial-upload"}  # an append's body from draft -04 (version 6) on
+PROBLEMS = "https://iana.org/assignments/http-problem-types#"
+
+
+def draft(user: dict[str, str], version: int, **headers: str) -> dict[str, str]:
+    """A request of the draft's headers: the Bearer token, Upload-Draft-Interop-Version, and more (Upload_Complete="?1")."""
+    named = {key.replace("_", "-"): value for key, value in headers.items()}
+    return {"Authorization": f"Bearer {user['access_token']}", "Upload-Draft-Interop-Version": str(version), **named}
+
+
+async def draft_create(client: httpx.AsyncClient, user: dict[str, str], version: int, body: bytes = b"", **headers: str) -> httpx.Response:
+    return await client.post(f"/users/{user['user_id']}/uploads", content=body, headers=draft(user, version, **headers))
+
+
+async def draft_append(
+    client: httpx.AsyncClient, user: dict[str, str], version: int, url: str, offset: int, data: bytes, last: bool, **headers: str
+) -> httpx.Response:
+    complete = "?1" if last else "?0"
+    return await client.patch(
+        url, content=data, headers=draft(user, version, Upload_Offset=str(offset), Upload_Complete=complete, **PARTIAL, **headers)
+    )
+
+
+async def posted_sha256(client: httpx.AsyncClient, wav: bytes, **options: str) -> str:
+    """The sha256 of the MP3 a POST /users/wav of another user makes of `wav`."""
+    posted = await upload(client, await new_user(client), wav, "posted.wav", **options)
+    assert posted.status_code == 201, posted.text
+    return posted.json()["sha256"]  # type: ignore[no-any-return]
+
+
+def assert_goes_on(response: httpx.Response, version: int, offset: int, status: int) -> None:
+    """An answer of the draft to a creation or an append that leaves the upload incomplete."""
+    assert response.status_code == status, response.text
+    assert (response.headers["upload-offset"], response.headers["upload-complete"]) == (str(offset), "?0")
+    assert response.headers["upload-draft-interop-version"] == str(version) and "tus-resumable" not in response.headers
+    limit = {5: None, 6: "expires", 7: "max-age", 8: "max-age"}[version]  # Upload-Limit came with draft -04; `expires` was renamed
+    if limit is None:
+        assert "upload-limit" not in response.headers
+    else:
+        assert re.fullmatch(rf"max-size={wav2mp3.Settings().max_upload_bytes}, {limit}=(\d+)", response.headers["upload-limit"])
+        assert 23 * 3600 < int(response.headers["upload-limit"].rsplit("=", 1)[1]) <= 24 * 3600
+
+
+@pytest.mark.parametrize("version", DRAFTS)
+@pytest.mark.parametrize("length_told", [True, False], ids=["upload-length", "length-at-the-end"])
+async def test_draft_upload_in_appends_gives_the_mp3_a_post_gives(client: httpx.AsyncClient, version: int, length_told: bool) -> None:
+    """tus-js-client's way ("careful creation"): a creation with Upload-Complete: ?0 and no body, appends with ?0, the
+    last with ?1, answered with the record. A HEAD between them tells the offset, and the length once told."""
+    user = await new_user(client)
+    wav = make_wav(4.0, 44100, 2, signal=music(4.0, 44100, 2))
+    created = await draft_create(client, user, version, Upload_Complete="?0", **({"Upload_Length": str(len(wav))} if length_told else {}))
+    assert_goes_on(created, version, 0, 201)
+    url = created.headers["location"]
+    cuts = [0, 100_000, 400_000, len(wav)]
+    appended = 201 if version < 7 else 204  # drafts -03 to -05 require 201 for an append that leaves the upload incomplete
+    for start, end in itertools.pairwise(cuts[:-1]):
+        assert_goes_on(await draft_append(client, user, version, url, start, wav[start:end], last=False), version, end, appended)
+        state = await client.head(url, headers=draft(user, version))
+        assert state.status_code == 200 and state.headers["cache-control"] == "no-store"
+        assert (state.headers["upload-offset"], state.headers["upload-complete"]) == (str(end), "?0")
+        assert state.headers.get("upload-length") == (str(len(wav)) if length_told else None)
+    last = await draft_append(client, user, version, url, cuts[-2], wav[cuts[-2] :], last=True)
+    assert last.status_code == 200 and (last.headers["upload-complete"], last.headers["upload-offset"]) == ("?1", str(len(wav))), last.text
+    record = last.json()
+    assert record == (await client.get(url, headers=bearer(user))).json()
+    assert record["filename"] == f"upload-{url.rsplit('/', 1)[1][:8]}.mp3"  # no name given: one made of the upload's id
+    assert record["sha256"] == await posted_sha256(client, wav)
+    assert hashlib.sha256((await client.get(record_path(record["url"]))).content).hexdigest() == record["sha256"]
+    done = await client.head(url, headers=draft(user, version))
+    assert (done.headers["upload-offset"], done.headers["upload-complete"], done.headers["upload-length"]) == (str(len(wav)), "?1", str(len(wav)))
+
+
+@pytest.mark.parametrize("version", DRAFTS)
+async def test_draft_creation_with_the_whole_file_is_answered_with_the_record(client: httpx.AsyncClient, version: int) -> None:
+    """An "optimistic creation": the whole file in the POST, Upload-Complete: ?1; the answer is the record, with the
+    upload's URL in Location. A creation with a first piece and ?0 stores it, and the rest follows."""
+    user = await new_user(client)
+    wav = make_wav(2.0, 44100, 2)
+    whole = await draft_create(client, user, version, wav, Upload_Complete="?1", Content_Type="audio/wav")
+    assert whole.status_code == 200 and whole.headers["upload-complete"] == "?1", whole.text
+    assert whole.headers["upload-offset"] == str(len(wav)) and whole.headers["location"].startswith("http://testserver/users/")
+    assert whole.json() == (await client.get(whole.headers["location"], headers=bearer(user))).json()
+    piece = await draft_create(client, user, version, wav[:150_000], Upload_Complete="?0", Upload_Length=str(len(wav)))
+    assert_goes_on(piece, version, 150_000, 201)
+    rest = await draft_append(client, user, version, piece.headers["location"], 150_000, wav[150_000:], last=True)
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["sha256"] == whole.json()["sha256"] == await posted_sha256(client, wav)
+
+
+async def cut_append(app: Any, url: str, headers: dict[str, str], pieces: list[bytes]) -> dict[str, Any]:
+    """A PATCH of `url` as uvicorn hands it to the app, whose connection breaks after `pieces` of its body (ASGI
+    http.disconnect); the answer's start, as the app sent it (the client is gone)."""
+    path = httpx.URL(url).path
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "PATCH", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000), "headers": [(b"host", b"testserver"), *((k.lower().encode(), v.encode()) for k, v in headers.items())],
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": piece, "more_body": True} for piece in pieces]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]
+
+
+@pytest.mark.parametrize("version", DRAFTS)
+async def test_draft_append_cut_short_keeps_what_arrived_and_goes_on_from_there(app: Any, client: httpx.AsyncClient, version: int) -> None:
+    """A connection that breaks mid-append: the bytes that arrived are stored and the upload is not complete (the
+    draft: "the upload MUST NOT be considered complete"); HEAD tells the offset, and the rest goes from there."""
+    user = await new_user(client)
+    wav = make_wav(6.0, 44100, 2, signal=music(6.0, 44100, 2))
+    url = (await draft_create(client, user, version, Upload_Complete="?0", Upload_Length=str(len(wav)))).headers["location"]
+    headers = draft(user, version, Upload_Offset="0", Upload_Complete="?1", Content_Length=str(len(wav)), **PARTIAL)
+    arrived = [wav[i : i + 65536] for i in range(0, 400_000, 65536)]
+    answer = await cut_append(app, url, headers, arrived)
+    assert answer["status"] == 400 and (b"upload-complete", b"?0") in answer["headers"]  # (nobody reads it)
+    state = await client.head(url, headers=draft(user, version))
+    offset = sum(map(len, arrived))
+    assert (state.headers["upload-offset"], state.headers["upload-complete"]) == (str(offset), "?0")
+    again = await draft_append(client, user, version, url, 0, wav, last=True)
+    assert again.status_code == 409 and again.headers["upload-offset"] == str(offset)  # not from 0: from the offset
+    rest = await draft_append(client, user, version, url, offset, wav[offset:], last=True)
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["sha256"] == await posted_sha256(client, wav)
+
+
+@pytest.mark.parametrize("version", DRAFTS)
+async def test_draft_refusals_name_the_drafts_problem_types(client: httpx.AsyncClient, database_url: str, version: int) -> None:
+    """An offset that is not the upload's: 409 with the draft's mismatching-upload-offset (RFC 9457: the expected and
+    provided offsets); lengths that disagree: 400 inconsistent-upload-length; bytes for an upload complete already:
+    400 completed-upload, while the last append repeated with no bytes gets the record again. Each keeps `error`,
+    and tus's answers keep the service's one shape."""
+    user = await new_user(client)
+    wav = make_wav(1.0, 44100, 2)
+    url = (await draft_create(client, user, version, wav[:50_000], Upload_Complete="?0")).headers["location"]
+    mismatch = await draft_append(client, user, version, url, 60_000, wav[60_000:70_000], last=False)
+    assert (mismatch.status_code, mismatch.headers["content-type"]) == (409, "application/problem+json"), mismatch.text
+    assert (mismatch.headers["upload-offset"], mismatch.headers["upload-complete"]) == ("50000", "?0")
+    problem = mismatch.json()
+    assert (problem["type"], problem["status"], problem["expected-offset"], problem["provided-offset"]) == (
+        PROBLEMS + "mismatching-upload-offset", 409, 50_000, 60_000)  # fmt: skip
+    assert problem["detail"] == problem["error"] == "the upload stands at 50000, not 60000: send from there"
+    as_tus = await tus_patch(client, user, url, 60_000, wav[60_000:70_000])
+    assert as_tus.status_code == 409 and as_tus.json() == {"error": problem["error"]}  # tus's clients: the one shape
+    lengths = await draft_append(client, user, version, url, 50_000, wav[50_000:], last=True, Upload_Length=str(len(wav) + 1))
+    assert (lengths.status_code, lengths.json()["type"]) == (400, PROBLEMS + "inconsistent-upload-length"), lengths.text
+    before = await db_rows(database_url, "SELECT count(*) FROM uploads")
+    created = await draft_create(client, user, version, wav[:1000], Upload_Complete="?1", Upload_Length="2000")
+    assert (created.status_code, created.json()["type"]) == (400, PROBLEMS + "inconsistent-upload-length")
+    assert await db_rows(database_url, "SELECT count(*) FROM uploads") == before  # nothing created
+    done = await draft_append(client, user, version, url, 50_000, wav[50_000:], last=True)
+    assert done.status_code == 200, done.text
+    more = await draft_append(client, user, version, url, len(wav), b"xx", last=True)
+    assert (more.status_code, more.json()["type"], more.headers["upload-complete"]) == (400, PROBLEMS + "completed-upload", "?0"), more.text
+    repeated = await draft_append(client, user, version, url, len(wav), b"", last=True)
+    assert repeated.status_code == 200 and repeated.json() == done.json()
+
+
+@pytest.mark.parametrize("version", [5, 8])
+async def test_draft_a_file_refused_as_no_wav_ends_the_upload(client: httpx.AsyncClient, version: int) -> None:
+    """The draft's example of a body that cannot be decoded: the refusal says Upload-Complete: ?1 (do not resume)."""
+    user = await new_user(client)
+    url = (await draft_create(client, user, version, Upload_Complete="?0")).headers["location"]
+    refused = await draft_append(client, user, version, url, 0, b"ID3\x04" + bytes(5000), last=False)
+    assert refused.status_code == 415 and refused.headers["upload-complete"] == "?1" and list(refused.json()) == ["error"]
+    assert (await client.head(url, headers=draft(user, version))).status_code == 404
+
+
+@pytest.mark.parametrize("version", DRAFTS)
+async def test_draft_cancellation_deletes_the_upload_and_frees_its_name(client: httpx.AsyncClient, version: int) -> None:
+    user = await new_user(client)
+    named = {"Upload_Complete": "?0", "Content_Disposition": 'inline; filename="c.wav"'}
+    url = (await draft_create(client, user, version, make_wav(1.0)[:20_000], **named)).headers["location"]
+    wrong = await client.delete(url, headers=draft(user, version, Upload_Offset="20000"))
+    assert wrong.status_code == 400 and "Upload-Offset" in wrong.json()["error"]  # drafts -03 to -05: a DELETE carries no upload state
+    assert (await client.head(url, headers=draft(user, version, Upload_Complete="?0"))).status_code == 400
+    cancelled = await client.delete(url, headers=draft(user, version))
+    assert cancelled.status_code == 204 and cancelled.headers["upload-draft-interop-version"] == str(version)
+    assert (await client.head(url, headers=draft(user, version))).status_code == 404
+    again = await draft_create(client, user, version, **named)
+    assert again.status_code == 201, again.text
+
+
+async def test_draft_names_and_options_come_from_metadata_disposition_or_query(client: httpx.AsyncClient) -> None:
+    """The draft has no Upload-Metadata, but tus-js-client sends it with the draft too: its filename and options count;
+    else Content-Disposition's file name (RFC 6266, filename* first), or upload-<id>.wav; options in the query too."""
+    user = await new_user(client)
+    wav = make_wav(1.0, 44100, 2)
+    named = {
+        "metadata": {"Upload_Metadata": tus_metadata(filename="meta.wav", bitrate="64")},
+        "disposition": {"Content_Disposition": "inline; filename=\"plain.wav\"; filename*=UTF-8''R%C3%A9sum%C3%A9.wav"},
+        "query": {},
+    }
+    records = {}
+    for case, headers in named.items():
+        query = "?bitrate=64&channels=1" if case == "query" else ""
+        response = await client.post(f"/users/{user['user_id']}/uploads{query}", content=wav, headers=draft(user, 8, Upload_Complete="?1", **headers))
+        assert response.status_code == 200, response.text
+        records[case] = response.json()
+    assert records["metadata"]["filename"] == "meta.mp3" and records["disposition"]["filename"] == "Résumé.mp3"
+    assert re.fullmatch(r"upload-[0-9a-f]{8}\.mp3", records["query"]["filename"])
+    assert records["metadata"]["sha256"] == await posted_sha256(client, wav, bitrate="64")
+    assert records["query"]["sha256"] == await posted_sha256(client, wav, bitrate="64", channels="1")
+    assert records["disposition"]["sha256"] == await posted_sha256(client, wav)
+    taken = await draft_create(client, user, 8, wav, Upload_Complete="?1", Content_Disposition='inline; filename="meta.wav"')
+    assert taken.status_code == 422 and "meta.wav" in taken.json()["error"]  # as for tus: 409 means "ask the offset" to these clients
+    both = await client.post(f"/users/{user['user_id']}/uploads?vbr_quality=2&bitrate=64", headers=draft(user, 8, Upload_Complete="?0"))
+    assert both.status_code == 422 and "exclude" in both.json()["error"]
+
+
+async def test_draft_upload_of_a_length_known_only_at_its_end(client: httpx.AsyncClient) -> None:
+    """A recording streamed as it is made: the last append's body has no Content-Length (chunked) and says
+    Upload-Complete: ?1; the file ends with it, its length is what arrived, and the MP3 is the one a POST gives."""
+    user = await new_user(client)
+    wav = make_wav(3.0, 44100, 2)
+    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]
+    url = (await draft_create(client, user, 8, recording[:100_000], Upload_Complete="?0")).headers["location"]
+    assert "upload-length" not in (await client.head(url, headers=draft(user, 8))).headers
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for start in range(100_000, len(recording), 60_000):
+            yield recording[start : start + 60_000]
+
+    headers = draft(user, 8, Upload_Offset="100000", Upload_Complete="?1", **PARTIAL)
+    last = await client.patch(url, content=streamed(), headers=headers)
+    assert last.status_code == 200 and last.headers["upload-offset"] == str(len(recording)), last.text
+    assert last.json()["sha256"] == await posted_sha256(client, recording)
+    assert (await client.head(url, headers=draft(user, 8))).headers["upload-length"] == str(len(recording))
+
+
+async def test_draft_versions_not_spoken_are_412_and_options_tell_the_limit(client: httpx.AsyncClient) -> None:
+    """A draft version this service does not speak is 412, naming those it does; OPTIONS (no credentials, no version)
+    tells the draft's Upload-Limit beside tus's capabilities."""
+    user = await new_user(client)
+    for version in ("4", "9", "x"):
+        response = await client.post(
+            f"/users/{user['user_id']}/uploads", headers={**bearer(user), "Upload-Draft-Interop-Version": version, "Upload-Complete": "?0"}
+        )
+        assert response.status_code == 412 and "one of 5, 6, 7, 8" in response.json()["error"], response.text
+    missing = await draft_create(client, user, 8)
+    assert missing.status_code == 400 and "Upload-Complete" in missing.json()["error"]
+    options = await client.options(f"/users/{user['user_id']}/uploads")
+    assert options.status_code == 204 and options.headers["upload-limit"] == f"max-size={wav2mp3.Settings().max_upload_bytes}"
+    assert options.headers["tus-version"] == "1.0.0"
+    both = await client.post(f"/users/{user['user_id']}/uploads", headers={**draft(user, 8, Upload_Complete="?0"), "Tus-Resumable": "1.0.0"})
+    assert both.status_code == 400 and "Upload-Length" in both.json()["error"]  # with Tus-Resumable, a tus request
+
+
+async def test_draft_cors_lets_a_browser_client_send_and_read_the_drafts_headers(database_url: str) -> None:
+    async with running_app(database_url, cors_origins="https://app.example.com") as client:
+        origin = {"Origin": "https://app.example.com"}
+        preflight = await client.options(
+            f"/users/{uuid.uuid4()}/uploads",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, upload-draft-interop-version, upload-complete, upload-length, content-disposition",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        user = await new_user(client)
+        created = await draft_create(client, user, 6, Upload_Complete="?0", **{"Origin": origin["Origin"]})
+        exposed = {h.strip().lower() for h in created.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "upload-offset", "upload-length", "upload-complete", "upload-limit", "upload-draft-interop-version"} <= exposed
 
 
 # tus-js-client, the reference client, unchanged: tests/tus_client.mjs runs one upload with it under Node (the job

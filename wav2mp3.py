@@ -408,11 +408,14 @@ RETRY_LATER = {"Retry-After": str(RETRY_AFTER_SECONDS), **CLOSE}  # a cap's 503:
 
 
 class Refused(Exception):
-    """A request the service turns down: the HTTP status as data, a message that says what to do, and headers."""
+    """A request the service turns down: the HTTP status as data, a message that says what to do, and headers; and,
+    where the IETF draft of resumable uploads names its problem type, that problem's members (RFC 9457): a client
+    of the draft gets them as application/problem+json, with the problem's status (`answer_refusal`)."""
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None, problem: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, dict(headers or {})
+        self.problem = dict(problem or {})
 
 
 class BadWav(Refused):
@@ -484,6 +487,17 @@ class BodyCut(Refused):
 
 def too_large(limit: int) -> BodyCut:
     return BodyCut(413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes")
+
+
+# The problem types the IETF draft registers (RFC 9457 §4), with the status it gives each, as its clients are shown them.
+PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
+MISMATCHING_OFFSET = {
+    "type": PROBLEM_TYPES + "mismatching-upload-offset",
+    "title": "offset from request does not match offset of resource",
+    "status": 409,
+}
+COMPLETED_UPLOAD = {"type": PROBLEM_TYPES + "completed-upload", "title": "upload is already completed", "status": 400}  # drafts -04 to -10
+INCONSISTENT_LENGTH = {"type": PROBLEM_TYPES + "inconsistent-upload-length", "title": "inconsistent length values for upload", "status": 400}
 
 
 # Metrics ##########################################################################
@@ -596,6 +610,13 @@ def answer(
 
 def error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
     return answer(description, "Error", headers)
+
+
+def problem_error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An error that a request of the IETF draft gets as a problem (RFC 9457) where the draft names one."""
+    declared = error(description, headers)
+    declared["content"]["application/problem+json"] = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return declared
 
 
 def query(name: str, description: str, required: bool = True, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -733,6 +754,7 @@ async def upload_wav(request: Request) -> Response:
 # Resumable uploads: tus 1.0.0 (https://tus.io/protocols/resumable-upload) with creation,
 # creation-with-upload, termination, expiration and checksum. The bytes of a PATCH go to the upload's
 # live session as they arrive (chapter 6), are stored as they go, and the last ones store the record.
+# The same collection and upload URLs speak the IETF draft too (its endpoints follow tus's, `draft_of`).
 
 UPLOAD_STATE = {
     "Upload-Offset": "bytes received and stored",
@@ -740,19 +762,66 @@ UPLOAD_STATE = {
     "Upload-Expires": "RFC 9110 date after which an unfinished upload is deleted",
 }
 UPLOAD_URL = (USER_ID, {**USER_ID, "name": "upload_id", "description": "the upload's UUID"})
+
+
+# The IETF draft's interop versions spoken here, and what its requests and answers carry (its endpoints follow tus's).
+@dataclasses.dataclass(frozen=True)
+class DraftVersion:
+    """An interop version of the draft (its section "Draft Version Identification"), and what its texts differ in."""
+
+    interop: int
+    drafts: str  # the texts that give it
+    append_status: int  # of an append that leaves the upload incomplete: -03 to -05 require 201 (Created), later texts any 2xx
+    partial_upload: bool  # an append's body is application/partial-upload (from -04 on; -03 names no media type)
+    lifetime: str | None  # Upload-Limit's key for the seconds an upload has left (-04, -05: expires); None: no Upload-Limit (-03)
+
+
+DRAFT_VERSIONS = {
+    str(version.interop): version
+    for version in (
+        DraftVersion(5, "-03", 201, False, None),
+        DraftVersion(6, "-04, -05", 201, True, "expires"),
+        DraftVersion(7, "-06 to -08", 204, True, "max-age"),
+        DraftVersion(8, "-09 and later", 204, True, "max-age"),
+    )
+}
+PARTIAL_UPLOAD = "application/partial-upload"
+DRAFT_STATE = {  # what the draft's answers carry besides Upload-Offset and Upload-Length, as the OpenAPI shows it
+    "Upload-Complete": "?1: the upload is complete, and the answer is its record's; ?0: it goes on",
+    "Upload-Limit": "max-size (MAX_UPLOAD_MB in bytes) and the seconds left to finish: max-age (expires in drafts -04, -05; none in -03)",
+    "Upload-Draft-Interop-Version": "the request's",
+}
+DRAFT_ENDPOINTS: dict[Endpoint, Endpoint] = {}  # tus's endpoint of a route -> the draft's, where they differ
+DRAFT_HEADERS = (  # what a request of the draft sends instead of Tus-Resumable, as the OpenAPI shows it
+    {
+        **header("Upload-Draft-Interop-Version", "the IETF draft's interop version, instead of Tus-Resumable"),
+        "schema": {"type": "string", "enum": [*DRAFT_VERSIONS]},
+    },
+    {
+        **header("Upload-Complete", "the IETF draft's creation or append: ?1 if its bytes end the file, else ?0"),
+        "schema": {"type": "string", "enum": ["?0", "?1"]},
+    },
+)
 TUS_REFUSALS = {
     404: error(NO_SUCH_UPLOAD),
-    412: error(f"no Tus-Resumable: {TUS_VERSION}", {"Tus-Version": TUS_VERSION}),
+    412: error(
+        f"no Tus-Resumable: {TUS_VERSION} (nor Upload-Draft-Interop-Version), or an interop version of the IETF draft not spoken here",
+        {"Tus-Version": TUS_VERSION},
+    ),
     **UNAVAILABLE,
 }
+DRAFT_STATE_SENT = error("the IETF draft: Upload-Offset, Upload-Complete or Upload-Length, which are for a creation or an append")  # HEAD, DELETE
 
 
 def tus_route(endpoint: Endpoint) -> Endpoint:
     """A tus request carries `Tus-Resumable: 1.0.0` (tus 1.0.0 §Tus-Resumable: 412 with Tus-Version without
-    it; a GET or OPTIONS needs none), and every answer carries it back, refusals too."""
+    it; a GET or OPTIONS needs none), and every answer carries it back, refusals too. A request of the IETF
+    draft goes to the draft's endpoint of this route, if it has one (`draft_of`), else to this one."""
 
     @functools.wraps(endpoint)
     async def tus_endpoint(request: Request) -> Response:
+        if speaks_draft(request):
+            return await draft_exchange(request, DRAFT_ENDPOINTS.get(tus_endpoint, endpoint))
         try:
             if request.method not in ("GET", "OPTIONS") and request.headers.get("tus-resumable") != TUS_VERSION:
                 raise Refused(412, f"send Tus-Resumable: {TUS_VERSION}, the tus version this service speaks", {"Tus-Version": TUS_VERSION})
@@ -776,13 +845,16 @@ def upload_route(method: str, summary: str, answers: Mapping[int, Mapping[str, A
 @API.route(
     "/users/{user_id}/uploads",
     ["OPTIONS"],
-    "The tus version, extensions and limits of the resumable uploads (no credentials needed)",
-    {204: answer("what the server offers", headers=TUS_CAPABILITIES)},
+    "The tus version, extensions and limits of the resumable uploads, and the IETF draft's limits (no credentials needed)",
+    {204: answer("what the server offers", headers={**TUS_CAPABILITIES, "Upload-Limit": "the IETF draft's: max-size, MAX_UPLOAD_MB in bytes"})},
     parameters=(USER_ID,),
 )
 @tus_route
 async def tus_options(request: Request) -> Response:
-    return Response(status_code=204, headers={**TUS_CAPABILITIES, "Tus-Max-Size": str(services_of(request).settings.max_upload_bytes)})
+    settings = services_of(request).settings
+    return Response(
+        status_code=204, headers={**TUS_CAPABILITIES, "Tus-Max-Size": str(settings.max_upload_bytes), "Upload-Limit": upload_limit(settings)}
+    )
 
 
 @API.route(
@@ -817,19 +889,24 @@ def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
 @API.route(
     "/users/{user_id}/uploads",
     ["POST"],
-    "Create a resumable upload (tus creation); its first bytes may come along (creation-with-upload)",
+    "Create a resumable upload (tus creation, or the IETF draft's); its first bytes may come along (creation-with-upload)",
     {
-        201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE}),
-        400: error(
+        201: answer("created; with a body, its bytes are stored", headers={"Location": "the upload's URL", **UPLOAD_STATE, **DRAFT_STATE}),
+        200: answer(
+            "the IETF draft's creation with the whole file (Upload-Complete: ?1): the record, stored",
+            "Record",
+            {"Location": "the upload's URL", "Upload-Offset": UPLOAD_STATE["Upload-Offset"], **DRAFT_STATE},
+        ),
+        400: problem_error(
             "no Upload-Length nor Upload-Defer-Length: 1, both, or a length that is not a number; a bad Upload-Concat, or a final one"
-            " naming a partial upload not whole yet"
+            " naming a partial upload not whole yet; the IETF draft: no Upload-Complete, or two lengths told (inconsistent-upload-length)"
         ),
         404: error("a partial upload that Upload-Concat: final names is unknown, expired or not partial"),
         413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
-        415: error("a body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
+        415: error("a tus body that is not application/offset+octet-stream, or a WAV refused as on POST /users/wav"),
         422: error(
-            "Upload-Metadata malformed, without filename, or with a bad option; a record of this user, or an unfinished upload, has this "
-            "file name (not 409, which tus clients retry); or an empty file"
+            "Upload-Metadata malformed, without filename (tus), or with a bad option (or the query's: the IETF draft); a record of this user,"
+            " or an unfinished upload, has this file name (not 409, which tus clients retry); or an empty file"
         ),
         429: error("the user has MAX_UNFINISHED_UPLOADS unfinished uploads, or they would declare more than MAX_UNFINISHED_MB"),
         412: TUS_REFUSALS[412],
@@ -840,7 +917,13 @@ def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
         header("Tus-Resumable", TUS_VERSION),
         header("Upload-Length", "the file's size in bytes"),
         header("Upload-Defer-Length", "1 instead of Upload-Length: the length comes with a later PATCH (a recording under way)"),
-        header("Upload-Metadata", "filename (required), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
+        header("Upload-Metadata", "filename (required for tus), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
+        *DRAFT_HEADERS,
+        header("Content-Disposition", "the IETF draft: `inline; filename=...`, the file's name when Upload-Metadata gives none"),
+        *(
+            query(name, f"the IETF draft: {option.meaning}", required=False, schema={"type": "integer", "enum": list(option.values)})
+            for name, option in FORM_OPTIONS.items()
+        ),
     ),
     bearer=True,
 )
@@ -876,7 +959,11 @@ async def create_upload(request: Request) -> Response:
     "HEAD",
     "Where a resumable upload stands: the bytes received and stored",
     {
-        200: answer("the offset to go on from", headers={**UPLOAD_STATE, "Upload-Metadata": "as given at creation", "Cache-Control": "no-store"}),
+        200: answer(
+            "the offset to go on from",
+            headers={**UPLOAD_STATE, "Upload-Metadata": "as given at creation", "Cache-Control": "no-store", **DRAFT_STATE},
+        ),
+        400: DRAFT_STATE_SENT,
         423: error("all bytes are in and the record is being stored: ask again after Retry-After", {"Retry-After": "seconds"}),
         **TUS_REFUSALS,
     },
@@ -904,12 +991,31 @@ async def standing_upload(request: Request) -> StoredUpload:
     "PATCH",
     "The next bytes of a resumable upload, at its offset; the last ones store the record",
     {
-        204: answer("stored (the last ones: and the record too)", headers=UPLOAD_STATE),
-        400: error("no Upload-Offset, or an Upload-Checksum that is malformed or of an algorithm not offered"),
+        204: answer("stored (the last ones: and the record too); the IETF draft from interop version 7: stored, it goes on", headers=UPLOAD_STATE),
+        200: answer(
+            "the IETF draft: these bytes completed the upload (Upload-Complete: ?1): the record, stored",
+            "Record",
+            {"Upload-Offset": UPLOAD_STATE["Upload-Offset"], **DRAFT_STATE},
+        ),
+        201: answer(
+            "the IETF draft, interop versions 5 and 6: stored, the upload goes on (Upload-Complete: ?0)",
+            headers={"Upload-Offset": UPLOAD_STATE["Upload-Offset"], **DRAFT_STATE},
+        ),
+        400: problem_error(
+            "no Upload-Offset, or an Upload-Checksum that is malformed or of an algorithm not offered; the IETF draft: no Upload-Complete,"
+            " two lengths told (inconsistent-upload-length), or an upload complete already (completed-upload)"
+        ),
         408: error("the client stalled or sent too slowly: the bytes that arrived are kept"),
-        409: error("Upload-Offset is not the upload's offset, or another request is sending this upload's bytes", {"Upload-Offset": "where it is"}),
+        409: problem_error(
+            "Upload-Offset is not the upload's offset (the IETF draft: mismatching-upload-offset), another request is sending this upload's"
+            " bytes, or (tus) the upload is complete",
+            {"Upload-Offset": "where it is"},
+        ),
         413: error("more bytes than Upload-Length leaves, a piece with Upload-Checksum over MAX_CHECKED_PIECE_MB, or an MP3 past the quota"),
-        415: error("not application/offset+octet-stream, or a WAV refused as on POST /users/wav (the upload is then ended)"),
+        415: error(
+            "not application/offset+octet-stream (the IETF draft: application/partial-upload), or a WAV refused as on POST /users/wav"
+            " (the upload is then ended)"
+        ),
         422: error("a WAV refused as on POST /users/wav: the upload is then ended"),
         460: error("Upload-Checksum does not match: the piece is dropped, the offset stays"),
         **TUS_REFUSALS,
@@ -923,8 +1029,9 @@ async def standing_upload(request: Request) -> StoredUpload:
         header("Upload-Offset", "where these bytes start: the upload's offset"),
         header("Upload-Length", "the file's size, once known, of an upload created with Upload-Defer-Length: 1"),
         header("Upload-Checksum", "optional: `sha1 base64(digest)` of this piece (also sha256, sha512, md5)"),
+        *DRAFT_HEADERS,
     ),
-    body={"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    body={media: {"schema": {"type": "string", "format": "binary"}} for media in ("application/offset+octet-stream", PARTIAL_UPLOAD)},
 )
 async def patch_upload(request: Request) -> Response:
     services = services_of(request)
@@ -956,7 +1063,7 @@ async def get_upload(request: Request) -> Response:
 @upload_route(
     "DELETE",
     "End a resumable upload (tus termination): its bytes are deleted and its file name is free again",
-    {204: answer("terminated"), **TUS_REFUSALS},
+    {204: answer("terminated"), 400: DRAFT_STATE_SENT, **TUS_REFUSALS},
 )
 async def delete_upload(request: Request) -> Response:
     """tus termination; a finished upload's record stays (DELETE /record deletes it)."""
@@ -974,6 +1081,174 @@ async def override_upload_method(request: Request) -> Response:
     if method not in ("PATCH", "DELETE"):
         raise Refused(405, "POST to an upload needs X-HTTP-Method-Override: PATCH or DELETE")
     return await (patch_upload if method == "PATCH" else delete_upload)(request)
+
+
+# Resumable uploads: the IETF draft "Resumable Uploads for HTTP" (draft-ietf-httpbis-resumable-upload, tus's successor:
+# https://datatracker.ietf.org/doc/draft-ietf-httpbis-resumable-upload/) on the same collection and upload URLs. A
+# request with Upload-Draft-Interop-Version and no Tus-Resumable speaks it (tus-js-client's `protocol: 'ietf-draft-03'`
+# sends 5, `'ietf-draft-05'` 6). Its uploads are tus's (the same rows, sessions, bounds, quota and shares); what differs
+# is what a request says and what it is answered. Upload-Complete: ?1 ends the file, as reaching its length does, and
+# the answer that ends it is the record (the draft: the answer of the resource that processed the representation).
+# No 104 (Upload Resumption Supported): uvicorn gives an ASGI app no interim answers, and nginx (deploy/) would take
+# one for the final answer (docs/API.md, "The IETF draft").
+
+
+def speaks_draft(request: Request) -> bool:
+    return "upload-draft-interop-version" in request.headers and "tus-resumable" not in request.headers
+
+
+def draft_version(request: Request) -> DraftVersion:
+    """The request's interop version: 412 for one this service does not speak."""
+    version = DRAFT_VERSIONS.get(request.headers.get("upload-draft-interop-version", "").strip())
+    if version is None:
+        raise Refused(
+            412,
+            f"Upload-Draft-Interop-Version must be one of {', '.join(DRAFT_VERSIONS)} (or send Tus-Resumable: {TUS_VERSION})",
+            {"Tus-Version": TUS_VERSION},
+        )
+    return version
+
+
+def draft_of(tus_endpoint: Endpoint) -> Callable[[Endpoint], Endpoint]:
+    """The draft's endpoint of a route whose tus endpoint is `tus_endpoint`: tus_route sends the draft's requests to it."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        DRAFT_ENDPOINTS[tus_endpoint] = endpoint
+        return endpoint
+
+    return register
+
+
+async def draft_exchange(request: Request, endpoint: Endpoint) -> Response:
+    """A request of the draft: its version (412 for one not spoken; a GET or an OPTIONS needs none), given back on every
+    answer. A refused creation or append says whether the upload has ended (Upload-Complete: ?1: a file refused as no
+    WAV, as the draft's example of a body that cannot be decoded) or goes on (?0)."""
+    version = {} if request.method in ("GET", "OPTIONS") else {"Upload-Draft-Interop-Version": str(draft_version(request).interop)}
+    try:
+        said = [name for name in ("Upload-Offset", "Upload-Complete", "Upload-Length") if name in request.headers]
+        if request.method in ("HEAD", "DELETE") and said:  # drafts -03 to -05: the server MUST refuse it
+            raise Refused(400, f"a {request.method} of an upload carries no {said[0]}: that is for a creation or an append")
+        response = await endpoint(request)
+    except Refused as refusal:
+        if request.method in ("POST", "PATCH"):
+            refusal.headers.setdefault("Upload-Complete", "?1" if isinstance(refusal, BadWav | UnsupportedWav) else "?0")
+        refusal.headers.update(version)
+        raise
+    response.headers.update(version)
+    return response
+
+
+@draft_of(create_upload)
+async def create_draft_upload(request: Request) -> Response:
+    """The draft's creation: a POST with Upload-Complete, whose body (none, some or all of the file) is the file's first
+    bytes, ?1 saying they are all of it. The name is reserved now, as for tus."""
+    services = services_of(request)
+    user_id, token = await owner(request)
+    last = upload_complete(request)
+    length = draft_length(request, 0, last, services.settings)
+    upload_checksum(request, length or services.settings.max_upload_bytes, services.settings)  # a body past the length: 413, nothing created
+    upload_id = str(uuid.uuid4())
+    metadata = request.headers.get("upload-metadata", "")
+    filename, options = draft_name(request, metadata, upload_id)
+    try:
+        upload = await services.resumable.create(user_id, token, filename, options, length or DEFERRED, metadata, upload_id=upload_id)
+    except NameTaken as taken:
+        raise Refused(422, taken.message) from None  # as for tus: clients of the draft, too, take 409 for "ask the offset"
+    offset = await receive_first_piece(request, services, upload, token, last) if has_body(request) else 0
+    return await draft_answer(request, upload, offset, length, last, 201, {"Location": upload_url(request, upload)})
+
+
+@draft_of(head_upload)
+async def head_draft_upload(request: Request) -> Response:
+    """The draft's offset retrieval: where the upload stands, whether it is complete, its length if known, its limits."""
+    upload = await standing_upload(request)
+    length = {} if upload.length == DEFERRED else {"Upload-Length": str(upload.length)}
+    state = {"Upload-Offset": str(upload.received), "Upload-Complete": "?0" if upload.record_id is None else "?1", **length}
+    return Response(status_code=200, headers={**state, **draft_limits(request, upload), "Cache-Control": "no-store"})
+
+
+@draft_of(patch_upload)
+async def patch_draft_upload(request: Request) -> Response:
+    """The draft's append: the bytes at Upload-Offset, Upload-Complete saying whether they end the file."""
+    services = services_of(request)
+    upload, token = await owned_upload(request)
+    version = draft_version(request)
+    if version.partial_upload and has_body(request) and media_type(request) != PARTIAL_UPLOAD:
+        raise Refused(415, f"send the bytes as Content-Type: {PARTIAL_UPLOAD}")
+    last = upload_complete(request)
+    offset = parse_count(request.headers.get("upload-offset", ""), "Upload-Offset", 400)
+    length = draft_length(request, offset, last, services.settings)
+    offset = await receive_upload(request, services, upload, offset, token, length, last)
+    return await draft_answer(request, upload, offset, length, last, version.append_status, {})
+
+
+def upload_complete(request: Request) -> bool:
+    """Upload-Complete, which a creation or an append of the draft carries (an RFC 9651 boolean): 400 without one."""
+    value = request.headers.get("upload-complete", "").partition(";")[0].strip()
+    if value not in ("?0", "?1"):
+        raise Refused(400, "send Upload-Complete: ?1 if these bytes end the file, else ?0")
+    return value == "?1"
+
+
+def draft_length(request: Request, offset: int, last: bool, settings: Settings) -> int | None:
+    """The file's length, if a request of the draft tells it: Upload-Length, or, with Upload-Complete: ?1, the offset
+    and the body's Content-Length; 400 when they disagree (the draft's inconsistent-upload-length), 413 past MAX_UPLOAD_MB."""
+    told = set()
+    if "upload-length" in request.headers:
+        told.add(parse_count(request.headers["upload-length"].strip(), "Upload-Length", 400))
+    if last and "transfer-encoding" not in request.headers:
+        told.add(offset + parse_count(request.headers.get("content-length", "0"), "Content-Length", 400))
+    if len(told) > 1:
+        raise Refused(
+            400, f"Upload-Length and the bytes that end the file tell two lengths: {min(told)} and {max(told)}", problem=INCONSISTENT_LENGTH
+        )
+    return checked_length(told.pop(), settings) if told else None
+
+
+def draft_name(request: Request, metadata: str, upload_id: str) -> tuple[str, dict[str, int]]:
+    """A draft upload's file name and options: Upload-Metadata's, as for tus, when the client sends it (tus-js-client
+    does); else the name Content-Disposition gives (`inline; filename=...`, as the draft advises), or else
+    upload-<the upload id's first 8 digits>.wav. Options may come in the query too: ?bitrate=96&channels=1."""
+    filename, options = upload_metadata(metadata, named=False) if metadata else ("", {})
+    if not filename:
+        _, params = disposition_params(request.headers.get("content-disposition", "").encode("latin-1"))
+        if "filename" in params or "filename*" in params:
+            filename = clean_filename(disposition_filename(params, "Content-Disposition"), "Content-Disposition's filename")
+    for name, value in request.query_params.multi_items():
+        if name in FORM_OPTIONS:
+            add_option(options, name, value)
+    return filename or f"upload-{upload_id[:8]}.wav", options
+
+
+async def draft_answer(
+    request: Request, upload: StoredUpload, offset: int, length: int | None, last: bool, status: int, headers: Mapping[str, str]
+) -> Response:
+    """A creation's or an append's answer: once the upload is complete (its file ended with this request, or reached its
+    length, and the record is stored), the record as GET of the upload gives it, with Upload-Complete: ?1 (200); else
+    the offset, with ?0 (`status`): a first piece that met a refusal too (`receive_first_piece`)."""
+    known = upload.length if length is None else length
+    if not upload.partial and (last or offset == known != DEFERRED):
+        store = services_of(request).store
+        if (stored := await store.find_upload(upload.upload_id, upload.user_id)) is not None and stored.record_id is not None:
+            record = await store.find_record(stored.record_id, upload.user_id)
+            if record is None:
+                raise Refused(404, "the record of this upload has been deleted")
+            return JSONResponse(record_json(request, record), headers={**headers, "Upload-Offset": str(offset), "Upload-Complete": "?1"})
+    return Response(status_code=status, headers={**headers, "Upload-Offset": str(offset), "Upload-Complete": "?0", **draft_limits(request, upload)})
+
+
+def draft_limits(request: Request, upload: StoredUpload) -> dict[str, str]:
+    lifetime = draft_version(request).lifetime
+    return {} if lifetime is None else {"Upload-Limit": upload_limit(services_of(request).settings, lifetime, upload.expires_at)}
+
+
+def upload_limit(settings: Settings, lifetime: str = "", expires_at: str = "") -> str:
+    """The draft's Upload-Limit (an RFC 9651 dictionary): the largest file, and the seconds an upload has left to finish."""
+    limits = f"max-size={settings.max_upload_bytes}"
+    if lifetime:
+        left = datetime.fromisoformat(expires_at).astimezone(UTC) - datetime.now(UTC)
+        limits += f", {lifetime}={max(0, int(left.total_seconds()))}"
+    return limits
 
 
 RECORD_HEADERS = {
@@ -2425,17 +2700,20 @@ async def concatenate(request: Request, services: Services, user_id: str, token:
     return Response(status_code=201, headers=headers)
 
 
-async def receive_upload(request: Request, services: Services, upload: StoredUpload, offset: int, token: str, length: int | None = None) -> int:
+async def receive_upload(
+    request: Request, services: Services, upload: StoredUpload, offset: int, token: str, length: int | None = None, last: bool = False
+) -> int:
     """A request's bytes into a resumable upload at `offset`: converted as they arrive, stored every FLUSH_BYTES and
     when the request ends, however it ends (a dropped connection, a client too slow, too many bytes); the last ones
-    store the record. `length` is the file's, if the request tells it. The offset the upload stands at afterwards."""
+    store the record. `length` is the file's, if the request tells it; `last`, that its bytes end the file whatever
+    their number (the IETF draft's Upload-Complete: ?1). The offset the upload stands at afterwards."""
     if done_at(request, upload, offset):
         return upload.length
     if length is not None:  # the length, now known (creation-defer-length); once known, it stays
         if upload.length == DEFERRED:
             upload = await services.store.declare_length(upload, length)
         elif length != upload.length:
-            raise Refused(400, f"Upload-Length {length} is not this upload's: it is {upload.length}")
+            raise Refused(400, f"Upload-Length {length} is not this upload's: it is {upload.length}", problem=INCONSISTENT_LENGTH)
     if not has_body(request) and (not upload.whole or upload.partial):
         # Nothing to add: the offset as it stands, without taking the upload's turn. A cold upload catches up (re-encodes
         # its stored bytes) only for bytes that go on from there: on e37ff88 an empty PATCH cost 1.4 s of CPU.
@@ -2467,8 +2745,17 @@ async def receive_upload(request: Request, services: Services, upload: StoredUpl
                     await services.resumable.complete(live, token)
                 raise
             stored = await live.store_pending()
+            if last and upload.length == DEFERRED:  # a body of a size not told: the file ends with it
+                upload = live.upload = await services.store.declare_length(live.upload, checked_length(stored, services.settings))
             if stored == upload.length != DEFERRED and not upload.partial:
                 await services.resumable.complete(live, token)
+            elif last and stored != upload.length:
+                raise Refused(
+                    400,
+                    f"Upload-Complete: ?1 ends the file at {stored} bytes, but it is {upload.length}: send the rest",
+                    {"Upload-Offset": str(stored)},
+                    problem=INCONSISTENT_LENGTH,
+                )
             return stored
     finally:
         slot.release()
@@ -2499,18 +2786,21 @@ def done_at(request: Request, upload: StoredUpload, offset: int) -> bool:
     if upload.record_id is not None:
         if offset == upload.length and not has_body(request):
             return True
-        raise Refused(409, "this upload is complete: GET its URL for the record", {"Upload-Offset": str(upload.length)})
+        raise Refused(409, "this upload is complete: GET its URL for the record", {"Upload-Offset": str(upload.length)}, problem=COMPLETED_UPLOAD)
     if offset != upload.received:
-        raise Refused(409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)})
+        raise Refused(
+            409, f"the upload stands at {upload.received}, not {offset}: send from there", {"Upload-Offset": str(upload.received)},
+            problem={**MISMATCHING_OFFSET, "expected-offset": upload.received, "provided-offset": offset},
+        )  # fmt: skip
     return False
 
 
-async def receive_first_piece(request: Request, services: Services, upload: StoredUpload, token: str) -> int:
-    """creation-with-upload: the POST's body is the file's first bytes. The upload exists from now on, so a piece
-    that meets a refusal (a checksum that does not match, a cut, the upload cap) still gets its 201, with the offset
-    stored; only a file that turns out to be no WAV, which ends the upload, is answered with its refusal."""
+async def receive_first_piece(request: Request, services: Services, upload: StoredUpload, token: str, last: bool = False) -> int:
+    """creation-with-upload: the POST's body is the file's first bytes (all of them, if `last`). The upload exists from
+    now on, so a piece that meets a refusal (a checksum that does not match, a cut, the upload cap) still gets its 201,
+    with the offset stored; only a file that turns out to be no WAV, which ends the upload, is answered with its refusal."""
     try:
-        return await receive_upload(request, services, upload, 0, token)
+        return await receive_upload(request, services, upload, 0, token, last=last)
     except Refused as refusal:
         if isinstance(refusal, BadWav | UnsupportedWav) or (stored := await services.store.find_upload(upload.upload_id, upload.user_id)) is None:
             raise
@@ -3903,7 +4193,9 @@ class Store:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 if found.length != length:
                     raise Refused(
-                        400, f"Upload-Length {length} is not this upload's: it is {found.length or 'not known'}, with {found.received} bytes in"
+                        400,
+                        f"Upload-Length {length} is not this upload's: it is {found.length or 'not known'}, with {found.received} bytes in",
+                        problem=INCONSISTENT_LENGTH,
                     )
                 return found
         return dataclasses.replace(upload, length=length)
@@ -4451,6 +4743,15 @@ COMPONENTS = {
         },
     },
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457: a refusal of the IETF draft's request with one of its problem types; `error` as in every refusal",
+        "required": ["type", "title", "status", "detail", "error"],
+        "properties": {
+            **{name: {"type": "string"} for name in ("type", "title", "detail", "error")},
+            **{name: {"type": "integer"} for name in ("status", "expected-offset", "provided-offset")},
+        },
+    },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "NewUser": {
         "type": "object",
@@ -4715,12 +5016,15 @@ def services_of(request: Request) -> Services:
 
 async def answer_refusal(request: Request, failure: Exception) -> Response:
     """Every refusal, ours (Refused) or Starlette's (404, 405), as {"error": message}: the one place one becomes HTTP,
-    in the language the client prefers (Accept-Language: English, or Russian); the log keeps the English."""
+    in the language the client prefers (Accept-Language: English, or Russian); the log keeps the English. A request
+    of the IETF draft refused with one of its problem types gets the problem (RFC 9457), at the draft's status."""
     if isinstance(failure, HTTPException):
         failure = Refused(failure.status_code, failure.detail, failure.headers)
     assert isinstance(failure, Refused)
-    log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), failure.status, failure.message)
-    return error_answer(request, failure.message, failure.status, failure.headers)
+    problem = failure.problem if speaks_draft(request) else {}
+    status = problem.get("status", failure.status)
+    log.info("refused %s %s: %d %s", request.method, without_ids(request.url.path), status, failure.message)
+    return error_answer(request, failure.message, status, failure.headers, problem)
 
 
 async def internal_error(request: Request, failure: Exception) -> Response:
@@ -4729,10 +5033,14 @@ async def internal_error(request: Request, failure: Exception) -> Response:
     return error_answer(request, "internal error", 500)
 
 
-def error_answer(request: Request, message: str, status: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_answer(
+    request: Request, message: str, status: int, headers: Mapping[str, str] | None = None, problem: Mapping[str, Any] | None = None
+) -> JSONResponse:
     headers = {**(headers or {}), "Vary": "Accept-Language"}
     if prefers_russian(request.headers.get("accept-language", "")) and (russian := RUSSIAN.translate(message)) is not None:
         message, headers["Content-Language"] = russian, "ru"
+    if problem:  # the message is the problem's detail, and stays the `error` every answer of the service has
+        return JSONResponse({**problem, "detail": message, "error": message}, status, headers, "application/problem+json")
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -4859,11 +5167,12 @@ async def keep_storage(services: Services) -> None:
 
 # What browser tus clients send and read (tus-js-client, Uppy): CORS lets them, with CORS_ORIGINS set.
 # Every request header a mainstream resumable client sends: tus-js-client (X-Request-ID with addRequestId, which Uppy
-# turns on; the IETF draft's with its ietf-draft protocols), Uppy, tuspy.
+# turns on; the IETF draft's with its ietf-draft protocols), Uppy, tuspy; a client of the draft may name its file in
+# Content-Disposition. What they read: the upload's state, tus's capabilities and the draft's state (Upload-Limit...).
 TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Upload-Metadata", "Upload-Checksum", "Upload-Defer-Length",
                        "Upload-Concat", "X-HTTP-Method-Override", "X-Requested-With", "X-Request-ID", "Upload-Complete",
-                       "Upload-Draft-Interop-Version")  # fmt: skip
-TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Defer-Length", "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES)
+                       "Upload-Draft-Interop-Version", "Content-Disposition")  # fmt: skip
+TUS_RESPONSE_HEADERS = (*UPLOAD_STATE, "Upload-Defer-Length", "Upload-Metadata", "Tus-Resumable", *TUS_CAPABILITIES, *DRAFT_STATE)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -4041,6 +4041,36 @@ def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: 
     assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
 
 
+@needs_tus_js_client
+@pytest.mark.parametrize(
+    "protocol, then, options",
+    [("ietf-draft-03", "start", {}), ("ietf-draft-05", "start", {}), ("ietf-draft-05", "new-upload", {"uploadDataDuringCreation": True})],
+    ids=["03-start", "05-start", "05-new-upload-with-data-in-the-creation"],
+)
+def test_live_tus_js_client_speaking_the_ietf_draft_goes_on_where_it_stopped(
+    live: LiveServer, tmp_path: Path, protocol: str, then: str, options: dict[str, Any]
+) -> None:
+    """tus-js-client's `protocol: 'ietf-draft-03'` and `'ietf-draft-05'` (Upload-Draft-Interop-Version 5 and 6), unchanged:
+    the creation (Upload-Complete: ?0, its first piece in it or not), appends, abort() halfway, then start() again or a
+    new Upload that finds the URL in its storage (a HEAD for the offset), and the last append (?1) answered with the
+    record; one upload, no byte sent twice, the MP3 a POST gives. Both drafts answer an append that goes on 201."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    job = {
+        "interrupt": {"afterBytes": len(wav) // 2, "then": then},
+        "urlStorage": str(tmp_path / "urls.json"),
+        "options": {"protocol": protocol, **options},
+    }
+    outcome = tus_js_client(live, user, wav_file, "draft.wav", **job)
+    assert outcome["ok"] and outcome["interrupted"], outcome["error"]
+    half = math.ceil(len(wav) // 2 / NODE_CHUNK) * NODE_CHUNK  # the first offset past half: abort() comes between appends
+    first = NODE_CHUNK if options else 0  # uploadDataDuringCreation: the first piece is in the creation
+    appends = ["PATCH 201"] * (math.ceil((half - first) / NODE_CHUNK) + math.ceil((len(wav) - half) / NODE_CHUNK) - 1) + ["PATCH 200"]
+    assert [r for r in outcome["requests"] if r != "HEAD 200"] == ["POST 201", *appends] and outcome["requests"].count("HEAD 200") == 1
+    assert outcome["retries"] == 0 and httpx.get(outcome["url"], headers=bearer(user)).json()["filename"] == "draft.mp3"
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
 def client_snippet(language: str, live: LiveServer, user: dict[str, str]) -> str:
     """The `language` snippet of docs/API.md's "Clients", aimed at `live` and `user`."""
     section = (HERE / "docs" / "API.md").read_text().split("## Clients\n", 1)[1].split("\n## ", 1)[0]

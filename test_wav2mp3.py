@@ -4044,7 +4044,11 @@ def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: 
 @needs_tus_js_client
 @pytest.mark.parametrize(
     "protocol, then, options",
-    [("ietf-draft-03", "start", {}), ("ietf-draft-05", "start", {}), ("ietf-draft-05", "new-upload", {"uploadDataDuringCreation": True})],
+    [
+        ("ietf-draft-03", "start", {}),
+        ("ietf-draft-05", "start", {}),
+        ("ietf-draft-05", "new-upload", {"uploadDataDuringCreation": True}),
+    ],
     ids=["03-start", "05-start", "05-new-upload-with-data-in-the-creation"],
 )
 def test_live_tus_js_client_speaking_the_ietf_draft_goes_on_where_it_stopped(
@@ -4064,11 +4068,26 @@ def test_live_tus_js_client_speaking_the_ietf_draft_goes_on_where_it_stopped(
     outcome = tus_js_client(live, user, wav_file, "draft.wav", **job)
     assert outcome["ok"] and outcome["interrupted"], outcome["error"]
     half = math.ceil(len(wav) // 2 / NODE_CHUNK) * NODE_CHUNK  # the first offset past half: abort() comes between appends
-    first = NODE_CHUNK if options else 0  # uploadDataDuringCreation: the first piece is in the creation
+    first = NODE_CHUNK if "uploadDataDuringCreation" in options else 0  # the first piece in the creation
     appends = ["PATCH 201"] * (math.ceil((half - first) / NODE_CHUNK) + math.ceil((len(wav) - half) / NODE_CHUNK) - 1) + ["PATCH 200"]
     assert [r for r in outcome["requests"] if r != "HEAD 200"] == ["POST 201", *appends] and outcome["requests"].count("HEAD 200") == 1
     assert outcome["retries"] == 0 and httpx.get(outcome["url"], headers=bearer(user)).json()["filename"] == "draft.mp3"
     assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
+@needs_tus_js_client
+def test_live_tus_js_client_speaking_the_ietf_draft_gives_a_length_not_known_at_the_end(live: LiveServer, tmp_path: Path) -> None:
+    """uploadLengthDeferred with `protocol: 'ietf-draft-05'`: a creation with no length (tus-js-client sends tus's
+    Upload-Defer-Length, which the draft does not know), the length with the last append and its Upload-Complete: ?1."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]  # a recorder's header: data size not known yet
+    wav_file.write_bytes(recording)
+    options = {"protocol": "ietf-draft-05", "uploadLengthDeferred": True}
+    outcome = tus_js_client(live, user, wav_file, "recording.wav", input="buffer", options=options)
+    assert outcome["ok"], outcome["error"]
+    assert outcome["requests"] == ["POST 201", *["PATCH 201"] * (math.ceil(len(wav) / NODE_CHUNK) - 1), "PATCH 200"], outcome["requests"]
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
 
 
 def client_snippet(language: str, live: LiveServer, user: dict[str, str]) -> str:

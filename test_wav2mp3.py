@@ -4121,6 +4121,22 @@ def test_the_client_snippets_of_the_api_reference_work_as_written(live: LiveServ
 
 
 @needs_tus_js_client
+@pytest.mark.parametrize("options", [{"parallelUploads": 3}, {"addRequestId": True}], ids=["parallel", "request-id"])
+def test_live_tus_js_client_options_go_on_after_an_interruption(live: LiveServer, tmp_path: Path, options: dict[str, Any]) -> None:
+    """Aborted halfway, then a new Upload of the same file finds what it stored (findPreviousUploads: for parallel
+    pieces, each piece's URL) and goes on: one record, the MP3 a POST gives."""
+    user = live.new_user()
+    wav, wav_file = node_wav(tmp_path)
+    job = {"interrupt": {"afterBytes": len(wav) // 2, "then": "new-upload"}, "urlStorage": str(tmp_path / "tus-urls.json"), "options": options}
+    outcome = tus_js_client(live, user, wav_file, "interrupted.wav", **job)
+    assert outcome["ok"] and outcome["interrupted"], outcome["error"]
+    assert outcome["retries"] == 0 and all(not answer.startswith(("POST 4", "PATCH 4")) for answer in outcome["requests"]), outcome["requests"]
+    creations = 4 if "parallelUploads" in options else 1  # its pieces made once, then the final upload: resumed, not begun again
+    assert outcome["requests"].count("POST 201") == creations and "HEAD 200" in outcome["requests"], outcome["requests"]
+    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
+
+
+@needs_tus_js_client
 def test_live_tus_js_client_with_add_request_id_is_accepted(live: LiveServer, tmp_path: Path) -> None:
     """addRequestId (Uppy turns it on) sends a new X-Request-ID with every request: the service takes it."""
     user = live.new_user()

@@ -13,7 +13,7 @@
 //   urlStorage  a file for tus-js-client's FileUrlStorage, where it keeps the upload's URL under the file's
 //               fingerprint (Node's default keeps nothing)
 //   interrupt   {"afterBytes": N, "then": ...}: abort() once the server has accepted N bytes or more (between two
-//               PATCHes, at onChunkComplete), then
+//               PATCHes, at onChunkComplete; with parallelUploads, once N bytes are sent: onProgress), then
 //                 "stop"       report and end (resume in another run, with options.uploadUrl);
 //                 "start"      start() the same Upload again (tus-js-client's pause and resume);
 //                 "new-upload" a new Upload of the same file: findPreviousUploads() in urlStorage and
@@ -67,10 +67,11 @@ function run(job) {
         },
         onChunkComplete(_chunkSize, bytesAccepted, bytesTotal) {
           outcome.accepted = bytesAccepted
-          if (interrupt && !interrupted && bytesAccepted >= interrupt.afterBytes && bytesAccepted < bytesTotal) {
-            interrupted = true
-            upload.abort().then(() => resume(upload))
-          }
+          interruptAt(upload, bytesAccepted, bytesTotal)
+        },
+        // With parallelUploads the pieces' chunks are not the file's: its progress says how far it is.
+        onProgress(bytesSent, bytesTotal) {
+          if ((job.options?.parallelUploads ?? 1) > 1) interruptAt(upload, bytesSent, bytesTotal)
         },
         onSuccess() {
           finish({ ok: true, url: upload.url, interrupted })
@@ -80,6 +81,13 @@ function run(job) {
         },
       })
       return upload
+    }
+
+    function interruptAt(upload, bytes, bytesTotal) {
+      if (interrupt && !interrupted && bytes >= interrupt.afterBytes && bytes < bytesTotal) {
+        interrupted = true
+        upload.abort().then(() => resume(upload))
+      }
     }
 
     async function resume(aborted) {

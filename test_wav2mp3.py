@@ -38,7 +38,8 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1150,6 +1151,347 @@ async def test_size_sha256_etag_and_range_cover_the_tags(client: httpx.AsyncClie
     assert body["size_bytes"] == len(mp3) and body["sha256"] == hashlib.sha256(mp3).hexdigest()
     head = await client.get(record_path(body["url"]), headers={"Range": "bytes=0-2"})
     assert head.status_code == 206 and head.content == b"ID3" and head.headers["etag"] == f'"{body["sha256"]}"'
+
+
+# Tags from the WAV (issue 26): its own ID3 tag, bext, cue points as chapters, the ID3 version ###########
+
+
+def jpeg_ish(size: int, seed: int = 0) -> bytes:
+    """Cover art as far as a tag is concerned: JPEG's SOI and APP0 markers, then noise."""
+    return b"\xff\xd8\xff\xe0" + np.random.default_rng(seed).bytes(size - 4)
+
+
+def id3_chunk(*frames: mutagen.id3.Frame, version: int = 4, chunk_id: bytes = b"id3 ") -> bytes:
+    """An `id3 ` chunk as a tagger leaves one in a WAV: a tag mutagen writes, of ID3v2.4 or v2.3."""
+    tag = mutagen.id3.ID3()
+    for frame in frames:
+        tag.add(frame)
+    if version == 3:
+        tag.update_to_v23()
+    out = io.BytesIO()
+    tag.save(out, v2_version=version, padding=lambda _: 0)
+    return riff_chunk(chunk_id, out.getvalue())
+
+
+def frame_bytes(frame: mutagen.id3.Frame) -> bytes:
+    """One frame as mutagen writes it into an ID3v2.4 tag."""
+    tag = mutagen.id3.ID3()
+    tag.add(frame)
+    out = io.BytesIO()
+    tag.save(out, v2_version=4, padding=lambda _: 0)
+    return out.getvalue()[10:]
+
+
+def album_frames(picture: bytes) -> list[mutagen.id3.Frame]:
+    """What iTunes or Mp3tag put in a tag: texts, numbers, a comment, lyrics, a user text and the cover."""
+    return [
+        mutagen.id3.TIT2(encoding=3, text=["Лекция 3: энтропия"]),
+        mutagen.id3.TPE1(encoding=3, text=["Кафедра физики"]),
+        mutagen.id3.TALB(encoding=3, text=["Термодинамика"]),
+        mutagen.id3.TRCK(encoding=3, text=["3/12"]),
+        mutagen.id3.TPOS(encoding=3, text=["1/2"]),
+        mutagen.id3.TCON(encoding=3, text=["Speech"]),
+        mutagen.id3.COMM(encoding=3, lang="rus", desc="", text=["записано в аудитории 5"]),
+        mutagen.id3.USLT(encoding=3, lang="rus", desc="", text="ла-ла-ла"),
+        mutagen.id3.TXXX(encoding=3, desc="SPEAKER", text=["проф. Иванов"]),
+        mutagen.id3.APIC(encoding=3, mime="image/jpeg", type=mutagen.id3.PictureType.COVER_FRONT, desc="cover", data=picture),
+    ]
+
+
+def bext_chunk(description: bytes = b"", originator: bytes = b"", date: bytes = b"", time: bytes = b"", size: int = 602) -> bytes:
+    """A Broadcast WAV bext chunk (EBU Tech 3285): its fixed fields, the rest zeros, cut at `size`."""
+    fields = description.ljust(256, b"\x00") + originator.ljust(32, b"\x00") + b"ZOOM0001".ljust(32, b"\x00") + date.ljust(10) + time.ljust(8)
+    return riff_chunk(b"bext", (fields + bytes(602))[:size])
+
+
+def cue_chunk(points: dict[int, int], count: int | None = None) -> bytes:
+    """A `cue ` chunk: cue point id -> sample offset (in the data chunk, as Audacity, Reaper and recorders write it)."""
+    entries = b"".join(struct.pack("<LL4sLLL", cue_id, offset, b"data", 0, 0, offset) for cue_id, offset in points.items())
+    return riff_chunk(b"cue ", struct.pack("<L", len(points) if count is None else count) + entries)
+
+
+def labels_list(labels: dict[int, str | bytes]) -> bytes:
+    """A LIST/adtl chunk: a `note` (not read) and a `labl` for each cue point id."""
+    entries = b""
+    for cue_id, label in labels.items():
+        text = (label.encode() if isinstance(label, str) else label) + b"\x00"
+        entries += riff_chunk(b"note", struct.pack("<L", cue_id) + b"a note\x00") + riff_chunk(b"labl", struct.pack("<L", cue_id) + text)
+    return riff_chunk(b"LIST", b"adtl" + entries)
+
+
+def ffprobe_of(mp3: bytes) -> dict[str, Any]:
+    """The tags, chapters and streams ffprobe reads in a file."""
+    done = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_chapters", "-show_streams", "-show_entries", "format_tags", "-of", "json", "-"],
+        input=mp3,
+        capture_output=True,
+        check=True,
+    )
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def ffmpeg_picture(mp3: bytes) -> bytes:
+    """The attached picture's bytes, as ffmpeg copies them out."""
+    return subprocess.run(["ffmpeg", "-v", "quiet", "-i", "-", "-an", "-c", "copy", "-f", "image2pipe", "-"], input=mp3, capture_output=True).stdout
+
+
+def chapters_of(mp3: bytes) -> list[tuple[int, int, str]]:
+    """(start ms, end ms, title) of each chapter, in the order ffprobe lists them (the file's)."""
+    return [(int(c["start"]), int(c["end"]), c["tags"]["title"]) for c in ffprobe_of(mp3)["chapters"] if c["time_base"] == "1/1000"]
+
+
+async def converted_via(client: httpx.AsyncClient, via: str, wav: bytes, **options: str) -> tuple[dict[str, Any], bytes]:
+    """The record and MP3 of a WAV sent by POST, or by tus in 4 PATCHes (then checked byte for byte against a POST)."""
+    if via == "post":
+        return await uploaded(client, wav, **options)
+    user = await new_user(client)
+    record = await tus_upload(client, user, wav, 4, "tus.wav", **options)
+    mp3 = (await client.get(record_path(record["url"]))).content
+    posted = (await upload(client, user, wav, "posted.wav", **options)).json()
+    assert hashlib.sha256(mp3).hexdigest() == record["sha256"] == posted["sha256"]
+    return record, mp3
+
+
+WAV_ID3_CASES = {
+    "id3-v2.4-before-data": (b"id3 ", 4, "before"),
+    "ID3-v2.3-after-data": (b"ID3 ", 3, "after"),
+    "id3-v2.3-before-data": (b"id3 ", 3, "before"),
+    "ID3-v2.4-after-data": (b"ID3 ", 4, "after"),
+}
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("via", ["post", "tus"])
+@pytest.mark.parametrize("case", list(WAV_ID3_CASES))
+async def test_the_wavs_own_id3_tag_becomes_the_mp3s(client: httpx.AsyncClient, case: str, via: str) -> None:
+    chunk_id, version, where = WAV_ID3_CASES[case]
+    picture = jpeg_ish(300_000)
+    chunk = id3_chunk(*album_frames(picture), version=version, chunk_id=chunk_id)
+    wav = make_wav(2.0, 44100, 2, **{f"{where}_data": chunk})
+    record, mp3 = await converted_via(client, via, wav)
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert tag.version == (2, 4, 0)
+    texts = {key: tag[key].text for key in ("TIT2", "TPE1", "TALB", "TRCK", "TPOS", "TCON", "COMM::rus", "TXXX:SPEAKER")}
+    assert texts == {
+        "TIT2": ["Лекция 3: энтропия"],
+        "TPE1": ["Кафедра физики"],
+        "TALB": ["Термодинамика"],
+        "TRCK": ["3/12"],
+        "TPOS": ["1/2"],
+        "TCON": ["Speech"],
+        "COMM::rus": ["записано в аудитории 5"],
+        "TXXX:SPEAKER": ["проф. Иванов"],
+    }
+    assert tag["USLT::rus"].text == "ла-ла-ла"
+    cover = tag["APIC:cover"]
+    assert (cover.mime, cover.type, cover.data) == ("image/jpeg", mutagen.id3.PictureType.COVER_FRONT, picture)
+    probed = ffprobe_of(mp3)
+    assert {key: probed["format"]["tags"][key] for key in ("title", "artist", "album", "track", "disc", "genre", "comment", "lyrics-rus")} == {
+        "title": "Лекция 3: энтропия",
+        "artist": "Кафедра физики",
+        "album": "Термодинамика",
+        "track": "3/12",
+        "disc": "1/2",
+        "genre": "Speech",
+        "comment": "записано в аудитории 5",
+        "lyrics-rus": "ла-ла-ла",
+    }
+    assert [stream["disposition"]["attached_pic"] for stream in probed["streams"]] == [0, 1]
+    assert ffmpeg_picture(mp3) == picture
+    assert lame_tag(mp3)["tag"] == "Info"
+    assert len(ffmpeg_decode(mp3)[0]) == 2 * 44100  # the audio is all there, the tag before it
+
+
+async def test_id3_frames_win_over_info_texts_which_win_over_bext(client: httpx.AsyncClient) -> None:
+    """One frame each: the ID3 chunk's where it has one (a comment in another language is the same comment), else
+    INFO's, else bext's; the rest of each kept beside."""
+    info = info_list(INAM="INFO title", IART="INFO artist", ICMT="INFO comment", ICRD="2023-02-01")
+    bext = bext_chunk(b"bext description", b"Sound Devices MixPre-6", b"2024-05-01", b"13:45:10")
+    own = id3_chunk(mutagen.id3.TIT2(encoding=3, text=["ID3 title"]), mutagen.id3.COMM(encoding=3, lang="eng", desc="", text=["ID3 comment"]))
+    _, mp3 = await uploaded(client, make_wav(1.0, 44100, 1, before_data=bext + own, after_data=info))
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert str(tag["TIT2"]) == "ID3 title" and str(tag["TPE1"]) == "INFO artist"
+    assert [str(comment) for comment in tag.getall("COMM")] == ["ID3 comment"]
+    assert str(tag["TDRC"]) == "2023-02-01" and str(tag["TENC"]) == "Sound Devices MixPre-6"
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize(
+    "date, time, tdrc",
+    [
+        (b"2024-05-01", b"13:45:10", "2024-05-01T13:45:10"),
+        (b"2024:05:01", b"13.45.10", "2024-05-01T13:45:10"),  # EBU Tech 3285 allows - _ : space . as separators
+        (b"2024-05-01", b"        ", "2024-05-01"),
+        (b"2024-02-30", b"13:45:10", None),  # no such day
+        (b"2024-05-01", b"25:61:00", "2024-05-01"),  # no such time: the date alone
+    ],
+)
+async def test_bext_becomes_the_comment_encoded_by_and_recording_time(client: httpx.AsyncClient, date: bytes, time: bytes, tdrc: str | None) -> None:
+    wav = make_wav(1.0, 48000, 2, before_data=bext_chunk(b"Interview, take 7", b"ZOOM H5", date, time))
+    _, mp3 = await uploaded(client, wav)
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert tag["COMM::XXX"].text == ["Interview, take 7"] and tag["TENC"].text == ["ZOOM H5"]
+    assert (str(tag["TDRC"]).replace(" ", "T") if "TDRC" in tag else None) == tdrc  # (mutagen shows a space where it writes T)
+    tags = ffprobe_of(mp3)["format"]["tags"]
+    assert (tags["comment"], tags["encoded_by"], tags.get("date")) == ("Interview, take 7", "ZOOM H5", tdrc)
+
+
+async def test_a_short_bext_chunk_gives_what_it_has(client: httpx.AsyncClient) -> None:
+    wav = make_wav(1.0, 48000, 2, before_data=bext_chunk(b"only a description " * 20, size=120))
+    _, mp3 = await uploaded(client, wav)
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert str(tag["COMM::XXX"]) == ("only a description " * 20)[:120].strip() and "TENC" not in tag and "TDRC" not in tag
+
+
+def expected_ms(offset: int, rate: int) -> int:
+    return math.floor(offset * 1000 / rate + 0.5)
+
+
+CHAPTER_ORDERS = {
+    "all-before-data": lambda cue, labels: {"before_data": cue + labels},
+    "all-after-data": lambda cue, labels: {"after_data": labels + cue},
+    "labels-before-cue-after": lambda cue, labels: {"before_data": labels, "after_data": cue},
+}
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("via", ["post", "tus"])
+@pytest.mark.parametrize("order", list(CHAPTER_ORDERS))
+@pytest.mark.parametrize("rate", [8000, 44100, 48000, 96000])
+async def test_cue_points_with_labels_become_chapters_at_their_millisecond(client: httpx.AsyncClient, rate: int, order: str, via: str) -> None:
+    """Chapters at the cue point's sample offset / the rate, to the nearest millisecond, in time order whatever the
+    order of the points in the chunk; the last ends with the audio; a point without a label is titled by its number."""
+    seconds = 4.0
+    points = {7: int(2.5 * rate) + 3, 1: 0, 42: 12345 % rate + rate, 9: int(3.9 * rate) + 1}  # ids out of time order too
+    labels = {1: "Вступление", 7: "Вопросы из зала", 9: "Итоги"}  # 42 has none
+    wav = make_wav(seconds, rate, 1, **CHAPTER_ORDERS[order](cue_chunk(points), labels_list(labels)))
+    _, mp3 = await converted_via(client, via, wav)
+    starts = sorted(expected_ms(offset, rate) for offset in points.values())
+    titles = ["Вступление", "2", "Вопросы из зала", "Итоги"]
+    assert chapters_of(mp3) == list(zip(starts, [*starts[1:], int(seconds * 1000)], titles, strict=True))
+    toc = mutagen.id3.ID3(io.BytesIO(mp3))["CTOC:toc"]
+    assert toc.flags == mutagen.id3.CTOCFlags.TOP_LEVEL | mutagen.id3.CTOCFlags.ORDERED
+    assert toc.child_element_ids == ["chp1", "chp2", "chp3", "chp4"]
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("rate", [44100, 22050])
+async def test_a_chapter_starts_where_its_sound_starts_in_the_decoded_mp3(client: httpx.AsyncClient, rate: int) -> None:
+    """The chapter's time is the WAV's, and so the MP3's as a gapless decoder plays it (the LAME tag's encoder delay and
+    padding dropped): a tone that starts at the cue point starts at the chapter's millisecond, not ~25 ms later."""
+    onset = int(1.2345 * rate)
+    signal = np.zeros((3 * rate, 1))
+    signal[onset:, 0] = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(3 * rate - onset) / rate)
+    wav = make_wav(signal=signal, rate=rate, channels=1, after_data=cue_chunk({1: onset}) + labels_list({1: "Tone"}))
+    _, mp3 = await uploaded(client, wav)
+    [(start, _, title)] = chapters_of(mp3)
+    decoded = ffmpeg_decode(mp3)[0][:, 0].astype(np.int32)
+    heard = int(np.argmax(np.abs(decoded) > 0.25 * 32767))  # pre-echo stays far below a quarter of the tone
+    assert (title, start) == ("Tone", expected_ms(onset, rate))
+    assert abs(heard * 1000 / rate - start) <= 1.5, (heard * 1000 / rate, start)
+
+
+def id3_frame(frame_id: bytes, body: bytes, flags: bytes = b"\x00\x00") -> bytes:
+    """An ID3v2.4 frame as bytes: its id, syncsafe size and flags, then the body (for damage mutagen would not write)."""
+    return frame_id + bytes(wav2mp3.syncsafe_bytes(len(body))) + flags + body
+
+
+def id3v24(*frames: bytes, declared: int | None = None, flags: int = 0) -> bytes:
+    body = b"".join(frames)
+    return b"ID3\x04\x00" + bytes([flags]) + wav2mp3.syncsafe_bytes(len(body) if declared is None else declared) + body
+
+
+def zlib_bomb() -> bytes:
+    """A compressed ID3v2.4 frame body (its data length, then zlib) of 64 KB that would inflate to 64 MiB."""
+    return struct.pack(">L", 64 << 20) + zlib.compress(bytes(64 << 20), 9)
+
+
+TITLE_FRAME = id3_frame(b"TIT2", b"\x03kept\x00")
+DAMAGED_ID3: dict[str, tuple[Callable[[], bytes], str | None]] = {
+    "not-id3": (lambda: riff_chunk(b"id3 ", b"XYZ" + bytes(100)), None),
+    "truncated-header": (lambda: riff_chunk(b"id3 ", b"ID3\x04\x00"), None),
+    "chunk-shorter-than-a-header": (lambda: riff_chunk(b"id3 ", b"ID3"), None),
+    "size-past-the-chunk": (lambda: riff_chunk(b"id3 ", id3v24(TITLE_FRAME, declared=5_000_000)), "kept"),
+    "frame-past-the-tag": (lambda: riff_chunk(b"id3 ", id3v24(TITLE_FRAME, b"TPE1\x00\x00\x7f\x7f\x00\x00\x03x")), "kept"),
+    "garbage-frames": (lambda: riff_chunk(b"id3 ", id3v24(np.random.default_rng(3).bytes(5000))), None),
+    "bad-text-encoding": (lambda: riff_chunk(b"id3 ", id3v24(id3_frame(b"TPE1", b"\x09zz"), TITLE_FRAME)), "kept"),
+    # Compressed frames are skipped as they stream, never inflated.
+    "compressed-frame": (lambda: riff_chunk(b"id3 ", id3v24(id3_frame(b"TPE1", zlib_bomb(), b"\x00\x09"), TITLE_FRAME)), "kept"),
+    "unsynchronised-v2.3": (lambda: riff_chunk(b"id3 ", b"ID3\x03\x00\x80" + wav2mp3.syncsafe_bytes(len(TITLE_FRAME)) + TITLE_FRAME), None),
+    "second-chunk-ignored": (
+        lambda: riff_chunk(b"id3 ", id3v24(TITLE_FRAME)) + riff_chunk(b"ID3 ", id3v24(id3_frame(b"TIT2", b"\x03second\x00"))),
+        "kept",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ID3))
+@pytest.mark.parametrize("where", ["before", "after"])
+async def test_a_damaged_id3_chunk_is_skipped_and_the_mp3_still_made(client: httpx.AsyncClient, case: str, where: str) -> None:
+    make_chunk, title = DAMAGED_ID3[case]
+    chunk = make_chunk()
+    info = info_list(IART="INFO artist")
+    wav = make_wav(1.0, 44100, 2, before_data=info + chunk if where == "before" else info, after_data=chunk if where == "after" else b"")
+    body, mp3 = await uploaded(client, wav)
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert (str(tag["TIT2"]) if "TIT2" in tag else None) == title
+    assert str(tag["TPE1"]) == "INFO artist"  # the INFO texts stay
+    assert body["duration_seconds"] == pytest.approx(1.0) and len(decode(mp3)[2]) >= 44100
+
+
+async def test_pictures_over_1_mib_and_frames_past_4_mib_stream_past(client: httpx.AsyncClient) -> None:
+    """A frame (a picture) is kept up to 1 MiB, the tag up to 4 MiB: what is over streams past, what comes after it and
+    fits is kept."""
+    small = [jpeg_ish(900_000, seed) for seed in range(6)]
+    pictures = [mutagen.id3.APIC(encoding=3, mime="image/jpeg", type=3, desc=f"p{n}", data=data) for n, data in enumerate(small)]
+    big = mutagen.id3.APIC(encoding=3, mime="image/jpeg", type=4, desc="big", data=jpeg_ish(wav2mp3.MAX_ID3_FRAME + 1))
+    # In this order: small frames after what is skipped are kept (mutagen would write the biggest frames last).
+    frames = [mutagen.id3.TIT2(encoding=3, text=["title"]), big, *pictures, mutagen.id3.TPE1(encoding=3, text=["after"])]
+    chunk = riff_chunk(b"id3 ", id3v24(*map(frame_bytes, frames)))
+    _, mp3 = await uploaded(client, make_wav(1.0, 44100, 2, before_data=chunk))
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    kept = [frame.desc for frame in tag.getall("APIC")]
+    assert sorted(kept) == ["p0", "p1", "p2", "p3"]  # 4 x 0.9 MB within 4 MiB; the fifth would pass it; the big one over 1 MiB
+    assert all(frame.data == small[int(frame.desc[1])] for frame in tag.getall("APIC"))
+    assert str(tag["TIT2"]) == "title" and str(tag["TPE1"]) == "after"
+    assert wav2mp3.syncsafe(mp3[6:10]) < wav2mp3.MAX_ID3_BYTES + 1024
+
+
+DAMAGED_MARKERS = {
+    # name: (chunks before data, chunks after data, chapters as (start, end, title))
+    "count-past-the-chunk": (cue_chunk({1: 8000, 2: 16000}, count=1_000_000_000), b"", [(500, 1000, "1"), (1000, 3000, "2")]),
+    "cue-too-short": (riff_chunk(b"cue ", b"\x01\x00"), b"", []),
+    "point-past-the-audio": (cue_chunk({1: 8000, 2: 48000}), labels_list({1: "in", 2: "out"}), [(500, 3000, "in")]),
+    "label-of-no-point": (cue_chunk({1: 0}), labels_list({5: "nobody's", 1: "first"}), [(0, 3000, "first")]),
+    # A title of 125 bytes at most, whole characters: ffmpeg drops a chapter whose title frame is of 128 bytes or more.
+    "long-label": (cue_chunk({1: 0}), labels_list({1: "é" * 3000}), [(0, 3000, "é" * 62)]),
+    "damaged-label-list": (
+        cue_chunk({1: 0, 2: 16000}),
+        riff_chunk(b"LIST", b"adtl" + riff_chunk(b"labl", struct.pack("<L", 1) + b"one\x00") + b"labl" + struct.pack("<L", 999_999) + b"two"),
+        [(0, 1000, "one"), (1000, 3000, "2")],
+    ),
+    "two-cue-chunks": (cue_chunk({1: 0}), cue_chunk({1: 8000, 2: 16000}), [(0, 1000, "1"), (1000, 3000, "2")]),  # the first offset of an id wins
+}
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("case", list(DAMAGED_MARKERS))
+async def test_damaged_markers_give_what_can_be_read(client: httpx.AsyncClient, case: str) -> None:
+    before, after, chapters = DAMAGED_MARKERS[case]
+    _, mp3 = await uploaded(client, make_wav(3.0, 16000, 1, before_data=before, after_data=after))
+    assert chapters_of(mp3) == chapters
+
+
+@needs_ffmpeg
+async def test_the_first_255_markers_in_time_become_chapters(client: httpx.AsyncClient) -> None:
+    """Up to 1000 points are read (the rest stream past), and the first 255 in time become chapters: a CTOC lists
+    at most 255 (its count is one byte). Here 1500 points, one each millisecond, listed from the last."""
+    points = {n: n * 16 for n in range(1500, 0, -1)}
+    _, mp3 = await uploaded(client, make_wav(2.0, 16000, 1, before_data=cue_chunk(points) + labels_list({n: f"m{n}" for n in points})))
+    chapters = chapters_of(mp3)
+    assert len(chapters) == wav2mp3.MAX_CHAPTERS == 255 and wav2mp3.MAX_MARKERS == 1000
+    assert chapters[0] == (501, 502, "m501") and chapters[-1] == (755, 2000, "m755")  # points 1500 down to 501 were read
+    assert len(mutagen.id3.ID3(io.BytesIO(mp3))["CTOC:toc"].child_element_ids) == 255
 
 
 async def test_64_bit_integer_pcm_as_scipy_writes_it_converts(client: httpx.AsyncClient) -> None:
@@ -2503,11 +2845,11 @@ def test_wav_reader_keeps_a_bounded_amount_of_any_metadata(wav_and_audio: tuple[
     for offset in range(0, len(wav), piece):
         received += bytes(parser.feed(wav[offset : offset + piece]))
         assert len(parser._pending) <= wav2mp3.MAX_INFO_TEXT  # the piece being read: a header, fmt, ds64 or one INFO text
-        assert set(parser.info) <= set(wav2mp3.INFO_TO_ID3)
-        assert all(len(text) <= wav2mp3.MAX_INFO_TEXT for text in parser.info.values())
+        assert set(parser.tags.info) <= set(wav2mp3.INFO_TO_ID3)
+        assert all(len(text) <= wav2mp3.MAX_INFO_TEXT for text in parser.tags.info.values())
     assert received == audio
     parser.close()
-    tag = wav2mp3.id3_tag(parser.info)
+    tag = wav2mp3.id3_tag(wav2mp3.mp3_tag(parser.tags, len(audio) // 4, 16000))
     assert len(tag) <= len(wav2mp3.INFO_TO_ID3) * (wav2mp3.MAX_INFO_TEXT + 64) + 10
 
 
@@ -2552,6 +2894,105 @@ def test_live_metadata_flood_does_not_grow_server_memory(tmp_path: Path, databas
         growth_mib = (server.proc_status("VmHWM") - before) / 1024
         assert statuses == [422] * 3
         assert growth_mib < 20, growth_mib
+
+
+@st.composite
+def wavs_with_tags(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A WAV with tag chunks (`id3 `, bext, `cue `, LIST/adtl), each whole, damaged (bytes changed, cut short) or
+    noise, before and after its audio; and that audio."""
+
+    def payload() -> tuple[bytes, bytes]:
+        kind = draw(st.sampled_from([b"id3 ", b"ID3 ", b"bext", b"cue ", b"LIST"]))
+        version = draw(st.sampled_from([2, 3, 4]))
+        whole = {
+            b"id3 ": id3v24(TITLE_FRAME, frame_bytes(mutagen.id3.APIC(encoding=3, data=jpeg_ish(draw(st.integers(4, 300_000)))))),
+            b"ID3 ": id3_chunk(mutagen.id3.TDRC(encoding=3, text=["2024-05-01"]), version=min(version + 1, 4))[8:],
+            b"bext": bext_chunk(b"d" * draw(st.integers(0, 300)), b"o", b"2024-05-01", b"13:45:10")[8:],
+            b"cue ": cue_chunk({n: draw(st.integers(0, 20000)) for n in range(draw(st.integers(0, 50)))})[8:],
+            b"LIST": labels_list({n: "é" * draw(st.integers(0, 700)) for n in range(draw(st.integers(0, 50)))})[8:],
+        }[kind]
+        how = draw(st.sampled_from(["whole", "changed", "cut", "noise"]))
+        if how == "changed":
+            damaged = bytearray(whole)
+            for _ in range(draw(st.integers(1, 8))):
+                damaged[draw(st.integers(0, len(damaged) - 1))] = draw(st.integers(0, 255))
+            whole = bytes(damaged)
+        elif how == "cut":
+            whole = whole[: draw(st.integers(0, len(whole)))]
+        elif how == "noise":
+            whole = draw(st.binary(max_size=3000))
+        return kind, whole
+
+    def chunks() -> bytes:
+        return b"".join(riff_chunk(*payload()) for _ in range(draw(st.integers(0, 4))))
+
+    audio = encode_samples(sine(0.05, 16000, 2), "pcm", 16)
+    wav = b"RIFF\x00\x00\x00\x00WAVE" + chunks() + fmt_chunk(1, 2, 16000, 16) + chunks() + riff_chunk(b"data", audio) + chunks()
+    return wav, audio
+
+
+@hypothesis.given(wav_and_audio=wavs_with_tags(), piece=st.integers(1, 70000), version=st.sampled_from([3, 4]))
+@hypothesis.settings(max_examples=FUZZ_EXAMPLES * 3, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+def test_wav_reader_keeps_tags_within_their_bounds_and_any_makes_a_tag(wav_and_audio: tuple[bytes, bytes], piece: int, version: int) -> None:
+    wav, audio = wav_and_audio
+    parser = wav2mp3.WavParser()
+    received = b""
+    for offset in range(0, len(wav), piece):
+        received += bytes(parser.feed(wav[offset : offset + piece]))
+        tags = parser.tags
+        assert len(parser._pending) <= wav2mp3.MAX_ID3_FRAME + 10  # the piece being read: at most an ID3 frame and its header
+        assert tags.id3 is None or tags.id3.size == sum(map(len, tags.id3.frames)) <= wav2mp3.MAX_ID3_BYTES
+        assert len(tags.bext) <= wav2mp3.BEXT_BYTES and len(tags.cues) <= wav2mp3.MAX_MARKERS >= len(tags.labels)
+        assert all(len(label) <= wav2mp3.MAX_INFO_TEXT for label in tags.labels.values())
+    assert received == audio
+    parser.close()
+    tag = wav2mp3.id3_tag(wav2mp3.mp3_tag(parser.tags, len(audio) // 4, 16000), version, b"after")
+    assert tag.endswith(b"after")
+    if len(tag) > len(b"after"):
+        assert mutagen.id3.ID3(io.BytesIO(tag)).version == (2, version, 0)
+
+
+def pictures_wav(where: str, pictures_mb: int = 50) -> Iterator[bytes]:
+    """A WAV whose `id3 ` chunk holds `pictures_mb` MB of pictures, streamed: a title, then pictures of 2 MB (over the
+    bound of a frame) and of 0.7 MB (five fit in the bound of the tag) in turn, then an artist; 2 s of audio."""
+    small = frame_bytes(mutagen.id3.APIC(encoding=3, mime="image/jpeg", desc="small", data=jpeg_ish(700_000)))
+    large = frame_bytes(mutagen.id3.APIC(encoding=3, mime="image/jpeg", desc="large", data=jpeg_ish(2_000_000)))
+    count = pictures_mb * 1_000_000 // (len(small) + len(large))
+    assert count < 100  # each picture's description (its key: APIC:sma07...) is made unique below, in place: 5 bytes
+    first = frame_bytes(mutagen.id3.TIT2(encoding=3, text=["fifty megabytes of art"]))
+    last = frame_bytes(mutagen.id3.TPE1(encoding=3, text=["after"]))
+    frames_size = len(first) + count * (len(small) + len(large)) + len(last)
+    chunk_head = b"id3 " + struct.pack("<L", 10 + frames_size) + b"ID3\x04\x00\x00" + wav2mp3.syncsafe_bytes(frames_size)
+    audio = riff_chunk(b"data", encode_samples(sine(2.0, 44100, 2), "pcm", 16))
+    yield b"RIFF\xff\xff\xff\xffWAVE" + fmt_chunk(1, 2, 44100, 16) + (audio if where == "after" else b"")
+    yield chunk_head + first
+    for n in range(count):
+        yield large.replace(b"large", b"lar%02d" % n, 1)
+        yield small.replace(b"small", b"sma%02d" % n, 1)
+    yield last + (b"\x00" if frames_size % 2 else b"") + (audio if where == "before" else b"")
+
+
+@pytest.mark.xdist_group("machine")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_live_an_id3_chunk_of_50_mb_of_pictures_converts_in_flat_memory(tmp_path: Path, database_url: str, where: str) -> None:
+    """The pictures over the bounds stream past: the server's peak RSS grows by less than 20 MB, and the MP3's tag
+    holds the title, the pictures that fit in 4 MiB and the artist after them."""
+    with LiveServer(tmp_path, database_url) as server:
+        user = server.new_user()
+        assert httpx.post(server.url + "/users/wav", **upload_form(user, make_wav(2.0, 44100, 2), "warm.wav"), timeout=60).status_code == 201
+        server.reset_peak_memory()
+        before = server.proc_status("VmHWM")
+        body, headers = streamed_upload(user, pictures_wav(where), "art.wav")
+        response = httpx.post(server.url + "/users/wav", content=body, headers=headers, timeout=300)
+        growth_mib = (server.proc_status("VmHWM") - before) / 1024
+        assert response.status_code == 201, response.text
+        mp3 = httpx.get(response.json()["url"], timeout=60).content
+    print(f"RSS growth with a 50 MB ID3 chunk {where} the audio: {growth_mib:.1f} MiB")
+    assert growth_mib < 20, growth_mib
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert sorted(frame.desc for frame in tag.getall("APIC")) == ["sma00", "sma01", "sma02", "sma03", "sma04"]
+    assert str(tag["TIT2"]) == "fifty megabytes of art" and str(tag["TPE1"]) == "after"
+    assert wav2mp3.syncsafe(mp3[6:10]) < wav2mp3.MAX_ID3_BYTES
 
 
 # Temporary disk: a budget every temporary file draws from, and a full disk answered 503.

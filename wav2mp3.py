@@ -3094,18 +3094,20 @@ class UploadSession:
             await self._budget.take(size)
 
     async def finish(self, options: Mp3Options | None = None) -> Mp3File:
-        """The MP3, once every byte has been fed; when `options` differ from the ones it began with, the kept
-        audio encoded again with them, block by block as before."""
+        """The MP3, once every byte has been fed, its tag made of what the WAV said about itself; when `options`
+        differ from the ones it began with, the kept audio encoded again with them, block by block as before."""
         wav_format = self._wav.close()
+        options = options or self.options
         assert self._frames is not None and self._encoder is not None
         if self._frames.available:
             await self._encode(self._frames.read(self._frames.available))
         await self._settle()
-        mp3 = await self._encoders.run(self.owner, self._encoder.finish, self._wav.info)
-        self._encoder = None  # the MP3 owns the spool now
-        if options is None or options == self.options:
+        if options == self.options:
+            mp3 = await self._encoders.run(self.owner, self._encoder.finish, self._wav.tags)
+            self._encoder = None  # the MP3 owns the spool now
             return mp3
-        mp3.close()
+        self._encoder.close()
+        self._encoder = None
         if self._copy is None or self._copy_lost is not None:
             raise self._copy_lost or Refused(422, "send the encoding options before audio_file")
         copy, self._copy = self._copy, None
@@ -3115,7 +3117,7 @@ class UploadSession:
             block_bytes = self._block_frames * wav_format.frame_size
             while block := await asyncio.to_thread(copy.read, block_bytes):
                 await self._encoders.run(self.owner, encoder.encode, block)
-            return await self._encoders.run(self.owner, encoder.finish, self._wav.info)
+            return await self._encoders.run(self.owner, encoder.finish, self._wav.tags)
         except BaseException:
             encoder.close()
             raise
@@ -3223,6 +3225,44 @@ STREAMED_SIZES = (0, 0xFFFFFFFF)  # what recorders write before they know the le
 # ds64: EBU Tech 3306's sizes; INFO: the texts that become the ID3 tag, each cut at MAX_INFO_TEXT bytes.
 FMT_BYTES, DS64_BYTES, MAX_INFO_TEXT = 40, 28, 1024
 MAX_CHUNKS = 1024  # chunk headers per WAV (INFO entries included): real files have a few dozen
+# The tags a WAV carries besides INFO (issue 26), each kept within its bound as it streams past: the WAV's own ID3
+# tag (an `id3 ` chunk), frame by frame: a frame (a picture) up to MAX_ID3_FRAME, MAX_ID3_BYTES in all, at most
+# MAX_ID3_FRAMES frame headers read; bext (EBU Tech 3285): its first BEXT_BYTES (description, originator, its
+# reference, origination date and time); `cue ` points and their LIST/adtl labels, up to MAX_MARKERS of each (the
+# labels cut at MAX_INFO_TEXT), at most ADTL_ENTRIES entries of adtl lists read (labl, note, ltxt, file).
+ID3_CHUNKS = (b"id3 ", b"ID3 ")
+MAX_ID3_FRAME, MAX_ID3_BYTES, MAX_ID3_FRAMES = MIB, 4 * MIB, 1024
+BEXT_BYTES = 256 + 32 + 32 + 10 + 8
+MAX_MARKERS = 1000
+ADTL_ENTRIES = 4 * MAX_MARKERS
+# Frames of a WAV's ID3 tag that are not carried: ones about the file's bytes (its MPEG frames, seek points, size,
+# type, encryption, signatures), which the MP3 does not share, and chapters, which come from the cue points (and
+# whose sub-frames mutagen would inflate, were they compressed, beyond any bound).
+ID3_NOT_CARRIED = frozenset(
+    {"MLLT", "SEEK", "ASPI", "RBUF", "TSIZ", "TFLT", "ENCR", "GRID", "SIGN", "CHAP", "CTOC", "MLL", "BUF", "TSI", "TFT", "CRM"}
+)
+ID3_FRAME_ID = re.compile(rb"[A-Z0-9]{3,4}")
+
+
+@dataclasses.dataclass
+class WavId3:
+    """The frames kept of a WAV's ID3 tag, as they were (parsed when the MP3's tag is made, in an encoder thread)."""
+
+    version: int  # 2, 3 or 4: ID3v2.2, v2.3, v2.4
+    flags: int  # the tag header's that still apply: v2.4's "every frame unsynchronised"
+    frames: list[bytes]  # header and body of each
+    size: int = 0  # of the frames
+
+
+@dataclasses.dataclass
+class WavTags:
+    """What a WAV says about itself, as WavParser keeps it (bounded); the MP3's ID3 tag is made of it at the end."""
+
+    info: dict[bytes, bytes] = dataclasses.field(default_factory=dict)  # INFO texts that map to an ID3 frame, by their id
+    id3: WavId3 | None = None  # the first ID3 chunk's
+    bext: bytes = b""  # the first BEXT_BYTES of the first bext chunk
+    cues: dict[int, int] = dataclasses.field(default_factory=dict)  # cue point id -> its sample offset (dwSampleOffset)
+    labels: dict[int, bytes] = dataclasses.field(default_factory=dict)  # cue point id -> its `labl` text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3271,12 +3311,13 @@ def parse_fmt_chunk(payload: bytes, endian: str = "<") -> WavFormat:
 class WavParser:
     """A WAV's chunk list, read as its bytes arrive: feed() returns the audio among them.
 
-    RIFF, RF64, BW64 and RIFX; chunks in any order before `data` (fmt, ds64 and LIST/INFO are
-    read, bext, iXML, fact, JUNK... skipped, pad bytes included); a data size of 0 or 0xFFFFFFFF
-    (a recorder that streamed its header) means "to the end of the upload"; chunks after a sized
-    data chunk are read for their LIST/INFO too. What is kept is bounded whatever the file holds:
-    the first bytes of fmt and ds64, the INFO texts that become the ID3 tag (at most MAX_INFO_TEXT
-    bytes each, one per tag id) and the header bytes being read: a flood of metadata streams past.
+    RIFF, RF64, BW64 and RIFX; chunks in any order before `data` (fmt, ds64, and the tags: LIST/INFO,
+    `id3 `, bext, `cue ` and LIST/adtl are read; iXML, fact, JUNK... skipped, pad bytes included); a data
+    size of 0 or 0xFFFFFFFF (a recorder that streamed its header) means "to the end of the upload";
+    chunks after a sized data chunk are read for their tags too. What is kept is bounded whatever the
+    file holds: the first bytes of fmt and ds64, the tags within their bounds (WavTags: INFO texts of
+    at most MAX_INFO_TEXT bytes each, one per tag id; ID3 frames up to MAX_ID3_FRAME, MAX_ID3_BYTES in
+    all...) and the piece being read: a flood of metadata streams past.
 
     The header is read by `_header()`, a generator that asks for the bytes it needs next (it
     yields a count and is sent that many bytes) and sets `_skip` for the bytes it does not need.
@@ -3286,7 +3327,7 @@ class WavParser:
         self.format: WavFormat | None = None
         self.data_bytes: int | None = None  # declared size of the data chunk; None: read to the end
         self.audio_bytes = 0  # data chunk bytes seen so far
-        self.info: dict[bytes, bytes] = {}  # INFO texts that map to an ID3 frame, by their id (INAM, IART...)
+        self.tags = WavTags()
         self._stage: Literal["head", "chunks", "data", "after"] = "head"
         self._pending = bytearray()  # bytes of the next piece the header reader asked for
         self._skip = 0  # bytes of a chunk being skipped
@@ -3351,11 +3392,19 @@ class WavParser:
                     ds64_data_bytes = struct.unpack("<Q", payload[8:16])[0]
                 read = len(payload)
             elif chunk_id == b"LIST" and size >= 4:
-                if (yield 4) == b"INFO":
+                kind = yield 4
+                if kind == b"INFO":
                     yield from self._info(size - 4)
-                    read = size
-                else:
-                    read = 4
+                elif kind == b"adtl":
+                    yield from self._labels(size - 4)
+                read = size if kind in (b"INFO", b"adtl") else 4
+            elif chunk_id in ID3_CHUNKS and self.tags.id3 is None:
+                read = yield from self._id3(size)
+            elif chunk_id == b"bext" and not self.tags.bext:
+                self.tags.bext = yield from self._take(min(size, BEXT_BYTES))
+                read = len(self.tags.bext)
+            elif chunk_id == b"cue ":
+                read = yield from self._cues(size)
             self._skip += size - read + (size & 1)
 
     def _chunk_header(self) -> Generator[int, bytes, tuple[bytes, int]]:
@@ -3378,11 +3427,106 @@ class WavParser:
             kept = yield from self._take(min(size, MAX_INFO_TEXT) if text_id in INFO_TO_ID3 else 0)
             if kept:
                 text = kept.split(b"\x00", 1)[0]
-                self.info[text_id] = (whole_characters(text) if size > MAX_INFO_TEXT else text).strip()
+                self.tags.info[text_id] = (whole_characters(text) if size > MAX_INFO_TEXT else text).strip()
             pad = min(size & 1, remaining - size)
             self._skip += size - len(kept) + pad
             remaining -= size + pad
         self._skip += remaining
+
+    def _labels(self, remaining: int) -> Generator[int, bytes, None]:
+        """A LIST/adtl chunk's `labl` texts (cue point id, then the text), up to MAX_MARKERS of them, each cut at
+        MAX_INFO_TEXT bytes; its other entries (note, ltxt, file) skipped; past ADTL_ENTRIES entries, or a damaged
+        one, the rest of the list streams past. Its entries are not counted as chunks: a marker may have several."""
+        entries = 0
+        while remaining >= 8 and entries < ADTL_ENTRIES:
+            entries += 1
+            header = yield 8
+            entry_id, size = header[:4], struct.unpack(self._endian + "L", header[4:])[0]
+            remaining -= 8
+            if size > remaining:
+                break
+            wanted = entry_id == b"labl" and size >= 4 and len(self.tags.labels) < MAX_MARKERS
+            kept = yield from self._take(min(size, 4 + MAX_INFO_TEXT) if wanted else 0)
+            if kept:
+                cue_id = struct.unpack(self._endian + "L", kept[:4])[0]
+                text = kept[4:].split(b"\x00", 1)[0]
+                self.tags.labels.setdefault(cue_id, (whole_characters(text) if size > 4 + MAX_INFO_TEXT else text).strip())
+            pad = min(size & 1, remaining - size)
+            self._skip += size - len(kept) + pad
+            remaining -= size + pad
+        self._skip += remaining
+
+    def _cues(self, size: int) -> Generator[int, bytes, int]:
+        """A `cue ` chunk's points (Multimedia Programming Interface and Data Specifications 1.0, "Cue-Points Chunk"):
+        each point's id and sample offset, up to MAX_MARKERS points in all; returns the bytes read."""
+        if size < 4:
+            return 0
+        count = struct.unpack(self._endian + "L", (yield 4))[0]
+        read = 4
+        for _ in range(min(count, (size - 4) // 24, MAX_MARKERS - len(self.tags.cues))):
+            # dwName, dwPosition, fccChunk, dwChunkStart, dwBlockStart, dwSampleOffset
+            cue_id, *_, sample_offset = struct.unpack(self._endian + "LL4sLLL", (yield 24))
+            self.tags.cues.setdefault(cue_id, sample_offset)
+            read += 24
+        return read
+
+    def _id3(self, size: int) -> Generator[int, bytes, int]:
+        """A WAV's own ID3 tag (ID3v2.2, 2.3 or 2.4, id3.org), frame by frame: each frame up to MAX_ID3_FRAME is kept
+        while the kept ones stay within MAX_ID3_BYTES, the rest stream past; compressed and encrypted frames (whose
+        inflated size no header bounds) and ID3_NOT_CARRIED are skipped too. Not an ID3 tag, or one damaged from
+        some frame on: what came before is kept, the rest skipped. Returns the bytes read."""
+        if size < 10:
+            return 0
+        header = yield 10
+        version, flags, declared = header[3], header[5], header[6:10]
+        if header[:3] != b"ID3" or version not in (2, 3, 4) or any(byte & 0x80 for byte in declared):
+            return 10
+        end = min(10 + syncsafe(declared), size)
+        if (version < 4 and flags & 0x80) or (version == 2 and flags & 0x40):
+            # Unsynchronised as a whole (v2.2, v2.3 §5: frame headers included), a frame cannot be told from the next,
+            # nor a compressed one (which could inflate beyond any bound) from a plain one, before the whole is
+            # read; v2.2's compression was never defined. No tagger of today writes either: skipped.
+            return 10
+        read = 10
+        if flags & 0x40:  # an extended header (v2.3 §3.2: its size leaves out its own 4 bytes; v2.4 §3.2: syncsafe, whole)
+            if end - read < 4:
+                return read
+            field = yield 4
+            extended = syncsafe(field) if version == 4 else struct.unpack(">L", field)[0] + 4
+            read += 4
+            if extended < 4 or extended > end - read + 4:
+                return read
+            self._skip += extended - 4
+            read += extended - 4
+        kept = WavId3(version, flags & 0x80, [])  # v2.4's "every frame unsynchronised" stays with the frames
+        header_size = 6 if version == 2 else 10
+        for _ in range(MAX_ID3_FRAMES):
+            if end - read < header_size:
+                break
+            frame_header = yield header_size
+            read += header_size
+            if version == 2:
+                frame_id, frame_size, frame_flags = frame_header[:3], int.from_bytes(frame_header[3:6]), 0
+            else:
+                frame_id, frame_flags = frame_header[:4], frame_header[9]
+                raw_size = frame_header[4:8]
+                # ID3v2.4 sizes are syncsafe; iTunes wrote some v2.4 tags with plain ones: a size byte with its top bit set says so.
+                frame_size = syncsafe(raw_size) if version == 4 and not any(byte & 0x80 for byte in raw_size) else struct.unpack(">L", raw_size)[0]
+            if not ID3_FRAME_ID.fullmatch(frame_id) or frame_size > end - read:
+                break  # padding (zeros) or damage: the rest is skipped
+            packed = frame_flags & (0xC0 if version == 3 else 0x0C)  # compression, encryption: v2.3 §3.3.1, v2.4 §4.1.2
+            keep = frame_size <= MAX_ID3_FRAME and kept.size + header_size + frame_size <= MAX_ID3_BYTES
+            keep = keep and not packed and frame_id.decode() not in ID3_NOT_CARRIED
+            body = yield from self._take(frame_size if keep else 0)
+            if keep:
+                kept.frames.append(frame_header + body)
+                kept.size += header_size + frame_size
+            else:
+                self._skip += frame_size
+            read += frame_size
+        if kept.frames:
+            self.tags.id3 = kept
+        return read
 
     def close(self) -> WavFormat:
         """The end of the upload: the format, or 415/422 for a file that is no WAV, or a header or data chunk cut short."""
@@ -3399,6 +3543,15 @@ class WavParser:
         if declared is not None and self.audio_bytes < declared - declared % frame:
             raise BadWav(f"WAV is truncated: data chunk declares {declared} bytes, {self.audio_bytes} arrived")
         return self.format
+
+
+def syncsafe(field: bytes) -> int:
+    """An ID3v2 syncsafe integer (ID3v2.4 §6.2): 7 bits a byte, the top bit unused."""
+    return functools.reduce(lambda value, byte: value << 7 | byte & 0x7F, field, 0)
+
+
+def syncsafe_bytes(value: int) -> bytes:
+    return bytes((value >> shift) & 0x7F for shift in (21, 14, 7, 0))
 
 
 def whole_characters(cut: bytes) -> bytes:
@@ -3540,7 +3693,7 @@ def to_pcm16(frames: bytes | memoryview, fmt: WavFormat, channels: int = 0) -> b
 
 # 10. MP3 encoding #################################################################
 # lameenc gives the MP3 frames; the Info/Xing frame that players read first is rebuilt by the port in
-# appendix B, and the ID3 tag comes from the WAV's INFO texts, through mutagen.
+# appendix B, and the ID3 tag comes from what the WAV says about itself (WavTags), through mutagen.
 
 
 class Mp3Encoder:
@@ -3577,8 +3730,8 @@ class Mp3Encoder:
         self._frames.feed(mp3)
         self._spool.write(mp3)
 
-    def finish(self, info: Mapping[bytes, bytes]) -> Mp3File:
-        """The whole file: ID3 from the WAV's LIST/INFO, the LAME tag frame, then the frames."""
+    def finish(self, tags: WavTags, id3_version: int = 4) -> Mp3File:
+        """The whole file: the ID3 tag (of `id3_version`) made of the WAV's tags, the LAME tag frame, then the frames."""
         frames_in = sum(self._calls)
         if frames_in == 0:
             raise BadWav("WAV has no audio frames")
@@ -3588,7 +3741,9 @@ class Mp3Encoder:
         except ValueError as mismatch:  # a LAME this port does not know: the MP3 is still good, only untagged
             log.warning("no LAME tag written: %s", mismatch)
             lame_tag = b""
-        head = id3_tag(info) + lame_tag
+        tag = mp3_tag(tags, frames_in, self.fmt.rate)
+        head = id3_tag(tag, id3_version, lame_tag)
+        del tag  # its pictures, while the digest is taken
         size = len(head) + self._spool.tell()
         self._spool.seek(0)
         digest = hashlib.sha256(head)
@@ -3643,6 +3798,7 @@ INFO_TO_ID3 = {
     b"ISFT": "TSSE",  # software: ffmpeg puts it there too ("encoder")
 }
 ID3_DATE = re.compile(r"\d{4}(?:[-/.]\d{2}(?:[-/.]\d{2})?)?")
+UTF8 = mutagen.id3.Encoding.UTF8
 
 
 def info_text(raw: bytes) -> str:
@@ -3653,26 +3809,179 @@ def info_text(raw: bytes) -> str:
         return raw.decode("cp1252", errors="replace").strip()
 
 
-def id3_tag(info: Mapping[bytes, bytes]) -> bytes:
-    """An ID3v2.4 tag for the INFO texts that map to one; b"" when there are none."""
+def info_frames(info: Mapping[bytes, bytes]) -> list[mutagen.id3.Frame]:
+    """The ID3 frames of the INFO texts that map to one."""
     tag = mutagen.id3.ID3()
-    utf8 = mutagen.id3.Encoding.UTF8
     for info_id, frame_id in INFO_TO_ID3.items():
         text = info_text(info.get(info_id, b""))
         if not text:
             continue
         if frame_id == "COMM":
-            tag.add(mutagen.id3.COMM(encoding=utf8, lang="XXX", desc="", text=[text]))  # XXX: language unknown (ID3v2.4 §4.10)
+            tag.add(mutagen.id3.COMM(encoding=UTF8, lang="XXX", desc="", text=[text]))  # XXX: language unknown (ID3v2.4 §4.10)
         elif frame_id == "TIPL":
-            tag.add(mutagen.id3.TIPL(encoding=utf8, people=[["engineer", text]]))
+            tag.add(mutagen.id3.TIPL(encoding=UTF8, people=[["engineer", text]]))
         elif frame_id == "TDRC" and not ID3_DATE.match(text):
-            tag.add(mutagen.id3.TXXX(encoding=utf8, desc="DATE", text=[text]))  # not a date ID3 can hold: kept as said
+            tag.add(mutagen.id3.TXXX(encoding=UTF8, desc="DATE", text=[text]))  # not a date ID3 can hold: kept as said
         else:
-            tag.add(getattr(mutagen.id3, frame_id)(encoding=utf8, text=[text]))
+            tag.add(getattr(mutagen.id3, frame_id)(encoding=UTF8, text=[text]))
+    return list(tag.values())
+
+
+# A Broadcast WAV's date and time (EBU Tech 3285 §2.3): `yyyy:mm:dd` and `hh:mm:ss`, with any of these separators.
+BEXT_DATE = re.compile(rb"(\d{4})[-_:. ](\d{2})[-_:. ](\d{2})")
+BEXT_TIME = re.compile(rb"(\d{2})[-_:. ](\d{2})[-_:. ](\d{2})")
+
+
+def bext_frames(bext: bytes) -> list[mutagen.id3.Frame]:
+    """The ID3 frames of a bext chunk (EBU Tech 3285 §2.3): Description -> the comment (COMM), Originator (the recorder,
+    station or program that made the file) -> "encoded by" (TENC), OriginationDate and OriginationTime -> the
+    recording time (TDRC, which ID3v2.3 writes as TYER, TDAT and TIME)."""
+    frames: list[mutagen.id3.Frame] = []
+    description, originator = (info_text(whole_characters(field.split(b"\x00", 1)[0])) for field in (bext[:256], bext[256:288]))
+    if description:
+        frames.append(mutagen.id3.COMM(encoding=UTF8, lang="XXX", desc="", text=[description]))
+    if originator:
+        frames.append(mutagen.id3.TENC(encoding=UTF8, text=[originator]))
+    date, time_of_day = BEXT_DATE.fullmatch(bext[320:330]), BEXT_TIME.fullmatch(bext[330:338])
+    moment = None
+    with contextlib.suppress(ValueError):  # a date (or time) that is none: what can be read of it
+        if date is not None:
+            year, month, day = map(int, date.groups())
+            moment = datetime(year, month, day).date().isoformat()
+            if time_of_day is not None:
+                hour, minute, second = map(int, time_of_day.groups())
+                moment = datetime(year, month, day, hour, minute, second).isoformat()
+    if moment is not None:
+        frames.append(mutagen.id3.TDRC(encoding=UTF8, text=[moment]))
+    return frames
+
+
+# What mutagen may raise on a tag it cannot read (its own errors; struct's and Python's on damage it does not catch).
+UNREADABLE_TAG = (mutagen.MutagenError, ValueError, struct.error, EOFError, IndexError, UnicodeError)
+
+
+# A frame larger than this (a picture) is read and written by mutagen alone: mutagen holds the frames of a tag two
+# or three times over as it reads or writes them, and so holds a large one only with itself.
+ID3_APART = 64 * 1024
+
+
+def wav_id3_frames(wav_id3: WavId3 | None) -> list[mutagen.id3.Frame]:
+    """The frames of a WAV's ID3 tag that mutagen can read, as ID3v2.4 ones (v2.2 and v2.3 frames are translated); the
+    small frames are read as one tag (v2.3's TYER, TDAT and TIME become one TDRC), each large one alone. The kept bytes
+    are let go as they are read."""
+    if wav_id3 is None:
+        return []
+    parts = deque([[raw for raw in wav_id3.frames if len(raw) <= ID3_APART], *([raw] for raw in wav_id3.frames if len(raw) > ID3_APART)])
+    wav_id3.frames.clear()
+    frames: list[mutagen.id3.Frame] = []
+    while parts:
+        part = parts.popleft()
+        data = b"".join([b"ID3", bytes((wav_id3.version, 0, wav_id3.flags)), syncsafe_bytes(sum(map(len, part))), *part])
+        del part
+        try:
+            tag = mutagen.id3.ID3(io.BytesIO(data), load_v1=False)
+        except UNREADABLE_TAG as error:
+            log.info("frames of the WAV's ID3 tag are skipped: %s", error.__class__.__name__)
+            continue
+        finally:
+            del data
+        frames += [frame for frame in tag.values() if frame.FrameID not in ID3_NOT_CARRIED]
+    return frames
+
+
+# A chapter's title is cut at this many bytes of UTF-8: ffmpeg reads the size of a chapter's sub-frames as a plain
+# 32-bit number in every ID3 version (libavformat/id3v2.c, read_chapter(): `taglen = avio_rb32(pb)`), where ID3v2.4
+# writes it syncsafe, and drops a chapter whose title frame (encoding byte, text, NUL) is 128 bytes or more, where
+# the two differ.
+CHAPTER_TITLE_BYTES = 125
+MAX_CHAPTERS = 255  # a CTOC's entry count is one byte (ID3v2 Chapter Frame Addendum 1.0 §2): the first points in time are kept
+
+
+def chapter_frames(cues: Mapping[int, int], labels: Mapping[int, bytes], frames: int, rate: int) -> list[mutagen.id3.Frame]:
+    """`cue ` points as chapters (ID3v2 Chapter Frame Addendum 1.0): a CHAP from each point to the next (the last to the
+    end), titled (TIT2) by its label (at most CHAPTER_TITLE_BYTES of it), else by its number, all in one top-level,
+    ordered CTOC. A point past the audio is dropped, and any past the first MAX_CHAPTERS. Times are the WAV's, the
+    sample offset / the rate to the nearest millisecond: the MP3's timeline as decoders play it, who drop the encoder
+    delay and padding the LAME tag gives (ffmpeg, Apple's, foobar2000); the optional byte offsets are left unset."""
+    points = sorted((offset, cue_id) for cue_id, offset in cues.items() if offset < frames)[:MAX_CHAPTERS]
+    if not points:
+        return []
+    times = [(offset * 1000 + rate // 2) // rate for offset, _ in points] + [(frames * 1000 + rate // 2) // rate]
+    ids = [f"chp{n}" for n in range(1, len(points) + 1)]
+    chapters = [
+        mutagen.id3.CHAP(
+            element_id=ids[n - 1],
+            start_time=times[n - 1],
+            end_time=times[n],
+            start_offset=0xFFFFFFFF,
+            end_offset=0xFFFFFFFF,
+            sub_frames=[mutagen.id3.TIT2(encoding=UTF8, text=[chapter_title(labels.get(cue_id, b"")) or str(n)])],
+        )
+        for n, (_, cue_id) in enumerate(points, 1)
+    ]
+    flags = mutagen.id3.CTOCFlags.TOP_LEVEL | mutagen.id3.CTOCFlags.ORDERED
+    return [mutagen.id3.CTOC(element_id="toc", flags=flags, child_element_ids=ids, sub_frames=[]), *chapters]
+
+
+def chapter_title(label: bytes) -> str:
+    return info_text(label).encode()[:CHAPTER_TITLE_BYTES].decode("utf-8", errors="ignore").strip()  # (a character cut in two goes)
+
+
+def same_frame(frame: mutagen.id3.Frame) -> str:
+    """What makes two frames one: mutagen's key, but a comment or lyrics in another language is still the same one."""
+    return f"{frame.FrameID}:{getattr(frame, 'desc', '')}" if frame.FrameID in ("COMM", "USLT") else str(frame.HashKey)
+
+
+def mp3_tag(tags: WavTags, frames: int, rate: int) -> mutagen.id3.ID3:
+    """The MP3's tag: the WAV's own ID3 frames over its INFO texts over its bext fields (where two give one frame, the
+    first named wins), and its cue points as chapters."""
+    tag = mutagen.id3.ID3()
+    sources = (bext_frames(tags.bext), info_frames(tags.info), wav_id3_frames(tags.id3), chapter_frames(tags.cues, tags.labels, frames, rate))
+    for source in sources:
+        replaced = {same_frame(frame) for frame in source}
+        for key in [key for key, frame in tag.items() if same_frame(frame) in replaced]:
+            del tag[key]
+        for frame in source:
+            tag.add(frame)
+    return tag
+
+
+def id3_tag(tag: mutagen.id3.ID3, version: int = 4, after: bytes = b"") -> bytes:
+    """The tag as ID3v2.4, or as mutagen writes ID3v2.3 (`version` 3: its conversion of dates, people and several
+    values), with no padding; then `after`. Just `after` when the tag is empty.
+
+    The tag is written in parts, and emptied as it is: the small frames together (in mutagen's order: a few text
+    frames first, then by size), then each frame larger than ID3_APART alone, then the chapters alone in time
+    order, so that a player that lists them as they come rather than by the CTOC (ffmpeg, for one) has them in
+    order too. An ID3v2 tag is a 10-byte header (its size syncsafe in every version) and its frames: the frames of
+    several saved tags add up to one."""
     if not tag:
-        return b""
+        return after
+    frames = list(tag.values())
+    tag.clear()
+    chapters = sorted((frame for frame in frames if frame.FrameID == "CHAP"), key=lambda chapter: chapter.start_time)
+    large = [frame for frame in frames if frame.FrameID != "CHAP" and len(getattr(frame, "data", b"")) > ID3_APART]
+    small = [frame for frame in frames if frame.FrameID != "CHAP" and len(getattr(frame, "data", b"")) <= ID3_APART]
+    parts = deque([small, *([frame] for frame in large), *([chapter] for chapter in chapters)])
+    del frames, chapters, large, small
     out = io.BytesIO()
-    tag.save(out, v1=mutagen.id3.ID3v1SaveOptions.REMOVE, v2_version=4, padding=lambda _: 0)
+    out.write(bytes(10))  # the header, once the size is known
+    while parts:
+        part = mutagen.id3.ID3()
+        for frame in parts.popleft():
+            part.add(frame)
+        if version == 3:
+            part.update_to_v23()
+        saved = io.BytesIO()
+        part.save(saved, v1=mutagen.id3.ID3v1SaveOptions.REMOVE, v2_version=version, padding=lambda _: 0)
+        del part
+        out.write(saved.getbuffer()[10:])
+        del saved
+    size = out.tell() - 10
+    out.seek(0)
+    out.write(b"ID3" + bytes((version, 0, 0)) + syncsafe_bytes(size))
+    out.seek(0, io.SEEK_END)
+    out.write(after)
     return out.getvalue()
 
 

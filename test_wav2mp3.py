@@ -1494,6 +1494,77 @@ async def test_the_first_255_markers_in_time_become_chapters(client: httpx.Async
     assert len(mutagen.id3.ID3(io.BytesIO(mp3))["CTOC:toc"].child_element_ids) == 255
 
 
+# The ID3 version.
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("sent", ["before-the-audio", "after-the-audio", "setting", "tus-metadata"])
+async def test_id3_version_2_3_is_written_as_mutagen_writes_it(database_url: str, monkeypatch: pytest.MonkeyPatch, sent: str) -> None:
+    """v2.3 from the form field (before or after the audio: it changes only the tag, and needs no copy of the audio),
+    the setting or tus's metadata: dates as TYER, TDAT and TIME, the engineer in IPLS, UTF-16 texts; pictures and
+    chapters as in v2.4."""
+    monkeypatch.setattr(wav2mp3, "KEEP_WAV_BYTES", 100_000)  # an encoding option after this much audio would be 422
+    picture = jpeg_ish(300_000)
+    wav = make_wav(
+        3.0,
+        44100,
+        2,
+        before_data=info_list(IENG="Петров")
+        + id3_chunk(mutagen.id3.TIT2(encoding=3, text=["Заголовок"]), mutagen.id3.APIC(mime="image/jpeg", data=picture)),
+        after_data=bext_chunk(b"", b"", b"2024-05-01", b"13:45:10") + cue_chunk({1: 0, 2: 44100}) + labels_list({1: "один", 2: "два"}),
+    )
+    async with running_app(database_url, **({"id3_version": "2.3"} if sent == "setting" else {})) as client:
+        user = await new_user(client)
+        if sent == "tus-metadata":
+            url = await tus_create(client, user, len(wav), "v23.wav", id3_version="2.3")
+            listed = (await client.get(f"/users/{user['user_id']}/uploads", headers=bearer(user))).json()["uploads"]
+            assert listed[0]["options"] == {"id3_version": "2.3"}  # as it was sent
+            assert (await tus_patch(client, user, url, 0, wav)).status_code == 204
+            record = (await client.get(url, headers=bearer(user))).json()
+        else:
+            parts = [form_part("data", credentials(user)), form_part("audio_file", wav, "v23.wav")]
+            if sent != "setting":
+                parts.insert(0 if sent == "before-the-audio" else 2, form_part("id3_version", b"2.3"))
+            body, headers = multipart(*parts)
+            response = await client.post("/users/wav", content=body, headers=headers)
+            assert response.status_code == 201, response.text
+            record = response.json()
+        mp3 = (await client.get(record_path(record["url"]))).content
+    assert mp3[:5] == b"ID3\x03\x00"
+    raw = mutagen.id3.ID3(io.BytesIO(mp3), translate=False)
+    assert raw.version == (2, 3, 0)
+    assert {key: raw[key].text for key in ("TYER", "TDAT", "TIME")} == {"TYER": ["2024"], "TDAT": ["0105"], "TIME": ["1345"]}
+    assert "TDRC" not in raw and raw["IPLS"].people == [["engineer", "Петров"]]
+    assert raw["TIT2"].encoding == mutagen.id3.Encoding.UTF16 and str(raw["TIT2"]) == "Заголовок"
+    assert raw.getall("APIC")[0].data == picture and ffmpeg_picture(mp3) == picture
+    assert chapters_of(mp3) == [(0, 1000, "один"), (1000, 3000, "два")]
+    assert ffprobe_of(mp3)["format"]["tags"]["date"] == "2024-05-01 13:45"
+
+
+async def test_id3_version_2_4_in_the_form_wins_over_the_setting(database_url: str) -> None:
+    async with running_app(database_url, id3_version="2.3") as client:
+        user = await new_user(client)
+        response = await upload(client, user, make_wav(1.0, before_data=info_list(INAM="x")), id3_version="2.4")
+        assert response.status_code == 201, response.text
+        assert (await client.get(record_path(response.json()["url"]))).content[:4] == b"ID3\x04"
+
+
+@pytest.mark.parametrize("value", ["3", "4", "v2.3", "2.4 ", "2.5", "", "２.３"])
+async def test_a_bad_id3_version_is_422_naming_the_values(client: httpx.AsyncClient, value: str) -> None:
+    user = await new_user(client)
+    response = await upload(client, user, make_wav(0.5), id3_version=value)
+    assert response.status_code == 422 and response.json()["error"] == "id3_version must be one of 2.3, 2.4"
+    metadata = tus_metadata(filename="a.wav", id3_version=value)
+    created = await client.post(f"/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="1000", Upload_Metadata=metadata))
+    assert created.status_code == 422 and created.json()["error"] == "id3_version must be one of 2.3, 2.4"
+
+
+def test_the_id3_version_setting_is_2_3_or_2_4() -> None:
+    assert wav2mp3.Settings().id3_version == "2.4"
+    with pytest.raises(ValueError, match="ID3_VERSION must be one of 2.3, 2.4"):
+        wav2mp3.Settings(id3_version="3")
+
+
 async def test_64_bit_integer_pcm_as_scipy_writes_it_converts(client: httpx.AsyncClient) -> None:
     # scipy.io.wavfile.write of a default numpy int array (int64 on Linux): PCM, 64 bits per sample.
     wav = make_wav(1.0, 22050, 2, "pcm", 64)

@@ -166,22 +166,41 @@ SQLITE_VACUUM_STEP_PAGES = 1024  # pages returned per incremental vacuum step
 
 @dataclasses.dataclass(frozen=True)
 class FormOption:
-    """An encoding option a client may send with an upload, declared once: it drives the parsing, the check
-    for an option sent after the audio, the OpenAPI schema and the table in docs/API.md."""
+    """An option a client may send with an upload (how to encode, or the tag's version), declared once: it drives the
+    parsing, the check for an option sent after the audio, the OpenAPI schema and the table in docs/API.md."""
 
     name: str
     values: tuple[int, ...]
     meaning: str
     group: str  # options of one group exclude each other: CBR or VBR
+    spellings: tuple[str, ...] = ()  # what a client sends for each of `values`, when not the number itself (`2.3` for 3)
+    tag_only: bool = False  # changes only the ID3 tag, written at the end: it may come after the audio at no cost
 
     def parse(self, text: str) -> int:
+        if self.spellings:
+            if text not in self.spellings:
+                raise Refused(422, f"{self.name} must be {self.allowed}")
+            return self.values[self.spellings.index(text)]
         value = parse_count(text, self.name)
         if value not in self.values:
             raise Refused(422, f"{self.name} must be {self.allowed}")
         return value
 
+    def spelled(self, value: int) -> int | str:
+        """A value as a client sends it (and sees it again in GET /users/{user_id}/uploads)."""
+        return self.spellings[self.values.index(value)] if self.spellings else value
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """Its OpenAPI schema."""
+        if self.spellings:
+            return {"type": "string", "enum": list(self.spellings), "description": self.meaning}
+        return {"type": "integer", "enum": list(self.values), "description": self.meaning}
+
     @property
     def allowed(self) -> str:
+        if self.spellings:
+            return "one of " + ", ".join(self.spellings)
         low, high = self.values[0], self.values[-1]
         if len(self.values) > 2 and self.values == tuple(range(low, high + 1)):
             return f"an integer {low}..{high}"
@@ -203,6 +222,16 @@ FORM_OPTIONS = {
             (1, 2),
             "1: a mono MP3 (stereo averaged; more channels folded to stereo first); 2: stereo (mono on both sides). Default: as the WAV, at most 2",
             "channels",
+        ),
+        FormOption(
+            "id3_version",
+            (3, 4),
+            "the ID3 tag's version: 2.4, or 2.3 for players that read only that (older Windows, many car stereos), written as"
+            " mutagen writes it (the date as TYER, TDAT and TIME; several values joined by `/`). Default: `ID3_VERSION`."
+            " It changes only the tag, so it may come after `audio_file` at no cost",
+            "id3_version",
+            spellings=("2.3", "2.4"),
+            tag_only=True,
         ),
     )
 }
@@ -235,6 +264,7 @@ class Settings:
     mp3_bitrate: int = _setting(128, "CBR kbps; the form field `bitrate` overrides it per upload")
     mp3_vbr_quality: int | None = _setting(None, "VBR instead of CBR: LAME `-V`, 0 (best) ... 9; the form fields override it", int)
     mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
+    id3_version: str = _setting("2.4", "version of the MP3's ID3 tag: `2.4` or `2.3`; the form field `id3_version` overrides it")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
     max_connections_per_client: int = _setting(64, "of those, from one client address (a trusted proxy's are not counted); beyond: 503 and closed")
@@ -293,6 +323,8 @@ class Settings:
             raise ValueError(f"MP3_BITRATE must be {FORM_OPTIONS['bitrate'].allowed}, not {self.mp3_bitrate}")
         if self.mp3_vbr_quality is not None and self.mp3_vbr_quality not in FORM_OPTIONS["vbr_quality"].values:
             raise ValueError(f"MP3_VBR_QUALITY must be {FORM_OPTIONS['vbr_quality'].allowed}, not {self.mp3_vbr_quality}")
+        if self.id3_version not in FORM_OPTIONS["id3_version"].spellings:
+            raise ValueError(f"ID3_VERSION must be {FORM_OPTIONS['id3_version'].allowed}, not {self.id3_version!r}")
         if not 0 <= self.mp3_quality <= 9:
             raise ValueError(f"MP3_QUALITY must be 0..9, not {self.mp3_quality}")
         if self.retention_days is not None and self.retention_days <= 0:
@@ -718,7 +750,7 @@ async def create_user(request: Request) -> Response:
                 "properties": {
                     "data": {"type": "string", "description": 'JSON: {"user_id": uuid, "access_token": uuid}'},
                     "audio_file": {"type": "string", "format": "binary", "description": "the WAV, with a filename"},
-                    **{name: {"type": "integer", "enum": list(o.values), "description": o.meaning} for name, o in FORM_OPTIONS.items()},
+                    **{name: option.schema for name, option in FORM_OPTIONS.items()},
                 },
             }
         }
@@ -880,7 +912,7 @@ def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
         "filename": upload.filename or None,  # None: a partial upload (a piece of a parallel one)
         "length": None if upload.length == DEFERRED else upload.length,
         "offset": upload.received,
-        "options": upload.options,
+        "options": {name: FORM_OPTIONS[name].spelled(value) for name, value in upload.options.items()},
         "created": upload.created_at,
         "expires": upload.expires_at,
     }
@@ -2171,6 +2203,7 @@ class Mp3Options:
     vbr_quality: int | None = None  # LAME -V, 0 (best) .. 9
     channels: int | None = None  # 1 or 2; None: the WAV's, at most 2
     quality: int = 3  # LAME -q
+    id3_version: int = 4  # of the tag: 3 or 4 (ID3v2.3, ID3v2.4)
 
     @classmethod
     def of(cls, form: Mapping[str, int], settings: Settings) -> Mp3Options:
@@ -2179,7 +2212,12 @@ class Mp3Options:
             bitrate, vbr_quality = form.get("bitrate", settings.mp3_bitrate), None
         else:
             bitrate, vbr_quality = None, form.get("vbr_quality", settings.mp3_vbr_quality)
-        return cls(bitrate, vbr_quality, form.get("channels"), settings.mp3_quality)
+        id3_version = form.get("id3_version") or FORM_OPTIONS["id3_version"].parse(settings.id3_version)
+        return cls(bitrate, vbr_quality, form.get("channels"), settings.mp3_quality, id3_version)
+
+    def same_audio(self, other: Mp3Options) -> bool:
+        """Whether `other` encodes the audio as these do (the ID3 version changes only the tag, made at the end)."""
+        return dataclasses.replace(other, id3_version=self.id3_version) == self
 
 
 def add_option(form: dict[str, int], name: str, text: str) -> None:
@@ -2273,8 +2311,9 @@ class FormUpload:
             if self.filename is not None:
                 raise Refused(422, "more than one audio_file part")
             self.filename = clean_filename(disposition_filename(part.params))
-            # Until every group of options has its value, one still to come could change the encoding.
-            settled = {option.group for option in FORM_OPTIONS.values()} <= {FORM_OPTIONS[name].group for name in self.options}
+            # Until every group of encoding options has its value, one still to come could change the encoding.
+            groups = {option.group for option in FORM_OPTIONS.values() if not option.tag_only}
+            settled = groups <= {FORM_OPTIONS[name].group for name in self.options}
             options = Mp3Options.of(self.options, self.services.settings)
             self.session = UploadSession(options, self.services.encoders, self.slot.owner, options_may_change=not settled)
             await self._check_name_free()
@@ -3095,15 +3134,16 @@ class UploadSession:
 
     async def finish(self, options: Mp3Options | None = None) -> Mp3File:
         """The MP3, once every byte has been fed, its tag made of what the WAV said about itself; when `options`
-        differ from the ones it began with, the kept audio encoded again with them, block by block as before."""
+        encode the audio otherwise than the ones it began with, the kept audio encoded again with them, block by
+        block as before (an other ID3 version only changes the tag)."""
         wav_format = self._wav.close()
         options = options or self.options
         assert self._frames is not None and self._encoder is not None
         if self._frames.available:
             await self._encode(self._frames.read(self._frames.available))
         await self._settle()
-        if options == self.options:
-            mp3 = await self._encoders.run(self.owner, self._encoder.finish, self._wav.tags)
+        if options.same_audio(self.options):
+            mp3 = await self._encoders.run(self.owner, self._encoder.finish, self._wav.tags, options.id3_version)
             self._encoder = None  # the MP3 owns the spool now
             return mp3
         self._encoder.close()
@@ -3117,7 +3157,7 @@ class UploadSession:
             block_bytes = self._block_frames * wav_format.frame_size
             while block := await asyncio.to_thread(copy.read, block_bytes):
                 await self._encoders.run(self.owner, encoder.encode, block)
-            return await self._encoders.run(self.owner, encoder.finish, self._wav.tags)
+            return await self._encoders.run(self.owner, encoder.finish, self._wav.tags, options.id3_version)
         except BaseException:
             encoder.close()
             raise
@@ -5008,7 +5048,7 @@ COMPONENTS = {
                         "filename": {"type": "string", "nullable": True, "description": "null: a piece of a parallel upload"},
                         "length": {"type": "integer", "nullable": True, "description": "null: not known yet (Upload-Defer-Length)"},
                         "offset": {"type": "integer"},
-                        "options": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "options": {"type": "object", "additionalProperties": {"oneOf": [{"type": "integer"}, {"type": "string"}]}},
                         "created": {"type": "string", "format": "date-time"},
                         "expires": {"type": "string", "format": "date-time"},
                     },

@@ -29,6 +29,14 @@ CREATE TABLE IF NOT EXISTS record_chunks (
     PRIMARY KEY (record_id, seq)
 );
 
+-- A record's title (the TIT2 of its MP3's tag), when it has one, written in the record's transaction. A table
+-- of its own, not a column of records: this file is applied at every start-up, and a column added to a table
+-- that exists is no idempotent statement on SQLite (ALTER TABLE ... ADD COLUMN has no IF NOT EXISTS).
+CREATE TABLE IF NOT EXISTS record_titles (
+    record_id TEXT PRIMARY KEY REFERENCES records (id) ON DELETE CASCADE,
+    title TEXT NOT NULL  -- at most 1,024 characters (MAX_TITLE_CHARS)
+);
+
 -- A user's records newest first, a page at a time (keyset pagination on created_at, id).
 CREATE INDEX IF NOT EXISTS records_by_owner_and_time ON records (user_id, created_at, id);
 

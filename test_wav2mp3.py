@@ -1298,7 +1298,7 @@ async def test_the_wavs_own_id3_tag_becomes_the_mp3s(client: httpx.AsyncClient, 
     }
     assert [stream["disposition"]["attached_pic"] for stream in probed["streams"]] == [0, 1]
     assert ffmpeg_picture(mp3) == picture
-    assert lame_tag(mp3)["tag"] == "Info"
+    assert lame_tag(mp3)["tag"] == "Info" and record["title"] == "Лекция 3: энтропия"
     assert len(ffmpeg_decode(mp3)[0]) == 2 * 44100  # the audio is all there, the tag before it
 
 
@@ -1434,7 +1434,7 @@ async def test_a_damaged_id3_chunk_is_skipped_and_the_mp3_still_made(client: htt
     wav = make_wav(1.0, 44100, 2, before_data=info + chunk if where == "before" else info, after_data=chunk if where == "after" else b"")
     body, mp3 = await uploaded(client, wav)
     tag = mutagen.id3.ID3(io.BytesIO(mp3))
-    assert (str(tag["TIT2"]) if "TIT2" in tag else None) == title
+    assert (str(tag["TIT2"]) if "TIT2" in tag else None) == title == body["title"]
     assert str(tag["TPE1"]) == "INFO artist"  # the INFO texts stay
     assert body["duration_seconds"] == pytest.approx(1.0) and len(decode(mp3)[2]) >= 44100
 
@@ -1539,6 +1539,7 @@ async def test_id3_version_2_3_is_written_as_mutagen_writes_it(database_url: str
     assert raw.getall("APIC")[0].data == picture and ffmpeg_picture(mp3) == picture
     assert chapters_of(mp3) == [(0, 1000, "один"), (1000, 3000, "два")]
     assert ffprobe_of(mp3)["format"]["tags"]["date"] == "2024-05-01 13:45"
+    assert record["title"] == "Заголовок"
 
 
 async def test_id3_version_2_4_in_the_form_wins_over_the_setting(database_url: str) -> None:
@@ -1563,6 +1564,41 @@ def test_the_id3_version_setting_is_2_3_or_2_4() -> None:
     assert wav2mp3.Settings().id3_version == "2.4"
     with pytest.raises(ValueError, match="ID3_VERSION must be one of 2.3, 2.4"):
         wav2mp3.Settings(id3_version="3")
+
+
+# The title beside the file name.
+
+
+async def test_records_show_their_title_beside_the_file_name(client: httpx.AsyncClient, database_url: str) -> None:
+    user = await new_user(client)
+    wavs = {
+        "id3.wav": make_wav(0.5, before_data=id3_chunk(mutagen.id3.TIT2(encoding=3, text=["Из ID3"]))),
+        "info.wav": make_wav(0.5, after_data=info_list(INAM="Из INFO")),
+        "none.wav": make_wav(0.5),
+        "long.wav": make_wav(0.5, before_data=id3_chunk(mutagen.id3.TIT2(encoding=3, text=["ж" * 5000]))),
+    }
+    posted = {name: (await upload(client, user, wav, name)).json() for name, wav in wavs.items()}
+    titles = {"id3.mp3": "Из ID3", "info.mp3": "Из INFO", "none.mp3": None, "long.mp3": "ж" * wav2mp3.MAX_TITLE_CHARS}
+    assert {body["filename"]: body["title"] for body in posted.values()} == titles
+    listed = (await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()["records"]
+    assert {record["filename"]: record["title"] for record in listed} == titles
+    record = await tus_upload(client, user, wavs["id3.wav"], 2, "tus.wav")
+    assert record["title"] == "Из ID3"
+    titled = "SELECT count(*) FROM record_titles JOIN records ON records.id = record_titles.record_id WHERE records.user_id = $1"
+    assert (await db_rows(database_url, titled, user["user_id"]))[0][0] == 4  # a row for each title, none for no title
+    gone = posted["id3.wav"]["record_id"]
+    assert (await client.delete(record_path(posted["id3.wav"]["url"]), headers=bearer(user))).status_code == 204
+    assert (await db_rows(database_url, "SELECT count(*) FROM record_titles WHERE record_id = $1", gone))[0][0] == 0  # it went with its record
+    assert (await db_rows(database_url, titled, user["user_id"]))[0][0] == 3
+
+
+async def test_titles_survive_a_restart_that_applies_the_schema_again(database_url: str) -> None:
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        assert (await upload(client, user, make_wav(0.5, after_data=info_list(INAM="kept")))).status_code == 201
+    async with running_app(database_url) as client:
+        listed = (await client.get(f"/users/{user['user_id']}/records", headers=bearer(user))).json()["records"]
+    assert [record["title"] for record in listed] == ["kept"]
 
 
 async def test_64_bit_integer_pcm_as_scipy_writes_it_converts(client: httpx.AsyncClient) -> None:
@@ -2534,7 +2570,7 @@ def test_fuzz_upload_of_mutated_wavs_is_201_415_or_422(live: LiveServer, wav: by
     user = live_fuzz_user(live)
     response = httpx.post(live.url + "/users/wav", **upload_form(user, wav, f"{uuid.uuid4().hex}.wav"), timeout=60)
     assert response.status_code in (201, 415, 422), response.text
-    assert set(response.json()) == ({"url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"}
+    assert set(response.json()) == ({"url", "record_id", "user_id", "filename", "title", "duration_seconds", "size_bytes", "sha256"}
                                     if response.status_code == 201 else {"error"})  # fmt: skip
 
 
@@ -3063,7 +3099,7 @@ def test_live_an_id3_chunk_of_50_mb_of_pictures_converts_in_flat_memory(tmp_path
     tag = mutagen.id3.ID3(io.BytesIO(mp3))
     assert sorted(frame.desc for frame in tag.getall("APIC")) == ["sma00", "sma01", "sma02", "sma03", "sma04"]
     assert str(tag["TIT2"]) == "fifty megabytes of art" and str(tag["TPE1"]) == "after"
-    assert wav2mp3.syncsafe(mp3[6:10]) < wav2mp3.MAX_ID3_BYTES
+    assert wav2mp3.syncsafe(mp3[6:10]) < wav2mp3.MAX_ID3_BYTES and response.json()["title"] == "fifty megabytes of art"
 
 
 # Temporary disk: a budget every temporary file draws from, and a full disk answered 503.
@@ -3774,7 +3810,7 @@ async def test_tus_get_is_409_with_the_offset_before_completion_and_the_record_a
     assert early.status_code == 409 and early.headers["upload-offset"] == "1000" and list(early.json()) == ["error"]
     assert (await tus_patch(client, user, url, 1000, wav[1000:])).status_code == 204
     record = (await client.get(url, headers=bearer(user))).json()
-    assert set(record) == {"url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"}
+    assert set(record) == {"url", "record_id", "user_id", "filename", "title", "duration_seconds", "size_bytes", "sha256"}
     repeated = await tus_patch(client, user, url, len(wav), b"")  # the last PATCH again: done already
     assert repeated.status_code == 204 and repeated.headers["upload-offset"] == str(len(wav))
     assert (await client.delete(record_path(record["url"]), headers=bearer(user))).status_code == 204

@@ -119,6 +119,7 @@ MIB = 1024 * 1024
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 MAX_JSON_BODY = 64 * 1024  # body of POST /users
 MAX_NAME_CHARS = 128
+MAX_TITLE_CHARS = 1024  # of a record's title (its tag's TIT2) as the records list shows it; the tag keeps it whole
 SIGNUP_MODES = ("open", "invite", "closed")
 MAX_INVITE_USES = 1_000_000
 DEFAULT_INVITE_HOURS = 168.0  # an invite code is good for a week unless the operator says otherwise
@@ -3782,6 +3783,7 @@ class Mp3Encoder:
             log.warning("no LAME tag written: %s", mismatch)
             lame_tag = b""
         tag = mp3_tag(tags, frames_in, self.fmt.rate)
+        title = tag_title(tag)
         head = id3_tag(tag, id3_version, lame_tag)
         del tag  # its pictures, while the digest is taken
         size = len(head) + self._spool.tell()
@@ -3790,7 +3792,7 @@ class Mp3Encoder:
         while piece := self._spool.read(MIB):
             digest.update(piece)
         self._spool.seek(0)
-        return Mp3File(head, self._spool, size, digest.hexdigest(), frames_in / self.fmt.rate)
+        return Mp3File(head, self._spool, size, digest.hexdigest(), frames_in / self.fmt.rate, title)
 
     def close(self) -> None:
         self._spool.close()
@@ -3805,6 +3807,7 @@ class Mp3File:
     size: int
     sha256: str
     duration_seconds: float
+    title: str | None = None  # its tag's TIT2 (at most MAX_TITLE_CHARS of it), shown beside the file name
 
     _read: int = 0  # of the head
 
@@ -3986,6 +3989,11 @@ def mp3_tag(tags: WavTags, frames: int, rate: int) -> mutagen.id3.ID3:
     return tag
 
 
+def tag_title(tag: mutagen.id3.ID3) -> str | None:
+    title = "".join(tag["TIT2"].text[:1])[:MAX_TITLE_CHARS].strip() if "TIT2" in tag else ""
+    return title or None
+
+
 def id3_tag(tag: mutagen.id3.ID3, version: int = 4, after: bytes = b"") -> bytes:
     """The tag as ID3v2.4, or as mutagen writes ID3v2.3 (`version` 3: its conversion of dates, people and several
     values), with no padding; then `after`. Just `after` when the tag is empty.
@@ -4048,10 +4056,15 @@ SQL_INSERT_RECORD = (
     " VALUES (:id, :user_id, :filename, :size_bytes, :duration_seconds, :sha256, :created_at)"
 )
 SQL_INSERT_CHUNK = "INSERT INTO record_chunks (record_id, seq, data) VALUES (:record_id, :seq, :data)"
-SQL_FIND_RECORD = "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records WHERE id = :id AND user_id = :user_id"
+SQL_INSERT_TITLE = "INSERT INTO record_titles (record_id, title) VALUES (:record_id, :title)"
+# A record with its title, if it has one (record_titles: see schema.sql).
+RECORD_WITH_TITLE = (
+    "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at, title"
+    " FROM records LEFT JOIN record_titles ON record_titles.record_id = records.id"
+)
+SQL_FIND_RECORD = f"{RECORD_WITH_TITLE} WHERE id = :id AND user_id = :user_id"
 SQL_LIST_RECORDS = (
-    "SELECT id, user_id, filename, size_bytes, duration_seconds, sha256, created_at FROM records"
-    " WHERE user_id = :user_id AND (created_at < :created_at OR (created_at = :created_at AND id < :id))"
+    f"{RECORD_WITH_TITLE} WHERE user_id = :user_id AND (created_at < :created_at OR (created_at = :created_at AND id < :id))"
     " ORDER BY created_at DESC, id DESC LIMIT :limit"
 )
 # The chunks go with the record (ON DELETE CASCADE); SQLite overwrites them (secure_delete).
@@ -4174,9 +4187,10 @@ class StoredRecord:
     duration_seconds: float
     sha256: str
     created_at: str
+    title: str | None  # its tag's TIT2, kept in record_titles
 
 
-RECORD_FIELDS = ("user_id", "filename", "size_bytes", "duration_seconds", "sha256", "created_at")
+RECORD_FIELDS = ("user_id", "filename", "size_bytes", "duration_seconds", "sha256", "created_at")  # the records table's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4186,7 +4200,7 @@ class NewRecord(StoredRecord):
     @classmethod
     def of(cls, mp3: Mp3File, user_id: str, token: str, filename: str) -> NewRecord:
         """The record of a converted upload: a fresh id, stamped now."""
-        return cls(str(uuid.uuid4()), user_id, filename, mp3.size, mp3.duration_seconds, mp3.sha256, now(), hash_token(token))
+        return cls(str(uuid.uuid4()), user_id, filename, mp3.size, mp3.duration_seconds, mp3.sha256, now(), mp3.title, hash_token(token))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4405,6 +4419,8 @@ class Store:
                 if upload_id is not None and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, complete)) is None:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 await self._call(self.database.execute(SQL_INSERT_RECORD, values))
+                if record.title is not None:
+                    await self._call(self.database.execute(SQL_INSERT_TITLE, {"record_id": record.record_id, "title": record.title}))
                 seq = itertools.count()
                 while batch := await asyncio.to_thread(mp3.read, CHUNK_BYTES * CHUNKS_PER_QUERY):
                     chunks = (batch[offset : offset + CHUNK_BYTES] for offset in range(0, len(batch), CHUNK_BYTES))
@@ -4412,7 +4428,7 @@ class Store:
                     await self._call(self.database.execute_many(SQL_INSERT_CHUNK, rows))
         except UNIQUE_VIOLATIONS:
             raise NameTaken(record.filename, "record") from None
-        return StoredRecord(record.record_id, *(getattr(record, field) for field in RECORD_FIELDS))
+        return StoredRecord(record.record_id, **{field: getattr(record, field) for field in RECORD_FIELDS}, title=record.title)
 
     async def find_record(self, record_id: str, user_id: str) -> StoredRecord | None:
         row = await self._call(self.database.fetch_one(SQL_FIND_RECORD, {"id": record_id, "user_id": user_id}))
@@ -4626,7 +4642,7 @@ def stored_upload(row: Any) -> StoredUpload:
 
 
 def stored_record(row: Any) -> StoredRecord:
-    return StoredRecord(row["id"], *(row[field] for field in RECORD_FIELDS))
+    return StoredRecord(row["id"], **{field: row[field] for field in RECORD_FIELDS}, title=row["title"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4733,6 +4749,7 @@ def record_json(request: Request, record: StoredRecord) -> dict[str, Any]:
         "record_id": record.record_id,
         "user_id": record.user_id,
         "filename": mp3_name(record.filename),
+        "title": record.title,
         "duration_seconds": round(record.duration_seconds, 6),
         "size_bytes": record.size_bytes,
         "sha256": record.sha256,
@@ -5125,12 +5142,13 @@ COMPONENTS = {
     },
     "Record": {
         "type": "object",
-        "required": ["url", "record_id", "user_id", "filename", "duration_seconds", "size_bytes", "sha256"],
+        "required": ["url", "record_id", "user_id", "filename", "title", "duration_seconds", "size_bytes", "sha256"],
         "properties": {
             "url": {"type": "string"},
             "record_id": {"type": "string", "format": "uuid"},
             "user_id": {"type": "string", "format": "uuid"},
             "filename": {"type": "string"},
+            "title": {"type": "string", "nullable": True, "description": "the MP3's title (its tag's TIT2); null when it has none"},
             "duration_seconds": {"type": "number"},
             "size_bytes": {"type": "integer"},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},

@@ -5473,6 +5473,16 @@ def test_page_lists_records_after_a_reload_and_deletes_one(browser: webdriver.Ch
     assert not page_console_errors(browser)
 
 
+def test_page_shows_a_records_title_beside_its_name(browser: webdriver.Chrome, site: Site) -> None:
+    user = page_sign_in(browser, site)
+    titled = make_wav(1.0, before_data=info_list(INAM="Совещание 5 мая"))
+    for wav, name in ((titled, "titled.wav"), (make_wav(1.0), "plain.wav")):
+        assert httpx.post(site.url + "/users/wav", **upload_form(user, wav, name), timeout=60).status_code == 201
+    browser.refresh()
+    page_wait(browser, lambda d: page_record_names(d) == ["plain.mp3", "titled.mp3 — Совещание 5 мая"])
+    assert not page_console_errors(browser)
+
+
 def test_page_shows_records_twenty_at_a_time(browser: webdriver.Chrome, site: Site) -> None:
     user = page_sign_in(browser, site)
     wav = make_wav(0.2)

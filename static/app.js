@@ -575,7 +575,7 @@
   function addRecord(record, first) {
     if (shown.has(record.record_id)) return;
     const li = $('record-row').content.firstElementChild.cloneNode(true);
-    li.querySelector('.name').textContent = record.filename;
+    li.querySelector('.name').textContent = record.title ? `${record.filename} — ${record.title}` : record.filename;
     li.querySelector('.info').textContent = `${duration(record.duration_seconds)} · ${bytes(record.size_bytes)} · ${when(record.created_at)}`;
     const audio = li.querySelector('audio');
     audio.src = record.url;

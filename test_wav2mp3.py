@@ -5242,9 +5242,11 @@ PAGE_WAIT = 90  # seconds: generous, for a slow CI machine; the waits end as soo
 SLOW_NETWORK = {"latency": 5, "download_throughput": 500 * 1024, "upload_throughput": 300 * 1024}
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    """Debian's chromium, headless, driven by its chromedriver; a fresh profile for the module."""
+@contextlib.contextmanager
+def chromium(profile: Path, language: str = "") -> Iterator[webdriver.Chrome]:
+    """Debian's chromium, headless, driven by its chromedriver, with a fresh profile; in the browser's own
+    language when given (`--lang` alone does not reach navigator.languages on Linux: the profile's
+    `intl.accept_languages` does, as a person's choice in the settings would)."""
     if not CHROMEDRIVER.exists() or not CHROMIUM.exists():
         pytest.skip("the page's tests need chromium and chromedriver (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
@@ -5257,15 +5259,27 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        f"--user-data-dir={profile}",
+        *([f"--lang={language}"] if language else []),
     ):
         options.add_argument(argument)
+    if language:
+        options.add_experimental_option("prefs", {"intl.accept_languages": language})
     options.binary_location = str(CHROMIUM)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
     driver.set_window_size(1280, 900)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """The browser of the module's page tests, in English (the language a browser has when nobody chose one)."""
+    with chromium(tmp_path_factory.mktemp("chromium")) as driver:
+        yield driver
 
 
 def page_wait(browser: webdriver.Chrome, condition: Any, timeout: float = PAGE_WAIT) -> Any:

@@ -47,10 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The page's tests share one browser, on one worker; `--screenshot` selects the screenshot test alone, and
-    without it that test is deselected."""
+    """The page's tests run on one worker: they share one browser, or start one of their own (`russian_browser`)
+    there; `--screenshot` selects the screenshot test alone, and without it that test is deselected."""
     for item in items:
-        if "browser" in getattr(item, "fixturenames", ()):
+        if any(name.endswith("browser") for name in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("browser"))
     wanted = config.getoption("--screenshot")
     chosen = [item for item in items if (item.get_closest_marker("screenshot") is not None) == wanted]

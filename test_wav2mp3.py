@@ -5282,6 +5282,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         yield driver
 
 
+@pytest.fixture
+def russian_browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """A browser whose person reads Russian first, then English."""
+    with chromium(tmp_path / "chromium", "ru,en") as driver:
+        yield driver
+
+
 def page_wait(browser: webdriver.Chrome, condition: Any, timeout: float = PAGE_WAIT) -> Any:
     """Wait until condition(browser) is truthy; elements not there yet, or redrawn meanwhile, are waited for too."""
     return WebDriverWait(browser, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
@@ -5330,13 +5337,13 @@ def page_sign_in(browser: webdriver.Chrome, site: Site, user: dict[str, str] | N
     return user
 
 
-def page_choose(browser: webdriver.Chrome, tmp_path: Path, files: dict[str, bytes]) -> None:
+def page_choose(browser: webdriver.Chrome, tmp_path: Path, files: dict[str, bytes], picker: str = "WAV files") -> None:
     """Write the files and choose them at once in the "WAV files" picker."""
     paths = []
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
         paths.append(str(tmp_path / name))
-    page_field(browser, "WAV files").send_keys("\n".join(paths))
+    page_field(browser, picker).send_keys("\n".join(paths))
 
 
 def page_upload_row(browser: webdriver.Chrome, filename: str) -> WebElement:
@@ -5558,8 +5565,8 @@ def test_page_shows_the_users_name_and_usage_after_signing_in_again(browser: web
     page_choose(browser, tmp_path, {"hello.wav": make_wav(2.0)})
     page_wait(browser, lambda d: page_finished(d, "hello.wav"))
     stored = page_usage(site, user)["bytes_stored"]
-    assert 10_000 <= stored < 999_500  # the page says it in KB, rounded
-    used = f"Signed in as {usage['name']}\nused {round(stored / 1000)} KB{of_quota}"
+    assert 10_000 <= stored < 999_500  # the page says it in kB, rounded
+    used = f"Signed in as {usage['name']}\nused {round(stored / 1000)} kB{of_quota}"
     page_wait(browser, lambda d: page_account(d).startswith(used))  # refreshed once the upload is done
     browser.refresh()  # signed in again with the credentials the page kept
     page_wait(browser, lambda d: page_account(d).startswith(used))
@@ -5660,6 +5667,80 @@ def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriv
     assert direct.json()["sha256"] == record["sha256"]  # resumed mid-way, the MP3 is still the very same
     assert browser.execute_script("return Object.keys(localStorage).filter(k => k.includes('upload')).length") == 0  # fingerprint gone
     assert not page_console_errors(browser)
+
+
+def page_text(browser: webdriver.Chrome) -> str:
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_page_speaks_russian_to_a_russian_browser_and_keeps_the_language_chosen(
+    russian_browser: webdriver.Chrome, site: Site, tmp_path: Path
+) -> None:
+    browser = russian_browser
+    user = site.new_user()
+    assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(2.0), "запись.wav"), timeout=60).status_code == 201
+    browser.get(site.url + "/")
+    page_wait(browser, lambda d: page_field(d, "ID пользователя").is_displayed())
+    assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru"
+    assert browser.title == "wav2mp3 — конвертация WAV-записей в MP3"
+    for heading in ("Конвертируйте WAV-записи в MP3", "Впервые здесь?", "Уже были здесь?"):
+        assert browser.find_element(By.XPATH, f"//*[self::h1 or self::h2][normalize-space()='{heading}']").is_displayed()
+    assert page_button(browser, "Создать пользователя").is_displayed()
+    page_field(browser, "ID пользователя").send_keys(user["user_id"])
+    page_field(browser, "Ключ доступа").send_keys(user["access_token"])
+    page_button(browser, "Войти").click()
+    page_wait(browser, lambda d: page_button(d, "Выйти").is_displayed())
+    row = page_wait(browser, lambda d: d.find_element(By.XPATH, "//h2[normalize-space()='Ваши MP3']/ancestor::section[1]//ul/li"))
+    assert page_button(row, "Удалить").is_displayed()
+    assert row.find_element(By.XPATH, ".//a[normalize-space()='Скачать']").is_displayed()
+    assert re.search(r"0:02 · \d+(,\d)? кБ · \d{1,2} [а-я]{3,4}\. \d{4} г\., \d{1,2}:\d\d", row.text)  # Russian numbers and dates
+    page_wait(browser, lambda d: re.fullmatch(r"Вы вошли как \S+\nзанято \d+(,\d)? кБ", page_account(d)))
+    for heading in ("Конвертация WAV-файлов", "Ваши MP3"):
+        assert browser.find_element(By.XPATH, f"//h1[normalize-space()='{heading}'] | //h2[normalize-space()='{heading}']").is_displayed()
+    assert page_field(browser, "WAV-файлы").get_attribute("type") == "file"
+    page_choose(browser, tmp_path, {"песня.mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(4096)}, "WAV-файлы")
+    page_wait(browser, lambda d: "Это не WAV-файл (похоже на MP3)" in page_text(d))
+    # The switch: English, and so it stays after a reload, whatever the browser prefers.
+    page_button(browser, "English").click()
+    page_wait(browser, lambda d: page_records(d) and page_button(d, "Sign out").is_displayed())
+    assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
+    assert "This is not a WAV file (it looks like MP3)" in page_text(browser)  # what was said, said again in English
+    assert not re.search("[а-яё]", page_text(browser).replace("запись", "").replace("песня", "").replace("Русский", ""), re.IGNORECASE)
+    browser.refresh()
+    page_wait(browser, lambda d: page_records(d) and page_button(d, "Sign out").is_displayed())
+    assert page_button(browser, "Русский").is_displayed() and browser.title == "wav2mp3 – convert WAV recordings to MP3"
+    assert not page_console_errors(browser)
+
+
+def test_page_strings_are_in_every_language_and_every_key_the_page_uses_is_there() -> None:
+    tables = {language: json.loads((HERE / "static" / "i18n" / f"page.{language}.json").read_text(encoding="utf-8")) for language in ("en", "ru")}
+    categories = {"en": {"one", "other"}, "ru": {"one", "few", "many", "other"}}  # Intl.PluralRules' for each
+
+    def forms(language: str, key: str) -> dict[str, str]:
+        text = tables[language][key]
+        if isinstance(text, dict):
+            assert set(text) == categories[language], (language, key)
+            return text  # type: ignore[no-any-return]
+        return {"": text}
+
+    assert set(tables["en"]) == set(tables["ru"]), set(tables["en"]) ^ set(tables["ru"])
+    for key in tables["en"]:
+        holes = {language: {hole for text in forms(language, key).values() for hole in re.findall(r"\{(\w+)\}", text)} for language in tables}
+        assert holes["en"] == holes["ru"], (key, holes)
+    html = (HERE / "static" / "index.html").read_text(encoding="utf-8")
+    script = (HERE / "static" / "app.js").read_text(encoding="utf-8")
+    used = set(re.findall(r'data-t(?:-aria-label)?="([^"]+)"', html)) | set(re.findall(r"'((?:[a-z]+\.)?[a-z][A-Za-z]+(?:\.[A-Za-z]+)*)'", script))
+    built = {f"upload.{action}File" for action in ("pause", "resume", "cancel", "retry", "restart")} if "`upload.${action}File`" in script else set()
+    assert not set(tables["en"]) - used - built, "keys no page code uses"
+    storage = (".auth", ".options", ".language")  # localStorage's keys, not the tables'
+    assert not {key for key in used if "." in key and not key.endswith(storage)} - set(tables["en"]), "keys missing"
+
+
+def test_page_weighs_at_most_100_kb() -> None:
+    """Everything the page loads in its heavier language (Russian: two bytes a letter), before compression."""
+    files = ["index.html", "style.css", "app.js", "icon.svg", "i18n/page.en.json", "i18n/page.ru.json"]
+    sizes = {name: len((HERE / "static" / name).read_bytes()) for name in files}
+    assert sum(sizes.values()) - min(sizes["i18n/page.en.json"], sizes["i18n/page.ru.json"]) <= 100_000, sizes
 
 
 @pytest.mark.screenshot

@@ -1,5 +1,7 @@
 /* wav2mp3's page: create a user or sign in, upload WAVs through the service's resumable (tus 1.0.0)
-   endpoint with the small client below, play and download the MP3s. No framework, no build step. */
+   endpoint with the small client below, play and download the MP3s. In English or Russian: the words are
+   in static/i18n/page.<language>.json.
+   No framework, no build step. */
 (() => {
   'use strict';
 
@@ -11,23 +13,37 @@
   const PAGE = 20;
   const AUTH_KEY = 'wav2mp3.auth';
   const OPTIONS_KEY = 'wav2mp3.options';
+  const LANGUAGE_KEY = 'wav2mp3.language';
   const FP_KEY = 'wav2mp3.upload:'; // + JSON [user id, name, size, lastModified, options] -> {url}
   const TUS = { 'Tus-Resumable': '1.0.0' };
-  const OFFLINE = 'You are offline. The upload goes on by itself when the network is back.';
   const LIVE = ['queued', 'uploading', 'waiting', 'converting', 'paused'];
+  const LANGUAGES = ['en', 'ru'];
+  const BITRATES = [32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320];
+  const BITRATE_NOTES = { 64: 'settings.kbpsSpeech', 128: 'settings.kbpsUsual', 320: 'settings.kbpsLargest' };
+  const VBR_KBPS = [245, 225, 190, 175, 165, 130, 115, 100, 85, 65]; // LAME's -V0..-V9, roughly
+  const VBR_NOTES = { 0: 'settings.vbrBest', 2: 'settings.vbrRecommended', 9: 'settings.vbrSmallest' };
+  // The service's words for a name taken, in English and as static/i18n/errors.ru.json has them.
+  const RECORD_HOLDS_NAME = /already has a record|уже есть запись/;
+  const UPLOAD_HOLDS_NAME = /holds the name|занимает имя/;
 
   const $ = (id) => document.getElementById(id);
   const url = (path) => new URL(path, document.baseURI).href; // relative: works under a proxy's path prefix
   const enc = encodeURIComponent;
+  const clone = (id) => $(id).content.firstElementChild.cloneNode(true);
 
+  let language = 'en';
+  let strings = {}; // the table of the language shown
   let auth = null; // {user_id, access_token, name}
   let service = null; // GET /service, once answered: {signup, retention_days, max_upload_bytes}
+  let usage = null; // GET /users/{id}, as last answered
   let usageAsked = 0; // counts the usage requests: an answer for an older one is dropped
   let cursor = null; // next_cursor of the records shown
   let recordsFailed = false;
   let listing = 0; // counts the lists shown: an answer for an older one is dropped
   const uploads = [];
   const shown = new Map(); // record_id -> <li> in "Your MP3s"
+  const tables = new Map(); // language -> its table, once loaded
+  const said = new WeakMap(); // element -> {text or attribute name: message}, to say again in another language
 
   const store = {
     get(key) { try { return JSON.parse(localStorage.getItem(key)); } catch { return null; } },
@@ -36,41 +52,120 @@
     keys() { try { return Object.keys(localStorage); } catch { return []; } },
   };
 
-  // Words for numbers ###########################################################
+  // Words #######################################################################
+  // A message is a string (the service's own words, shown as they come) or a function that makes one from
+  // the table: say() remembers it, so that a switch of language says everything again.
 
-  function bytes(n) {
-    if (n < 1000) return Math.round(n) + ' bytes';
-    const units = ['KB', 'MB', 'GB', 'TB'];
-    let i = -1;
-    do { n /= 1000; i++; } while (n >= 999.5 && i < units.length - 1);
-    return (n < 10 ? n.toFixed(1) : Math.round(n)) + ' ' + units[i];
+  function t(key, values = {}) {
+    let text = strings[key];
+    if (text && typeof text === 'object') text = text[new Intl.PluralRules(language).select(values.count)] || text.other;
+    if (typeof text !== 'string') return key;
+    return text.replace(/\{(\w+)\}/g, (whole, name) => {
+      if (!(name in values)) return whole;
+      return typeof values[name] === 'number' ? format({}).format(values[name]) : String(values[name]);
+    });
   }
 
+  const T = (key, values) => () => t(key, values);
+
+  function say(element, message, attribute = 'text') {
+    let kept = said.get(element);
+    if (!kept) said.set(element, (kept = {}));
+    kept[attribute] = message;
+    element.dataset.said = '';
+    const text = typeof message === 'function' ? message() : message == null ? '' : String(message);
+    if (attribute !== 'text') element.setAttribute(attribute, text);
+    else if (element.textContent !== text) element.textContent = text;
+  }
+
+  function translate(root) { // the page's fixed words, by their keys
+    for (const element of root.querySelectorAll('[data-t]')) element.textContent = t(element.dataset.t);
+    for (const element of root.querySelectorAll('[data-t-aria-label]')) element.setAttribute('aria-label', t(element.dataset.tAriaLabel));
+  }
+
+  function chosenLanguage() { // the switch's choice, else the browser's first language the page speaks
+    const saved = store.get(LANGUAGE_KEY);
+    if (LANGUAGES.includes(saved)) return saved;
+    for (const tag of navigator.languages || [navigator.language]) {
+      const primary = String(tag).toLowerCase().split('-')[0];
+      if (LANGUAGES.includes(primary)) return primary;
+    }
+    return 'en';
+  }
+
+  async function table(code) {
+    if (!tables.has(code)) {
+      try {
+        const res = await fetch(url(`static/i18n/page.${code}.json`));
+        if (res.ok) tables.set(code, await res.json());
+      } catch { /* not now: the caller falls back */ }
+    }
+    return tables.get(code) || null;
+  }
+
+  async function useLanguage(code) {
+    let words = await table(code);
+    if (!words && code !== 'en') words = await table((code = 'en'));
+    if (!words) return;
+    language = code;
+    strings = words;
+    formats.clear();
+    document.documentElement.lang = code;
+    document.title = t('title');
+    translate(document);
+    for (const template of document.querySelectorAll('template')) translate(template.content);
+    $('language').lang = code === 'en' ? 'ru' : 'en';
+    $('language').hidden = false;
+    buildOptions();
+    for (const element of document.querySelectorAll('[data-said]')) {
+      for (const [attribute, message] of Object.entries(said.get(element) || {})) say(element, message, attribute);
+    }
+  }
+
+  // Numbers, sizes and dates in the language's format ###########################
+
+  const formats = new Map();
+  function format(options, kind = 'number') {
+    const key = kind + JSON.stringify(options);
+    if (!formats.has(key)) formats.set(key, kind === 'date' ? new Intl.DateTimeFormat(language, options) : new Intl.NumberFormat(language, options));
+    return formats.get(key);
+  }
+
+  const unit = (name, n, digits = 0, display = 'long') =>
+    format({ style: 'unit', unit: name, unitDisplay: display, minimumFractionDigits: digits, maximumFractionDigits: digits }).format(n);
+
+  function bytes(n) {
+    if (n < 1000) return t('bytes', { count: Math.round(n) });
+    const units = ['kilobyte', 'megabyte', 'gigabyte', 'terabyte'];
+    let i = -1;
+    do { n /= 1000; i++; } while (n >= 999.5 && i < units.length - 1);
+    return unit(units[i], n, n < 10 ? 1 : 0, 'short');
+  }
+
+  const percent = (part) => format({ style: 'percent', maximumFractionDigits: 0 }).format(part);
+
   function duration(seconds) {
-    if (seconds < 1) return seconds.toFixed(1) + ' s';
-    const t = Math.round(seconds);
+    if (seconds < 1) return unit('second', seconds, 1, 'short');
+    const whole = Math.round(seconds);
     const pad = (x) => String(x).padStart(2, '0');
-    const h = Math.floor(t / 3600), m = Math.floor(t / 60) % 60, s = t % 60;
+    const h = Math.floor(whole / 3600), m = Math.floor(whole / 60) % 60, s = whole % 60;
     return h ? `${h}:${pad(m)}:${pad(s)}` : `${m}:${pad(s)}`;
   }
 
   function period(days) { // RETENTION_DAYS, which may be a fraction
-    if (days < 1) {
-      const hours = Math.max(1, Math.round(days * 24));
-      return hours === 1 ? '1 hour' : `${hours} hours`;
-    }
+    if (days < 1) return unit('hour', Math.max(1, Math.round(days * 24)));
     const rounded = Math.round(days * 10) / 10;
-    return rounded === 1 ? '1 day' : `${rounded} days`;
+    return unit('day', rounded, Number.isInteger(rounded) ? 0 : 1);
+  }
+
+  function when(iso) {
+    const date = iso ? new Date(iso) : new Date();
+    return isNaN(date) ? '' : format({ dateStyle: 'medium', timeStyle: 'short' }, 'date').format(date);
   }
 
   function sentence(text) { // a message of the service's, shown on its own
     const trimmed = text.trim();
     return trimmed.charAt(0).toUpperCase() + trimmed.slice(1) + (/[.!?]$/.test(trimmed) ? '' : '.');
-  }
-
-  function when(iso) {
-    const date = iso ? new Date(iso) : new Date();
-    return isNaN(date) ? '' : date.toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'short' });
   }
 
   function b64(text) { // Upload-Metadata values: base64 of UTF-8
@@ -101,6 +196,7 @@
       xhr.open(method, path);
       const bearer = token === undefined ? auth && auth.access_token : token;
       if (bearer) xhr.setRequestHeader('Authorization', 'Bearer ' + bearer);
+      xhr.setRequestHeader('Accept-Language', language); // the service's refusals in the page's language, whatever the browser's
       if (json !== undefined) {
         xhr.setRequestHeader('Content-Type', 'application/json');
         body = JSON.stringify(json);
@@ -121,6 +217,7 @@
   }
 
   const apiMessage = (res) => (res.data && typeof res.data.error === 'string' ? res.data.error : '');
+  const reason = (res) => apiMessage(res) || t('error.status', { status: res.status });
   const retryable = (status) => status === 0 || status === 408 || status === 409 || status === 423 || status === 429 || status >= 500;
 
   // What a refused file looks like, from its first bytes.
@@ -142,6 +239,16 @@
 
   // Encoding options ############################################################
 
+  function buildOptions() { // the choices' words in the language shown, the choice kept
+    const fill = (select, values, label) => {
+      const chosen = select.value;
+      select.replaceChildren(...values.map((value, i) => new Option(label(value, i), String(value))));
+      if (chosen) select.value = chosen;
+    };
+    fill($('bitrate'), BITRATES, (kbps) => t(BITRATE_NOTES[kbps] || 'settings.kbps', { kbps }));
+    fill($('quality'), VBR_KBPS.map((_, i) => i), (quality) => t(VBR_NOTES[quality] || 'settings.vbrOption', { quality, kbps: VBR_KBPS[quality] }));
+  }
+
   function currentOptions() {
     const options = $('mode-vbr').checked ? { vbr_quality: $('quality').value } : { bitrate: $('bitrate').value };
     const channels = document.querySelector('input[name="channels"]:checked').value;
@@ -153,13 +260,15 @@
     $('bitrate').disabled = $('mode-vbr').checked;
     $('quality').disabled = !$('mode-vbr').checked;
     const options = currentOptions();
-    $('settings-summary').textContent = (options.bitrate ? `${options.bitrate} kbps` : `VBR quality ${options.vbr_quality}`) + ' · '
-      + ({ 1: 'mono', 2: 'stereo' }[options.channels] || 'channels as recorded');
+    say($('settings-summary'), () => (options.bitrate ? t('settings.summaryCbr', { kbps: Number(options.bitrate) }) : t('settings.summaryVbr', { quality: Number(options.vbr_quality) }))
+      + ' · ' + t({ 1: 'settings.summaryMono', 2: 'settings.summaryStereo' }[options.channels] || 'settings.summaryKeep'));
     if (save) store.set(OPTIONS_KEY, { vbr: $('mode-vbr').checked, bitrate: $('bitrate').value, quality: $('quality').value, channels: options.channels || '' });
   }
 
   function restoreOptions() {
     const saved = store.get(OPTIONS_KEY);
+    $('bitrate').value = '128';
+    $('quality').value = '2';
     if (saved) {
       $(saved.vbr ? 'mode-vbr' : 'mode-cbr').checked = true;
       if (saved.bitrate) $('bitrate').value = saved.bitrate;
@@ -190,12 +299,14 @@
       this.file = file;
       this.options = options;
       this.fp = fingerprint(file, options);
-      this.url = null; // the upload's URL (Location, absolute: used as given)
+      this.url = null; // the upload's URL (Location, absolute: used as given); with one, HEAD, then go on from its offset
       this.offset = 0; // what the service has stored
       this.run = null; // the loop in progress: {stopped, xhr, wake, tries}
       this.state = '';
       this.samples = [];
-      const li = $('upload-row').content.firstElementChild.cloneNode(true);
+      const saved = store.get(this.fp); // one this browser kept for this file
+      if (saved && saved.url) this.url = saved.url;
+      const li = clone('upload-row');
       this.li = li;
       this.el = {};
       for (const name of ['name', 'size', 'figures', 'status', 'detail', 'download', 'pause', 'resume', 'restart', 'retry', 'cancel']) {
@@ -204,11 +315,11 @@
       this.el.progress = li.querySelector('progress');
       this.el.audio = li.querySelector('audio');
       this.el.name.textContent = file.name;
-      this.el.size.textContent = bytes(file.size);
+      say(this.el.size, () => bytes(file.size));
       this.el.progress.max = Math.max(file.size, 1);
-      this.el.progress.setAttribute('aria-label', 'Upload of ' + file.name);
+      say(this.el.progress, T('upload.progressOf', { name: file.name }), 'aria-label');
       for (const action of ['pause', 'resume', 'cancel', 'retry', 'restart']) {
-        this.el[action].setAttribute('aria-label', this.el[action].textContent + ' ' + file.name);
+        say(this.el[action], T(`upload.${action}File`, { name: file.name }), 'aria-label');
         this.el[action].addEventListener('click', () => this[action]());
       }
       this.progress(0);
@@ -219,8 +330,8 @@
     show(state, status, detail = '') {
       this.state = state;
       this.li.dataset.state = state;
-      if (this.el.status.textContent !== status) this.el.status.textContent = status;
-      if (this.el.detail.textContent !== detail) this.el.detail.textContent = detail;
+      say(this.el.status, status);
+      say(this.el.detail, detail);
       const focused = this.li.contains(document.activeElement) && document.activeElement.matches('button') ? document.activeElement : null;
       const active = ['queued', 'uploading', 'waiting'].includes(state);
       this.el.pause.hidden = !active;
@@ -248,13 +359,11 @@
 
     draw() { // bytes sent, and the speed over the last seconds while they move
       const now = (this.drawn = performance.now());
-      const n = this.el.progress.value;
-      let text = `${bytes(n)} of ${bytes(this.size)}`;
-      const [t0, n0] = this.samples.length ? this.samples[0] : [now, n];
-      if (this.state === 'uploading' && now - t0 > 700 && n > n0 && n < this.size) {
-        text += ` · ${bytes((n - n0) / ((now - t0) / 1000))}/s`;
-      }
-      if (this.el.figures.textContent !== text) this.el.figures.textContent = text;
+      const sent = this.el.progress.value;
+      const size = this.size;
+      const [t0, n0] = this.samples.length ? this.samples[0] : [now, sent];
+      const rate = this.state === 'uploading' && now - t0 > 700 && sent > n0 && sent < size ? (sent - n0) / ((now - t0) / 1000) : 0;
+      say(this.el.figures, () => t(rate ? 'upload.speed' : 'upload.figures', { sent: bytes(sent), size: bytes(size), rate: bytes(rate) }));
     }
 
     metadata() {
@@ -264,7 +373,7 @@
     start() {
       const run = (this.run = { stopped: false, xhr: null, wake: null, tries: 0, abortable: true });
       this.drive(run)
-        .catch((error) => { if (!run.stopped) this.fail('Something went wrong on this page', String(error && error.message)); })
+        .catch((error) => { if (!run.stopped) this.fail(T('upload.pageError'), String(error && error.message)); })
         .finally(() => { if (this.run === run) this.run = null; pump(); });
     }
 
@@ -289,11 +398,7 @@
     async drive(run) {
       const token = auth.access_token;
       let head = Boolean(this.url);
-      if (!this.url) {
-        const saved = store.get(this.fp);
-        if (saved && saved.url) { this.url = saved.url; head = true; }
-      }
-      this.show('uploading', head ? 'Resuming…' : 'Starting…');
+      this.show('uploading', T(head ? 'upload.resuming' : 'upload.starting'));
       while (!run.stopped) {
         let res;
         if (head && this.url) {
@@ -336,16 +441,16 @@
         }
         if (this.offset < this.size) {
           const start = this.offset;
-          if (!(await this.readable(start))) return this.fail('This file cannot be read', 'It may be a folder, or it was moved or deleted after it was chosen.');
+          if (!(await this.readable(start))) return this.fail(T('upload.unreadable'), T('upload.unreadableHint'));
           if (run.stopped) return;
           const end = Math.min(this.size, start + CHUNK);
           this.samples = [[performance.now(), start]]; // the speed of this request's bytes
-          this.show('uploading', 'Uploading…');
+          this.show('uploading', T('upload.uploading'));
           res = await this.request(run, 'PATCH', this.url, {
             headers: { ...TUS, 'Upload-Offset': String(start), 'Content-Type': 'application/offset+octet-stream' },
             body: this.file.slice(start, end),
             onProgress: (n) => this.progress(start + n),
-            onSent: end === this.size ? () => { if (!run.stopped) this.show('converting', 'Converting…'); } : null,
+            onSent: end === this.size ? () => { if (!run.stopped) this.show('converting', T('upload.converting')); } : null,
           });
           if (run.stopped) return;
           if (res.status === 204) {
@@ -358,7 +463,7 @@
           if (res.status === 404 || retryable(res.status)) { head = true; await this.wait(run, res); continue; }
           return this.refused(res, 'patch');
         }
-        this.show('converting', 'Converting…'); // every byte is in: the record, once stored
+        this.show('converting', T('upload.converting')); // every byte is in: the record, once stored
         res = await this.request(run, 'GET', this.url);
         if (run.stopped) return;
         if (res.status === 200 && res.data && res.data.url) return this.finish(res.data);
@@ -389,10 +494,10 @@
       const after = Number(res.header('Retry-After'));
       if (after > 0) ms = Math.max(ms, Math.min(after, 60) * 1000);
       const seconds = Math.max(1, Math.round(ms / 1000));
-      if (!navigator.onLine) this.show('waiting', OFFLINE);
-      else if (res.status === 0) this.show('waiting', `The connection dropped. Trying again in ${seconds} s…`);
-      else if (res.status >= 500 || res.status === 408 || res.status === 429) this.show('waiting', `The service is busy. Trying again in ${seconds} s…`);
-      else if (res.status === 423) this.show('converting', 'Converting…'); // every byte is in; the record is being stored
+      if (!navigator.onLine) this.show('waiting', T('upload.offline'));
+      else if (res.status === 0) this.show('waiting', T('upload.dropped', { seconds }));
+      else if (res.status >= 500 || res.status === 408 || res.status === 429) this.show('waiting', T('upload.busy', { seconds }));
+      else if (res.status === 423) this.show('converting', T('upload.converting')); // every byte is in; the record is being stored
       // 409: the service is catching up; the status stays as it is
       this.samples = [];
       return new Promise((resolve) => {
@@ -410,36 +515,31 @@
       this.stale = null;
       if (status === 415) {
         const kind = await sniff(this.file);
-        if (kind === 'WAV') return this.fail('This WAV file uses an encoding this service cannot convert', api + (api ? '. ' : '') + 'Save it as PCM WAV (16 or 24-bit) and try again.');
-        return this.fail(kind ? `This is not a WAV file (it looks like ${kind})` : 'This is not a WAV file', 'Only WAV recordings can be converted.');
+        if (kind === 'WAV') return this.fail(T('upload.badEncoding'), api ? T('upload.badEncodingWhy', { reason: api }) : T('upload.badEncodingHint'));
+        return this.fail(kind ? T('upload.notWavKind', { kind }) : T('upload.notWav'), T('upload.notWavHint'));
       }
       // A name taken: 409 at first, 422 since tus clients retry a 409 (as an offset conflict) and lose the message.
-      if (step === 'create' && (status === 409 || (status === 422 && /already has a record|holds the name/.test(api)))) {
+      if (step === 'create' && (RECORD_HOLDS_NAME.test(api) || UPLOAD_HOLDS_NAME.test(api) || status === 409)) {
         this.canRetry = true;
-        if (/already has a record/.test(api)) {
+        if (RECORD_HOLDS_NAME.test(api)) {
           reloadRecords(); // it may come from elsewhere: show it below
-          return this.fail('A file with this name is already converted', 'Delete it under “Your MP3s” below, or rename your file, then choose “Try again”.');
+          return this.fail(T('upload.converted'), T('upload.convertedHint'));
         }
         this.stale = storedUploads((parts) => parts[1] === this.file.name).filter(([key]) => key !== this.fp);
         this.canRetry = !this.stale.length;
-        return this.fail('This file is still being uploaded (perhaps in another tab)',
-          this.stale.length ? 'An earlier upload of this file, with other settings, is unfinished. “Start over” drops it and uploads the file again.'
-            : 'Let that upload finish, or rename your file.');
+        return this.fail(T('upload.held'), T(this.stale.length ? 'upload.heldStale' : 'upload.heldLive'));
       }
-      if (status === 422) {
-        return this.fail(step === 'create' ? 'This file cannot be uploaded' : 'This WAV file is damaged or cut short', api);
+      if (status === 422) return this.fail(T(step === 'create' ? 'upload.cannot' : 'upload.damaged'), api);
+      if (status === 413 && service && this.size > service.max_upload_bytes) {
+        return this.fail(T('upload.tooLarge'), () => t('upload.limit', { size: bytes(service.max_upload_bytes) }));
       }
-      if (status === 413 && /quota/.test(api)) { // USER_QUOTA_MB: the service's words name the usage and the quota
+      if (status === 413) { // USER_QUOTA_MB: the service's words name the usage and the quota
         this.canRetry = true; // it may fit once MP3s are deleted
         loadUsage();
-        return this.fail('Not enough room left for this file', api);
+        return this.fail(T('upload.noRoom'), api);
       }
-      if (status === 413) {
-        const limit = /(\d+) MiB/.exec(api);
-        return this.fail('This file is too large for this service', limit ? `The limit is ${limit[1]} MiB per file.` : '');
-      }
-      if (status === 404 && step === 'get') return this.fail('This MP3 was deleted before it could be shown');
-      return this.fail(`Something went wrong (error ${status})`, api);
+      if (status === 404 && step === 'get') return this.fail(T('upload.deletedBefore'));
+      return this.fail(T('upload.failed', { reason: t('error.status', { status }) }), api);
     }
 
     fail(status, detail = '') {
@@ -449,14 +549,16 @@
     finish(record) {
       store.del(this.fp);
       this.record = record;
+      this.url = null;
       this.progress(this.size);
       this.el.audio.src = record.url;
-      this.el.audio.setAttribute('aria-label', 'Play ' + record.filename);
+      say(this.el.audio, T('records.play', { name: record.filename }), 'aria-label');
       this.el.download.href = record.url;
-      this.el.download.setAttribute('aria-label', 'Download ' + record.filename);
+      say(this.el.download, T('records.downloadFile', { name: record.filename }), 'aria-label');
       this.el.download.hidden = false;
       this.el.audio.hidden = false;
-      this.show('done', 'Done: ' + record.filename, `${duration(record.duration_seconds)} · MP3 ${bytes(record.size_bytes)}`);
+      this.show('done', T('upload.done', { name: record.filename }),
+        () => t('upload.doneFigures', { duration: duration(record.duration_seconds), size: bytes(record.size_bytes) }));
       addRecord(record, true);
       loadUsage();
     }
@@ -464,24 +566,24 @@
     forgetRecord() { // its record was deleted below
       this.el.audio.hidden = this.el.download.hidden = true;
       this.el.audio.removeAttribute('src');
-      this.show('deleted', 'Deleted');
+      this.show('deleted', T('upload.deleted'));
     }
 
     pause() {
       this.stop();
-      this.show('paused', `Paused at ${Math.floor((100 * this.el.progress.value) / this.size)}%`);
+      this.show('paused', T('upload.paused', { percent: percent(this.el.progress.value / this.size) }));
       pump();
     }
 
     resume() {
-      this.show('queued', 'Waiting for its turn…');
+      this.show('queued', T('upload.queued'));
       pump();
     }
 
     cancel() {
       this.stop();
       store.del(this.fp);
-      this.show('cancelled', 'Cancelled');
+      this.show('cancelled', T('upload.cancelled'));
       if (this.url) this.terminate().then(loadUsage); // its bytes so far no longer count
       pump();
     }
@@ -496,12 +598,12 @@
     async restart() { // "Start over": end the earlier uploads that hold this name, then upload again
       const stale = this.stale || [];
       this.stale = null;
-      this.show('uploading', 'Starting over…');
+      this.show('uploading', T('upload.startingOver'));
       for (const other of uploads) { // rows of the dropped uploads on this page
         if (other !== this && stale.some(([key]) => key === other.fp) && LIVE.includes(other.state)) {
           other.stop();
           other.url = null;
-          other.show('cancelled', 'Cancelled: started over');
+          other.show('cancelled', T('upload.startedOver'));
         }
       }
       await Promise.all(stale.map(([key, saved]) => { store.del(key); return saved.url ? terminate(saved.url) : null; }));
@@ -547,16 +649,15 @@
       uploads.push(upload);
       $('uploads').insertBefore(upload.li, top);
       first = first || upload.li;
-      if (!file.size) upload.fail('This file is empty', 'There is nothing in it to convert.');
-      else upload.show('queued', 'Waiting for its turn…');
+      if (!file.size) upload.fail(T('upload.empty'), T('upload.emptyHint'));
+      else upload.show('queued', T('upload.queued'));
     }
     pump();
     if (first) first.scrollIntoView({ block: 'nearest' });
   }
 
   function updateChrome() {
-    const rows = $('uploads').children.length;
-    $('uploads-head').hidden = !rows;
+    $('uploads-head').hidden = !$('uploads').children.length;
     $('clear-finished').hidden = !uploads.some((u) => !LIVE.includes(u.state));
     $('resume-hint').hidden = !uploads.some((u) => LIVE.includes(u.state) && u.state !== 'converting');
   }
@@ -573,27 +674,29 @@
   // Records #####################################################################
 
   function addRecord(record, first) {
-    if (shown.has(record.record_id)) return;
-    const li = $('record-row').content.firstElementChild.cloneNode(true);
-    li.querySelector('.name').textContent = record.title ? `${record.filename} — ${record.title}` : record.filename;
-    li.querySelector('.info').textContent = `${duration(record.duration_seconds)} · ${bytes(record.size_bytes)} · ${when(record.created_at)}`;
+    if (shown.has(record.record_id)) return null;
+    const li = clone('record-row');
+    const name = record.filename;
+    li.querySelector('.name').textContent = record.title ? `${name} — ${record.title}` : name;
+    say(li.querySelector('.info'), () => `${duration(record.duration_seconds)} · ${bytes(record.size_bytes)} · ${when(record.created_at)}`);
     const audio = li.querySelector('audio');
     audio.src = record.url;
-    audio.setAttribute('aria-label', 'Play ' + record.filename);
+    say(audio, T('records.play', { name }), 'aria-label');
     const link = li.querySelector('.download');
     link.href = record.url;
-    link.setAttribute('aria-label', 'Download ' + record.filename);
+    say(link, T('records.downloadFile', { name }), 'aria-label');
     const button = li.querySelector('.delete');
-    button.setAttribute('aria-label', 'Delete ' + record.filename);
+    say(button, T('records.deleteFile', { name }), 'aria-label');
     button.addEventListener('click', () => deleteRecord(record, li, button));
     shown.set(record.record_id, li);
     if (first) $('records').prepend(li);
     else $('records').append(li);
     recordsStatus();
+    return li;
   }
 
-  function recordsStatus(text) {
-    $('records-status').textContent = text !== undefined ? text : shown.size ? '' : 'No MP3s yet. Converted files appear here.';
+  function recordsStatus(message) {
+    say($('records-status'), message !== undefined ? message : shown.size ? '' : T('records.none'));
   }
 
   async function loadRecords() {
@@ -601,16 +704,13 @@
     const more = $('more');
     const current = listing;
     more.disabled = true;
-    if (!shown.size) recordsStatus('Loading…');
+    if (!shown.size) recordsStatus(T('records.loading'));
     const res = await http('GET', url(`users/${enc(auth.user_id)}/records?limit=${PAGE}` + (cursor ? '&cursor=' + enc(cursor) : '')));
     if (current !== listing) return;
     more.disabled = false;
     if (res.status === 401 || res.status === 403) return expire();
     recordsFailed = !(res.status === 200 && res.data && Array.isArray(res.data.records));
-    if (recordsFailed) {
-      return recordsStatus(res.status ? `Your MP3s could not be loaded (${apiMessage(res) || 'error ' + res.status}). Reload the page to try again.`
-        : 'Your MP3s could not be loaded: the service cannot be reached. The list loads when the network is back.');
-    }
+    if (recordsFailed) return recordsStatus(res.status ? () => t('records.loadFailed', { reason: reason(res) }) : T('records.unreachable'));
     for (const record of res.data.records) addRecord(record, false);
     cursor = res.data.next_cursor || null;
     more.hidden = !cursor;
@@ -626,16 +726,15 @@
   }
 
   async function deleteRecord(record, li, button) {
-    if (!confirm(`Delete “${record.filename}”? Its download link stops working.`)) return;
+    if (!confirm(t('records.confirmDelete', { name: record.filename }))) return;
     const error = li.querySelector('.error');
-    error.textContent = '';
+    say(error, '');
     button.disabled = true;
     const res = await http('DELETE', url(`record?id=${enc(record.record_id)}&user=${enc(record.user_id || auth.user_id)}`));
     button.disabled = false;
     if (res.status === 401 || res.status === 403) return expire();
     if (res.status !== 204 && res.status !== 404) {
-      error.textContent = res.status ? `It could not be deleted (${apiMessage(res) || 'error ' + res.status}). Try again.`
-        : 'The service cannot be reached. Check your connection and try again.';
+      say(error, res.status ? () => t('records.deleteFailed', { reason: reason(res) }) : T('unreachable'));
       return;
     }
     const next = li.nextElementSibling || li.previousElementSibling;
@@ -643,7 +742,7 @@
     li.remove();
     shown.delete(record.record_id);
     for (const upload of uploads) if (upload.record && upload.record.record_id === record.record_id) upload.forgetRecord();
-    recordsStatus(`Deleted ${record.filename}.` + (shown.size ? '' : ' No MP3s left.'));
+    recordsStatus(T(shown.size ? 'records.deleted' : 'records.deletedLast', { name: record.filename }));
     loadUsage();
     if (hadFocus) (next ? next.querySelector('.delete') : $('records-title')).focus();
   }
@@ -662,7 +761,7 @@
     $('signup-closed').hidden = signup !== 'closed';
     $('invite-field').hidden = signup !== 'invite';
     const days = service && service.retention_days;
-    $('retention').textContent = days ? `MP3s are kept ${period(days)}, then deleted.` : '';
+    say($('retention'), days ? () => t('records.retention', { period: period(days) }) : '');
     $('retention').hidden = !days;
   }
 
@@ -676,15 +775,17 @@
     else if (!auth.name) showWho(auth.user_id); // the name cannot be had now: the ID says who at least
   }
 
-  function showUsage(usage) {
+  function showUsage(answer) {
+    usage = answer;
     if (usage.name && usage.name !== auth.name) {
       auth.name = usage.name;
       store.set(AUTH_KEY, auth); // shown at once on the next visit
     }
     showWho(auth.name || auth.user_id);
+    const used = usage.bytes_stored;
     const quota = typeof usage.quota_bytes === 'number' ? usage.quota_bytes : null;
-    $('usage').textContent = 'used ' + bytes(usage.bytes_stored) + (quota === null ? '' : ' of ' + bytes(quota));
-    $('usage').classList.toggle('full', quota !== null && usage.bytes_stored >= quota);
+    say($('usage'), () => (quota === null ? t('account.used', { used: bytes(used) }) : t('account.usedOf', { used: bytes(used), quota: bytes(quota) })));
+    $('usage').classList.toggle('full', quota !== null && used >= quota);
     $('usage').hidden = false;
   }
 
@@ -708,12 +809,12 @@
     updateChrome();
   }
 
-  function notice(text) {
-    $('notice').textContent = text;
-    $('notice').hidden = !text;
+  function notice(message) {
+    say($('notice'), message);
+    $('notice').hidden = !message;
   }
 
-  function signIn(credentials, fresh, usage) {
+  function signIn(credentials, fresh, answer) {
     auth = { user_id: credentials.user_id, access_token: credentials.access_token, name: credentials.name || '' };
     store.set(AUTH_KEY, auth);
     resetLists();
@@ -729,9 +830,9 @@
       $('new-token').textContent = auth.access_token;
       $('credentials-title').focus();
     }
-    if (usage) {
+    if (answer) {
       usageAsked++;
-      showUsage(usage);
+      showUsage(answer);
     } else {
       loadUsage();
     }
@@ -740,6 +841,7 @@
 
   function showSignedOut(message) {
     auth = null;
+    usage = null;
     resetLists();
     document.body.classList.remove('wide');
     $('account').hidden = $('signed-in').hidden = $('credentials').hidden = true;
@@ -752,7 +854,7 @@
     if (!auth) return;
     const id = auth.user_id;
     store.del(AUTH_KEY);
-    showSignedOut('Your sign-in is no longer valid (perhaps the access token was replaced). Please sign in again with your user ID and access token.');
+    showSignedOut(T('notice.expired'));
     $('sign-in-id').value = id;
     $('sign-in-token').focus();
   }
@@ -761,7 +863,7 @@
     const unfinished = uploads.filter((u) => LIVE.includes(u.state));
     const kept = storedUploads(() => true); // resumable uploads of this user, from this page or an earlier one
     const count = unfinished.length + kept.filter(([key]) => !unfinished.some((u) => u.fp === key)).length;
-    if (count && !confirm(`${count === 1 ? 'One upload is' : count + ' uploads are'} not finished: signing out stops and drops ${count === 1 ? 'it' : 'them'}. Sign out?`)) return;
+    if (count && !confirm(t('signOut.confirm', { count }))) return;
     const token = auth.access_token;
     const urls = new Set(kept.map(([, saved]) => saved.url));
     for (const upload of unfinished) {
@@ -771,7 +873,7 @@
     for (const target of urls) if (target) terminate(target, token); // frees their names on the service
     for (const [key] of kept) store.del(key); // forget what this page kept for this user
     store.del(AUTH_KEY);
-    showSignedOut('You are signed out.');
+    showSignedOut(T('notice.signedOut'));
     $('create-name').focus();
   }
 
@@ -781,9 +883,9 @@
     const invite = $('invite-field').hidden ? null : $('create-invite').value.trim();
     const error = $('create-error');
     const button = event.target.querySelector('button');
-    if (!name) { error.textContent = 'Enter a name.'; $('create-name').focus(); return; }
-    if (invite === '') { error.textContent = 'Enter the invite code you were given.'; $('create-invite').focus(); return; }
-    error.textContent = '';
+    if (!name) { say(error, T('create.enterName')); $('create-name').focus(); return; }
+    if (invite === '') { say(error, T('create.enterInvite')); $('create-invite').focus(); return; }
+    say(error, '');
     button.disabled = true;
     const res = await http('POST', url('users'), { json: invite === null ? { name } : { name, invite }, token: '' });
     button.disabled = false;
@@ -791,15 +893,16 @@
       event.target.reset();
       return signIn({ ...res.data, name }, true);
     }
-    if (res.status === 200 && res.data && res.data.error_name) error.textContent = 'That name is taken. Please choose another one.';
-    else if (res.status === 422) error.textContent = 'This name cannot be used' + (apiMessage(res) ? ` (${apiMessage(res)}).` : '.');
+    const api = apiMessage(res);
+    if (res.status === 200 && res.data && res.data.error_name) say(error, T('create.taken'));
+    else if (res.status === 422) say(error, api ? T('create.cannotUse', { reason: api }) : T('create.cannotUsePlain'));
     else if (res.status === 403) { // sign-up is by invite or closed: the service says what is needed
-      error.textContent = sentence(apiMessage(res) || 'Sign-up is not open on this service');
+      say(error, api ? sentence(api) : () => sentence(t('create.closed')));
       await loadService(); // perhaps the operator changed it since the page was loaded
       if (!$('invite-field').hidden) { $('create-invite').focus(); return; }
     }
-    else if (!res.status) error.textContent = 'The service cannot be reached. Check your connection and try again.';
-    else error.textContent = `The user could not be created (${apiMessage(res) || 'error ' + res.status}). Try again shortly.`;
+    else if (!res.status) say(error, T('unreachable'));
+    else say(error, T('create.failed', { reason: reason(res) }));
     $('create-name').focus();
   }
 
@@ -810,11 +913,11 @@
     const error = $('sign-in-error');
     const button = event.target.querySelector('button');
     if (!id || !token) {
-      error.textContent = 'Enter both your user ID and your access token.';
+      say(error, T('signIn.enterBoth'));
       $(id ? 'sign-in-token' : 'sign-in-id').focus();
       return;
     }
-    error.textContent = '';
+    say(error, '');
     button.disabled = true;
     const res = await http('GET', url(`users/${enc(id)}`), { token }); // the credentials checked, and the name and usage
     button.disabled = false;
@@ -824,9 +927,9 @@
       $('upload-title').focus();
       return;
     }
-    if ([401, 403, 404, 422].includes(res.status)) error.textContent = 'Unknown user ID or wrong access token. Check both and try again.';
-    else if (!res.status) error.textContent = 'The service cannot be reached. Check your connection and try again.';
-    else error.textContent = `You could not be signed in (${apiMessage(res) || 'error ' + res.status}). Try again shortly.`;
+    if ([401, 403, 404, 422].includes(res.status)) say(error, T('signIn.wrong'));
+    else if (!res.status) say(error, T('unreachable'));
+    else say(error, T('signIn.failed', { reason: reason(res) }));
   }
 
   async function copy(button) {
@@ -839,8 +942,8 @@
       getSelection().selectAllChildren(source); // no clipboard access: select it for the person to copy
       try { copied = document.execCommand('copy'); } catch { copied = false; }
     }
-    button.textContent = copied ? 'Copied' : 'Now press Ctrl+C';
-    setTimeout(() => { button.textContent = 'Copy'; }, 2500);
+    say(button, T(copied ? 'copied' : 'copyByHand'));
+    setTimeout(() => say(button, T('copy')), 2500);
   }
 
   // Wiring ######################################################################
@@ -849,6 +952,11 @@
     $('create-form').addEventListener('submit', createUser);
     $('sign-in-form').addEventListener('submit', signInForm);
     $('sign-out').addEventListener('click', signOut);
+    $('language').addEventListener('click', () => {
+      const other = language === 'en' ? 'ru' : 'en';
+      store.set(LANGUAGE_KEY, other);
+      useLanguage(other);
+    });
     $('credentials-done').addEventListener('click', () => {
       $('credentials').hidden = true;
       $('new-id').textContent = $('new-token').textContent = '';
@@ -880,7 +988,7 @@
       depth = 0;
       dragging(false);
       if (auth) addFiles([...event.dataTransfer.files]);
-      else notice('Create a user or sign in first, then drop your files.');
+      else notice(T('notice.dropFirst'));
     });
 
     // The network: wake waiting uploads when it is back, cut the stuck ones when it goes.
@@ -896,22 +1004,28 @@
       for (const upload of uploads) {
         if (!upload.run) continue;
         if (upload.run.xhr && upload.run.abortable) upload.run.xhr.abort();
-        else if (upload.state === 'waiting') upload.show('waiting', OFFLINE);
+        else if (upload.state === 'waiting') upload.show('waiting', T('upload.offline'));
       }
+    });
+    window.addEventListener('storage', (event) => { // signed out in another tab
+      if (event.key === AUTH_KEY && !event.newValue && auth) showSignedOut(T('notice.otherTab'));
     });
   }
 
-  window.addEventListener('storage', (event) => { // signed out in another tab
-    if (event.key === AUTH_KEY && !event.newValue && auth) showSignedOut('You signed out in another tab.');
-  });
-
-  wire();
-  restoreOptions();
-  const facts = loadService();
-  const saved = store.get(AUTH_KEY);
-  if (saved && saved.user_id && saved.access_token) {
-    signIn(saved, false);
-  } else { // the forms once the sign-up mode is known, so that no form shows that then goes; a slow answer is not waited for
-    Promise.race([facts, new Promise((resolve) => setTimeout(resolve, 2000))]).then(() => { if (!auth) showSignedOut(''); });
+  async function start() {
+    wire();
+    const facts = loadService();
+    await useLanguage(chosenLanguage()); // nothing is shown before its words are there
+    say($('drop-hint'), T('upload.dropHint', { count: PARALLEL }));
+    restoreOptions();
+    const saved = store.get(AUTH_KEY);
+    if (saved && saved.user_id && saved.access_token) {
+      signIn(saved, false);
+    } else { // the forms once the sign-up mode is known, so that no form shows that then goes; a slow answer is not waited for
+      await Promise.race([facts, new Promise((resolve) => setTimeout(resolve, 2000))]);
+      if (!auth) showSignedOut('');
+    }
   }
+
+  start();
 })();

@@ -5669,6 +5669,112 @@ def test_page_upload_finishes_by_itself_after_the_network_drops(browser: webdriv
     assert not page_console_errors(browser)
 
 
+def page_unfinished_row(browser: webdriver.Chrome, filename: str) -> WebElement:
+    """The row of an upload listed under "Unfinished uploads"."""
+    section = "//h2[normalize-space()='Unfinished uploads']/ancestor::section[1]"
+    return browser.find_element(By.XPATH, f"{section}//ul/li[.//*[normalize-space()='{filename}']]")
+
+
+def page_unfinished_names(browser: webdriver.Chrome) -> list[str]:
+    rows = browser.find_elements(By.XPATH, "//h2[normalize-space()='Unfinished uploads']/ancestor::section[1]//ul/li")
+    return [row.find_element(By.CLASS_NAME, "name").text for row in rows if row.is_displayed()]
+
+
+def page_unfinished_listing(site: Site, user: dict[str, str]) -> list[dict[str, Any]]:
+    """GET /users/{id}/uploads: the user's unfinished uploads as the service lists them."""
+    response = httpx.get(f"{site.url}/users/{user['user_id']}/uploads", headers={"Authorization": f"Bearer {user['access_token']}"})
+    assert response.status_code == 200
+    return response.json()["uploads"]  # type: ignore[no-any-return]
+
+
+def page_begin_upload(site: Site, user: dict[str, str], wav: bytes, filename: str, sent: int, **options: str) -> str:
+    """An upload begun elsewhere (another device, a script): created with its first `sent` bytes; its URL."""
+    headers = tus(user, Upload_Length=str(len(wav)), Upload_Metadata=tus_metadata(filename=filename, **options), **OCTETS)
+    created = httpx.post(f"{site.url}/users/{user['user_id']}/uploads", headers=headers, content=wav[:sent], timeout=60)
+    assert created.status_code == 201 and int(created.headers["upload-offset"]) == sent, created.text
+    return created.headers["location"]
+
+
+def page_choose_to_continue(row: WebElement, path: Path) -> None:
+    """Choose a file with a row's "Choose the file to continue" (the file input its label names)."""
+    label = row.find_element(By.XPATH, ".//label[normalize-space()='Choose the file to continue']")
+    row.find_element(By.ID, label.get_attribute("for")).send_keys(str(path))
+
+
+def test_page_lists_an_upload_cut_by_a_reload_and_goes_on_with_it(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = page_sign_in(browser, site)
+    wav = make_wav(36.0, 44100, 2)  # 6.4 MB: more than one PATCH of 5 MiB
+    browser.set_network_conditions(offline=False, **SLOW_NETWORK)
+    try:
+        page_choose(browser, tmp_path, {"lecture.wav": wav})
+        page_wait(browser, lambda d: page_progress(d, "lecture.wav") > 1_500_000)
+        # What this browser kept of the upload is forgotten: as on another device, only the service knows it now.
+        browser.execute_script("for (const key of Object.keys(localStorage)) if (key.startsWith('wav2mp3.upload:')) localStorage.removeItem(key)")
+        browser.refresh()  # cuts the PATCH on its way
+    finally:
+        page_network_normal(browser)
+    row = page_wait(browser, lambda d: page_unfinished_row(d, "lecture.wav"))
+    [listed] = page_unfinished_listing(site, user)
+    assert (listed["filename"], listed["length"]) == ("lecture.wav", len(wav)) and 0 < listed["offset"] < len(wav)
+    head = httpx.head(listed["url"], headers=tus(user))
+    assert head.status_code == 200 and int(head.headers["upload-offset"]) > 0  # the resume starts past the beginning
+    assert re.search(r"[\d.]+ MB of 6\.4 MB uploaded \(\d+%\) · can be continued until ", row.text)
+    assert not browser.find_elements(By.XPATH, "//ul[@aria-label='Uploads']/li")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "lecture.wav").write_bytes(wav[: len(wav) // 2])  # the same name, another file
+    page_choose_to_continue(row, tmp_path / "other" / "lecture.wav")
+    page_wait(browser, lambda d: "That is another file: choose “lecture.wav” of 6.4 MB." in page_unfinished_row(d, "lecture.wav").text)
+    page_choose_to_continue(row, tmp_path / "lecture.wav")
+    link = page_wait(browser, lambda d: page_finished(d, "lecture.wav"), timeout=180)
+    assert page_unfinished_names(browser) == [] and page_unfinished_listing(site, user) == []
+    finished = httpx.get(listed["url"], headers={"Authorization": f"Bearer {user['access_token']}"})  # the listed upload is the one completed
+    assert finished.status_code == 200 and finished.json()["url"] == link.get_attribute("href")
+    direct = httpx.post(site.url + "/users/wav", **upload_form(site.new_user(), wav, "lecture.wav", bitrate="128"), timeout=120)
+    assert finished.json()["sha256"] == direct.json()["sha256"]  # the MP3 a POST of the file gives
+    assert not page_console_errors(browser)
+
+
+def test_page_goes_on_with_an_upload_begun_elsewhere_when_its_file_is_chosen(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = site.new_user()
+    wav = make_wav(3.0, 44100, 2)
+    begun = page_begin_upload(site, user, wav, "begun.wav", 200_000, bitrate="96")
+    piece = httpx.post(f"{site.url}/users/{user['user_id']}/uploads", headers=tus(user, Upload_Length="1000", Upload_Concat="partial"))
+    assert piece.status_code == 201  # a piece of a parallel upload: no name, nothing to go on with by hand
+    page_sign_in(browser, site, user)
+    row = page_wait(browser, lambda d: page_unfinished_row(d, "begun.wav"))
+    assert "200 kB of 529 kB uploaded (38%)" in row.text
+    assert page_unfinished_names(browser) == ["begun.wav"]
+    page_choose(browser, tmp_path, {"begun.wav": wav})  # the usual picker: matched by name and size
+    link = page_wait(browser, lambda d: page_finished(d, "begun.wav"))
+    finished = httpx.get(begun, headers={"Authorization": f"Bearer {user['access_token']}"})
+    assert finished.status_code == 200 and finished.json()["url"] == link.get_attribute("href")
+    direct = httpx.post(site.url + "/users/wav", **upload_form(site.new_user(), wav, "begun.wav", bitrate="96"), timeout=60)
+    assert finished.json()["sha256"] == direct.json()["sha256"]  # with the settings it was begun with, not the page's 128 kbps
+    assert page_unfinished_names(browser) == []
+    assert [upload["filename"] for upload in page_unfinished_listing(site, user)] == [None]
+    assert not page_console_errors(browser)
+
+
+def test_page_deletes_an_unfinished_upload(browser: webdriver.Chrome, site: Site) -> None:
+    user = site.new_user()
+    wav = make_wav(2.0)
+    begun = page_begin_upload(site, user, wav, "draft.wav", 50_000)
+    page_sign_in(browser, site, user)
+    row = page_wait(browser, lambda d: page_unfinished_row(d, "draft.wav"))
+    page_button(row, "Delete").click()
+    page_wait(browser, expected_conditions.alert_is_present()).dismiss()  # "Cancel" keeps it
+    assert page_unfinished_names(browser) == ["draft.wav"]
+    page_button(row, "Delete").click()
+    confirm = page_wait(browser, expected_conditions.alert_is_present())
+    assert "draft.wav" in confirm.text
+    confirm.accept()
+    page_wait(browser, lambda d: page_unfinished_names(d) == [])
+    assert page_unfinished_listing(site, user) == []
+    assert httpx.head(begun, headers=tus(user)).status_code == 404  # terminated: its name is free
+    assert not browser.find_element(By.XPATH, "//h2[normalize-space()='Unfinished uploads']").is_displayed()
+    assert not page_console_errors(browser)
+
+
 def page_text(browser: webdriver.Chrome) -> str:
     return browser.find_element(By.TAG_NAME, "body").text
 

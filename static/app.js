@@ -1,6 +1,6 @@
 /* wav2mp3's page: create a user or sign in, upload WAVs through the service's resumable (tus 1.0.0)
-   endpoint with the small client below, play and download the MP3s. In English or Russian: the words are
-   in static/i18n/page.<language>.json.
+   endpoint with the small client below, go on with unfinished uploads, play and download the MP3s.
+   In English or Russian: the words are in static/i18n/page.<language>.json.
    No framework, no build step. */
 (() => {
   'use strict';
@@ -22,12 +22,12 @@
   const BITRATE_NOTES = { 64: 'settings.kbpsSpeech', 128: 'settings.kbpsUsual', 320: 'settings.kbpsLargest' };
   const VBR_KBPS = [245, 225, 190, 175, 165, 130, 115, 100, 85, 65]; // LAME's -V0..-V9, roughly
   const VBR_NOTES = { 0: 'settings.vbrBest', 2: 'settings.vbrRecommended', 9: 'settings.vbrSmallest' };
-  // The service's words for a name taken, in English and as static/i18n/errors.ru.json has them.
+  // The service's words for a name taken by a record, in English and as static/i18n/errors.ru.json has them.
   const RECORD_HOLDS_NAME = /already has a record|уже есть запись/;
-  const UPLOAD_HOLDS_NAME = /holds the name|занимает имя/;
 
   const $ = (id) => document.getElementById(id);
   const url = (path) => new URL(path, document.baseURI).href; // relative: works under a proxy's path prefix
+  const sameUrl = (a, b) => Boolean(a && b) && url(a) === url(b);
   const enc = encodeURIComponent;
   const clone = (id) => $(id).content.firstElementChild.cloneNode(true);
 
@@ -40,8 +40,11 @@
   let cursor = null; // next_cursor of the records shown
   let recordsFailed = false;
   let listing = 0; // counts the lists shown: an answer for an older one is dropped
+  let serverUploads = []; // GET /users/{id}/uploads: this user's unfinished uploads that have a name
+  let unfinishedAsked = 0;
   const uploads = [];
   const shown = new Map(); // record_id -> <li> in "Your MP3s"
+  const unfinishedRows = new Map(); // upload url -> <li> in "Unfinished uploads"
   const tables = new Map(); // language -> its table, once loaded
   const said = new WeakMap(); // element -> {text or attribute name: message}, to say again in another language
 
@@ -295,7 +298,7 @@
   // One file's upload: the tus client ###########################################
 
   class Upload {
-    constructor(file, options) {
+    constructor(file, options, resumeUrl = null) {
       this.file = file;
       this.options = options;
       this.fp = fingerprint(file, options);
@@ -304,8 +307,13 @@
       this.run = null; // the loop in progress: {stopped, xhr, wake, tries}
       this.state = '';
       this.samples = [];
-      const saved = store.get(this.fp); // one this browser kept for this file
-      if (saved && saved.url) this.url = saved.url;
+      if (resumeUrl) { // an unfinished upload the service listed
+        this.url = resumeUrl;
+        store.set(this.fp, { url: resumeUrl, name: file.name });
+      } else { // one this browser kept for this file
+        const saved = store.get(this.fp);
+        if (saved && saved.url) this.url = saved.url;
+      }
       const li = clone('upload-row');
       this.li = li;
       this.el = {};
@@ -410,6 +418,7 @@
             head = false;
           } else if (res.status === 404 || res.status === 410) { // gone (expired, ended): start afresh
             store.del(this.fp);
+            unlist(this.url);
             this.url = null;
             this.offset = 0;
             head = false;
@@ -509,7 +518,10 @@
     async refused(res, step) {
       const status = res.status;
       const api = apiMessage(res);
-      if (step !== 'create') store.del(this.fp); // the service has ended this upload
+      if (step !== 'create') { // the service has ended this upload
+        store.del(this.fp);
+        unlist(this.url);
+      }
       this.url = null;
       this.canRetry = false;
       this.stale = null;
@@ -519,15 +531,20 @@
         return this.fail(kind ? T('upload.notWavKind', { kind }) : T('upload.notWav'), T('upload.notWavHint'));
       }
       // A name taken: 409 at first, 422 since tus clients retry a 409 (as an offset conflict) and lose the message.
-      if (step === 'create' && (RECORD_HOLDS_NAME.test(api) || UPLOAD_HOLDS_NAME.test(api) || status === 409)) {
-        this.canRetry = true;
-        if (RECORD_HOLDS_NAME.test(api)) {
+      if (step === 'create' && (status === 409 || status === 422)) {
+        await loadUnfinished();
+        const held = serverUploads.filter((u) => u.filename === this.file.name);
+        if (held.length) { // another upload of this name, begun here, in another tab or on another device
+          const here = uploads.some((other) => other !== this && LIVE.includes(other.state) && held.some((u) => sameUrl(u.url, other.url)));
+          this.stale = here ? null : held.map((u) => u.url);
+          this.canRetry = here;
+          return this.fail(T('upload.held'), T(here ? 'upload.heldLive' : 'upload.heldStale'));
+        }
+        if (status === 409 || RECORD_HOLDS_NAME.test(api)) {
+          this.canRetry = true;
           reloadRecords(); // it may come from elsewhere: show it below
           return this.fail(T('upload.converted'), T('upload.convertedHint'));
         }
-        this.stale = storedUploads((parts) => parts[1] === this.file.name).filter(([key]) => key !== this.fp);
-        this.canRetry = !this.stale.length;
-        return this.fail(T('upload.held'), T(this.stale.length ? 'upload.heldStale' : 'upload.heldLive'));
       }
       if (status === 422) return this.fail(T(step === 'create' ? 'upload.cannot' : 'upload.damaged'), api);
       if (status === 413 && service && this.size > service.max_upload_bytes) {
@@ -549,6 +566,7 @@
     finish(record) {
       store.del(this.fp);
       this.record = record;
+      unlist(this.url);
       this.url = null;
       this.progress(this.size);
       this.el.audio.src = record.url;
@@ -600,13 +618,15 @@
       this.stale = null;
       this.show('uploading', T('upload.startingOver'));
       for (const other of uploads) { // rows of the dropped uploads on this page
-        if (other !== this && stale.some(([key]) => key === other.fp) && LIVE.includes(other.state)) {
+        if (other !== this && stale.some((target) => sameUrl(target, other.url)) && LIVE.includes(other.state)) {
           other.stop();
           other.url = null;
           other.show('cancelled', T('upload.startedOver'));
         }
       }
-      await Promise.all(stale.map(([key, saved]) => { store.del(key); return saved.url ? terminate(saved.url) : null; }));
+      for (const [key, saved] of storedUploads(() => true)) if (stale.some((target) => sameUrl(target, saved.url))) store.del(key);
+      await Promise.all(stale.map((target) => terminate(target)));
+      for (const target of stale) unlist(target);
       this.retry();
     }
 
@@ -614,6 +634,7 @@
       const target = this.url;
       this.url = null;
       store.del(this.fp);
+      unlist(target);
       return terminate(target);
     }
   }
@@ -621,9 +642,10 @@
   async function terminate(target, token = auth && auth.access_token) {
     for (let attempt = 0; attempt < 6; attempt++) {
       const res = await http('DELETE', target, { headers: TUS, token });
-      if (!retryable(res.status) || res.status === 409) return;
+      if (!retryable(res.status) || res.status === 409) return res;
       await new Promise((resolve) => setTimeout(resolve, BACKOFF[Math.min(attempt, BACKOFF.length - 1)]));
     }
+    return { status: 0 };
   }
 
   function pump() { // start queued uploads while fewer than PARALLEL run
@@ -637,15 +659,22 @@
     }
   }
 
-  function addFiles(files) {
+  /* Files chosen or dropped. A file goes on with an unfinished upload of its own when there is one: the one
+     this browser kept for it (same name, size, date and settings), else one the service lists with its name
+     and size (begun on another device, or before this browser forgot it), with that upload's settings. */
+  function addFiles(files, chosenFor = null) {
     if (!auth) return;
-    const options = currentOptions();
     const top = $('uploads').firstElementChild; // the newest files go first, in the order chosen
     let first = null;
     for (const file of files) {
+      let options = currentOptions();
+      const saved = store.get(fingerprint(file, options));
+      let listed = chosenFor;
+      if (!listed && !(saved && saved.url)) listed = serverUploads.find((u) => u.filename === file.name && u.length === file.size);
+      if (listed) options = listed.options || {};
       const fp = fingerprint(file, options);
       if (uploads.some((u) => u.fp === fp && LIVE.includes(u.state))) continue; // already on its way
-      const upload = new Upload(file, options);
+      const upload = new Upload(file, options, listed ? listed.url : null);
       uploads.push(upload);
       $('uploads').insertBefore(upload.li, top);
       first = first || upload.li;
@@ -660,6 +689,7 @@
     $('uploads-head').hidden = !$('uploads').children.length;
     $('clear-finished').hidden = !uploads.some((u) => !LIVE.includes(u.state));
     $('resume-hint').hidden = !uploads.some((u) => LIVE.includes(u.state) && u.state !== 'converting');
+    drawUnfinished();
   }
 
   function clearFinished() {
@@ -669,6 +699,99 @@
     }
     updateChrome();
     $('upload-title').focus();
+  }
+
+  // Unfinished uploads, as the service lists them #################################
+
+  async function loadUnfinished() {
+    if (!auth) return;
+    const asked = ++unfinishedAsked;
+    const res = await http('GET', url(`users/${enc(auth.user_id)}/uploads`));
+    if (asked !== unfinishedAsked || !auth) return;
+    if (res.status === 401 || res.status === 403) return expire();
+    if (res.status !== 200 || !res.data || !Array.isArray(res.data.uploads)) return; // without the list, a file chosen again still goes on from this browser's
+    serverUploads = res.data.uploads.filter((u) => typeof u.filename === 'string'); // not the pieces of a parallel upload: its final upload has the name
+    drawUnfinished();
+  }
+
+  function unlist(target) { // an upload finished, terminated or ended: no longer to go on with
+    serverUploads = serverUploads.filter((u) => !sameUrl(u.url, target));
+  }
+
+  function drawUnfinished() { // those no row of this page drives, newest first; rows kept, so that focus stays
+    const listed = serverUploads.filter((u) => !uploads.some((upload) => sameUrl(upload.url, u.url)));
+    for (const [target, li] of unfinishedRows) {
+      if (!listed.some((u) => u.url === target)) {
+        li.remove();
+        unfinishedRows.delete(target);
+      }
+    }
+    for (const entry of listed) {
+      const li = unfinishedRows.get(entry.url) || unfinishedRow(entry);
+      unfinishedRows.set(entry.url, li);
+      $('unfinished').append(li);
+    }
+    $('unfinished-section').hidden = !listed.length;
+  }
+
+  function unfinishedRow(entry) {
+    const li = clone('unfinished-row');
+    const known = typeof entry.length === 'number';
+    const input = li.querySelector('input');
+    const choose = li.querySelector('.choose');
+    const remove = li.querySelector('.delete');
+    const error = li.querySelector('.error');
+    const name = li.querySelector('.name');
+    name.id = 'unfinished-' + entry.upload_id;
+    name.textContent = entry.filename;
+    input.id = name.id + '-file';
+    choose.htmlFor = input.id;
+    input.setAttribute('aria-describedby', name.id);
+    say(li.querySelector('.size'), () => (known ? bytes(entry.length) : t('unfinished.unknownSize')));
+    const bar = li.querySelector('progress');
+    bar.max = Math.max(entry.length || 0, 1);
+    bar.value = known ? entry.offset : 0;
+    bar.hidden = !known;
+    say(bar, T('upload.progressOf', { name: entry.filename }), 'aria-label');
+    say(li.querySelector('.figures'), () => (known
+      ? t('unfinished.progress', { sent: bytes(entry.offset), size: bytes(entry.length), percent: percent(entry.offset / Math.max(entry.length, 1)), date: when(entry.expires) })
+      : t('unfinished.deferred', { sent: bytes(entry.offset), date: when(entry.expires) })));
+    input.hidden = choose.hidden = !known; // a recording of unknown length: the app recording it finishes it
+    say(remove, T('unfinished.deleteFile', { name: entry.filename }), 'aria-label');
+    input.addEventListener('change', () => {
+      const file = input.files[0];
+      input.value = '';
+      if (!file) return;
+      if (file.name !== entry.filename || file.size !== entry.length) {
+        say(error, () => t('unfinished.notSame', { name: entry.filename, size: bytes(entry.length) }));
+        return;
+      }
+      say(error, '');
+      addFiles([file], entry);
+      $('upload-title').scrollIntoView({ block: 'nearest' });
+    });
+    remove.addEventListener('click', () => deleteUnfinished(entry, li, remove, error));
+    return li;
+  }
+
+  async function deleteUnfinished(entry, li, button, error) {
+    if (!confirm(t('unfinished.confirm', { name: entry.filename }))) return;
+    say(error, '');
+    button.disabled = true;
+    const res = await terminate(entry.url);
+    button.disabled = false;
+    if (res.status === 401 || res.status === 403) return expire();
+    if (res.status !== 204 && res.status !== 404) {
+      say(error, res.status ? () => t('unfinished.deleteFailed', { reason: reason(res) }) : T('unreachable'));
+      return;
+    }
+    for (const [key, saved] of storedUploads(() => true)) if (sameUrl(saved.url, entry.url)) store.del(key);
+    const next = li.nextElementSibling || li.previousElementSibling;
+    const hadFocus = li.contains(document.activeElement);
+    unlist(entry.url);
+    drawUnfinished();
+    loadUsage();
+    if (hadFocus) (next ? next.querySelector('.delete') : $('upload-title')).focus();
   }
 
   // Records #####################################################################
@@ -800,6 +923,8 @@
     for (const upload of uploads) upload.stop();
     uploads.length = 0;
     $('uploads').replaceChildren();
+    serverUploads = [];
+    unfinishedAsked++;
     listing++;
     $('records').replaceChildren();
     shown.clear();
@@ -836,6 +961,7 @@
     } else {
       loadUsage();
     }
+    loadUnfinished();
     loadRecords();
   }
 
@@ -999,6 +1125,7 @@
         if (upload.run.wake) upload.run.wake();
       }
       if (recordsFailed) loadRecords();
+      loadUnfinished();
     });
     window.addEventListener('offline', () => {
       for (const upload of uploads) {

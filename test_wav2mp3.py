@@ -5775,6 +5775,36 @@ def test_page_deletes_an_unfinished_upload(browser: webdriver.Chrome, site: Site
     assert not page_console_errors(browser)
 
 
+def test_page_downloads_the_chosen_mp3s_as_one_zip(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = site.new_user()
+    for name, seconds in (("one.wav", 1.0), ("two.wav", 1.5), ("three.wav", 2.0)):
+        assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(seconds), name), timeout=60).status_code == 201
+    records = {record["filename"]: record for record in page_listing(site, user)}
+    page_sign_in(browser, site, user)
+    page_wait(browser, lambda d: len(page_records(d)) == 3)
+    assert page_button(browser, "Download all as ZIP").is_displayed()
+    page_field(browser, "Select all").click()
+    page_wait(browser, lambda d: page_button(d, "Download 3 selected as ZIP"))
+    page_field(browser, "Select all").click()
+    page_field(browser, "one.mp3").click()
+    page_field(browser, "three.mp3").click()
+    assert page_field(browser, "Select all").get_property("indeterminate")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    try:
+        page_button(browser, "Download 2 selected as ZIP").click()
+        [archive] = page_wait(browser, lambda d: [p for p in downloads.iterdir() if p.suffix == ".zip"])  # .crdownload until it is whole
+    finally:
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "default"})
+    assert "Your ZIP of 2 MP3s is downloading" in browser.find_element(By.TAG_NAME, "main").text
+    with zipfile.ZipFile(archive) as opened:
+        assert sorted(opened.namelist()) == ["one.mp3", "three.mp3"]
+        for name in opened.namelist():
+            assert opened.read(name) == httpx.get(records[name]["url"], timeout=60).content
+    assert not page_console_errors(browser)
+
+
 def page_text(browser: webdriver.Chrome) -> str:
     return browser.find_element(By.TAG_NAME, "body").text
 
@@ -5804,6 +5834,7 @@ def test_page_speaks_russian_to_a_russian_browser_and_keeps_the_language_chosen(
     for heading in ("Конвертация WAV-файлов", "Ваши MP3"):
         assert browser.find_element(By.XPATH, f"//h1[normalize-space()='{heading}'] | //h2[normalize-space()='{heading}']").is_displayed()
     assert page_field(browser, "WAV-файлы").get_attribute("type") == "file"
+    assert page_button(browser, "Скачать все ZIP-архивом").is_displayed()
     page_choose(browser, tmp_path, {"песня.mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(4096)}, "WAV-файлы")
     page_wait(browser, lambda d: "Это не WAV-файл (похоже на MP3)" in page_text(d))
     # The switch: English, and so it stays after a reload, whatever the browser prefers.

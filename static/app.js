@@ -1,6 +1,6 @@
 /* wav2mp3's page: create a user or sign in, upload WAVs through the service's resumable (tus 1.0.0)
-   endpoint with the small client below, go on with unfinished uploads, play and download the MP3s.
-   In English or Russian: the words are in static/i18n/page.<language>.json.
+   endpoint with the small client below, go on with unfinished uploads, play and download the MP3s (one at
+   a time or as one ZIP). In English or Russian: the words are in static/i18n/page.<language>.json.
    No framework, no build step. */
 (() => {
   'use strict';
@@ -11,6 +11,7 @@
   const STEADY = 10000;
   const STALL = 30000; // a PATCH whose bytes stop moving this long is given up and retried
   const PAGE = 20;
+  const ZIP_MAX = 100; // record ids in one POST /users/{id}/records.zip
   const AUTH_KEY = 'wav2mp3.auth';
   const OPTIONS_KEY = 'wav2mp3.options';
   const LANGUAGE_KEY = 'wav2mp3.language';
@@ -44,6 +45,7 @@
   let unfinishedAsked = 0;
   const uploads = [];
   const shown = new Map(); // record_id -> <li> in "Your MP3s"
+  const selected = new Set(); // record ids chosen for a ZIP
   const unfinishedRows = new Map(); // upload url -> <li> in "Unfinished uploads"
   const tables = new Map(); // language -> its table, once loaded
   const said = new WeakMap(); // element -> {text or attribute name: message}, to say again in another language
@@ -800,7 +802,17 @@
     if (shown.has(record.record_id)) return null;
     const li = clone('record-row');
     const name = record.filename;
-    li.querySelector('.name').textContent = record.title ? `${name} — ${record.title}` : name;
+    const box = li.querySelector('.select');
+    box.id = 'pick-' + record.record_id;
+    box.checked = selected.has(record.record_id);
+    box.addEventListener('change', () => {
+      if (box.checked) selected.add(record.record_id);
+      else selected.delete(record.record_id);
+      drawTools();
+    });
+    const label = li.querySelector('.name');
+    label.htmlFor = box.id;
+    label.textContent = record.title ? `${name} — ${record.title}` : name;
     say(li.querySelector('.info'), () => `${duration(record.duration_seconds)} · ${bytes(record.size_bytes)} · ${when(record.created_at)}`);
     const audio = li.querySelector('audio');
     audio.src = record.url;
@@ -815,7 +827,51 @@
     if (first) $('records').prepend(li);
     else $('records').append(li);
     recordsStatus();
+    drawTools();
     return li;
+  }
+
+  function drawTools() { // "Select all" and the ZIP's button, for what is chosen
+    for (const id of selected) if (!shown.has(id)) selected.delete(id);
+    $('records-tools').hidden = !shown.size;
+    $('select-all').checked = shown.size > 0 && selected.size === shown.size;
+    $('select-all').indeterminate = selected.size > 0 && selected.size < shown.size;
+    const count = selected.size;
+    say($('zip'), count ? T('zip.selected', { count }) : T('zip.all'));
+  }
+
+  function selectAll() {
+    const on = $('select-all').checked;
+    for (const [id, li] of shown) {
+      li.querySelector('.select').checked = on;
+      if (on) selected.add(id);
+      else selected.delete(id);
+    }
+    drawTools();
+  }
+
+  /* One ZIP of the chosen MP3s (or of all): the service signs a short-lived link for them (a browser's
+     download cannot carry the Bearer header), and the browser downloads it as any file. */
+  async function downloadZip() {
+    const ids = [...selected];
+    const status = $('zip-status');
+    if (ids.length > ZIP_MAX) return say(status, T('zip.tooMany', { count: ZIP_MAX }));
+    $('zip').disabled = true;
+    say(status, T('zip.preparing'));
+    const res = await http('POST', url(`users/${enc(auth.user_id)}/records.zip`), ids.length ? { json: { records: ids } } : {});
+    $('zip').disabled = false;
+    if (res.status === 401 || res.status === 403) return expire();
+    if (res.status !== 201 || !res.data || !res.data.url) {
+      return say(status, res.status ? () => t('zip.failed', { reason: reason(res) }) : T('unreachable'));
+    }
+    const link = document.createElement('a');
+    link.href = res.data.url;
+    link.download = ''; // the service's Content-Disposition names it
+    link.hidden = true;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    say(status, ids.length ? T('zip.started', { count: ids.length }) : T('zip.startedAll'));
   }
 
   function recordsStatus(message) {
@@ -845,6 +901,7 @@
     $('records').replaceChildren();
     shown.clear();
     cursor = null;
+    drawTools();
     loadRecords();
   }
 
@@ -864,6 +921,7 @@
     const hadFocus = li.contains(document.activeElement);
     li.remove();
     shown.delete(record.record_id);
+    drawTools();
     for (const upload of uploads) if (upload.record && upload.record.record_id === record.record_id) upload.forgetRecord();
     recordsStatus(T(shown.size ? 'records.deleted' : 'records.deletedLast', { name: record.filename }));
     loadUsage();
@@ -928,9 +986,12 @@
     listing++;
     $('records').replaceChildren();
     shown.clear();
+    selected.clear();
     cursor = null;
     $('more').hidden = true;
+    say($('zip-status'), '');
     recordsStatus('');
+    drawTools();
     updateChrome();
   }
 
@@ -1095,6 +1156,8 @@
     });
     $('more').addEventListener('click', loadRecords);
     $('clear-finished').addEventListener('click', clearFinished);
+    $('select-all').addEventListener('change', selectAll);
+    $('zip').addEventListener('click', downloadZip);
     for (const input of document.querySelectorAll('.options input, .options select')) input.addEventListener('change', () => syncOptions(true));
 
     // Files dropped anywhere on the page.

@@ -5805,6 +5805,34 @@ def test_page_downloads_the_chosen_mp3s_as_one_zip(browser: webdriver.Chrome, si
     assert not page_console_errors(browser)
 
 
+def test_page_copies_a_records_link_and_says_what_it_gives(browser: webdriver.Chrome, site: Site) -> None:
+    user = site.new_user()
+    assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(1.0), "shared.wav"), timeout=60).status_code == 201
+    [record] = page_listing(site, user)
+    page_sign_in(browser, site, user)
+    row = page_wait(browser, lambda d: page_record(d, "shared.mp3"))
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": site.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    try:
+        page_button(row, "Copy link").click()
+        page_wait(browser, lambda d: "Link copied." in page_record(d, "shared.mp3").text)
+        copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], (error) => arguments[0](String(error)))")
+    finally:
+        browser.execute_cdp_cmd("Browser.resetPermissions", {})
+    assert copied == record["url"]
+    assert "Anyone with this link can download this MP3; delete the MP3 to revoke it." in row.text
+    field = row.find_element(By.XPATH, ".//input[@aria-label='Link to shared.mp3']")
+    assert field.get_property("value") == record["url"]
+    # Without the clipboard (its permission refused), the link is selected whole, for the person to copy.
+    browser.execute_script("arguments[0].setSelectionRange(0, 0)", field)
+    browser.execute_cdp_cmd("Browser.setPermission", {"origin": site.url, "permission": {"name": "clipboard-write"}, "setting": "denied"})
+    try:
+        page_button(row, "Copy link").click()
+        page_wait(browser, lambda d: field.get_property("selectionEnd") == len(record["url"]) and field.get_property("selectionStart") == 0)
+    finally:
+        browser.execute_cdp_cmd("Browser.resetPermissions", {})
+    assert not page_console_errors(browser)
+
+
 def page_text(browser: webdriver.Chrome) -> str:
     return browser.find_element(By.TAG_NAME, "body").text
 
@@ -5827,7 +5855,7 @@ def test_page_speaks_russian_to_a_russian_browser_and_keeps_the_language_chosen(
     page_button(browser, "Войти").click()
     page_wait(browser, lambda d: page_button(d, "Выйти").is_displayed())
     row = page_wait(browser, lambda d: d.find_element(By.XPATH, "//h2[normalize-space()='Ваши MP3']/ancestor::section[1]//ul/li"))
-    assert page_button(row, "Удалить").is_displayed()
+    assert [page_button(row, text).is_displayed() for text in ("Копировать ссылку", "Удалить")] == [True, True]
     assert row.find_element(By.XPATH, ".//a[normalize-space()='Скачать']").is_displayed()
     assert re.search(r"0:02 · \d+(,\d)? кБ · \d{1,2} [а-я]{3,4}\. \d{4} г\., \d{1,2}:\d\d", row.text)  # Russian numbers and dates
     page_wait(browser, lambda d: re.fullmatch(r"Вы вошли как \S+\nзанято \d+(,\d)? кБ", page_account(d)))

@@ -1,6 +1,6 @@
 /* wav2mp3's page: create a user or sign in, upload WAVs through the service's resumable (tus 1.0.0)
-   endpoint with the small client below, go on with unfinished uploads, play and download the MP3s (one at
-   a time or as one ZIP). In English or Russian: the words are in static/i18n/page.<language>.json.
+   endpoint with the small client below, go on with unfinished uploads, play, share and download the MP3s
+   (one at a time or as one ZIP). In English or Russian: the words are in static/i18n/page.<language>.json.
    No framework, no build step. */
 (() => {
   'use strict';
@@ -820,6 +820,9 @@
     const link = li.querySelector('.download');
     link.href = record.url;
     say(link, T('records.downloadFile', { name }), 'aria-label');
+    const share = li.querySelector('.copy-link');
+    say(share, T('records.copyLinkFile', { name }), 'aria-label');
+    share.addEventListener('click', () => copyLink(record, li, share));
     const button = li.querySelector('.delete');
     say(button, T('records.deleteFile', { name }), 'aria-label');
     button.addEventListener('click', () => deleteRecord(record, li, button));
@@ -829,6 +832,31 @@
     recordsStatus();
     drawTools();
     return li;
+  }
+
+  // A record's link is a capability: whoever has it can download the MP3, until the MP3 is deleted.
+  async function copyLink(record, li, button) {
+    const panel = li.querySelector('.share');
+    const field = panel.querySelector('.link');
+    const note = panel.querySelector('.share-note');
+    note.id = 'note-' + record.record_id;
+    panel.id = 'share-' + record.record_id;
+    button.setAttribute('aria-controls', panel.id);
+    button.setAttribute('aria-expanded', 'true');
+    field.value = record.url;
+    field.setAttribute('aria-describedby', note.id);
+    say(field, T('records.linkTo', { name: record.filename }), 'aria-label');
+    panel.hidden = false;
+    let copied = false;
+    try {
+      await navigator.clipboard.writeText(record.url);
+      copied = true;
+    } catch { // no clipboard access: the link selected, for the person to copy
+      field.focus();
+      field.select();
+      try { copied = document.execCommand('copy'); } catch { copied = false; }
+    }
+    say(panel.querySelector('.copied'), T(copied ? 'records.linkCopied' : 'records.linkByHand'));
   }
 
   function drawTools() { // "Select all" and the ZIP's button, for what is chosen

@@ -5356,9 +5356,12 @@ def page_progress(browser: webdriver.Chrome, filename: str) -> float:
 
 
 def page_finished(browser: webdriver.Chrome, filename: str) -> WebElement | None:
-    """The "Download" link of a converted file's row, once it is shown."""
-    link = page_upload_row(browser, filename).find_element(By.XPATH, ".//a[normalize-space()='Download']")
-    return link if link.is_displayed() else None
+    """The "Download" link of a converted file's MP3 under "Your MP3s", once it is there (its row under
+    "Uploads" has gone: a file is shown once)."""
+    mp3 = Path(filename).stem + ".mp3"
+    rows = browser.find_elements(By.XPATH, f"//h2[normalize-space()='Your MP3s']/ancestor::section[1]//ul/li[.//label[normalize-space()='{mp3}']]")
+    links = rows[0].find_elements(By.XPATH, ".//a[normalize-space()='Download']") if rows else []
+    return links[0] if links and links[0].is_displayed() else None
 
 
 def page_records(browser: webdriver.Chrome) -> list[WebElement]:
@@ -5439,23 +5442,34 @@ def test_page_sign_in_refuses_a_wrong_token(browser: webdriver.Chrome, site: Sit
     assert not page_console_errors(browser)
 
 
+def page_batch(browser: webdriver.Chrome) -> str:
+    """What the page says of all the files on their way together, under "Uploads" ("" when it says nothing)."""
+    figures = browser.find_elements(By.XPATH, "//progress[@aria-label='All uploads']/following-sibling::p")
+    return figures[0].text if figures and figures[0].is_displayed() else ""
+
+
 def test_page_uploads_two_wavs_at_once_and_plays_both(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
     user = page_sign_in(browser, site)
-    files = {"morning.wav": make_wav(4.0, 44100, 2), "evening.wav": make_wav(4.0, 44100, 1)}
+    files = {"morning.wav": make_wav(8.0, 44100, 2), "evening.wav": make_wav(8.0, 44100, 1)}  # 2.1 MB: 7 s at 300 KiB/s
     browser.set_network_conditions(offline=False, **SLOW_NETWORK)  # slow enough to see both on their way
     try:
         page_choose(browser, tmp_path, files)
         # Both upload at the same time: both have bytes up before either has all of them.
         page_wait(browser, lambda d: all(0 < page_progress(d, name) < len(files[name]) for name in files))
+        # And together: files done of all, bytes, and the time left at the speed of the last seconds.
+        together = r"0 of 2 files done · [\d.]+ (kB|MB) of 2\.1 MB · about \d+ seconds? left"
+        assert page_wait(browser, lambda d: re.fullmatch(together, page_batch(d)))
     finally:
         page_network_normal(browser)
     for name in files:
         link = page_wait(browser, lambda d, name=name: page_finished(d, name))
-        row = page_upload_row(browser, name)
+        row = page_record(browser, name.replace(".wav", ".mp3"))  # moved to "Your MP3s", with its player
         player = row.find_element(By.TAG_NAME, "audio")
         assert player.is_displayed() and player.get_attribute("controls") is not None
         assert player.get_attribute("src") == link.get_attribute("href")
-        assert "0:04" in row.text  # the duration
+        assert "0:08" in row.text  # the duration
+    page_wait(browser, lambda d: not d.find_elements(By.XPATH, "//ul[@aria-label='Uploads']/li"))  # shown once: no row left under "Uploads"
+    assert page_batch(browser) == ""
     records = {record["filename"]: record for record in page_listing(site, user)}
     assert set(records) == {"morning.mp3", "evening.mp3"}
     for name in files:  # the link is the record's, and the MP3's size is shown
@@ -5830,6 +5844,56 @@ def test_page_copies_a_records_link_and_says_what_it_gives(browser: webdriver.Ch
         page_wait(browser, lambda d: field.get_property("selectionEnd") == len(record["url"]) and field.get_property("selectionStart") == 0)
     finally:
         browser.execute_cdp_cmd("Browser.resetPermissions", {})
+    assert not page_console_errors(browser)
+
+
+def page_overflowing(browser: webdriver.Chrome) -> list[str]:
+    """What does not fit: a page wider than the window, a control out of it, or a choice its <select> cuts
+    (a copy at its natural width, which fits its longest option, is wider than it)."""
+    return browser.execute_script(
+        """
+        const found = [];
+        if (document.documentElement.scrollWidth > innerWidth) found.push('page: ' + document.documentElement.scrollWidth + ' px');
+        for (const element of document.querySelectorAll('button, a, input, select, label, progress, audio, h1, h2, p')) {
+          const box = element.getBoundingClientRect();
+          const input = element.matches('input[type=file]');  // drawn as its label
+          if (!input && box.width && (box.left < 0 || box.right > innerWidth)) found.push(element.outerHTML.slice(0, 80));
+        }
+        for (const select of document.querySelectorAll('select')) {
+          const natural = select.cloneNode(true);
+          natural.style.cssText = 'width: auto; max-width: none; flex: none';
+          select.after(natural);
+          if (natural.getBoundingClientRect().width > select.getBoundingClientRect().width + 0.5) found.push('#' + select.id + ' cuts its choices');
+          natural.remove();
+        }
+        return found;
+        """
+    )
+
+
+def test_page_fits_every_width_down_to_320_pixels(browser: webdriver.Chrome, site: Site, tmp_path: Path) -> None:
+    user = site.new_user()
+    assert httpx.post(site.url + "/users/wav", **upload_form(user, make_wav(1.0), "A rather long recording name.wav"), timeout=60).status_code == 201
+    page_begin_upload(site, user, make_wav(2.0), "Interview, part two.wav", 100_000)
+    page_sign_in(browser, site, user)
+    page_choose(browser, tmp_path, {"not-a-wav.mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(4096)})  # a row under "Uploads"
+    page_wait(browser, lambda d: "This is not a WAV file" in page_upload_row(d, "not-a-wav.mp3").text)
+    page_wait(browser, lambda d: page_unfinished_row(d, "Interview, part two.wav") and page_records(d))
+    browser.find_element(By.XPATH, "//summary[contains(., 'MP3 settings')]").click()
+    page_field(browser, "Variable (VBR)").click()
+    page_button(page_record(browser, "A rather long recording name.mp3"), "Copy link").click()
+    try:
+        for language in ("English", "Русский"):
+            for width in (1280, 390, 320):
+                metrics = {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": width < 1000}
+                browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+                assert browser.execute_script("return innerWidth") == width
+                assert page_overflowing(browser) == [], (language, width)
+            if language == "English":
+                browser.find_element(By.XPATH, "//button[normalize-space()='Русский']").click()
+                page_wait(browser, lambda d: d.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     assert not page_console_errors(browser)
 
 

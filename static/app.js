@@ -43,6 +43,8 @@
   let listing = 0; // counts the lists shown: an answer for an older one is dropped
   let serverUploads = []; // GET /users/{id}/uploads: this user's unfinished uploads that have a name
   let unfinishedAsked = 0;
+  let batch = []; // the uploads chosen since the list was last idle: files done, bytes, time left
+  let batchSamples = [];
   const uploads = [];
   const shown = new Map(); // record_id -> <li> in "Your MP3s"
   const selected = new Set(); // record ids chosen for a ZIP
@@ -161,6 +163,13 @@
     if (days < 1) return unit('hour', Math.max(1, Math.round(days * 24)));
     const rounded = Math.round(days * 10) / 10;
     return unit('day', rounded, Number.isInteger(rounded) ? 0 : 1);
+  }
+
+  function timeLeft(seconds) {
+    if (seconds < 60) return unit('second', Math.max(5, Math.ceil(seconds / 5) * 5));
+    if (seconds < 3600) return unit('minute', Math.ceil(seconds / 60));
+    const minutes = Math.round((seconds % 3600) / 60);
+    return unit('hour', Math.floor(seconds / 3600)) + (minutes ? ' ' + unit('minute', minutes) : '');
   }
 
   function when(iso) {
@@ -319,11 +328,10 @@
       const li = clone('upload-row');
       this.li = li;
       this.el = {};
-      for (const name of ['name', 'size', 'figures', 'status', 'detail', 'download', 'pause', 'resume', 'restart', 'retry', 'cancel']) {
+      for (const name of ['name', 'size', 'figures', 'status', 'detail', 'pause', 'resume', 'restart', 'retry', 'cancel']) {
         this.el[name] = li.querySelector('.' + name);
       }
       this.el.progress = li.querySelector('progress');
-      this.el.audio = li.querySelector('audio');
       this.el.name.textContent = file.name;
       say(this.el.size, () => bytes(file.size));
       this.el.progress.max = Math.max(file.size, 1);
@@ -352,7 +360,7 @@
       this.el.progress.hidden = this.el.figures.hidden = !LIVE.includes(state);
       this.draw();
       if (focused && focused.closest('[hidden]')) { // keep the keyboard where it was
-        const next = [...this.li.querySelectorAll('.actions button, a')].find((b) => !b.hidden);
+        const next = [...this.li.querySelectorAll('.actions button')].find((b) => !b.hidden);
         (next || this.li.querySelector('.status-box')).focus();
       }
       updateChrome();
@@ -374,6 +382,7 @@
       const [t0, n0] = this.samples.length ? this.samples[0] : [now, sent];
       const rate = this.state === 'uploading' && now - t0 > 700 && sent > n0 && sent < size ? (sent - n0) / ((now - t0) / 1000) : 0;
       say(this.el.figures, () => t(rate ? 'upload.speed' : 'upload.figures', { sent: bytes(sent), size: bytes(size), rate: bytes(rate) }));
+      drawBatch();
     }
 
     metadata() {
@@ -565,28 +574,24 @@
       this.show('failed', status, detail);
     }
 
-    finish(record) {
+    finish(record) { // the row gives way to the MP3's in "Your MP3s"
       store.del(this.fp);
       this.record = record;
       unlist(this.url);
       this.url = null;
       this.progress(this.size);
-      this.el.audio.src = record.url;
-      say(this.el.audio, T('records.play', { name: record.filename }), 'aria-label');
-      this.el.download.href = record.url;
-      say(this.el.download, T('records.downloadFile', { name: record.filename }), 'aria-label');
-      this.el.download.hidden = false;
-      this.el.audio.hidden = false;
-      this.show('done', T('upload.done', { name: record.filename }),
-        () => t('upload.doneFigures', { duration: duration(record.duration_seconds), size: bytes(record.size_bytes) }));
-      addRecord(record, true);
+      const focused = this.li.contains(document.activeElement);
+      this.show('done', '');
+      this.li.remove();
+      if (uploads.includes(this)) uploads.splice(uploads.indexOf(this), 1);
+      const li = addRecord(record, true);
+      if (li) {
+        li.classList.add('fresh');
+        say($('records-status'), T('records.ready', { name: record.filename }));
+        if (focused) li.querySelector('.download').focus();
+      }
+      updateChrome();
       loadUsage();
-    }
-
-    forgetRecord() { // its record was deleted below
-      this.el.audio.hidden = this.el.download.hidden = true;
-      this.el.audio.removeAttribute('src');
-      this.show('deleted', T('upload.deleted'));
     }
 
     pause() {
@@ -678,6 +683,8 @@
       if (uploads.some((u) => u.fp === fp && LIVE.includes(u.state))) continue; // already on its way
       const upload = new Upload(file, options, listed ? listed.url : null);
       uploads.push(upload);
+      if (!batch.some((u) => LIVE.includes(u.state))) { batch = []; batchSamples = []; }
+      batch.push(upload);
       $('uploads').insertBefore(upload.li, top);
       first = first || upload.li;
       if (!file.size) upload.fail(T('upload.empty'), T('upload.emptyHint'));
@@ -692,6 +699,26 @@
     $('clear-finished').hidden = !uploads.some((u) => !LIVE.includes(u.state));
     $('resume-hint').hidden = !uploads.some((u) => LIVE.includes(u.state) && u.state !== 'converting');
     drawUnfinished();
+    drawBatch();
+  }
+
+  function drawBatch() { // several files at once: how many are done, the bytes, and the time left at the recent speed
+    const counted = batch.filter((u) => u.state !== 'cancelled' && u.state !== 'failed');
+    $('batch').hidden = counted.length < 2 || !counted.some((u) => LIVE.includes(u.state));
+    if ($('batch').hidden) return;
+    const size = counted.reduce((sum, u) => sum + u.size, 0);
+    const sent = counted.reduce((sum, u) => sum + (u.state === 'done' ? u.size : u.el.progress.value), 0);
+    const done = counted.filter((u) => u.state === 'done').length;
+    const now = performance.now();
+    batchSamples.push([now, sent]);
+    while (batchSamples.length > 2 && now - batchSamples[0][0] > 10000) batchSamples.shift();
+    const [t0, n0] = batchSamples[0];
+    const moving = counted.some((u) => LIVE.includes(u.state) && u.state !== 'paused');
+    const left = moving && now - t0 > 2000 && sent > n0 ? (size - sent) / ((sent - n0) / ((now - t0) / 1000)) : 0;
+    $('batch-progress').max = Math.max(size, 1);
+    $('batch-progress').value = sent;
+    say($('batch-figures'), () => [t('batch.files', { done, count: counted.length }), t('batch.bytes', { sent: bytes(sent), size: bytes(size) }),
+      left ? t('batch.left', { time: timeLeft(left) }) : ''].filter(Boolean).join(' · '));
   }
 
   function clearFinished() {
@@ -950,7 +977,6 @@
     li.remove();
     shown.delete(record.record_id);
     drawTools();
-    for (const upload of uploads) if (upload.record && upload.record.record_id === record.record_id) upload.forgetRecord();
     recordsStatus(T(shown.size ? 'records.deleted' : 'records.deletedLast', { name: record.filename }));
     loadUsage();
     if (hadFocus) (next ? next.querySelector('.delete') : $('records-title')).focus();
@@ -1008,6 +1034,7 @@
   function resetLists() {
     for (const upload of uploads) upload.stop();
     uploads.length = 0;
+    batch = [];
     $('uploads').replaceChildren();
     serverUploads = [];
     unfinishedAsked++;

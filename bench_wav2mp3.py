@@ -38,6 +38,7 @@ import re
 import resource
 import shlex
 import socket
+import sqlite3
 import statistics
 import struct
 import subprocess
@@ -444,6 +445,44 @@ def b7_download(server: Server, minutes: float) -> Figure:
     growth = (peak[0] - rss_before) * 1024 / 1e6
     what = f"download of a {minutes:g} min MP3 ({len(mp3) / 1e6:.1f} MB): MB/s, server RSS growth during it {growth:.1f} MB"
     return Figure("B7", what, f"{rate:.0f} MB/s", ">= 150 MB/s, RSS flat (< 16 MB)", rate >= 150 and growth < 16)
+
+
+def b11_zip(server: Server, total_mb: int, record_mb: int = 10) -> Figure:
+    """All of a user's records as one ZIP (GET /users/{id}/records.zip), streamed to a client that reads as fast as it
+    can: MB/s and the server's RSS growth. The records are written straight into the SQLite file (random bytes in
+    256 KiB chunks, as the service stores an MP3): converting 2 GB of MP3 would take hours of audio."""
+    user = new_user(server.port)
+    chunk = wav2mp3.CHUNK_BYTES
+    count = max(1, total_mb // record_mb)
+    database = sqlite3.connect(server.database_url.removeprefix("sqlite:///"), timeout=30)
+    with database:
+        for n in range(count):
+            record_id, data = str(uuid.uuid4()), os.urandom(record_mb * 1_000_000)
+            database.execute(
+                "INSERT INTO records (id, user_id, filename, size_bytes, duration_seconds, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record_id, user["user_id"], f"call-{n}.wav", len(data), 600.0, hashlib.sha256(data).hexdigest(), wav2mp3.now()),
+            )
+            database.executemany(
+                "INSERT INTO record_chunks (record_id, seq, data) VALUES (?, ?, ?)",
+                ((record_id, seq, data[start : start + chunk]) for seq, start in enumerate(range(0, len(data), chunk))),
+            )
+    database.close()
+    total = count * record_mb * 1_000_000
+    with Sampler(server) as sampler, socket.create_connection(("127.0.0.1", server.port)) as sock:
+        before = server.status_kib("VmRSS")
+        started = time.perf_counter()
+        sock.sendall(
+            f"GET /users/{user['user_id']}/records.zip HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {user['access_token']}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        received = 0
+        while data := sock.recv(1 << 20):
+            received += len(data)
+        elapsed = time.perf_counter() - started
+    assert received > total, (received, total)
+    rate, growth = received / elapsed / 1e6, mb(sampler.peak - before)
+    what = f"ZIP of {count} records ({received / 1e9:.2f} GB), streamed: MB/s, server RSS growth during it {growth:.1f} MB"
+    return Figure("B11", what, f"{rate:.0f} MB/s", ">= 100 MB/s, RSS growth <= 20 MB", rate >= 100 and growth <= 20)
 
 
 def b8_workers(directory: Path, uploads: int, extra: tuple[str, ...] = ()) -> tuple[float, float]:
@@ -1655,6 +1694,7 @@ def main() -> None:
             figures.append(b2_paced_tail(server, size(600.0, 60.0, 10.0)))
             figures.extend(b3_b4_parallel(server, size(3, 1, 1)))
             figures.append(b7_download(server, size(60.0, 5.0, 1.0)))
+            figures.append(b11_zip(server, size(2000, 200, 2), size(10, 10, 1)))
             figures.extend(b5_big_upload_rss(server, size(1.0, 0.125, 0.03)))
             figures.append(t1_tus_vs_encode(server, size(5, 1, 1)))
             figures.append(t2_cut_at_half(server, size(10.0, 2.0, 0.5)))

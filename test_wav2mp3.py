@@ -3653,6 +3653,28 @@ async def test_parallel_pieces_become_one_mp3_the_same_as_a_posts(database_url: 
         assert "concatenation" in (await client.options(f"/users/{user['user_id']}/uploads")).headers["tus-extension"].split(",")
 
 
+async def test_a_parallel_upload_near_the_quota_fits_as_the_same_file_does(database_url: str) -> None:
+    """The pieces' declared bytes give way to the MP3 in the record's transaction: a file that fits as one upload
+    fits as pieces too (the review saw 413: the pieces were counted beside the MP3 that replaces them). And two
+    final uploads naming one piece at once make one record, not two."""
+    async with running_app(database_url, user_quota_mb=2.7) as client:
+        user = await new_user(client)
+        wav = make_wav(15.0, 44100, 2)  # 2.65 MB, its MP3 240 KB
+        half = len(wav) // 2
+        first, second = await tus_partial(client, user, wav[:half]), await tus_partial(client, user, wav[half:])
+        assert (await tus_patch(client, user, first, 0, wav[:half])).status_code == 204
+        assert (await tus_patch(client, user, second, 0, wav[half:])).status_code == 204
+
+        async def final(name: str) -> httpx.Response:
+            headers = tus(user, Upload_Concat=f"final;{first} {second}", Upload_Metadata=tus_metadata(filename=name))
+            return await client.post(f"/users/{user['user_id']}/uploads", headers=headers)
+
+        answers = await asyncio.gather(final("one.wav"), final("two.wav"))
+        assert sorted(answer.status_code for answer in answers) == [201, 404], [answer.text for answer in answers]
+        usage = await usage_of(client, user)
+        assert (usage["records"], usage["unfinished_uploads"]) == (1, 0)
+
+
 async def test_a_final_upload_is_refused_before_anything_is_stored_when_its_pieces_are_not_right(database_url: str) -> None:
     async with running_app(database_url) as client:
         user, other = await new_user(client), await new_user(client)

@@ -2710,7 +2710,7 @@ async def concatenate(request: Request, services: Services, user_id: str, token:
     mp3: Mp3File | None = None
     try:
         try:
-            upload = await services.resumable.create(user_id, token, filename, options, length, metadata, bounded=False)
+            upload = await services.resumable.create(user_id, token, filename, options, DEFERRED, metadata, bounded=False)
         except NameTaken as taken:
             raise Refused(422, taken.message) from None
         session = UploadSession(Mp3Options.of(options, services.settings), services.encoders, user_share(user_id))
@@ -2720,7 +2720,8 @@ async def concatenate(request: Request, services: Services, user_id: str, token:
                     await session.room()
                     await session.feed(piece)
             mp3 = await session.finish()
-            record = await services.store.save_record(NewRecord.of(mp3, user_id, token, filename), mp3, upload.upload_id)
+            new_record = NewRecord.of(mp3, user_id, token, filename)
+            record = await services.store.save_record(new_record, mp3, upload.upload_id, [part.upload_id for part in parts], length)
             if record is None:
                 raise Refused(403, FORBIDDEN)
         except BaseException:
@@ -2732,8 +2733,9 @@ async def concatenate(request: Request, services: Services, user_id: str, token:
         if mp3 is not None:
             mp3.close()
         slot.release()
-    for part in parts:
-        await services.resumable.end(part, "done")
+    for part in parts:  # deleted with the record's transaction: their bytes go with the next purge
+        services.resumable.forget(part.upload_id)
+    services.resumable.purge_soon()
     RESUMABLE_UPLOADS.labels("completed").inc()
     AUDIO_SECONDS.inc(record.duration_seconds)
     headers = {"Location": upload_url(request, upload), "Upload-Offset": str(length), "Upload-Expires": http_date(upload.expires_at)}
@@ -4100,10 +4102,14 @@ SQL_INSERT_UPLOAD_CHUNK = "INSERT INTO upload_chunks (upload_id, start, data) VA
 SQL_UPLOAD_CHUNKS = (
     "SELECT start, data FROM upload_chunks WHERE upload_id = :upload_id AND start >= :start AND start < :end ORDER BY start LIMIT :limit"
 )
+# A final upload (concatenation) is created with a DEFERRED length, so that while it converts it declares nothing
+# beside its pieces: its length comes with its completion.
 SQL_COMPLETE_UPLOAD = (
-    "UPDATE uploads SET record_id = :record_id, received = length WHERE id = :id AND record_id IS NULL AND expires_at > :now RETURNING id"
+    "UPDATE uploads SET record_id = :record_id, length = CASE WHEN length > 0 THEN length ELSE :length END,"
+    " received = CASE WHEN length > 0 THEN length ELSE :length END WHERE id = :id AND record_id IS NULL AND expires_at > :now RETURNING id"
 )
 SQL_DELETE_UPLOAD = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id RETURNING id"
+SQL_SPEND_PIECE = "DELETE FROM uploads WHERE id = :id AND user_id = :user_id AND record_id IS NULL AND expires_at > :now RETURNING id"
 SQL_DECLARE_LENGTH = (
     "UPDATE uploads SET length = :length WHERE id = :id AND length = 0 AND received <= :length AND record_id IS NULL AND expires_at > :now"
     " RETURNING id"
@@ -4401,9 +4407,12 @@ class Store:
             raise NameTaken(filename, holder)
         return True
 
-    async def save_record(self, record: NewRecord, mp3: Mp3File, upload_id: str | None = None) -> StoredRecord | None:
+    async def save_record(
+        self, record: NewRecord, mp3: Mp3File, upload_id: str | None = None, spent: Sequence[str] = (), length: int = 0
+    ) -> StoredRecord | None:
         """The record row and all its chunks in one transaction (and, for a resumable upload, the upload marked
-        complete); 409 if the name is taken, None if the token was replaced meanwhile (nothing stored)."""
+        complete; for a final upload, its partial uploads `spent` deleted, before the quota is checked: the MP3
+        replaces them); 409 if the name is taken, None if the token was replaced meanwhile (nothing stored)."""
         values = {"id": record.record_id, **{field: getattr(record, field) for field in RECORD_FIELDS}}
         try:
             async with self.writing(), self.database.transaction():
@@ -4411,11 +4420,14 @@ class Store:
                 # on a taken name or a replaced token nothing else has been written.
                 if not await self._reserve_name(record.user_id, record.token_sha256, record.filename, upload_id or ""):
                     return None
+                for piece in spent:  # one final upload spends them: another at once finds them gone (404)
+                    if not await self._call(self.database.fetch_all(SQL_SPEND_PIECE, {"id": piece, "user_id": record.user_id, "now": now()})):
+                        raise Refused(404, "a partial upload this final upload names is gone meanwhile (another final upload used it)")
                 usage = await self.usage(record.user_id, upload_id or "")
                 assert usage is not None  # its row is locked
                 usage.admit(mp3.size, "this MP3")
                 # A resumable upload's record claims its completion first: one of two at once wins, none after an end.
-                complete = {"id": upload_id, "record_id": record.record_id, "now": now()}
+                complete = {"id": upload_id, "record_id": record.record_id, "now": now(), "length": length}
                 if upload_id is not None and await self._call(self.database.fetch_val(SQL_COMPLETE_UPLOAD, complete)) is None:
                     raise Refused(404, NO_SUCH_UPLOAD)
                 await self._call(self.database.execute(SQL_INSERT_RECORD, values))

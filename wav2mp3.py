@@ -3279,10 +3279,11 @@ BEXT_BYTES = 256 + 32 + 32 + 10 + 8
 MAX_MARKERS = 1000
 ADTL_ENTRIES = 4 * MAX_MARKERS
 # Frames of a WAV's ID3 tag that are not carried: ones about the file's bytes (its MPEG frames, seek points, size,
-# type, encryption, signatures), which the MP3 does not share, and chapters, which come from the cue points (and
-# whose sub-frames mutagen would inflate, were they compressed, beyond any bound).
+# length, type, encryption, signatures), which the MP3 does not share (a TLEN the WAV's tagger wrote need not be the
+# audio's), and chapters, which come from the cue points (and whose sub-frames mutagen would inflate, were they
+# compressed, beyond any bound).
 ID3_NOT_CARRIED = frozenset(
-    {"MLLT", "SEEK", "ASPI", "RBUF", "TSIZ", "TFLT", "ENCR", "GRID", "SIGN", "CHAP", "CTOC", "MLL", "BUF", "TSI", "TFT", "CRM"}
+    {"MLLT", "SEEK", "ASPI", "RBUF", "TSIZ", "TLEN", "TFLT", "ENCR", "GRID", "SIGN", "CHAP", "CTOC", "MLL", "BUF", "TSI", "TLE", "TFT", "CRM"}
 )
 ID3_FRAME_ID = re.compile(rb"[A-Z0-9]{3,4}")
 

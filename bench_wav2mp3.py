@@ -86,7 +86,7 @@ class Wav:
     """A WAV of `seconds` of music-like audio, produced piece by piece from one repeated block."""
 
     def __init__(self, seconds: float, rate: int = RATE, channels: int = CHANNELS) -> None:
-        self.rate, self.channels = rate, channels
+        self.seconds, self.rate, self.channels = seconds, rate, channels
         self.block = pcm16(music(min(seconds, 10.0), rate, channels))
         self.data_bytes = int(seconds * rate) * channels * 2
         self.header = wav_header(rate, channels, self.data_bytes)
@@ -1258,17 +1258,47 @@ async def beside_honest(
     return alone, await honest_run, await attacking
 
 
-def flood_headers(port: int, connections: int, done: Any, results: Any) -> None:
-    """F1's attacker, in a process of its own as a client elsewhere would be: its writing takes a core, and would hold
-    up the honest client's event loop. `connections` connections from GREEDY send header lines of 1 KiB without end,
-    as fast as they can, each connecting again once answered or cut, until `done`; the bytes sent and the answers go
-    back through `results`."""
+def attacker_process(attack: Callable[..., Awaitable[str]], args: tuple[Any, ...], done: Any, results: Any) -> None:
+    """An attack in a process of its own, as a client elsewhere would be: its work takes a core of its own, and
+    would hold up the honest client's event loop (F5's 2,100 coroutines in the honest client's process made
+    its own uploads 2.5x slower, whatever the server did). `attack(stop, *args)` runs until `done`; what it
+    says of itself goes back through `results`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # F5's thousands of connections
+
+    async def until_done() -> str:
+        stop = asyncio.Event()
+        attacking = asyncio.ensure_future(attack(stop, *args))
+        while not done.is_set() and not attacking.done():
+            await asyncio.sleep(0.1)
+        stop.set()
+        return await attacking
+
+    results.put(asyncio.run(until_done()))
+
+
+async def elsewhere(stop: asyncio.Event, attack: Callable[..., Awaitable[str]], *args: Any) -> str:
+    """`attack(stop, *args)` in a process of its own (attacker_process) until `stop`: what it says of itself."""
+    context = multiprocessing.get_context("spawn")
+    done, results = context.Event(), context.Queue()
+    attacker = context.Process(target=attacker_process, args=(attack, args, done, results))
+    attacker.start()
+    await stop.wait()
+    done.set()
+    said: str = await asyncio.to_thread(results.get, True, 60)
+    attacker.join()
+    return said
+
+
+async def flood_headers(stop: asyncio.Event, port: int, connections: int) -> str:
+    """F1's attacker: `connections` connections from GREEDY send header lines of 1 KiB without end, as fast as
+    they can, each connecting again once answered or cut, until `stop`."""
     line = b"X-Pad: " + b"x" * 1024 + b"\r\n"
     sent, answers = 0, collections.Counter[str]()
 
     async def flooder() -> None:
         nonlocal sent
-        while not done.is_set():
+        while not stop.is_set():
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(GREEDY, 0))
             except OSError:
@@ -1277,7 +1307,7 @@ def flood_headers(port: int, connections: int, done: Any, results: Any) -> None:
             answer = asyncio.ensure_future(reader.read(1024))  # the 431, or the end
             try:
                 writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-                while not done.is_set() and not answer.done():
+                while not stop.is_set() and not answer.done():
                     writer.write(line * 16)
                     await writer.drain()
                     sent += 16 * len(line)
@@ -1290,11 +1320,9 @@ def flood_headers(port: int, connections: int, done: Any, results: Any) -> None:
             elif answer.exception() is None:
                 answers[answer.result()[9:12].decode() or "closed"] += 1
 
-    async def flood() -> None:
-        await asyncio.gather(*(flooder() for _ in range(connections)))
-
-    asyncio.run(flood())
-    results.put((sent, answers))
+    await asyncio.gather(*(flooder() for _ in range(connections)))
+    cut = ", ".join(f"{count} {status}" for status, count in answers.most_common())
+    return f"{connections} connections of endless header lines from one address ({sent / 1e6:.0f} MB; answered {cut})"
 
 
 async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
@@ -1302,16 +1330,7 @@ async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
     MAX_HEAD_BYTES (431), each connects again. The flood alone first, for the server's RSS growth."""
 
     async def attack(stop: asyncio.Event) -> str:
-        context = multiprocessing.get_context("spawn")
-        done, results = context.Event(), context.Queue()
-        flooder = context.Process(target=flood_headers, args=(server.port, 3, done, results))
-        flooder.start()
-        await stop.wait()
-        done.set()
-        sent, answers = await asyncio.to_thread(results.get, True, 30)
-        flooder.join()
-        cut = ", ".join(f"{count} {status}" for status, count in answers.most_common())
-        return f"3 connections of endless header lines from one address ({sent / 1e6:.0f} MB; answered {cut})"
+        return await elsewhere(stop, flood_headers, server.port, 3)
 
     stop, seconds = asyncio.Event(), size(20.0, 10.0, 3.0)
     before, cpu_before = server.proc_status("VmRSS"), server.cpu_seconds()
@@ -1377,6 +1396,27 @@ async def scenario_creation_flood(server: LiveServer, rows: list[Row]) -> None:
     bystander_row(rows, "F2", attack_was, alone, results)
 
 
+async def feed_cold_uploads(stop: asyncio.Event, port: int, user: dict[str, str], paths: list[str], seconds: float, piece: int) -> str:
+    """F3's attacker: from GREEDY, 8 connections at a time, a HEAD and a PATCH of the next `piece` bytes on each
+    upload of `paths` in turn (a WAV of `seconds`), until `stop`: the answers."""
+    wav, answers = Wav(seconds), collections.Counter[str]()
+
+    async def feed(uploads: list[str]) -> None:
+        for path in itertools.cycle(uploads):
+            if stop.is_set():
+                return
+            status, headers = await greedy_call(port, tus_standing(port, user, path))
+            if status != 200:
+                answers[f"HEAD {status}"] += 1
+                continue
+            offset, end = int(headers["upload-offset"]), int(headers["upload-offset"]) + piece
+            status, _ = await greedy_call(port, tus_piece(port, user, path, offset, end), wav.between(offset, end))
+            answers[f"PATCH {status}"] += 1
+
+    await asyncio.gather(*(feed(paths[n::8]) for n in range(8)))
+    return ", ".join(f"{count} {answer}" for answer, count in answers.most_common())
+
+
 async def scenario_cold_patches(server: LiveServer, rows: list[Row]) -> None:
     """F3: one user's 40 uploads with 16 MiB stored in each, made through a server of their own (stopped since), so
     that none has a live session here, as after a restart; then from one address, 8 connections at a time, a HEAD
@@ -1396,23 +1436,9 @@ async def scenario_cold_patches(server: LiveServer, rows: list[Row]) -> None:
         paths = await in_turns(count, create)
 
     async def attack(stop: asyncio.Event) -> str:
-        answers, resumed_before = collections.Counter[str](), await asyncio.to_thread(metric, server.port, resumed)
-
-        async def feed(uploads: list[str]) -> None:
-            for path in itertools.cycle(uploads):
-                if stop.is_set():
-                    return
-                status, headers = await greedy_call(server.port, tus_standing(server.port, user, path))
-                if status != 200:
-                    answers[f"HEAD {status}"] += 1
-                    continue
-                offset, end = int(headers["upload-offset"]), int(headers["upload-offset"]) + piece
-                status, _ = await greedy_call(server.port, tus_piece(server.port, user, path, offset, end), wav.between(offset, end))
-                answers[f"PATCH {status}"] += 1
-
-        await asyncio.gather(*(feed(paths[n::8]) for n in range(8)))
+        resumed_before = await asyncio.to_thread(metric, server.port, resumed)
+        found = await elsewhere(stop, feed_cold_uploads, server.port, user, paths, wav.seconds, piece)
         catch_ups = await asyncio.to_thread(metric, server.port, resumed) - resumed_before
-        found = ", ".join(f"{count} {answer}" for answer, count in answers.most_common())
         return f"HEAD + 64 KiB PATCH on {count} uploads of {stored / MIB:g} MiB, cold at first, 8 at a time ({found}; {catch_ups:.0f} catch-ups)"
 
     alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0))
@@ -1438,32 +1464,41 @@ async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:
     bystander_row(rows, "F4", attack_was, alone, results)
 
 
-async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None:
-    """F5: 2,100 connections from one address sending partial headers, reconnecting when cut."""
-    count = size(2100, 2100, 200)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1024)), hard))
+async def reconnect_with_partial_headers(stop: asyncio.Event, port: int, count: int) -> str:
+    """F5's attacker: `count` connections from GREEDY, each sending a request's first header lines and waiting,
+    connecting again as soon as it is answered or cut, until `stop`."""
+    answers = collections.Counter[str]()
 
-    async def flooder(stop: asyncio.Event) -> None:
+    async def flooder() -> None:
         while not stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(GREEDY, 0))
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(GREEDY, 0))
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
             try:
                 writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                answer = b""
                 while not stop.is_set() and not reader.at_eof():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(reader.read(65536), 1.0)
+                        answer += await asyncio.wait_for(reader.read(65536), 1.0)
+                answers[answer[9:12].decode(errors="replace") or "none"] += 1
             except OSError:
-                pass
+                answers["cut"] += 1
             finally:
                 writer.close()
 
+    await asyncio.gather(*(flooder() for _ in range(count)))
+    found = ", ".join(f"{number} {answer}" for answer, number in answers.most_common())
+    return f"{count} connections with partial headers from one address (answered {found})"
+
+
+async def scenario_connection_flood(server: LiveServer, rows: list[Row]) -> None:
+    """F5: 2,100 connections from one address sending partial headers, reconnecting when cut."""
+    count = size(2100, 2100, 200)
+
     async def attack(stop: asyncio.Event) -> str:
-        await asyncio.gather(*(flooder(stop) for _ in range(count)))
-        return f"{count} connections with partial headers from one address"
+        return await elsewhere(stop, reconnect_with_partial_headers, server.port, count)
 
     alone, results, attack_was = await beside_honest(server, attack, size(50.0, 20.0, 5.0))
     bystander_row(rows, "F5", attack_was, alone, results)

@@ -5097,6 +5097,42 @@ async def test_encoder_threads_serve_users_in_turn(database_url: str) -> None:
         await lifespan.__aexit__(None, None, None)
 
 
+def thread_niceness(native_id: int) -> int:
+    """A thread's nice value, from /proc (field 19 of its stat; the name before it may hold spaces)."""
+    return int(Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+async def test_one_owners_many_blocks_are_encoded_by_threads_that_yield_the_cpu(database_url: str) -> None:
+    """Turns share the encoder threads, not the cores: an owner with several blocks in the pool at once (several
+    uploads, catch-ups) has them encoded by threads of niceness BACKLOG_NICENESS, so that the kernel serves a
+    neighbour's one upload first (F3 of the benchmark); an owner's only block goes to a thread of the service's own
+    priority. On e78f94b every block went to the same threads."""
+
+    async def blocks(client: httpx.AsyncClient) -> dict[str, float]:
+        text = (await client.get("/metrics")).text
+        return {priority: metric(text, "wav2mp3_encoder_blocks_total", priority=priority) for priority in ("first", "yielding")}
+
+    app, lifespan = await start_app(database_url)
+    wav = make_wav(20.0, 44100, 2)  # 14 blocks: four at once have blocks in the pool together
+    try:
+        async with client_at(app, "127.0.0.2") as greedy, client_at(app, "127.0.0.3") as other:
+            hog, bystander = await new_user(greedy), await new_user(other)
+            before = await blocks(other)
+            assert (await other.post("/users/wav", **upload_form(bystander, wav))).status_code == 201
+            alone = await blocks(other)
+            assert alone["first"] > before["first"] and alone["yielding"] == before["yielding"]  # one upload: one block at a time
+            hogging = [greedy.post("/users/wav", **upload_form(hog, wav, f"hog-{n}.wav")) for n in range(4)]
+            assert [response.status_code for response in await asyncio.gather(*hogging)] == [201] * 4
+            assert (await blocks(other))["yielding"] > alone["yielding"]
+            if sys.platform == "linux":
+                base = thread_niceness(threading.main_thread().native_id or 0)
+                encoders = [thread for thread in threading.enumerate() if thread.name.startswith("encode")]
+                niceness = {thread.name.rsplit("_", 1)[0]: thread_niceness(thread.native_id or 0) - base for thread in encoders}
+                assert niceness == {"encode": 0, "encode-yielding": wav2mp3.BACKLOG_NICENESS}
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
 async def test_a_checksummed_piece_is_bounded_on_the_temporary_disk(database_url: str) -> None:
     """A PATCH with Upload-Checksum waits on the temporary disk until it is checked: at most MAX_CHECKED_PIECE_MB
     of it, declared (Content-Length) or as it streams; past it 413 naming the bound, the piece dropped, the offset

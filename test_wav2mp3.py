@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import socket
 import sqlite3
@@ -5245,6 +5246,36 @@ def test_live_connections_are_shared_per_client_address(tmp_path: Path) -> None:
             sock.sendall(b"\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_overload_refusals_total", cap="connections_per_client") == 1
+
+
+def test_live_connections_over_a_clients_share_are_answered_late(tmp_path: Path) -> None:
+    """F5 of the benchmark: a client that connects again as soon as it is refused made the service answer 3,750
+    refusals a second (fe7a1c5: each at once). Now a connection over its client's share is answered 503 after
+    HELD_REFUSAL_SECONDS, reading nothing meanwhile; held so, it takes no neighbour's place under MAX_CONNECTIONS,
+    and beyond MAX_CONNECTIONS held at once the refusal is at once again."""
+    args = ("--max-connections", "4", "--max-connections-per-client", "2")
+    with LiveServer(tmp_path, f"sqlite:///{tmp_path / 'held.db'}", *args) as server, contextlib.ExitStack() as stack:
+
+        def connect() -> socket.socket:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.2", 0)))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            return sock
+
+        for _ in range(2):
+            connect()  # its share
+        began = time.monotonic()
+        held = [connect() for _ in range(4)]  # MAX_CONNECTIONS of them held
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as neighbour:
+            assert neighbour.get(server.url + "/health").status_code == 200
+        beyond = connect()
+        assert beyond.recv(65536).startswith(b"HTTP/1.1 503")
+        quiet_until = began + wav2mp3.HELD_REFUSAL_SECONDS / 2
+        assert select.select(held, [], [], max(0.0, quiet_until - time.monotonic()))[0] == []  # not answered yet
+        for sock in held:
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS_PER_CLIENT is 2" in answer, answer
+        assert time.monotonic() - began >= wav2mp3.HELD_REFUSAL_SECONDS
+        assert metric(httpx.get(server.url + "/metrics").text, "wav2mp3_overload_refusals_total", cap="connections_per_client") == 5
 
 
 async def test_a_running_patch_stores_nothing_more_once_its_token_is_replaced(client: httpx.AsyncClient) -> None:

@@ -136,6 +136,7 @@ RETRY_AFTER_SECONDS = 5  # what a 503 for the upload cap asks a client to wait
 DOWNLOAD_BUFFER_BYTES = 64 * MIB  # chunks all downloads together may hold ahead of their clients
 SEND_PIECE_BYTES = 64 * 1024  # a download is written in pieces of this size: the most a connection buffers
 LINGER_SECONDS = 1.0  # how long a connection refused at the protocol level is read (and dropped) before it closes
+HELD_REFUSAL_SECONDS = 2.0  # how long a connection over its client's share waits, reading nothing, for its 503
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (trailers included), as nginx's large_client_header_buffers 4 16k
 MAX_HEAD_LINE_BYTES = 8 * 1024  # one of them: h11's and nginx's line bound
 KEEP_ALIVE_SECONDS = 30.0  # an idle kept-alive connection is closed after this
@@ -268,7 +269,7 @@ class Settings:
     id3_version: str = _setting("2.4", "version of the MP3's ID3 tag: `2.4` or `2.3`; the form field `id3_version` overrides it")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
-    max_connections_per_client: int = _setting(64, "of those, from one client address (a trusted proxy's are not counted); beyond: 503 and closed")
+    max_connections_per_client: int = _setting(64, "of those, from one client address (a trusted proxy's are not counted); beyond: 503 after 2 s, and closed")
     trusted_proxies: str = _setting(
         "", "addresses or networks (CIDR, comma-separated) of proxies whose `X-Forwarded-For` / `Forwarded` names the client; empty: none"
     )
@@ -6046,11 +6047,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     limits = Settings()  # create_app() puts the service's own here: uvicorn makes the protocol, not us
     per_client: collections.Counter[str] = collections.Counter()  # open connections by client address (not a trusted proxy's)
+    held_refusals = 0  # connections over their client's share waiting for their 503 (_refuse_later)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         CONNECTIONS.inc()
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._held: asyncio.TimerHandle | None = None
         self._refused = False
         address = self.client[0] if self.client else ""
         self._counted_as = "" if is_trusted(address, self.limits) else address
@@ -6066,13 +6069,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.per_client[self._counted_as] > self.limits.max_connections_per_client:
             OVERLOAD_REFUSALS.labels("connections_per_client").inc()
             limit = self.limits.max_connections_per_client
-            self._refuse(
+            self._refuse_later(
                 503,
                 f"too many connections from this address (MAX_CONNECTIONS_PER_CLIENT is {limit}): try again shortly",
                 f"Retry-After: {RETRY_AFTER_SECONDS}\r\n",
             )
             return
         self._await_headers()
+
+    def _refuse_later(self, status: int, detail: str, extra_headers: str) -> None:
+        """A connection over its client's share hears so after HELD_REFUSAL_SECONDS, not at once: a client that
+        connects again as soon as it is answered (F5: 2,036 connections over the share, answered 3,750 times a
+        second, took a core between it and the service) now does so at most once per connection and hold. Held,
+        it reads nothing and counts under no cap but its client's; at most MAX_CONNECTIONS are held at once, and
+        beyond them the refusal is at once, as it was."""
+        if GuardedHttpToolsProtocol.held_refusals >= self.limits.max_connections:
+            self._refuse(status, detail, extra_headers)
+            return
+        GuardedHttpToolsProtocol.held_refusals += 1
+        self._refused = True
+        self.connections.discard(self)
+        self.transport.pause_reading()
+        self._held = self.loop.call_later(HELD_REFUSAL_SECONDS, self._refuse_held, status, detail, extra_headers)
+
+    def _refuse_held(self, status: int, detail: str, extra_headers: str) -> None:
+        self._let_go_of_hold()
+        self.transport.resume_reading()  # what comes while it lingers is read and dropped
+        self._refuse(status, detail, extra_headers)
+
+    def _let_go_of_hold(self) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+            GuardedHttpToolsProtocol.held_refusals -= 1
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -6139,6 +6168,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         CONNECTIONS.dec()
+        self._let_go_of_hold()
         if self._counted_as:
             self.per_client[self._counted_as] -= 1
             if not self.per_client[self._counted_as]:

@@ -4527,6 +4527,13 @@ def patches(start: int, end: int) -> list[str]:
     return ["PATCH 204"] * math.ceil((end - start) / NODE_CHUNK)
 
 
+def patch_answers(length: int, protocol: str = "tus-v1") -> list[str]:
+    """The answers tus-js-client sees sending a file of `length` bytes in NODE_CHUNK PATCHes, none sent twice: tus's 204
+    each; the IETF draft's 201 for an append that leaves the upload incomplete, 200 (with the record) for the last."""
+    count = math.ceil(length / NODE_CHUNK)
+    return ["PATCH 204"] * count if protocol == "tus-v1" else ["PATCH 201"] * (count - 1) + ["PATCH 200"]
+
+
 def live_record_mp3_sha256(server: LiveServer, user: dict[str, str], upload_url: str) -> str:
     """The sha256 of the MP3 downloaded from the link of a completed upload's record."""
     record = httpx.get(upload_url, headers=bearer(user), timeout=30).json()
@@ -4548,6 +4555,15 @@ def node_wav(tmp_path: Path) -> tuple[bytes, Path]:
     path = tmp_path / "node.wav"
     path.write_bytes(wav)
     return wav, path
+
+
+def node_recording(tmp_path: Path) -> tuple[bytes, Path]:
+    """node_wav as a recorder writes it while it records (its header's data size 0xFFFFFFFF: not known yet), for
+    tus-js-client's uploadLengthDeferred to read from a buffer (a file's stream would be read as a known length)."""
+    wav, path = node_wav(tmp_path)
+    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]
+    path.write_bytes(recording)
+    return recording, path
 
 
 @needs_tus_js_client
@@ -4611,15 +4627,25 @@ def test_live_tus_js_client_parallel_uploads_make_the_mp3_a_post_gives(live: Liv
 
 
 @needs_tus_js_client
-def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: LiveServer, tmp_path: Path) -> None:
-    """uploadLengthDeferred (a recording uploaded while it is made): the length with the last PATCH; on e37ff88 400."""
+@pytest.mark.parametrize("then", [None, "start", "new-upload"], ids=["whole", "aborted-then-start", "aborted-then-new-upload"])
+@pytest.mark.parametrize("protocol", ["tus-v1", "ietf-draft-05"])
+def test_live_tus_js_client_of_unknown_length_gives_the_length_at_the_end(live: LiveServer, tmp_path: Path, protocol: str, then: str | None) -> None:
+    """uploadLengthDeferred (a recording uploaded while it is made): a creation with no length (tus-js-client sends tus's
+    Upload-Defer-Length for the IETF draft too, which the draft does not know), the length with the last PATCH (the
+    draft's with Upload-Complete: ?1). Aborted halfway, then start() again or a new Upload that finds the URL in its
+    storage, it asks the offset (a HEAD) and sends only the rest. The MP3 a POST gives; on e37ff88 400."""
     user = live.new_user()
-    wav, wav_file = node_wav(tmp_path)
-    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]  # a recorder's header: data size not known yet
-    wav_file.write_bytes(recording)
-    outcome = tus_js_client(live, user, wav_file, "recording.wav", input="buffer", options={"uploadLengthDeferred": True})
-    assert outcome["ok"], outcome["error"]
-    assert outcome["requests"][0] == "POST 201" and outcome["retries"] == 0, outcome["requests"]
+    recording, wav_file = node_recording(tmp_path)
+    options = {"protocol": protocol, "uploadLengthDeferred": True}
+    job: dict[str, Any] = {"input": "buffer", "urlStorage": str(tmp_path / "urls.json"), "options": options}
+    if then:
+        job["interrupt"] = {"afterBytes": len(recording) // 2, "then": then}
+    outcome = tus_js_client(live, user, wav_file, "recording.wav", **job)
+    assert outcome["ok"] and outcome["interrupted"] == bool(then), outcome["error"]
+    answers = patch_answers(len(recording), protocol)
+    if then:  # abort() comes between two PATCHes, at the first offset past half
+        answers.insert(math.ceil(len(recording) // 2 / NODE_CHUNK), "HEAD 200")
+    assert outcome["requests"] == ["POST 201", *answers] and outcome["retries"] == 0, outcome["requests"]
     assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
 
 
@@ -4655,21 +4681,6 @@ def test_live_tus_js_client_speaking_the_ietf_draft_goes_on_where_it_stopped(
     assert [r for r in outcome["requests"] if r != "HEAD 200"] == ["POST 201", *appends] and outcome["requests"].count("HEAD 200") == 1
     assert outcome["retries"] == 0 and httpx.get(outcome["url"], headers=bearer(user)).json()["filename"] == "draft.mp3"
     assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, wav)
-
-
-@needs_tus_js_client
-def test_live_tus_js_client_speaking_the_ietf_draft_gives_a_length_not_known_at_the_end(live: LiveServer, tmp_path: Path) -> None:
-    """uploadLengthDeferred with `protocol: 'ietf-draft-05'`: a creation with no length (tus-js-client sends tus's
-    Upload-Defer-Length, which the draft does not know), the length with the last append and its Upload-Complete: ?1."""
-    user = live.new_user()
-    wav, wav_file = node_wav(tmp_path)
-    recording = wav[:40] + struct.pack("<L", 0xFFFFFFFF) + wav[44:]  # a recorder's header: data size not known yet
-    wav_file.write_bytes(recording)
-    options = {"protocol": "ietf-draft-05", "uploadLengthDeferred": True}
-    outcome = tus_js_client(live, user, wav_file, "recording.wav", input="buffer", options=options)
-    assert outcome["ok"], outcome["error"]
-    assert outcome["requests"] == ["POST 201", *["PATCH 201"] * (math.ceil(len(wav) / NODE_CHUNK) - 1), "PATCH 200"], outcome["requests"]
-    assert live_record_mp3_sha256(live, user, outcome["url"]) == live_posted_mp3_sha256(live, recording)
 
 
 def client_snippet(language: str, live: LiveServer, user: dict[str, str]) -> str:

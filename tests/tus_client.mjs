@@ -13,7 +13,8 @@
 //   urlStorage  a file for tus-js-client's FileUrlStorage, where it keeps the upload's URL under the file's
 //               fingerprint (Node's default keeps nothing)
 //   interrupt   {"afterBytes": N, "then": ...}: abort() once the server has accepted N bytes or more (between two
-//               PATCHes, at onChunkComplete; with parallelUploads, once N bytes are sent: onProgress), then
+//               PATCHes, at onChunkComplete; with parallelUploads, once N bytes are sent: onProgress), and fewer
+//               than the file's (with uploadLengthDeferred, tus-js-client's bytesTotal is null until the last PATCH), then
 //                 "stop"       report and end (resume in another run, with options.uploadUrl);
 //                 "start"      start() the same Upload again (tus-js-client's pause and resume);
 //                 "new-upload" a new Upload of the same file: findPreviousUploads() in urlStorage and
@@ -41,6 +42,7 @@ function run(job) {
   const outcome = { ok: false, url: null, error: null, status: null, requests: [], requestIds: [], retries: 0, accepted: 0, interrupted: false }
   const interrupt = job.interrupt ?? null
   let interrupted = false
+  const fileSize = fs.statSync(job.file).size
 
   return new Promise((resolve) => {
     const finish = (fields) => resolve({ ...outcome, ...fields })
@@ -84,7 +86,7 @@ function run(job) {
     }
 
     function interruptAt(upload, bytes, bytesTotal) {
-      if (interrupt && !interrupted && bytes >= interrupt.afterBytes && bytes < bytesTotal) {
+      if (interrupt && !interrupted && bytes >= interrupt.afterBytes && bytes < (bytesTotal ?? fileSize)) {
         interrupted = true
         upload.abort().then(() => resume(upload))
       }

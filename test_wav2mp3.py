@@ -4595,6 +4595,48 @@ def test_live_tus_js_client_goes_on_from_its_upload_url_on_a_restarted_server(tm
         assert live_record_mp3_sha256(second, user, url) == live_posted_mp3_sha256(second, wav)
 
 
+# tus-js-client's options of issue 24's points 1-3 and 5 (point 4 has its own test), each resumed on a restarted server.
+RESTARTED_OPTIONS = {
+    "parallel": {"parallelUploads": 3},
+    "deferred-length": {"uploadLengthDeferred": True},
+    "request-id": {"addRequestId": True},
+    "ietf-draft-03": {"protocol": "ietf-draft-03"},
+    "ietf-draft-05": {"protocol": "ietf-draft-05"},
+    "ietf-draft-05-deferred-length": {"protocol": "ietf-draft-05", "uploadLengthDeferred": True},
+}
+
+
+@needs_tus_js_client
+@pytest.mark.parametrize("options", RESTARTED_OPTIONS.values(), ids=RESTARTED_OPTIONS.keys())
+def test_live_tus_js_client_options_go_on_after_a_server_restart(tmp_path: Path, database_url: str, options: dict[str, Any]) -> None:
+    """Aborted halfway, the server stopped, a new one on the same database and port: tus-js-client run again with the
+    same options finds the upload in its FileUrlStorage (parallel pieces: each piece's URL) and goes on from the offset
+    the server kept, a HEAD each, creating nothing but a parallel upload's final upload; one record, no upload left,
+    the MP3 a POST gives."""
+    deferred = options.get("uploadLengthDeferred", False)
+    wav, wav_file = node_recording(tmp_path) if deferred else node_wav(tmp_path)
+    job = {"urlStorage": str(tmp_path / "tus-urls.json"), "options": options, "input": "buffer" if deferred else "file"}
+    with LiveServer(tmp_path / "first", database_url) as first:
+        user = first.new_user()
+        stopped = tus_js_client(first, user, wav_file, "restarted.wav", interrupt={"afterBytes": len(wav) // 2, "then": "stop"}, **job)
+    assert (stopped["ok"], stopped["interrupted"], stopped["error"]) == (False, True, None)
+    with LiveServer(tmp_path / "second", database_url, port=first.port) as second:
+        resumed = tus_js_client(second, user, wav_file, "restarted.wav", **job)
+        assert resumed["ok"], resumed["error"]
+        assert stopped["retries"] == resumed["retries"] == 0
+        if "parallelUploads" in options:  # pieces cut mid-PATCH kept what arrived: how many PATCHes are left varies
+            assert [r for r in stopped["requests"] if r.startswith("POST")] == ["POST 201"] * 3, stopped["requests"]
+            *pieces, final = resumed["requests"]
+            assert final == "POST 201" and pieces.count("HEAD 200") == 3 and set(pieces) == {"HEAD 200", "PATCH 204"}, resumed["requests"]
+        else:  # abort() comes between two PATCHes: the second server's offset is the first's last answer
+            answers, sent = patch_answers(len(wav), options.get("protocol", "tus-v1")), stopped["accepted"] // NODE_CHUNK
+            assert stopped["requests"] == ["POST 201", *answers[:sent]] and resumed["requests"] == ["HEAD 200", *answers[sent:]]
+        records = httpx.get(f"{second.url}/users/{user['user_id']}/records", headers=bearer(user)).json()["records"]
+        uploads = httpx.get(f"{second.url}/users/{user['user_id']}/uploads", headers=bearer(user)).json()["uploads"]
+        assert ([record["filename"] for record in records], uploads) == (["restarted.mp3"], [])
+        assert live_record_mp3_sha256(second, user, resumed["url"]) == live_posted_mp3_sha256(second, wav)
+
+
 @needs_tus_js_client
 @pytest.mark.parametrize("then", ["start", "new-upload"])
 def test_live_tus_js_client_aborted_goes_on_where_it_stopped(live: LiveServer, tmp_path: Path, then: str) -> None:

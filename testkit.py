@@ -252,7 +252,8 @@ class RemoteSite:
 
 
 class LiveServer:
-    """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file (tests and benchmark)."""
+    """`python wav2mp3.py` on a loopback port, with its own TMPDIR and a log file (tests and benchmark). `port` brings a
+    server back where a stopped one listened, so that the URLs a client kept (and keyed its storage by) still lead to it."""
 
     def __init__(
         self,
@@ -262,11 +263,14 @@ class LiveServer:
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
         tmp: Path | None = None,
+        port: int | None = None,
     ) -> None:
         self.directory = directory
         self.tmp = tmp or directory / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        # A stopped server's port binds again at once: uvicorn's socket (asyncio's create_server) sets SO_REUSEADDR,
+        # so the old connections in TIME_WAIT do not hold it.
+        self.port = port or free_port()
         self.log = directory / f"server-{self.port}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = database_url
@@ -275,7 +279,7 @@ class LiveServer:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:  # exited: the port taken, a bad setting
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return

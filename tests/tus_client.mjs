@@ -11,14 +11,16 @@
 //   options     any other tus.Upload option JSON can hold, passed as given: parallelUploads, uploadLengthDeferred,
 //               uploadDataDuringCreation, addRequestId, protocol, retryDelays, uploadUrl, overridePatchMethod...
 //   urlStorage  a file for tus-js-client's FileUrlStorage, where it keeps the upload's URL under the file's
-//               fingerprint (Node's default keeps nothing)
+//               fingerprint (Node's default keeps nothing); with it, an Upload first looks there for the file
+//               (findPreviousUploads) and resumes the newest it finds (resumeFromPreviousUpload), as tus-js-client's
+//               README does: a run goes on with what an earlier run left (an upload before a server restart)
 //   interrupt   {"afterBytes": N, "then": ...}: abort() once the server has accepted N bytes or more (between two
 //               PATCHes, at onChunkComplete; with parallelUploads, once N bytes are sent: onProgress), and fewer
 //               than the file's (with uploadLengthDeferred, tus-js-client's bytesTotal is null until the last PATCH), then
 //                 "stop"       report and end (resume in another run, with options.uploadUrl);
 //                 "start"      start() the same Upload again (tus-js-client's pause and resume);
-//                 "new-upload" a new Upload of the same file: findPreviousUploads() in urlStorage and
-//                              resumeFromPreviousUpload() of the newest, else options.uploadUrl = the URL so far.
+//                 "new-upload" a new Upload of the same file: with urlStorage, what it finds there (above),
+//                              else options.uploadUrl = the URL so far.
 //
 // It prints one JSON line, whatever became of the upload:
 //   {ok, url, error, status, requests: ["POST 201", "PATCH 204", ...], requestIds, retries, accepted, interrupted}
@@ -99,19 +101,22 @@ function run(job) {
       } else if (then === 'start') {
         aborted.start()
       } else if (then === 'new-upload') {
-        const upload = newUpload(job.urlStorage ? {} : { uploadUrl: aborted.url })
-        const previous = job.urlStorage ? await upload.findPreviousUploads() : []
-        if (previous.length > 0) {
-          previous.sort((a, b) => Date.parse(b.creationTime) - Date.parse(a.creationTime))
-          upload.resumeFromPreviousUpload(previous[0])
-        }
-        upload.start()
+        await resumeOrStart(newUpload(job.urlStorage ? {} : { uploadUrl: aborted.url }))
       } else {
         finish({ error: `interrupt.then must be stop, start or new-upload, not ${then}` })
       }
     }
 
-    newUpload().start()
+    async function resumeOrStart(upload) {
+      const previous = job.urlStorage ? await upload.findPreviousUploads() : []
+      if (previous.length > 0) {
+        previous.sort((a, b) => Date.parse(b.creationTime) - Date.parse(a.creationTime))
+        upload.resumeFromPreviousUpload(previous[0])
+      }
+      upload.start()
+    }
+
+    resumeOrStart(newUpload())
   })
 }
 

@@ -4799,6 +4799,30 @@ def test_live_tus_js_client_sees_a_taken_name_at_once_without_retrying(live: Liv
     assert expected in again["error"], again["error"]
 
 
+@needs_tus_js_client
+@pytest.mark.parametrize("protocol", ["tus-v1", "ietf-draft-05"])
+def test_live_tus_js_client_sees_a_name_held_through_a_server_restart_at_once(tmp_path: Path, database_url: str, protocol: str) -> None:
+    """An unfinished upload holds its name through a restart (the server stopped, a new one on the same database and
+    port): another tus-js-client creation of the name is refused at once (422, sent once, the service's message), and
+    the holder, run again, finds its upload in its URL storage and finishes it: one record, the MP3 a POST gives."""
+    wav, wav_file = node_wav(tmp_path)
+    holder = {"urlStorage": str(tmp_path / "holder-urls.json"), "options": {"protocol": protocol}}
+    with LiveServer(tmp_path / "first", database_url) as first:
+        user = first.new_user()
+        stopped = tus_js_client(first, user, wav_file, "held.wav", interrupt={"afterBytes": NODE_CHUNK, "then": "stop"}, **holder)
+    assert (stopped["interrupted"], stopped["error"]) == (True, None), stopped
+    with LiveServer(tmp_path / "second", database_url, port=first.port) as second:
+        again = tus_js_client(second, user, wav_file, "held.wav", options={"protocol": protocol})
+        assert (again["ok"], again["status"], again["requests"], again["retries"]) == (False, 422, ["POST 422"], 0)
+        assert "an unfinished upload of this user holds the name" in again["error"], again["error"]
+        resumed = tus_js_client(second, user, wav_file, "held.wav", **holder)
+        assert resumed["ok"] and resumed["url"] == stopped["url"], resumed
+        assert resumed["requests"] == ["HEAD 200", *patch_answers(len(wav), protocol)[stopped["accepted"] // NODE_CHUNK :]]
+        records = httpx.get(f"{second.url}/users/{user['user_id']}/records", headers=bearer(user)).json()["records"]
+        assert [record["filename"] for record in records] == ["held.mp3"]
+        assert live_record_mp3_sha256(second, user, resumed["url"]) == live_posted_mp3_sha256(second, wav)
+
+
 # Uppy, unchanged, in a browser: tests/uppy.html runs one upload with Uppy's own bundle (tests/package.json pins it) in
 # Chromium, from a page on another origin than the service, so that every request passes CORS as a site's would.
 

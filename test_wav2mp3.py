@@ -6328,6 +6328,38 @@ async def test_errors_follow_accept_language_and_english_stays_the_default(clien
     assert unknown.json() == {"error": "Не найдено"}
 
 
+async def test_russian_refusals_say_in_russian_what_english_says_in_words(database_url: str) -> None:
+    """Units, the words around allowed values and what the code fills in (not known, unknown encoding, request body)
+    are Russian too; what a client sends or reads literally (option names, values, headers) stays as it is."""
+    russian = {"Accept-Language": "ru"}
+    async with running_app(database_url, user_quota_mb=1) as client:
+        user = await new_user(client)
+        creation = tus(user, Upload_Length=str(2 * wav2mp3.MIB), Upload_Metadata=tus_metadata(filename="a.wav"))
+        too_large = await client.post(f"/users/{user['user_id']}/uploads", headers={**russian, **creation})
+        assert too_large.status_code == 413 and too_large.json()["error"] == (
+            "эта загрузка (Upload-Length): превышена квота пользователя: занято 0.00 МиБ (0 байт) из 1.00 МиБ (1048576 байт),"
+            " нужно ещё 2.00 МиБ (2097152 байт) (удалите записи или незавершённые загрузки либо попросите у оператора больше)"
+        )
+        answers = {
+            "bitrate": await client.post("/users/wav", **upload_form(user, make_wav(0.3), bitrate="33"), headers=russian),
+            "vbr_quality": await client.post("/users/wav", **upload_form(user, make_wav(0.3), vbr_quality="12"), headers=russian),
+            "encoding": await client.post("/users/wav", **upload_form(user, patch(make_wav(0.3), 20, struct.pack("<H", 0x1234))), headers=russian),
+            "body": await client.post("/users", content=b"{", headers=russian),
+        }
+        assert {what: (answer.status_code, answer.json()["error"]) for what, answer in answers.items()} == {
+            "bitrate": (422, "bitrate должно быть одним из: 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320"),
+            "vbr_quality": (422, "vbr_quality должно быть целым числом от 0 до 9"),
+            "encoding": (415, "неподдерживаемая кодировка WAV: неизвестная кодировка (тег формата 0x1234)"),
+            "body": (422, "тело запроса: это не корректный JSON"),
+        }
+        deferred = tus(user, Upload_Defer_Length="1", Upload_Metadata=tus_metadata(filename="b.wav"))
+        url = (await client.post(f"/users/{user['user_id']}/uploads", headers=deferred)).headers["location"]
+        assert (await tus_patch(client, user, url, 0, make_wav(0.3)[:100])).status_code == 204
+        shorter = await client.patch(url, content=b"", headers={**russian, **tus(user, Upload_Offset="100", Upload_Length="50", **OCTETS)})
+        assert shorter.status_code == 400
+        assert shorter.json()["error"] == "Upload-Length 50 — не длина этой загрузки: она не известна, получено 100 байт"
+
+
 # Documents agree with the code ##################################################
 
 

@@ -181,12 +181,18 @@ class FormOption:
     def parse(self, text: str) -> int:
         if self.spellings:
             if text not in self.spellings:
-                raise Refused(422, f"{self.name} must be {self.allowed}")
+                raise self.refusal()
             return self.values[self.spellings.index(text)]
         value = parse_count(text, self.name)
         if value not in self.values:
-            raise Refused(422, f"{self.name} must be {self.allowed}")
+            raise self.refusal()
         return value
+
+    def refusal(self) -> Refused:
+        """422 for a value not allowed, saying which are: the words in the text, the values in its holes (translated whole)."""
+        if self.is_range:
+            return Refused(422, f"{self.name} must be an integer {self.values[0]}..{self.values[-1]}")
+        return Refused(422, f"{self.name} must be one of {', '.join(self.choices)}")
 
     def spelled(self, value: int) -> int | str:
         """A value as a client sends it (and sees it again in GET /users/{user_id}/uploads)."""
@@ -200,13 +206,18 @@ class FormOption:
         return {"type": "integer", "enum": list(self.values), "description": self.meaning}
 
     @property
+    def choices(self) -> tuple[str, ...]:
+        """The values as a client writes them."""
+        return self.spellings or tuple(map(str, self.values))
+
+    @property
+    def is_range(self) -> bool:
+        """Whether the values are every integer low..high (more than two), and so written."""
+        return not self.spellings and len(self.values) > 2 and self.values == tuple(range(self.values[0], self.values[-1] + 1))
+
+    @property
     def allowed(self) -> str:
-        if self.spellings:
-            return "one of " + ", ".join(self.spellings)
-        low, high = self.values[0], self.values[-1]
-        if len(self.values) > 2 and self.values == tuple(range(low, high + 1)):
-            return f"an integer {low}..{high}"
-        return "one of " + ", ".join(map(str, self.values))
+        return f"an integer {self.values[0]}..{self.values[-1]}" if self.is_range else "one of " + ", ".join(self.choices)
 
 
 FORM_OPTIONS = {
@@ -719,7 +730,7 @@ async def create_user(request: Request) -> Response:
     signup = services.settings.signup
     if signup == "closed":
         raise Refused(403, "sign-up is closed on this service: the operator creates users (python wav2mp3.py admin create NAME)")
-    payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "body")
+    payload = parse_json(await BodyReader(request, MAX_JSON_BODY, services.settings).read(), "request body")
     name = valid_name(payload.get("name"))
     services.user_creations.admit(client_address(request.scope, services.settings))
     if signup == "invite":
@@ -1708,7 +1719,7 @@ async def operator_of(request: Request) -> Operator:
 
 async def json_payload(request: Request, required: bool = True) -> dict[str, Any]:
     body = await BodyReader(request, MAX_JSON_BODY, services_of(request).settings).read()
-    return parse_json(body, "body") if body.strip() or required else {}
+    return parse_json(body, "request body") if body.strip() or required else {}
 
 
 def parse_admin_number(payload: Mapping[str, Any], name: str, default: float, low: float, high: float, integer: bool = False) -> float:
@@ -4314,15 +4325,15 @@ class Usage:
 
 
 def over_quota(what: str, taken: int, quota: int, more: int) -> str:
+    """Sizes in the unit of USER_QUOTA_MB (MiB), and exactly; the units are the text's, not its holes', so that they translate."""
     return (
-        f"{what} would pass this user's quota: {megabytes(taken)} of {megabytes(quota)} used, {megabytes(more)} more needed"
-        " (delete records or unfinished uploads, or ask the operator for more)"
+        f"{what} would pass this user's quota: {mib(taken)} MiB ({taken} bytes) of {mib(quota)} MiB ({quota} bytes) used,"
+        f" {mib(more)} MiB ({more} bytes) more needed (delete records or unfinished uploads, or ask the operator for more)"
     )
 
 
-def megabytes(size: int) -> str:
-    """In the unit of USER_QUOTA_MB (MiB), and exactly."""
-    return f"{size / MIB:.2f} MiB ({size} bytes)"
+def mib(size: int) -> str:
+    return f"{size / MIB:.2f}"
 
 
 class Store:

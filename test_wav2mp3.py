@@ -3611,6 +3611,34 @@ async def test_an_upload_of_unknown_length_keeps_within_the_bounds_a_declared_on
         assert changed.status_code == 400 and "250000" in changed.json()["error"]
 
 
+async def test_an_upload_of_unknown_length_past_its_room_is_413_naming_the_bound_it_meets(database_url: str) -> None:
+    """A deferred upload has no Upload-Length: a piece past what it may still take names MAX_UPLOAD_MB or MAX_UNFINISHED_MB
+    (whichever is nearer), whether Content-Length tells it first or a chunked body shows it. They said Upload-Length, or
+    the request body's limit."""
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    async with running_app(database_url, max_upload_mb=1, max_unfinished_mb=2) as client:
+        user = await new_user(client)
+        deferred = tus(user, Upload_Defer_Length="1", Upload_Metadata=tus_metadata(filename="live.wav"))
+        url = (await client.post(f"/users/{user['user_id']}/uploads", headers=deferred)).headers["location"]
+        wav = make_wav(8.0, 44100, 2)  # 1.4 MB
+        assert (await tus_patch(client, user, url, 0, wav[:100_000])).status_code == 204
+        declared = await tus_patch(client, user, url, 100_000, wav[100_000:])
+        assert declared.status_code == 413 and declared.json()["error"] == f"more bytes than MAX_UPLOAD_MB leaves: {wav2mp3.MIB - 100_000} to go"
+        streamed = await client.patch(url, content=chunked(wav[100_000:]), headers=tus(user, Upload_Offset="100000", **OCTETS))
+        assert streamed.status_code == 413 and streamed.json()["error"] == f"more bytes than MAX_UPLOAD_MB leaves: {wav2mp3.MIB - 100_000} to go"
+        offset = int((await client.head(url, headers=tus(user))).headers["upload-offset"])
+        assert offset == wav2mp3.MIB  # the bytes up to the bound are kept
+        other = tus(user, Upload_Length=str(900_000), Upload_Metadata=tus_metadata(filename="other.wav"))
+        assert (await client.post(f"/users/{user['user_id']}/uploads", headers=other)).status_code == 201
+        second = await client.post(f"/users/{user['user_id']}/uploads", headers={**deferred, "Upload-Metadata": tus_metadata(filename="b.wav")})
+        room = 2 * wav2mp3.MIB - wav2mp3.MIB - 900_000
+        shared = await tus_patch(client, user, second.headers["location"], 0, wav[: room + 1])
+        assert shared.status_code == 413 and shared.json()["error"] == f"more bytes than MAX_UNFINISHED_MB leaves: {room} to go"
+
+
 async def tus_partial(client: httpx.AsyncClient, user: dict[str, str], piece: bytes, **headers: str) -> str:
     """A partial upload (tus concatenation) holding `piece`, as tus-js-client's parallelUploads makes one."""
     created = await client.post(

@@ -534,6 +534,12 @@ def too_large(limit: int) -> BodyCut:
     return BodyCut(413, f"request body is larger than the {limit // MIB} MiB limit" if limit >= MIB else f"request body is larger than {limit} bytes")
 
 
+def piece_too_large(remaining: int, bound: str = "Upload-Length") -> BodyCut:
+    """413 for a resumable upload's piece past what the upload may still take, naming the bound that says so: its
+    Upload-Length, or, while its length is not known, MAX_UPLOAD_MB, MAX_UNFINISHED_MB or the user's quota."""
+    return BodyCut(413, f"more bytes than {bound} leaves: {remaining} to go")
+
+
 # The problem types the IETF draft registers (RFC 9457 §4), with the status it gives each, as its clients are shown them.
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 MISMATCHING_OFFSET = {
@@ -992,7 +998,7 @@ async def create_upload(request: Request) -> Response:
         raise Refused(400, "Upload-Concat must be `partial` or `final;` and the partial uploads' URLs")
     length = upload_length(request, services.settings, deferrable=not concat)
     filename, options = ("", {}) if concat else upload_metadata(metadata)  # a partial upload's metadata is only kept
-    upload_checksum(request, length or services.settings.max_upload_bytes, services.settings)  # a first piece's refusals come before the upload
+    upload_checksum(request, *creation_room(length, services.settings), services.settings)  # a first piece's refusals come before the upload
     try:
         upload = await services.resumable.create(user_id, token, filename, options, length, metadata)
     except NameTaken as taken:
@@ -1061,7 +1067,10 @@ async def standing_upload(request: Request) -> StoredUpload:
             " bytes, or (tus) the upload is complete",
             {"Upload-Offset": "where it is"},
         ),
-        413: error("more bytes than Upload-Length leaves, a piece with Upload-Checksum over MAX_CHECKED_PIECE_MB, or an MP3 past the quota"),
+        413: error(
+            "more bytes than Upload-Length leaves (before it is known: MAX_UPLOAD_MB, MAX_UNFINISHED_MB or the quota, named), a piece with"
+            " Upload-Checksum over MAX_CHECKED_PIECE_MB, or an MP3 past the quota"
+        ),
         415: error(
             "not application/offset+octet-stream (the IETF draft: application/partial-upload), or a WAV refused as on POST /users/wav"
             " (the upload is then ended)"
@@ -1196,7 +1205,7 @@ async def create_draft_upload(request: Request) -> Response:
     user_id, token = await owner(request)
     last = upload_complete(request)
     length = draft_length(request, 0, last, services.settings)
-    upload_checksum(request, length or services.settings.max_upload_bytes, services.settings)  # a body past the length: 413, nothing created
+    upload_checksum(request, *creation_room(length, services.settings), services.settings)  # a body past the length: 413, nothing created
     upload_id = str(uuid.uuid4())
     metadata = request.headers.get("upload-metadata", "")
     filename, options = draft_name(request, metadata, upload_id)
@@ -1872,14 +1881,19 @@ def upload_metadata(header: str, named: bool = True) -> tuple[str, dict[str, int
     return clean_filename(pairs["filename"], "Upload-Metadata's filename") if "filename" in pairs else "", form
 
 
-def upload_checksum(request: Request, remaining: int, settings: Settings) -> tuple[Callable[[], Any], bytes] | None:
-    """A piece of a resumable upload: 413 when it declares more bytes than are left, or, with a checksum, more than
-    MAX_CHECKED_PIECE_MB; its Upload-Checksum (tus checksum extension: `<algorithm> <base64 digest>` of this
-    request's bytes), if any."""
+def creation_room(length: int | None, settings: Settings) -> tuple[int, str]:
+    """What a creation's first piece may hold, and the bound that says so: the length told, or else MAX_UPLOAD_MB."""
+    return (length, "Upload-Length") if length else (settings.max_upload_bytes, "MAX_UPLOAD_MB")
+
+
+def upload_checksum(request: Request, remaining: int, bound: str, settings: Settings) -> tuple[Callable[[], Any], bytes] | None:
+    """A piece of a resumable upload: 413 when it declares more bytes than are left (`remaining`, as `bound` says), or,
+    with a checksum, more than MAX_CHECKED_PIECE_MB; its Upload-Checksum (tus checksum extension: `<algorithm> <base64
+    digest>` of this request's bytes), if any."""
     declared = request.headers.get("content-length")
     size = None if declared is None else parse_count(declared, "Content-Length", 400)
     if size is not None and size > remaining:
-        raise Refused(413, f"more bytes than Upload-Length leaves: {remaining} to go", CLOSE)
+        raise piece_too_large(remaining, bound)
     header = request.headers.get("upload-checksum")
     if header is None:
         return None
@@ -1923,9 +1937,10 @@ class BodyReader:
     client that sends a byte now and then resets the idle timeout but not this average.
     """
 
-    def __init__(self, request: Request, limit: int, settings: Settings) -> None:
+    def __init__(self, request: Request, limit: int, settings: Settings, too_much: BodyCut | None = None) -> None:
         self.request = request
         self.limit = limit
+        self.too_much = too_much or too_large(limit)  # what a body past the limit is answered
         self.idle_timeout = settings.upload_idle_timeout
         self.min_rate, self.window = settings.min_upload_rate, settings.min_rate_window
         self.received = 0
@@ -1933,7 +1948,7 @@ class BodyReader:
         self._marks: deque[tuple[float, int]] = deque([(0.0, 0)])  # (waited, received) within the last window
         declared = request.headers.get("content-length")
         if declared is not None and parse_count(declared, "Content-Length", 400) > limit:
-            raise too_large(limit)
+            raise self.too_much
         self._more = True
 
     async def _next(self) -> bytes | None:
@@ -1964,7 +1979,7 @@ class BodyReader:
             if self.received > self.limit:
                 if (within := len(chunk) - (self.received - self.limit)) > 0:
                     yield chunk[:within]  # the bytes up to the limit (a resumable upload keeps them)
-                raise too_large(self.limit)
+                raise self.too_much
             self._check_rate()
             if chunk:
                 yield chunk
@@ -2777,9 +2792,9 @@ async def receive_upload(
         # Nothing to add: the offset as it stands, without taking the upload's turn. A cold upload catches up (re-encodes
         # its stored bytes) only for bytes that go on from there: on e37ff88 an empty PATCH cost 1.4 s of CPU.
         return offset
-    remaining = upload.length - offset if upload.length != DEFERRED else await deferred_room(services, upload)
-    checksum = upload_checksum(request, remaining, services.settings)
-    body = BodyReader(request, remaining, services.settings)
+    remaining, bound = (upload.length - offset, "Upload-Length") if upload.length != DEFERRED else await deferred_room(services, upload)
+    checksum = upload_checksum(request, remaining, bound, services.settings)
+    body = BodyReader(request, remaining, services.settings, piece_too_large(remaining, bound))
     slot = await services.uploads.admit(body, client_address(request.scope, services.settings), upload.user_id)
     services.resumable.make_room(but=upload.upload_id)
     try:
@@ -2821,23 +2836,22 @@ async def receive_upload(
         UPLOAD_BYTES.labels("tus").inc(body.received)
 
 
-async def deferred_room(services: Services, upload: StoredUpload) -> int:
-    """What a PATCH may add to an upload of a length not known yet: its bytes count as declared, so it stays within
-    MAX_UPLOAD_MB, MAX_UNFINISHED_MB with the user's other uploads, and the user's quota (413 past them)."""
+async def deferred_room(services: Services, upload: StoredUpload) -> tuple[int, str]:
+    """What a PATCH may add to an upload of a length not known yet, and the bound that says so: its bytes count as
+    declared, so it stays within MAX_UPLOAD_MB, MAX_UNFINISHED_MB with the user's other uploads, and the user's quota
+    (413 past them, naming the one it meets)."""
     usage = await services.store.usage(upload.user_id, upload.upload_id)
     if usage is None:
         raise Refused(403, FORBIDDEN)
     settings = services.settings
-    quota_room = usage.room()
-    room = min(
-        settings.max_upload_bytes,
-        settings.max_unfinished_bytes - usage.unfinished_declared,
-        settings.max_upload_bytes if quota_room is None else quota_room,
-    )
+    bounds = {"MAX_UPLOAD_MB": settings.max_upload_bytes, "MAX_UNFINISHED_MB": settings.max_unfinished_bytes - usage.unfinished_declared}
+    if (quota_room := usage.room()) is not None:
+        bounds["this user's quota"] = quota_room
+    bound, room = min(bounds.items(), key=lambda item: item[1])
     if room <= upload.received:
-        usage.admit(upload.received + 1, "this upload's next bytes")  # the quota, named, when it is what is full
-        raise Refused(413, f"this upload may not grow: MAX_UPLOAD_MB or MAX_UNFINISHED_MB is reached at {upload.received} bytes")
-    return room - upload.received
+        usage.admit(upload.received + 1, "this upload's next bytes")  # the quota, named with its usage, when it is what is full
+        raise Refused(413, f"this upload may not grow: {bound} is reached at {upload.received} bytes")
+    return room - upload.received, bound
 
 
 def done_at(request: Request, upload: StoredUpload, offset: int) -> bool:

@@ -3738,6 +3738,25 @@ async def test_a_final_upload_is_refused_before_anything_is_stored_when_its_piec
         assert names == [("call.wav",), ("taken.wav",)]
 
 
+async def test_a_final_upload_with_a_body_is_400_and_its_pieces_stay(database_url: str) -> None:
+    """A final upload's bytes are its partial uploads' (tus concatenation: its length is their sum, a PATCH of it is
+    403): bytes sent with it are a client's mistake, 400 saying so, not the 413 of a body over a limit of 0 bytes."""
+    async with running_app(database_url) as client:
+        user = await new_user(client)
+        wav = make_wav(1.0)
+        half = len(wav) // 2
+        first, second = await tus_partial(client, user, wav[:half]), await tus_partial(client, user, wav[half:])
+        assert (await tus_patch(client, user, first, 0, wav[:half])).status_code == 204
+        assert (await tus_patch(client, user, second, 0, wav[half:])).status_code == 204
+        final = {"Upload_Concat": f"final;{first} {second}", "Upload_Metadata": tus_metadata(filename="call.wav")}
+        with_body = await client.post(f"/users/{user['user_id']}/uploads", content=wav[:100], headers=tus(user, **final, **OCTETS))
+        assert with_body.status_code == 400 and with_body.json()["error"] == (
+            "a final upload (Upload-Concat: final) has no bytes of its own, only its partial uploads': send it without a body"
+        )
+        assert (await client.head(first, headers=tus(user))).status_code == 200  # nothing spent
+        assert (await client.post(f"/users/{user['user_id']}/uploads", headers=tus(user, **final))).status_code == 201
+
+
 async def test_a_user_lists_its_unfinished_uploads_to_go_on_with_them(client: httpx.AsyncClient) -> None:
     """After a reload or on another device: each unfinished upload with its name, length, offset, options and expiry,
     newest first; finished, terminated and other users' uploads are not among them."""

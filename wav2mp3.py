@@ -955,7 +955,8 @@ def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
         ),
         400: problem_error(
             "no Upload-Length nor Upload-Defer-Length: 1, both, or a length that is not a number; a bad Upload-Concat, or a final one"
-            " naming a partial upload not whole yet; the IETF draft: no Upload-Complete, or two lengths told (inconsistent-upload-length)"
+            " naming a partial upload not whole yet, or with a body; the IETF draft: no Upload-Complete, or two lengths told"
+            " (inconsistent-upload-length)"
         ),
         404: error("a partial upload that Upload-Concat: final names is unknown, expired or not partial"),
         413: error("Upload-Length larger than MAX_UPLOAD_MB, or than the user's quota leaves"),
@@ -988,9 +989,12 @@ async def create_upload(request: Request) -> Response:
     """tus creation: the name is reserved now; a body is the first piece of the file."""
     services = services_of(request)
     user_id, token = await owner(request)
+    concat = request.headers.get("upload-concat", "").strip()
+    if concat.startswith("final;") and has_body(request):
+        # tus concatenation: a final upload's bytes are its partial uploads' (its length is their sum; a PATCH of it is 403).
+        raise Refused(400, "a final upload (Upload-Concat: final) has no bytes of its own, only its partial uploads': send it without a body")
     if has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send a first piece as Content-Type: {OFFSET_OCTET_STREAM}, or no body")
-    concat = request.headers.get("upload-concat", "").strip()
     metadata = request.headers.get("upload-metadata", "")
     if concat.startswith("final;"):
         return await concatenate(request, services, user_id, token, concat.removeprefix("final;"), metadata)

@@ -3403,6 +3403,26 @@ async def test_a_zip_link_opens_exactly_its_records_until_it_expires_or_the_toke
     assert (await client.get(link)).status_code == 403
 
 
+async def test_a_zip_selection_is_what_it_names_an_empty_one_and_a_joined_id_are_422(client: httpx.AsyncClient) -> None:
+    """All of them is said by leaving `records` out; [] (or `records=`) is refused rather than read as all, and each
+    item of the list is one id: "a,b" is no id, where it was read as two (the review made a link to both with it)."""
+    user = await new_user(client)
+    one, two = [(await upload(client, user, make_wav(0.3), f"{name}.wav")).json()["record_id"] for name in ("one", "two")]
+    path = f"/users/{user['user_id']}/records.zip"
+    empty = await client.post(path, json={"records": []}, headers=bearer(user))
+    joined = await client.post(path, json={"records": [f"{one},{two}"]}, headers=bearer(user))
+    for refused in (empty, joined):
+        assert refused.status_code == 422
+        assert refused.json()["error"] == "records must be a list of 1 to 100 record ids, each once (leave it out for all of them)"
+    nothing = await client.get(path, params={"records": ""}, headers=bearer(user))
+    assert nothing.status_code == 422
+    assert nothing.json()["error"] == "records must be 1 to 100 record ids, each once, comma-separated (leave it out for all of them)"
+    everything = await client.post(path, json={"records": None}, headers=bearer(user))
+    assert everything.status_code == 201 and "records=" not in everything.json()["url"]
+    opened = zipfile.ZipFile(io.BytesIO((await client.get(everything.json()["url"])).content))
+    assert sorted(opened.namelist()) == ["one.mp3", "two.mp3"]
+
+
 # Resumable uploads (tus 1.0.0) ###################################################
 
 

@@ -1416,9 +1416,11 @@ ZIP_SELECTION = {
             "properties": {
                 "records": {
                     "type": "array",
+                    "minItems": 1,
                     "maxItems": MAX_ZIP_SELECTION,
+                    "uniqueItems": True,
                     "items": {"type": "string", "format": "uuid"},
-                    "description": "the records to put in it; absent: all",
+                    "description": "the records to put in it; absent (or null): all",
                 }
             },
         }
@@ -1435,7 +1437,7 @@ ZIP_SELECTION = {
         404: error("a record named is not this user's"),
         408: BODY_LIMITS[408],
         413: error("body too large"),
-        422: error(f"not JSON, or records not a list of at most {MAX_ZIP_SELECTION} record ids"),
+        422: error(f"not JSON, or records not a list of 1 to {MAX_ZIP_SELECTION} record ids, each once"),
         **UNAVAILABLE,
     },
     parameters=USER_PATH,
@@ -1446,9 +1448,12 @@ async def zip_link(request: Request) -> Response:
     services = services_of(request)
     user_id, token = await owner(request)
     chosen = (await json_payload(request, required=False)).get("records")
-    if chosen is not None and (not isinstance(chosen, list) or len(chosen) > MAX_ZIP_SELECTION):
-        raise Refused(422, f"records must be a list of at most {MAX_ZIP_SELECTION} record ids (leave it out for all of them)")
-    selection = ",".join(zip_selection(",".join(map(str, chosen or []))))
+    # Each item is one id, whatever it holds ("a,b" is no id); an empty list would be read as none chosen, which the
+    # link spells as all of them: an absent `records` says that, and [] is refused rather than guessed at.
+    ids = [parse_uuid(item) for item in chosen] if isinstance(chosen, list) else [None]
+    if chosen is not None and (not 1 <= len(ids) <= MAX_ZIP_SELECTION or None in ids or len(set(ids)) != len(ids)):
+        raise Refused(422, f"records must be a list of 1 to {MAX_ZIP_SELECTION} record ids, each once (leave it out for all of them)")
+    selection = ",".join(record_id for record_id in ids if record_id)
     for record_id in selection.split(",") if selection else ():
         if await services.store.find_record(record_id, user_id) is None:
             raise Refused(404, f"no record {record_id} of this user")
@@ -1471,7 +1476,7 @@ async def zip_link(request: Request) -> Response:
     },
     parameters=(
         USER_ID,
-        query("records", f"record ids, comma-separated, at most {MAX_ZIP_SELECTION}; absent: all", False),
+        query("records", f"record ids, comma-separated, 1 to {MAX_ZIP_SELECTION}; absent: all", False),
         query("expires", "of a link: when it expires (Unix seconds)", False),
         query("signature", "of a link: its HMAC", False),
     ),
@@ -1479,18 +1484,19 @@ async def zip_link(request: Request) -> Response:
 )
 async def download_zip(request: Request) -> Response:
     services = services_of(request)
-    selection = request.query_params.get("records", "")
+    selection = request.query_params.get("records")
     chosen = zip_selection(selection)
-    user_id = await signed_zip_user(request, selection) if "signature" in request.query_params else (await owner(request))[0]
+    user_id = await signed_zip_user(request, selection or "") if "signature" in request.query_params else (await owner(request))[0]
     filename = f"wav2mp3-{datetime.now(UTC):%Y-%m-%d}.zip"
     return ZipResponse(records_of(services.store, user_id, chosen), services, filename)
 
 
-def zip_selection(text: str) -> list[str]:
-    """Record ids, comma-separated, each once; 422 for anything else or more than MAX_ZIP_SELECTION."""
-    chosen = [parse_uuid(part) for part in text.split(",")] if text else []
+def zip_selection(text: str | None) -> list[str]:
+    """Record ids, comma-separated, each once, 1 to MAX_ZIP_SELECTION; none (all the records) when absent; 422 for
+    anything else (an empty `records=` too: absent says all)."""
+    chosen = [parse_uuid(part) for part in text.split(",")] if text is not None else []
     if len(chosen) > MAX_ZIP_SELECTION or None in chosen or len(set(chosen)) != len(chosen):
-        raise Refused(422, f"records must be at most {MAX_ZIP_SELECTION} record ids, each once, comma-separated")
+        raise Refused(422, f"records must be 1 to {MAX_ZIP_SELECTION} record ids, each once, comma-separated (leave it out for all of them)")
     return [record_id for record_id in chosen if record_id]
 
 

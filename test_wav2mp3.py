@@ -1483,6 +1483,13 @@ DAMAGED_MARKERS = {
         [(0, 1000, "one"), (1000, 3000, "2")],
     ),
     "two-cue-chunks": (cue_chunk({1: 0}), cue_chunk({1: 8000, 2: 16000}), [(0, 1000, "1"), (1000, 3000, "2")]),  # the first offset of an id wins
+    # No chapter is empty: points at one millisecond make one (titled by the first with a label), one at the end none.
+    "points-at-one-offset": (
+        cue_chunk({1: 8000, 2: 8000, 3: 16000, 4: 16000}),
+        labels_list({2: "two", 3: "three", 4: "four"}),
+        [(500, 1000, "two"), (1000, 3000, "three")],
+    ),
+    "points-in-one-millisecond": (cue_chunk({1: 8000, 2: 8007, 3: 47999}), labels_list({1: "one", 2: "two", 3: "end"}), [(500, 3000, "one")]),
 }
 
 

@@ -4020,11 +4020,21 @@ def chapter_frames(cues: Mapping[int, int], labels: Mapping[int, bytes], frames:
     end), titled (TIT2) by its label (at most CHAPTER_TITLE_BYTES of it), else by its number, all in one top-level,
     ordered CTOC. A point past the audio is dropped, and any past the first MAX_CHAPTERS. Times are the WAV's, the
     sample offset / the rate to the nearest millisecond: the MP3's timeline as decoders play it, who drop the encoder
-    delay and padding the LAME tag gives (ffmpeg, Apple's, foobar2000); the optional byte offsets are left unset."""
-    points = sorted((offset, cue_id) for cue_id, offset in cues.items() if offset < frames)[:MAX_CHAPTERS]
+    delay and padding the LAME tag gives (ffmpeg, Apple's, foobar2000); the optional byte offsets are left unset.
+    Points at one millisecond (the same offset twice, as editors write a marker and a region's start) make one
+    chapter, titled by the first of them with a label, and a point at the end's millisecond none: no chapter is
+    empty."""
+    end = (frames * 1000 + rate // 2) // rate
+    starts: dict[int, int] = {}  # a chapter's start (ms) -> its cue point
+    for offset, cue_id in sorted((offset, cue_id) for cue_id, offset in cues.items() if offset < frames):
+        start = (offset * 1000 + rate // 2) // rate
+        titled = start in starts and chapter_title(labels.get(starts[start], b""))
+        if start < end and not titled:  # the first point of a millisecond with a label titles its chapter
+            starts[start] = cue_id
+    points = list(starts.items())[:MAX_CHAPTERS]
     if not points:
         return []
-    times = [(offset * 1000 + rate // 2) // rate for offset, _ in points] + [(frames * 1000 + rate // 2) // rate]
+    times = [start for start, _ in points] + [end]
     ids = [f"chp{n}" for n in range(1, len(points) + 1)]
     chapters = [
         mutagen.id3.CHAP(

@@ -1611,6 +1611,23 @@ async def test_records_show_their_title_beside_the_file_name(client: httpx.Async
     assert (await db_rows(database_url, titled, user["user_id"]))[0][0] == 3
 
 
+@pytest.mark.parametrize("source", ["info", "id3"])
+async def test_titles_keep_no_control_characters_nor_bidi_overrides(client: httpx.AsyncClient, source: str) -> None:
+    """A title is shown in lists, terminals and the page: control characters go (line breaks and tabs become a space),
+    and so do bidi overrides and isolates, which make it (and what follows it) read in another order; in the record,
+    its MP3's TIT2 and its chapters alike. A title of nothing else is no title."""
+    sent = "\u202eevil\u202c\x07 Call\r\nof\tthe \u2066day\u2069\x85\x1b[31m"
+    title = id3_chunk(mutagen.id3.TIT2(encoding=3, text=[sent])) if source == "id3" else info_list(INAM=sent)
+    wav = make_wav(1.0, 16000, 1, before_data=title + cue_chunk({1: 0}) + labels_list({1: "\u202bchapter\u202c\x00\x01"}))
+    body, mp3 = await uploaded(client, wav)
+    assert body["title"] == "evil Call of the day [31m"
+    tag = mutagen.id3.ID3(io.BytesIO(mp3))
+    assert tag["TIT2"].text == ["evil Call of the day [31m"]
+    assert str(tag.getall("CHAP")[0].sub_frames["TIT2"]) == "chapter"
+    blank, blank_mp3 = await uploaded(client, make_wav(0.5, before_data=info_list(INAM="\u202e\x07\u2069")))
+    assert blank["title"] is None and blank_mp3[:3] != b"ID3"  # nothing else to say: no tag at all
+
+
 async def test_titles_survive_a_restart_that_applies_the_schema_again(database_url: str) -> None:
     async with running_app(database_url) as client:
         user = await new_user(client)

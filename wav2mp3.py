@@ -4052,7 +4052,19 @@ def chapter_frames(cues: Mapping[int, int], labels: Mapping[int, bytes], frames:
 
 
 def chapter_title(label: bytes) -> str:
-    return info_text(label).encode()[:CHAPTER_TITLE_BYTES].decode("utf-8", errors="ignore").strip()  # (a character cut in two goes)
+    return clean_title(info_text(label)).encode()[:CHAPTER_TITLE_BYTES].decode("utf-8", errors="ignore").strip()  # (a character cut in two goes)
+
+
+# A title (the tag's TIT2, the record's, a chapter's) is shown in lists, terminals and the page: it keeps no control
+# characters (C0, DEL, C1: line breaks and tabs become a space), nor the bidirectional overrides and isolates
+# (U+202A-U+202E, U+2066-U+2069) that make it, and what follows it on a line, read in another order than it is
+# written (Unicode UAX #9; "Trojan Source", CVE-2021-42574).
+TITLE_SPACES = re.compile("[\t\n\v\f\r\x85\u2028\u2029]+")
+NOT_IN_TITLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_title(text: str) -> str:
+    return NOT_IN_TITLE.sub("", TITLE_SPACES.sub(" ", text)).strip()
 
 
 def same_frame(frame: mutagen.id3.Frame) -> str:
@@ -4062,7 +4074,7 @@ def same_frame(frame: mutagen.id3.Frame) -> str:
 
 def mp3_tag(tags: WavTags, frames: int, rate: int) -> mutagen.id3.ID3:
     """The MP3's tag: the WAV's own ID3 frames over its INFO texts over its bext fields (where two give one frame, the
-    first named wins), and its cue points as chapters."""
+    first named wins), and its cue points as chapters; its title cleaned (clean_title), and gone if nothing is left."""
     tag = mutagen.id3.ID3()
     sources = (bext_frames(tags.bext), info_frames(tags.info), wav_id3_frames(tags.id3), chapter_frames(tags.cues, tags.labels, frames, rate))
     for source in sources:
@@ -4071,6 +4083,12 @@ def mp3_tag(tags: WavTags, frames: int, rate: int) -> mutagen.id3.ID3:
             del tag[key]
         for frame in source:
             tag.add(frame)
+    if "TIT2" in tag:
+        titles = [title for text in tag["TIT2"].text if (title := clean_title(str(text)))]
+        if titles:
+            tag["TIT2"].text = titles
+        else:
+            del tag["TIT2"]
     return tag
 
 

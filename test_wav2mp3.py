@@ -4523,6 +4523,24 @@ async def test_draft_names_and_options_come_from_metadata_disposition_or_query(c
     assert both.status_code == 422 and "exclude" in both.json()["error"]
 
 
+async def test_draft_query_takes_every_option_a_post_takes_as_documented(client: httpx.AsyncClient) -> None:
+    """The draft has no metadata of its own: its creation's query takes what POST /users/wav's form and tus's
+    Upload-Metadata take (FORM_OPTIONS), id3_version included, with the same values; /openapi.json and docs/API.md
+    say so. They said bitrate, vbr_quality and channels, and the OpenAPI had id3_version as the integers 3 and 4."""
+    user = await new_user(client)
+    wav = make_wav(1.0, 44100, 1, before_data=info_list(INAM="x"))
+    created = await client.post(f"/users/{user['user_id']}/uploads?id3_version=2.3", content=wav, headers=draft(user, 8, Upload_Complete="?1"))
+    assert created.status_code == 200, created.text
+    assert (await client.get(record_path(created.json()["url"]))).content[:4] == b"ID3\x03"
+    wrong = await client.post(f"/users/{user['user_id']}/uploads?id3_version=3", headers=draft(user, 8, Upload_Complete="?0"))
+    assert wrong.status_code == 422 and wrong.json()["error"] == "id3_version must be one of 2.3, 2.4"
+    creation = (await client.get("/openapi.json")).json()["paths"]["/users/{user_id}/uploads"]["post"]
+    queried = {parameter["name"]: parameter["schema"] for parameter in creation["parameters"] if parameter["in"] == "query"}
+    assert queried == {name: option.schema for name, option in wav2mp3.FORM_OPTIONS.items()}
+    options = re.search(r"^- \*\*Options\*\*: (.*?)^- ", (HERE / "docs" / "API.md").read_text(), re.MULTILINE | re.DOTALL)
+    assert options is not None and all(f"`{name}`" in options.group(1) for name in wav2mp3.FORM_OPTIONS)
+
+
 async def test_draft_upload_of_a_length_known_only_at_its_end(client: httpx.AsyncClient) -> None:
     """A recording streamed as it is made: the last append's body has no Content-Length (chunked) and says
     Upload-Complete: ?1; the file ends with it, its length is what arrived, and the MP3 is the one a POST gives."""

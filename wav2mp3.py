@@ -974,13 +974,11 @@ def upload_json(request: Request, upload: StoredUpload) -> dict[str, Any]:
         header("Tus-Resumable", TUS_VERSION),
         header("Upload-Length", "the file's size in bytes"),
         header("Upload-Defer-Length", "1 instead of Upload-Length: the length comes with a later PATCH (a recording under way)"),
-        header("Upload-Metadata", "filename (required for tus), bitrate, vbr_quality, channels: `key base64(value)`, comma-separated"),
+        header("Upload-Metadata", f"filename (required for tus), {', '.join(FORM_OPTIONS)}: `key base64(value)`, comma-separated"),
         *DRAFT_HEADERS,
         header("Content-Disposition", "the IETF draft: `inline; filename=...`, the file's name when Upload-Metadata gives none"),
-        *(
-            query(name, f"the IETF draft: {option.meaning}", required=False, schema={"type": "integer", "enum": list(option.values)})
-            for name, option in FORM_OPTIONS.items()
-        ),
+        # The draft has no metadata of its own: every option of FORM_OPTIONS may come in the query, as in POST /users/wav's form.
+        *(query(name, f"the IETF draft: {option.meaning}", required=False, schema=option.schema) for name, option in FORM_OPTIONS.items()),
     ),
     bearer=True,
 )
@@ -1271,7 +1269,7 @@ def draft_length(request: Request, offset: int, last: bool, settings: Settings) 
 def draft_name(request: Request, metadata: str, upload_id: str) -> tuple[str, dict[str, int]]:
     """A draft upload's file name and options: Upload-Metadata's, as for tus, when the client sends it (tus-js-client
     does); else the name Content-Disposition gives (`inline; filename=...`, as the draft advises), or else
-    upload-<the upload id's first 8 digits>.wav. Options may come in the query too: ?bitrate=96&channels=1."""
+    upload-<the upload id's first 8 digits>.wav. Options (any of FORM_OPTIONS) may come in the query too: ?bitrate=96&id3_version=2.3."""
     filename, options = upload_metadata(metadata, named=False) if metadata else ("", {})
     if not filename:
         _, params = disposition_params(request.headers.get("content-disposition", "").encode("latin-1"))

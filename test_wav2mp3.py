@@ -6437,6 +6437,28 @@ async def test_errors_follow_accept_language_and_english_stays_the_default(clien
     assert unknown.json() == {"error": "Не найдено"}
 
 
+@pytest.mark.parametrize(
+    "accept_language, language",
+    [
+        ("ru;q=5, en;q=0.5", "en"),  # a weight is at most 1: this entry says nothing, and is ignored
+        ("en;q=0.5, ru;q=0.9999", "en"),  # at most three decimals
+        ("ru;q=inf, en;q=0.1", "en"),
+        ("ru;q=1e0, en;q=0.1", "en"),
+        ("ru;q=, en;q=0.1", "en"),
+        ("ru;q=5", "en"),  # nothing left: English, the default
+        ("en;q=0.5, ru;q=1.000", "ru"),
+        ("en;q=0.001, ru;q=0.002", "ru"),
+        ("en;q=0, ru;q=0.", "en"),
+    ],
+)
+async def test_accept_language_weights_are_rfc_9110_qvalues(client: httpx.AsyncClient, accept_language: str, language: str) -> None:
+    """RFC 9110 §12.4.2: a qvalue is 0 to 1 with at most three decimals; an entry with any other weight is ignored, not
+    an error. ru;q=5 outranked en where it should not count at all."""
+    answer = await client.get("/nope", headers={"Accept-Language": accept_language})
+    assert answer.status_code == 404
+    assert answer.json()["error"] == {"en": "Not Found", "ru": "Не найдено"}[language]
+
+
 async def test_russian_refusals_say_in_russian_what_english_says_in_words(database_url: str) -> None:
     """Units, the words around allowed values and what the code fills in (not known, unknown encoding, request body)
     are Russian too; what a client sends or reads literally (option names, values, headers) stays as it is."""

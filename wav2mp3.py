@@ -5535,8 +5535,13 @@ def error_answer(
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# RFC 9110 §12.4.2: a weight is 0 to 1 with at most three decimals (what float() reads besides, 5, 1e0, inf, is none).
+QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def prefers_russian(header: str) -> bool:
-    """Whether Accept-Language (RFC 9110 §12.5.4) ranks Russian above English (English when neither is named)."""
+    """Whether Accept-Language (RFC 9110 §12.5.4) ranks Russian above English (English when neither is named). An entry
+    with a weight that is no qvalue is ignored, as one of weight 0 is: it says nothing a server can rank."""
     best: tuple[float, str] | None = None
     for item in header.split(","):
         tag, *parameters = item.strip().split(";")
@@ -5544,8 +5549,7 @@ def prefers_russian(header: str) -> bool:
         for parameter in parameters:
             name, _, value = parameter.strip().partition("=")
             if name.lower() == "q":
-                with contextlib.suppress(ValueError):
-                    weight = float(value)
+                weight = float(value) if QVALUE.fullmatch(value.strip()) else 0.0
         language = tag.strip().lower().split("-")[0]
         if language in ("ru", "en") and weight > 0 and (best is None or weight > best[0]):
             best = (weight, language)

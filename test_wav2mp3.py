@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -2145,8 +2146,8 @@ async def test_sqlite_connections_stay_within_the_pool(database_url: str, monkey
     if not database_url.startswith("sqlite"):
         pytest.skip("SQLite only")
     opened = []
-    real_connect = aiosqlite.connect
-    monkeypatch.setattr(aiosqlite, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
+    real_connect = sqlite3.connect  # what databases' own pool (through aiosqlite.connect) and this one open connections with
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
     async with running_app(database_url, db_connections=3) as client:
         body, mp3 = await uploaded(client, make_wav(20.0, 44100, 2))
         downloads = await asyncio.gather(*(client.get(record_path(body["url"])) for _ in range(40)))
@@ -6285,8 +6286,8 @@ async def test_sqlite_connections_are_reused(database_url: str, monkeypatch: pyt
     if not database_url.startswith("sqlite"):
         pytest.skip("SQLite only")
     opened = []
-    real_connect = aiosqlite.connect
-    monkeypatch.setattr(aiosqlite, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
+    real_connect = sqlite3.connect  # what databases' own pool (through aiosqlite.connect) and this one open connections with
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
     async with running_app(database_url) as client:
         user = await new_user(client)
         body, _ = await uploaded(client, make_wav(0.5))
@@ -6295,6 +6296,45 @@ async def test_sqlite_connections_are_reused(database_url: str, monkeypatch: pyt
             assert (await client.get("/health")).status_code == 200
         await upload(client, user, make_wav(0.3))
     assert 1 <= len(opened) <= 3, len(opened)
+
+
+async def test_a_cancelled_read_leaves_no_old_snapshot_to_the_next_request(database_url: str) -> None:
+    """Users made at once, each creating resumable uploads and completing one, with a DB_TIMEOUT so short that many
+    calls pass it (503). A call cancelled while its statement ran in aiosqlite's thread left that statement open on its
+    pooled connection: the next request there read in its old snapshot (a valid token was 403, its user made since;
+    an upload 404), or wrote in its transaction (users answered 201 were never committed, and the write lock it held
+    had every later write answered 503). The review saw one such 403; here the first rounds met them every time."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only: its pool's connections keep a statement's snapshot; PostgreSQL's reads each see the latest")
+    wav = make_wav(0.1, 8000, 1)
+    caps = {"max_uploads": 1000, "max_uploads_per_client": 1000, "max_uploads_per_user": 1000, "user_creations_per_minute": 0}
+    totals: collections.Counter[str] = collections.Counter()
+    async with running_app(database_url, db_timeout=0.05, db_connections=3, **caps) as client:
+
+        async def creation(user: dict[str, str], name: str, body: bytes = b"") -> httpx.Response:
+            headers = tus(user, Upload_Length=str(len(wav)), Upload_Metadata=tus_metadata(filename=name), **(OCTETS if body else {}))
+            return await client.post(f"/users/{user['user_id']}/uploads", content=body, headers=headers)
+
+        async def one_user(answers: collections.Counter[str]) -> None:
+            made = await client.post("/users", json={"name": unique_name()})
+            answers[f"POST /users {made.status_code}"] += 1
+            if made.status_code != 201:
+                return
+            user = made.json()
+            first = await creation(user, "first.wav")
+            answers[f"creation {first.status_code}"] += 1
+            if first.status_code == 201:
+                completing = await tus_patch(client, user, first.headers["location"], 0, wav)
+                answers[f"PATCH {completing.status_code}"] += 1
+            answers[f"creation {(await creation(user, 'second.wav', wav)).status_code}"] += 1
+
+        for _ in range(10):
+            answers: collections.Counter[str] = collections.Counter()
+            await asyncio.gather(*(one_user(answers) for _ in range(300)))
+            assert not [answer for answer in answers if answer.endswith((" 403", " 404"))], answers
+            assert answers["POST /users 201"], answers  # writes go on
+            totals += answers
+    assert totals["creation 503"] and totals["creation 201"] and totals["PATCH 204"], totals  # calls past the timeout, and calls within it
 
 
 def sqlite_threads() -> list[threading.Thread]:

@@ -5948,6 +5948,43 @@ async def read_to_the_end(query: Awaitable[T]) -> T:
     return await asyncio.shield(task)
 
 
+class SettledConnection(aiosqlite.Connection):
+    """An aiosqlite connection whose statements never outlive a caller that is cancelled.
+
+    aiosqlite runs each call in the connection's thread whatever happens to the task awaiting it, and a call whose
+    awaiting task is cancelled (DB_TIMEOUT, a client gone) still makes its cursor there: the thread keeps it as the
+    last result it made (aiosqlite/core.py, _connection_worker_thread) until the connection's next call, and when
+    the cancellation came just after the result was delivered, the future that holds it lives on in the exception's
+    traceback until the garbage collector runs. That cursor's statement stays open, and with it its read snapshot
+    (or, of an INSERT or DELETE ... RETURNING, its write transaction): the next statement on the connection reads in
+    that old snapshot, so a user made since was not there and its valid token was answered 403, or writes in that
+    transaction, so users answered 201 were never committed. Here a cancelled caller leaves its call running apart
+    (`left`), the call's cursor is closed when it comes, and the pool lends the connection again only once that is
+    done (SQLitePool.release). Pinned by test_a_cancelled_read_leaves_no_old_snapshot_to_the_next_request."""
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
+        super().__init__(connector, iter_chunk_size)
+        self.left: set[asyncio.Future[Any]] = set()  # calls whose caller was cancelled, still running in the thread
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """aiosqlite's Connection._execute, but the call's future is shielded from its caller's cancellation."""
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        future = asyncio.get_running_loop().create_future()
+        self._tx.put_nowait((future, functools.partial(fn, *args, **kwargs)))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.left.add(future)
+            future.add_done_callback(self._close_left)
+            raise
+
+    def _close_left(self, call: asyncio.Future[Any]) -> None:
+        self.left.discard(call)
+        if not call.cancelled() and call.exception() is None and isinstance(cursor := call.result(), sqlite3.Cursor):
+            self._tx.put_nowait((None, cursor.close))  # in the thread, before anything the pool lends it for next
+
+
 class SQLitePool(databases.backends.sqlite.SQLitePool):
     """Keeps SQLite connections open between requests.
 
@@ -5967,11 +6004,12 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
         super().__init__(databases.DatabaseURL(url), **options)
         self._size = size
         self._free = asyncio.Semaphore(size)
-        self._idle: list[aiosqlite.Connection] = []
-        self._opened: set[aiosqlite.Connection] = set()
-        self._opening: set[asyncio.Task[aiosqlite.Connection]] = set()
+        self._idle: list[SettledConnection] = []
+        self._opened: set[SettledConnection] = set()
+        self._opening: set[asyncio.Task[SettledConnection]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # connections whose caller was cancelled, on their way back
 
-    async def acquire(self) -> aiosqlite.Connection:
+    async def acquire(self) -> SettledConnection:
         await self._free.acquire()
         try:
             connection = self._idle.pop() if self._idle else await self._open()
@@ -5982,18 +6020,38 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
         return connection
 
     async def release(self, connection: aiosqlite.Connection) -> None:
+        assert isinstance(connection, SettledConnection)  # every connection it lends
         DB_CONNECTIONS_IN_USE.dec()
+        if connection.left:  # a caller cancelled mid-call (DB_TIMEOUT, a client gone): lent again only once settled
+            settling = asyncio.ensure_future(self._settle(connection))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            return
         try:
-            if connection.in_transaction:  # a request cancelled mid-transaction
+            if connection.in_transaction:  # a request that left a transaction without ending it
                 await connection.rollback()
             self._idle.append(connection)
         finally:
             self._free.release()
 
-    async def _open(self) -> aiosqlite.Connection:
+    async def _settle(self, connection: SettledConnection) -> None:
+        """A connection whose caller was cancelled while a call of its ran: that call ends (its cursor closed as it
+        does, SettledConnection), then a rollback ends any transaction it left, and only then is it lent again. Apart
+        from the request, which a cancellation may interrupt again at any await (anyio cancels at every one)."""
+        try:
+            if connection.left:
+                await asyncio.wait(list(connection.left))
+            await connection.rollback()
+            self._idle.append(connection)
+        except Exception:  # noqa: BLE001 (a connection that fails this is not lent again; close() still closes it)
+            log.warning("a database connection could not be settled after a cancelled call: dropped from the pool")
+        finally:
+            self._free.release()
+
+    async def _open(self) -> SettledConnection:
         """A new connection. It opens in a thread of its own, which goes on if the caller is cancelled meanwhile:
         the connection is then kept, idle, for the next caller and for close()."""
-        opening = asyncio.ensure_future(super().acquire())
+        opening = asyncio.ensure_future(self._connect())
         self._opening.add(opening)
         opening.add_done_callback(self._opening.discard)
         try:
@@ -6004,7 +6062,13 @@ class SQLitePool(databases.backends.sqlite.SQLitePool):
         self._opened.add(connection)
         return connection
 
-    def _keep_idle(self, opening: asyncio.Task[aiosqlite.Connection]) -> None:
+    async def _connect(self) -> SettledConnection:
+        """As databases' SQLitePool.acquire opens one (aiosqlite.connect), but a SettledConnection."""
+        connection = SettledConnection(functools.partial(sqlite3.connect, self._database, isolation_level=None, **self._options), 64)
+        await connection
+        return connection
+
+    def _keep_idle(self, opening: asyncio.Task[SettledConnection]) -> None:
         if not opening.cancelled() and opening.exception() is None:
             self._opened.add(opening.result())
             self._idle.append(opening.result())

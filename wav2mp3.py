@@ -280,7 +280,7 @@ class Settings:
     id3_version: str = _setting("2.4", "version of the MP3's ID3 tag: `2.4` or `2.3`; the form field `id3_version` overrides it")
     max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
-    max_connections_per_client: int = _setting(64, "of those, from one client address (a trusted proxy's are not counted); beyond: 503 after 2 s, and closed")
+    max_connections_per_client: int = _setting(64, "of those, from one client address (not counting a trusted proxy's); beyond: 503 in 2 s, closed")
     trusted_proxies: str = _setting(
         "", "addresses or networks (CIDR, comma-separated) of proxies whose `X-Forwarded-For` / `Forwarded` names the client; empty: none"
     )

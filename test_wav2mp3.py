@@ -5292,26 +5292,36 @@ def thread_niceness(native_id: int) -> int:
 
 async def test_one_owners_many_blocks_are_encoded_by_threads_that_yield_the_cpu(database_url: str) -> None:
     """Turns share the encoder threads, not the cores: an owner with several blocks in the pool at once (several
-    uploads, catch-ups) has them encoded by threads of niceness BACKLOG_NICENESS, so that the kernel serves a
-    neighbour's one upload first (F3 of the benchmark); an owner's only block goes to a thread of the service's own
-    priority. On e78f94b every block went to the same threads."""
+    uploads, catch-ups) has them encoded by threads of their own, of niceness BACKLOG_NICENESS, so that a
+    neighbour's one upload neither waits for a thread they hold nor for the core (F3 of the benchmark); an owner's
+    only block goes to a thread of the service's own priority. With one thread each (MAX_CONVERSIONS 1), both
+    encode at once. On e78f94b every block went to the same threads; on 2fa5b33 both pools shared one bound."""
 
-    async def blocks(client: httpx.AsyncClient) -> dict[str, float]:
+    async def encoder_metrics(client: httpx.AsyncClient) -> dict[str, float]:
         text = (await client.get("/metrics")).text
-        return {priority: metric(text, "wav2mp3_encoder_blocks_total", priority=priority) for priority in ("first", "yielding")}
+        counted = {priority: metric(text, "wav2mp3_encoder_blocks_total", priority=priority) for priority in ("first", "yielding")}
+        return {**counted, "running": metric(text, "wav2mp3_encoder_blocks_running")}
 
-    app, lifespan = await start_app(database_url)
+    app, lifespan = await start_app(database_url, max_conversions=1)
     wav = make_wav(20.0, 44100, 2)  # 14 blocks: four at once have blocks in the pool together
     try:
         async with client_at(app, "127.0.0.2") as greedy, client_at(app, "127.0.0.3") as other:
             hog, bystander = await new_user(greedy), await new_user(other)
-            before = await blocks(other)
+            before = await encoder_metrics(other)
             assert (await other.post("/users/wav", **upload_form(bystander, wav))).status_code == 201
-            alone = await blocks(other)
+            alone = await encoder_metrics(other)
             assert alone["first"] > before["first"] and alone["yielding"] == before["yielding"]  # one upload: one block at a time
-            hogging = [greedy.post("/users/wav", **upload_form(hog, wav, f"hog-{n}.wav")) for n in range(4)]
-            assert [response.status_code for response in await asyncio.gather(*hogging)] == [201] * 4
-            assert (await blocks(other))["yielding"] > alone["yielding"]
+            hogging = asyncio.gather(*(greedy.post("/users/wav", **upload_form(hog, wav, f"hog-{n}.wav")) for n in range(4)))
+            while (await encoder_metrics(other))["yielding"] == alone["yielding"]:  # the hog's backlog is there
+                await asyncio.sleep(0.005)
+            neighbour = asyncio.ensure_future(other.post("/users/wav", **upload_form(bystander, wav, "beside.wav")))
+            running = set()
+            while not neighbour.done():
+                running.add((await encoder_metrics(other))["running"])
+                await asyncio.sleep(0.005)
+            assert (await neighbour).status_code == 201 and not hogging.done(), "the neighbour waited for the hog"
+            assert 2 in running, running  # one block of each pool at once, with MAX_CONVERSIONS 1
+            assert [response.status_code for response in await hogging] == [201] * 4
             if sys.platform == "linux":
                 base = thread_niceness(threading.main_thread().native_id or 0)
                 encoders = [thread for thread in threading.enumerate() if thread.name.startswith("encode")]

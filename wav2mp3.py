@@ -278,7 +278,7 @@ class Settings:
     mp3_vbr_quality: int | None = _setting(None, "VBR instead of CBR: LAME `-V`, 0 (best) ... 9; the form fields override it", int)
     mp3_quality: int = _setting(3, "LAME `-q`: 0 (best, slowest) ... 9; 3 is the lame and ffmpeg default")
     id3_version: str = _setting("2.4", "version of the MP3's ID3 tag: `2.4` or `2.3`; the form field `id3_version` overrides it")
-    max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads); 0: CPU count / workers")
+    max_conversions: int = _setting(0, "blocks LAME encodes at once per process (its threads; as many again yield the CPU); 0: CPUs / workers")
     max_connections: int = _setting(2048, "open connections per process; beyond: 503 and closed (also held under the open-file limit)")
     max_connections_per_client: int = _setting(64, "of those, from one client address (not counting a trusted proxy's); beyond: 503 in 2 s, closed")
     trusted_proxies: str = _setting(
@@ -2928,16 +2928,17 @@ class Encoders:
     bystander's 0.5 s conversion take 4 s). An owner with nothing waiting is forgotten: it comes back first.
 
     Turns share the threads, not the cores: the event loop and every other process want those too. So an owner
-    with more than one block in the pool (several uploads at once, or catch-ups) has them encoded by threads
-    that yield the CPU (niceness BACKLOG_NICENESS, Linux's per-thread nice): alone it still has every core, beside
-    an owner of one upload the kernel serves that one first (F3 of the benchmark, in docs/PERFORMANCE.md).
+    with more than one block in the pool (several uploads at once, or catch-ups) has them encoded by threads of
+    their own that yield the CPU (niceness BACKLOG_NICENESS, Linux's per-thread nice), as many again as the
+    others: alone it still has every core; beside an owner of one upload, that one's block neither waits for
+    a thread they hold nor for the core, which the kernel gives it first (F3 of the benchmark, docs/PERFORMANCE.md).
     """
 
     def __init__(self, threads: int, audio_budget_bytes: int, disk: DiskBudget) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
         self._yielding = ThreadPoolExecutor(threads, thread_name_prefix="encode-yielding", initializer=yield_the_cpu)
-        self._threads = threads  # both pools together run at most this many blocks at once
-        self._running = 0
+        self._threads = threads  # each pool runs at most this many blocks at once
+        self._running = {"first": 0, "yielding": 0}  # blocks each pool runs
         self._waiting: dict[str, deque[tuple[Callable[[], Any], asyncio.Future[Any]]]] = {}  # by owner
         self._held: collections.Counter[str] = collections.Counter()  # blocks of each owner waiting or encoding
         self._served: dict[str, int] = {}  # the turn each owner with blocks waiting was last served at
@@ -2955,9 +2956,15 @@ class Encoders:
         self._start()
         return done
 
+    def _priority(self, owner: str) -> Literal["first", "yielding"]:
+        return "yielding" if self._held[owner] > 1 else "first"
+
     def _start(self) -> None:
-        while self._running < self._threads and self._waiting and not self._stopped:
-            owner = min(self._waiting, key=lambda waiting: self._served.get(waiting, -1))
+        while self._waiting and not self._stopped:
+            ready = [owner for owner in self._waiting if self._running[self._priority(owner)] < self._threads]
+            if not ready:
+                return
+            owner = min(ready, key=lambda waiting: self._served.get(waiting, -1))
             blocks = self._waiting[owner]
             work, done = blocks.popleft()
             if blocks:
@@ -2969,12 +2976,12 @@ class Encoders:
             if done.cancelled():
                 self._release(owner)
                 continue
-            self._running += 1
-            priority = "yielding" if self._held[owner] > 1 else "first"
+            priority = self._priority(owner)
+            self._running[priority] += 1
             ENCODED_BLOCKS.labels(priority).inc()
             pool = self._yielding if priority == "yielding" else self._pool
             running = asyncio.get_running_loop().run_in_executor(pool, self._encode, work)
-            running.add_done_callback(functools.partial(self._finished, owner, done))
+            running.add_done_callback(functools.partial(self._finished, owner, priority, done))
 
     @staticmethod
     def _encode(work: Callable[[], T]) -> T:
@@ -2986,9 +2993,9 @@ class Encoders:
         if not self._held[owner]:
             del self._held[owner]
 
-    def _finished(self, owner: str, done: asyncio.Future[Any], running: asyncio.Future[Any]) -> None:
+    def _finished(self, owner: str, priority: str, done: asyncio.Future[Any], running: asyncio.Future[Any]) -> None:
         """A thread is free (only now: a block whose waiter was cancelled still held it)."""
-        self._running -= 1
+        self._running[priority] -= 1
         self._release(owner)
         if not done.cancelled():
             if running.cancelled():

@@ -1230,13 +1230,22 @@ async def honest_client(port: int, user: dict[str, str], wav: Wav, stop: asyncio
 
 
 def bystander_row(
-    rows: list[Row], scenario: str, attack: str, alone: float, results: list[tuple[int, float]], limit: str = "per-client shares"
+    rows: list[Row],
+    scenario: str,
+    attack: str,
+    alone: float,
+    results: list[tuple[int, float]],
+    limit: str = "per-client shares",
+    goal: bool = True,
 ) -> None:
+    """The honest client's median and p95 time beside the attack, over its time alone; issue 22's goal (<= 2.0,
+    0 errors) is for points 3-6 (F3-F6) and F2's creations, not F1's header flood, whose goal is its RSS."""
     times = sorted(seconds for status, seconds in results if status == 201) or [float("inf")]
     errors = sum(status != 201 for status, _ in results)
     median, p95 = statistics.median(times) / alone, times[min(len(times) - 1, int(0.95 * len(times)))] / alone
     what = f"honest uploads beside {attack}: median / alone ({median:.2f}), p95 {p95:.2f}, {errors} errors of {len(results)}"
-    rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors", median <= 2 and p95 <= 2 and not errors, limit))
+    met = median <= 2 and p95 <= 2 and not errors
+    rows.append(Row(scenario, what, f"{median:.2f}", "<= 2.0, 0 errors" if goal else "(no goal)", met if goal else None, limit))
 
 
 async def beside_honest(
@@ -1343,7 +1352,7 @@ async def scenario_headers_flood(server: LiveServer, rows: list[Row]) -> None:
     what = f"{flood}, alone for {seconds:g} s: server RSS growth (its CPU {busy:.0%} of a core)"
     rows.append(Row("F1", what, f"{growth:.1f} MB", "<= 20 MB", growth <= 20, "MAX_HEAD_BYTES a connection; reading what lingers"))
     alone, results, attack_was = await beside_honest(server, attack, size(50.0, 20.0, 5.0))
-    bystander_row(rows, "F1", attack_was, alone, results)
+    bystander_row(rows, "F1", attack_was, alone, results, goal=False)
 
 
 async def database_bytes(database_url: str) -> int:
@@ -1442,7 +1451,7 @@ async def scenario_cold_patches(server: LiveServer, rows: list[Row]) -> None:
         return f"HEAD + 64 KiB PATCH on {count} uploads of {stored / MIB:g} MiB, cold at first, 8 at a time ({found}; {catch_ups:.0f} catch-ups)"
 
     alone, results, attack_was = await beside_honest(server, attack, size(60.0, 20.0, 5.0))
-    bystander_row(rows, "F3", attack_was, alone, results, "catch-ups on the shared encoder threads")
+    bystander_row(rows, "F3", attack_was, alone, results, "turns; one owner's several blocks on threads that yield the CPU")
 
 
 async def scenario_slot_hog(server: LiveServer, rows: list[Row]) -> None:

@@ -6241,7 +6241,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # answered already: what still comes is read and dropped until the connection closes
+            if self._held is not None:  # uvloop starts reading after connection_made, whose pause_reading it ignores
+                self.transport.pause_reading()
+            return  # answered already (or held): what still comes is read and dropped until the connection closes
         if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()  # the first bytes of a request on a kept-alive connection
         self._progressed = False

@@ -3800,8 +3800,18 @@ async def test_a_final_upload_with_a_body_is_400_and_its_pieces_stay(database_ur
         assert with_body.status_code == 400 and with_body.json()["error"] == (
             "a final upload (Upload-Concat: final) has no bytes of its own, only its partial uploads': send it without a body"
         )
+
+        async def chunked(*pieces: bytes) -> AsyncIterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+            for piece in pieces:
+                yield piece
+
+        chunked_body = await client.post(f"/users/{user['user_id']}/uploads", content=chunked(wav[:100]), headers=tus(user, **final, **OCTETS))
+        assert chunked_body.status_code == 400 and "send it without a body" in chunked_body.json()["error"]
         assert (await client.head(first, headers=tus(user))).status_code == 200  # nothing spent
-        assert (await client.post(f"/users/{user['user_id']}/uploads", headers=tus(user, **final))).status_code == 201
+        # A chunked body of no chunk holds no byte (some clients always send chunked): the final upload is made.
+        done = await client.post(f"/users/{user['user_id']}/uploads", content=chunked(), headers=tus(user, **final))
+        assert done.status_code == 201, done.text
+        assert (await client.head(done.headers["location"], headers=tus(user))).headers["upload-offset"] == str(len(wav))
 
 
 async def test_a_user_lists_its_unfinished_uploads_to_go_on_with_them(client: httpx.AsyncClient) -> None:

@@ -990,8 +990,13 @@ async def create_upload(request: Request) -> Response:
     concat = request.headers.get("upload-concat", "").strip()
     if concat.startswith("final;") and has_body(request):
         # tus concatenation: a final upload's bytes are its partial uploads' (its length is their sum; a PATCH of it is 403).
-        raise Refused(400, "a final upload (Upload-Concat: final) has no bytes of its own, only its partial uploads': send it without a body")
-    if has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
+        # A chunked body of no chunk (a client that always sends chunked) holds none: it is read to its end, or its first byte.
+        no_body = "a final upload (Upload-Concat: final) has no bytes of its own, only its partial uploads': send it without a body"
+        if "content-length" in request.headers or "transfer-encoding" not in request.headers:
+            raise Refused(400, no_body)
+        async for _ in BodyReader(request, 0, services.settings, BodyCut(400, no_body)).chunks():
+            pass  # no chunk comes: its first byte is past the limit of 0, answered 400
+    elif has_body(request) and media_type(request) != OFFSET_OCTET_STREAM:
         raise Refused(415, f"send a first piece as Content-Type: {OFFSET_OCTET_STREAM}, or no body")
     metadata = request.headers.get("upload-metadata", "")
     if concat.startswith("final;"):

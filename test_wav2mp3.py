@@ -3568,7 +3568,7 @@ CREATION_REFUSALS = {
     "length-and-deferred": (400, {"Upload-Length": "9", "Upload-Defer-Length": "1", "Upload-Metadata": tus_metadata(filename="a.wav")}, "either"),
     "length-not-a-number": (400, {"Upload-Length": "-5", "Upload-Metadata": tus_metadata(filename="a.wav")}, "Upload-Length"),
     "length-over-the-limit": (413, {"Upload-Length": str(2 * wav2mp3.MIB), "Upload-Metadata": tus_metadata(filename="a.wav")}, "1 MiB"),
-    "empty-file": (422, {"Upload-Length": "0", "Upload-Metadata": tus_metadata(filename="a.wav")}, "empty"),
+    "empty-file": (422, {"Upload-Length": "0", "Upload-Metadata": tus_metadata(filename="a.wav")}, "the file is empty (its length is 0 bytes)"),
     "no-metadata": (422, {"Upload-Length": "1000"}, "filename"),
     "no-filename": (422, {"Upload-Length": "1000", "Upload-Metadata": tus_metadata(filetype="audio/wav")}, "filename"),
     "not-base64": (422, {"Upload-Length": "1000", "Upload-Metadata": "filename a.wav"}, "base64"),

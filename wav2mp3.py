@@ -1868,7 +1868,7 @@ def checked_length(length: int, settings: Settings) -> int:
     if length > settings.max_upload_bytes:
         raise Refused(413, f"Upload-Length is larger than the {settings.max_upload_mb} MiB limit (Tus-Max-Size)")
     if length == 0:
-        raise BadWav("audio_file is empty (0 bytes)")
+        raise BadWav("the file is empty (its length is 0 bytes)")  # no audio_file here: a resumable upload's
     return length
 
 
